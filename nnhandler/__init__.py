@@ -1,0 +1,37 @@
+"""nnhandler: a PyTorch training handler whose heart is automatic, crash-safe checkpointing."""
+
+__version__ = "0.1.0"
+
+from .callbacks import AutoSaveCallback, Callback
+from .checkpoint import Checkpoint, read_checkpoint
+from .errors import (
+    CallbackValidationError,
+    CheckpointError,
+    CheckpointFormatError,
+    ConfigurationError,
+    DuplicateStateKeyError,
+    UnresolvableReferenceError,
+)
+from .events import Event
+from .handler import NNHandler
+from .logging import LoggingMode
+from .state import RestoreResult, StateProvider
+
+__all__ = [
+    "AutoSaveCallback",
+    "Callback",
+    "CallbackValidationError",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointFormatError",
+    "ConfigurationError",
+    "DuplicateStateKeyError",
+    "Event",
+    "LoggingMode",
+    "NNHandler",
+    "RestoreResult",
+    "StateProvider",
+    "UnresolvableReferenceError",
+    "__version__",
+    "read_checkpoint",
+]

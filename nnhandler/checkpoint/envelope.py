@@ -1,0 +1,140 @@
+"""The checkpoint envelope: one ``.pth`` that ``torch.load(path, weights_only=True)`` opens.
+
+Top level: ``format`` (name and version), ``meta`` (epoch, step, logs, world size, versions,
+time) and ``state`` (one entry per state key). Nothing is pickled but tensors and plain data.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import pickle
+import platform
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+
+from ..errors import CheckpointError, CheckpointFormatError
+from .writer import atomic_write
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Checkpoint", "read_checkpoint", "write_checkpoint"]
+
+FORMAT_NAME: Final = "nnhandler.checkpoint"
+FORMAT_VERSION: Final = 1
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint as read from disk."""
+
+    path: Path
+    format_version: int
+    meta: dict[str, Any]
+    state: dict[str, Any]
+
+    @property
+    def epoch(self) -> int:
+        return int(self.meta["epoch"])
+
+
+def library_versions() -> dict[str, str]:
+    from .. import __version__
+
+    return {
+        "nnhandler": __version__,
+        "torch": str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
+        "python": platform.python_version(),
+    }
+
+
+def build_meta(*, epoch: int, step: int, logs: dict[str, Any], world_size: int) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "step": step,
+        "logs": logs,
+        "world_size": world_size,
+        "versions": library_versions(),
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+_PLAIN_TYPES: Final = frozenset({bool, int, float, str, bytes, type(None), torch.dtype,
+                                 torch.Size, torch.device})
+_CONTAINER_TYPES: Final = frozenset({dict, OrderedDict, list, tuple})
+
+
+def ensure_plain(value: Any, where: str = "state") -> None:
+    """Raise :class:`CheckpointError` naming the first value ``torch.load(weights_only=True)``
+    would refuse, so that no unloadable file is ever written."""
+    kind = type(value)
+    if kind in _PLAIN_TYPES or isinstance(value, torch.Tensor):
+        return
+    if kind in (dict, OrderedDict):
+        for key, item in value.items():
+            if type(key) not in (str, int, float, bool, type(None)):
+                raise CheckpointError(f"{where} has a key of type {type(key).__qualname__}: "
+                                      f"{key!r}; checkpoint keys must be str or numbers")
+            ensure_plain(item, f"{where}[{key!r}]")
+        return
+    if kind in (list, tuple):
+        for index, item in enumerate(value):
+            ensure_plain(item, f"{where}[{index}]")
+        return
+    raise CheckpointError(
+        f"{where} is a {kind.__module__}.{kind.__qualname__} ({value!r:.80}); checkpoints hold "
+        "only tensors, numbers, strings, None and lists/tuples/dicts of them, so that they load "
+        "with torch.load(weights_only=True). Convert it in the provider's state_dict()."
+    )
+
+
+def write_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any]) -> int:
+    """Write the envelope atomically to ``path``; returns its size in bytes.
+
+    Raises :class:`CheckpointError` (before anything is written) if the state holds anything but
+    tensors and plain data.
+    """
+    ensure_plain(state)
+    ensure_plain(meta, "meta")
+    envelope = {
+        "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
+        "meta": meta,
+        "state": state,
+    }
+    return atomic_write(path, lambda file: torch.save(envelope, file))
+
+
+def read_checkpoint(path: str | os.PathLike[str], map_location: Any = None) -> Checkpoint:
+    """Read and check an envelope; never executes code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        envelope = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointFormatError(
+            f"{str(path)!r} holds objects other than tensors and plain data and was refused "
+            f"(nnhandler never unpickles code): {error}"
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {error}") from error
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("format"), dict):
+        raise CheckpointFormatError(f"{str(path)!r} is not an nnhandler checkpoint (no 'format')")
+    fmt = envelope["format"]
+    if fmt.get("name") != FORMAT_NAME:
+        raise CheckpointFormatError(
+            f"{str(path)!r} has format {fmt.get('name')!r}, expected {FORMAT_NAME!r}"
+        )
+    version = fmt.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise CheckpointFormatError(
+            f"{str(path)!r} has format version {version!r}; this nnhandler reads versions "
+            f"1..{FORMAT_VERSION}"
+        )
+    meta, state = envelope.get("meta"), envelope.get("state")
+    if not isinstance(meta, dict) or not isinstance(state, dict) or "epoch" not in meta:
+        raise CheckpointFormatError(f"{str(path)!r} lacks the 'meta' or 'state' section")
+    return Checkpoint(path=path, format_version=version, meta=meta, state=state)

@@ -1,0 +1,55 @@
+"""Atomic, durable file writes: temp file in the same directory, flush, fsync, ``os.replace``."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO, Final
+
+__all__ = ["TEMP_INFIX", "atomic_write", "fsync_directory", "temp_path_for"]
+
+#: Temp files are hidden and carry this infix, so nothing mistakes them for checkpoints.
+TEMP_INFIX: Final = ".tmp-"
+
+
+def temp_path_for(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TEMP_INFIX}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and Windows) refuse fsync on a directory; the rename still holds
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> int:
+    """Write ``path`` through ``write(file)`` so that it is either complete or absent.
+
+    The data goes to a temp file beside ``path``, is flushed and fsynced, and is renamed over
+    ``path`` (replacing an existing file atomically); the directory is fsynced so the rename
+    survives a power cut. On any failure the temp file is removed and the previous ``path``, if
+    any, is untouched. Returns the number of bytes written.
+    """
+    temp = temp_path_for(path)
+    try:
+        with open(temp, "xb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+            size = file.tell()
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+    return size

@@ -1,0 +1,68 @@
+"""Loss functions and metrics recorded by import path, so that a loaded handler gets them back.
+
+Recordable: module-level functions, and ``nn.Module`` classes or instances whose constructor
+arguments can be read back (an instance's ``__init__`` parameters found as same-named
+attributes; tensors among them are stored as tensors) plus their buffers. Anything else — a
+lambda, a closure, a callable object — is not recorded; the user sets it again after ``load``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from ..checkpoint.refs import (
+    NotReferenceableError,
+    decode_value,
+    encode_value,
+    reference_of,
+    resolve_class,
+    resolve_function,
+)
+
+__all__ = ["build_callable", "describe_callable"]
+
+
+def describe_callable(obj: Any, what: str) -> tuple[dict[str, Any] | None, str | None]:
+    """``(spec, None)`` when ``obj`` can be recorded, else ``(None, reason)``."""
+    try:
+        if isinstance(obj, nn.Module):
+            return _describe_module(obj, what), None
+        if inspect.isfunction(obj) or inspect.isbuiltin(obj):
+            return {"kind": "function", "ref": reference_of(obj)}, None
+    except NotReferenceableError as error:
+        return None, str(error)
+    return None, f"{what} {obj!r} is neither a module-level function nor an nn.Module"
+
+
+def _describe_module(module: nn.Module, what: str) -> dict[str, Any]:
+    cls = type(module)
+    kwargs: dict[str, Any] = {}
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if hasattr(module, name):
+            kwargs[name] = encode_value(getattr(module, name), f"{what}.{name}")
+        elif parameter.default is inspect.Parameter.empty:
+            raise NotReferenceableError(
+                f"{what} {cls.__qualname__}: constructor argument {name!r} is not stored as an "
+                "attribute and cannot be recovered"
+            )
+    return {
+        "kind": "module",
+        "ref": reference_of(cls),
+        "kwargs": kwargs,
+        "state": module.state_dict(),
+    }
+
+
+def build_callable(spec: dict[str, Any]) -> Any:
+    """The function or module a spec from :func:`describe_callable` describes."""
+    if spec["kind"] == "function":
+        return resolve_function(spec["ref"])
+    cls = resolve_class(spec["ref"], nn.Module)
+    module = cls(**decode_value(spec["kwargs"]))
+    module.load_state_dict(spec["state"], strict=False)
+    return module

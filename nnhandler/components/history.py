@@ -1,0 +1,74 @@
+"""Training history (losses, metrics, per-epoch logs) and progress counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["History", "Progress"]
+
+
+@dataclass
+class History:
+    """Per-epoch results as plain Python floats, identical on every rank.
+
+    ``val_losses`` and ``val_metrics`` get an entry only on epochs that validate; ``epoch_logs``
+    holds every epoch's full log dict (with its ``epoch`` number) for alignment.
+    """
+
+    state_key: str = "history"
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    train_metrics: dict[str, list[float]] = field(default_factory=dict)
+    val_metrics: dict[str, list[float]] = field(default_factory=dict)
+    epoch_logs: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, logs: dict[str, Any], metric_names: list[str]) -> None:
+        self.train_losses.append(float(logs["loss"]))
+        for name in metric_names:
+            if name in logs:
+                self.train_metrics.setdefault(name, []).append(float(logs[name]))
+        if "val_loss" in logs:
+            self.val_losses.append(float(logs["val_loss"]))
+            for name in metric_names:
+                if f"val_{name}" in logs:
+                    self.val_metrics.setdefault(name, []).append(float(logs[f"val_{name}"]))
+        self.epoch_logs.append({k: v for k, v in logs.items() if _is_plain(v)})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "train_losses": list(self.train_losses),
+            "val_losses": list(self.val_losses),
+            "train_metrics": {k: list(v) for k, v in self.train_metrics.items()},
+            "val_metrics": {k: list(v) for k, v in self.val_metrics.items()},
+            "epoch_logs": [dict(logs) for logs in self.epoch_logs],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_losses = [float(x) for x in state["train_losses"]]
+        self.val_losses = [float(x) for x in state["val_losses"]]
+        self.train_metrics = {k: [float(x) for x in v] for k, v in state["train_metrics"].items()}
+        self.val_metrics = {k: [float(x) for x in v] for k, v in state["val_metrics"].items()}
+        self.epoch_logs = [dict(logs) for logs in state["epoch_logs"]]
+
+
+def _is_plain(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float, str, bool))
+
+
+@dataclass
+class Progress:
+    """Absolute counters: completed epochs, optimizer steps, and the run's seed."""
+
+    state_key: str = "progress"
+    epoch: int = 0
+    step: int = 0
+    run_seed: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "run_seed": self.run_seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.run_seed = None if state["run_seed"] is None else int(state["run_seed"])

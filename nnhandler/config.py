@@ -1,0 +1,81 @@
+"""Validated (pydantic, strict) configuration for everything a user hands to nnhandler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .naming import validate_template
+
+__all__ = ["AutoSaveConfig", "LoaderConfig", "TrainSettings"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
+class AutoSaveConfig(_Strict):
+    """Configuration of an :class:`~nnhandler.AutoSaveCallback` (see its docstring for rules)."""
+
+    interval: int | None = None
+    save_path: Annotated[Path, Field(strict=False)] = Path(".")
+    name: str = "model_epoch{epoch:02d}"
+    overwrite: bool = False
+
+    @field_validator("interval")
+    @classmethod
+    def _interval_rule(cls, value: int | None) -> int | None:
+        if value is not None and value < -1:
+            raise ValueError(
+                f"interval={value} is not allowed: use None or 0 (off), N > 0 (every N-th "
+                "epoch) or -1 (after the last epoch of each train call)"
+            )
+        return value
+
+    @field_validator("save_path")
+    @classmethod
+    def _save_path_rule(cls, value: Path) -> Path:
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"save_path {str(value)!r} exists and is not a directory")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name_rule(cls, value: str) -> str:
+        return validate_template(value)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.interval)
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "interval": self.interval,
+            "save_path": str(self.save_path),
+            "name": self.name,
+            "overwrite": self.overwrite,
+        }
+
+
+class TrainSettings(_Strict):
+    """Training settings of a ``train`` call, saved and used as a resumed handler's defaults."""
+
+    validate_every: Annotated[int, Field(ge=1)] = 1
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    use_amp: bool = False
+    gradient_clipping_norm: Annotated[float, Field(gt=0)] | None = None
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+
+
+class LoaderConfig(_Strict):
+    """Arguments of ``set_train_loader`` / ``set_val_loader`` that nnhandler interprets itself.
+
+    Other keyword arguments go to ``torch.utils.data.DataLoader`` unchanged.
+    """
+
+    batch_size: Annotated[int, Field(ge=1)] = 1
+    shuffle: bool = False
+    drop_last: bool = False

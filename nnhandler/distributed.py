@@ -1,0 +1,156 @@
+"""Rank and world detection (torchrun, SLURM), process-group set-up, reductions and the
+rank-0-does-it-and-everyone-learns-the-outcome pattern used by checkpoint writes."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import torch
+import torch.distributed as dist
+
+from .errors import CheckpointError
+
+__all__ = [
+    "DistributedContext",
+    "all_gather_objects",
+    "detect_launch_environment",
+    "run_on_rank_zero",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LaunchEnvironment:
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def detect_launch_environment() -> LaunchEnvironment | None:
+    """Ranks from torchrun's (RANK, LOCAL_RANK, WORLD_SIZE) or SLURM's variables, else None."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnvironment(
+            int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"])), int(env["WORLD_SIZE"])
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        return LaunchEnvironment(
+            int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), int(env["SLURM_NTASKS"])
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands: its rank, the world size and whether collectives are used."""
+
+    enabled: bool
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def single(cls) -> DistributedContext:
+        return cls(enabled=False)
+
+    @classmethod
+    def setup(cls, use_distributed: bool | None, device: torch.device | None) -> DistributedContext:
+        """Join (or create from the launch environment) the default process group.
+
+        ``use_distributed=None`` auto-detects: an existing process group, or torchrun/SLURM
+        variables with a world size above one. ``False`` forces a single process. ``True``
+        without a group or launch variables is an error.
+        """
+        if use_distributed is False:
+            return cls.single()
+        if dist.is_available() and dist.is_initialized():
+            return cls._from_group()
+        launch = detect_launch_environment()
+        if launch is None or (use_distributed is None and launch.world_size <= 1):
+            if use_distributed:
+                raise ValueError(
+                    "use_distributed=True but no process group exists and neither torchrun "
+                    "(RANK, WORLD_SIZE) nor SLURM (SLURM_PROCID, SLURM_NTASKS) variables are set"
+                )
+            return cls.single()
+        if not dist.is_available():
+            raise RuntimeError("torch.distributed is not available in this PyTorch build")
+        os.environ.setdefault("RANK", str(launch.rank))
+        os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
+        use_cuda = (device is None or device.type == "cuda") and torch.cuda.is_available()
+        backend = "nccl" if use_cuda else "gloo"
+        if use_cuda:
+            torch.cuda.set_device(launch.local_rank)
+        dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=30))
+        return cls._from_group()
+
+    @classmethod
+    def _from_group(cls) -> DistributedContext:
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+        return cls(True, dist.get_rank(), local, dist.get_world_size())
+
+    def default_device(self) -> torch.device:
+        if torch.cuda.is_available():
+            index = self.local_rank if self.enabled else torch.cuda.current_device()
+            return torch.device("cuda", index)
+        return torch.device("cpu")
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast_object(self, obj: T) -> T:
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def all_gather_objects(context: DistributedContext, obj: T) -> list[T]:
+    """``obj`` of every rank, in rank order (a one-element list without distribution)."""
+    if not context.enabled:
+        return [obj]
+    gathered: list[Any] = [None] * context.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def run_on_rank_zero(context: DistributedContext, action: Callable[[], T]) -> T:
+    """Run ``action`` on rank 0; every rank returns its result or raises its error.
+
+    The other ranks wait in a broadcast that carries either the result or the error message, so
+    a failure on rank 0 reaches every rank as an exception instead of a hang at a barrier.
+    """
+    outcome: tuple[bool, Any]
+    error: BaseException | None = None
+    if context.is_main:
+        try:
+            outcome = (True, action())
+        except Exception as raised:
+            error = raised
+            outcome = (False, f"{type(raised).__name__}: {raised}")
+    else:
+        outcome = (False, None)
+    outcome = context.broadcast_object(outcome)
+    if error is not None:
+        raise error
+    ok, payload = outcome
+    if not ok:
+        raise CheckpointError(f"rank 0 failed: {payload}")
+    return cast(T, payload)

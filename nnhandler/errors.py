@@ -1,0 +1,40 @@
+"""Exception classes of nnhandler.
+
+Configuration mistakes are ``ValueError``/``TypeError`` subclasses (pydantic's ``ValidationError``
+is a ``ValueError`` too); anything wrong with a checkpoint file is a :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CallbackValidationError",
+    "CheckpointError",
+    "CheckpointFormatError",
+    "ConfigurationError",
+    "DuplicateStateKeyError",
+    "UnresolvableReferenceError",
+]
+
+
+class ConfigurationError(ValueError):
+    """A configuration value is wrong; the message names the value and what would be right."""
+
+
+class DuplicateStateKeyError(ConfigurationError):
+    """Two state providers claim the same ``state_key``; the message names both owners."""
+
+
+class CallbackValidationError(ConfigurationError, TypeError):
+    """A callback cannot be registered (unknown hook name, hook signature that cannot be called)."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be written, read or applied."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """The file is not an nnhandler checkpoint, or one of an unsupported format version."""
+
+
+class UnresolvableReferenceError(CheckpointError):
+    """A ``"module:QualName"`` reference in a checkpoint cannot be resolved to the expected kind."""

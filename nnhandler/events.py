@@ -1,0 +1,148 @@
+"""Lifecycle events: the one list of hooks, and the dispatcher that calls them.
+
+:class:`Event` is the single source of truth. Each member carries the name of the callback method
+that handles it and the keyword arguments it is called with. ``Callback`` gets its no-op hook
+methods from this enum, and the dispatcher calls only callbacks whose class overrides a hook.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+__all__ = ["Event", "EventDispatcher", "is_default_hook"]
+
+
+class Event(enum.Enum):
+    """A point in the training lifecycle. ``value`` is the callback method name."""
+
+    TRAIN_BEGIN = ("on_train_begin", ("handler", "start_epoch", "end_epoch"))
+    EPOCH_BEGIN = ("on_epoch_begin", ("handler", "epoch"))
+    TRAIN_BATCH_BEGIN = ("on_train_batch_begin", ("handler", "epoch", "batch_idx", "batch"))
+    TRAIN_BATCH_END = ("on_train_batch_end", ("handler", "epoch", "batch_idx", "batch", "loss"))
+    VALIDATION_BEGIN = ("on_validation_begin", ("handler", "epoch"))
+    VALIDATION_BATCH_BEGIN = (
+        "on_validation_batch_begin",
+        ("handler", "epoch", "batch_idx", "batch"),
+    )
+    VALIDATION_BATCH_END = (
+        "on_validation_batch_end",
+        ("handler", "epoch", "batch_idx", "batch", "loss"),
+    )
+    VALIDATION_END = ("on_validation_end", ("handler", "epoch", "logs"))
+    EPOCH_END = ("on_epoch_end", ("handler", "epoch", "logs"))
+    TRAIN_END = ("on_train_end", ("handler", "logs"))
+    CHECKPOINT_SAVED = ("on_checkpoint_saved", ("handler", "path", "epoch"))
+    CHECKPOINT_LOADED = ("on_checkpoint_loaded", ("handler", "path", "epoch"))
+    EXCEPTION = ("on_exception", ("handler", "exception"))
+
+    def __init__(self, hook_name: str, arguments: tuple[str, ...]) -> None:
+        self.hook_name: Final = hook_name
+        self.arguments: Final = arguments
+
+    @classmethod
+    def from_hook_name(cls, name: str) -> Event | None:
+        """The event handled by a method called ``name``, or ``None``."""
+        return _BY_HOOK_NAME.get(name)
+
+
+_BY_HOOK_NAME: Final[dict[str, Event]] = {event.hook_name: event for event in Event}
+
+_DEFAULT_HOOK_MARK: Final = "__nnhandler_default_hook__"
+
+
+def default_hook(function: Any) -> Any:
+    """Mark ``function`` as a base-class no-op, which the dispatcher never calls."""
+    setattr(function, _DEFAULT_HOOK_MARK, True)
+    return function
+
+
+def is_default_hook(callback: object, event: Event) -> bool:
+    """True when ``callback`` does not override the hook of ``event`` (or has none)."""
+    hook = getattr(type(callback), event.hook_name, None)
+    return hook is None or getattr(hook, _DEFAULT_HOOK_MARK, False)
+
+
+def validate_hooks(callback: object) -> None:
+    """Reject a callback with a misspelt hook or a hook that cannot take the event's arguments.
+
+    Raised at registration so that a typo is found before epoch 40, not silently ignored.
+    """
+    from .errors import CallbackValidationError
+
+    owner = type(callback).__qualname__
+    for name in dir(type(callback)):
+        if not name.startswith("on_") or not callable(getattr(type(callback), name, None)):
+            continue
+        event = Event.from_hook_name(name)
+        if event is None:
+            known = ", ".join(sorted(_BY_HOOK_NAME))
+            raise CallbackValidationError(
+                f"callback {owner} defines {name}(), which is not a known hook; "
+                f"rename it to one of: {known} (or drop the 'on_' prefix for a helper method)"
+            )
+        if is_default_hook(callback, event):
+            continue
+        _check_hook_signature(owner, getattr(callback, name), event)
+
+
+def _check_hook_signature(owner: str, hook: Any, event: Event) -> None:
+    from .errors import CallbackValidationError
+
+    parameters = inspect.signature(hook).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    unknown = [
+        p.name
+        for p in parameters
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL,) and p.name not in event.arguments
+        and p.default is inspect.Parameter.empty
+    ]
+    positional_only = [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_ONLY]
+    if unknown or positional_only:
+        bad = ", ".join(unknown + positional_only)
+        raise CallbackValidationError(
+            f"{owner}.{event.hook_name}() requires argument(s) {bad} that the event does not "
+            f"pass by keyword; it is called with {', '.join(event.arguments)}. "
+            f"Accept **kwargs to stay compatible when arguments are added."
+        )
+
+
+class EventDispatcher:
+    """Calls, for each event, the callbacks that override its hook, in registration order.
+
+    Callbacks flagged ``is_checkpoint_writer`` run after all others so that the state they
+    collect is final. The per-event lists are rebuilt only when the callback list changes, so a
+    batch event with no listener costs one dictionary lookup.
+    """
+
+    __slots__ = ("_listeners",)
+
+    def __init__(self, callbacks: Iterable[object] = ()) -> None:
+        self._listeners: dict[Event, tuple[object, ...]] = {}
+        self.rebuild(callbacks)
+
+    def rebuild(self, callbacks: Iterable[object]) -> None:
+        ordered = sorted(callbacks, key=lambda cb: bool(getattr(cb, "is_checkpoint_writer", False)))
+        self._listeners = {
+            event: tuple(cb for cb in ordered if not is_default_hook(cb, event)) for event in Event
+        }
+
+    def has_listeners(self, event: Event) -> bool:
+        return bool(self._listeners[event])
+
+    def listeners(self, event: Event) -> Sequence[object]:
+        return self._listeners[event]
+
+    def fire(self, event: Event, **arguments: Any) -> None:
+        """Call every listener of ``event``; an exception propagates with a note naming both."""
+        for callback in self._listeners[event]:
+            try:
+                getattr(callback, event.hook_name)(**arguments)
+            except BaseException as error:
+                error.add_note(
+                    f"raised by callback {type(callback).__qualname__} in {event.hook_name}()"
+                )
+                raise

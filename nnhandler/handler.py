@@ -1,0 +1,893 @@
+"""``NNHandler``: configuration setters, save/load, the auto-save convenience and ``train``."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Final
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .callbacks import AutoSaveCallback, Callback
+from .callbacks.autosave import AUTOSAVE_KEY_PREFIX
+from .checkpoint import read_checkpoint, write_checkpoint
+from .checkpoint.envelope import build_meta
+from .checkpoint.refs import (
+    NotReferenceableError,
+    decode_value,
+    encode_value,
+    reference_of,
+    resolve_class,
+)
+from .components import (
+    ComponentState,
+    History,
+    ModelState,
+    Progress,
+    RNGState,
+    seed_everything,
+)
+from .components.callables import build_callable, describe_callable
+from .config import AutoSaveConfig, LoaderConfig, TrainSettings
+from .distributed import DistributedContext, run_on_rank_zero
+from .errors import CheckpointError, ConfigurationError, UnresolvableReferenceError
+from .events import Event, EventDispatcher, validate_hooks
+from .logging import LoggingMode as _LoggingMode
+from .logging import make_logger
+from .loop import EpochShuffleSampler, LoopParts, ShardSampler, TrainingLoop
+from .state import RestoreResult, StateProvider, StateRegistry
+
+__all__ = ["NNHandler"]
+
+
+class _Unset:
+    """Marks an argument that was not passed (where ``None`` is a meaningful value)."""
+
+    def __repr__(self) -> str:
+        return "<handler default>"
+
+
+UNSET: Final = _Unset()
+_SCHEDULER_INTERVALS: Final = ("epoch", "step")
+#: State keys of the handler's own components; everything else belongs to callbacks/plugins.
+_CORE_KEYS: Final = frozenset({"model", "optimizer", "scheduler", "grad_scaler", "ema",
+                               "history", "progress", "rng", "config"})
+
+
+class _LoaderSpec:
+    """A dataset plus the DataLoader arguments it was set with (datasets are never saved)."""
+
+    def __init__(self, dataset: Dataset[Any], config: LoaderConfig, extra: dict[str, Any]) -> None:
+        self.dataset, self.config, self.extra = dataset, config, extra
+
+    def state(self) -> dict[str, Any]:
+        """The loader arguments that can be recorded (e.g. a lambda ``collate_fn`` cannot)."""
+        return {"config": self.config.model_dump(),
+                "extra": {k: v for k, v in self.extra.items() if _storable(v)}}
+
+
+class _ConfigState:
+    """The handler's configuration as a state provider (``"config"``).
+
+    :meth:`NNHandler.load` builds a handler from it; restoring it into a live handler applies
+    what can change without rebuilding: the training defaults and remembered loader arguments.
+    """
+
+    state_key = "config"
+
+    def __init__(self, handler: NNHandler) -> None:
+        self._handler = handler
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._handler._config_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._handler._apply_settings_state(state)
+
+
+class NNHandler:
+    """Train a model with automatic, crash-safe checkpointing.
+
+    Args:
+        model_class: an ``nn.Module`` subclass; the handler constructs it.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``, or ``None`` (each rank's
+            own GPU where there is one, else CPU).
+        logger_mode: :class:`NNHandler.LoggingMode` ``CONSOLE`` (rich), ``FILE`` or ``BOTH``.
+        log_file: the log file for ``FILE``/``BOTH``.
+        use_distributed: ``None`` auto-detects torchrun/SLURM or an existing process group;
+            ``False`` forces one process; ``True`` demands distribution.
+        model_kwargs: arguments of ``model_class`` whose names clash with the handler's own.
+        compile_model: wrap the model with ``torch.compile`` (``True`` or a dict of options).
+        **kwargs: further arguments of ``model_class``.
+
+    Everything that has state (model, optimizer, scheduler, grad scaler, EMA, history, random
+    streams, configuration and every stateful callback) goes into each checkpoint;
+    :meth:`load` restores it.
+    """
+
+    LoggingMode: ClassVar[type[_LoggingMode]] = _LoggingMode
+
+    def __init__(
+        self,
+        model_class: type[nn.Module],
+        device: str | torch.device | None = None,
+        logger_mode: _LoggingMode | str = _LoggingMode.CONSOLE,
+        *,
+        log_file: str | os.PathLike[str] = "nnhandler.log",
+        use_distributed: bool | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        compile_model: bool | Mapping[str, Any] = False,
+        **kwargs: Any,
+    ) -> None:
+        if not (inspect.isclass(model_class) and issubclass(model_class, nn.Module)):
+            raise TypeError(f"model_class must be an nn.Module subclass, got {model_class!r}")
+        if use_distributed not in (None, True, False):
+            raise TypeError(f"use_distributed must be None, True or False, got {use_distributed!r}")
+        self.distributed = DistributedContext.setup(use_distributed, _parse_device(device))
+        self.device = _resolve_device(device, self.distributed)
+        self.logger = make_logger(logger_mode, log_file, self.distributed.is_main)
+        self._model_class = model_class
+        clash = set(kwargs) & set(model_kwargs or {})
+        if clash:
+            raise ConfigurationError(f"model argument(s) {sorted(clash)} given twice")
+        self._model_kwargs: dict[str, Any] = {**(model_kwargs or {}), **kwargs}
+        self._compile = compile_model
+        module = model_class(**self._model_kwargs).to(self.device)
+        self._module: nn.Module = module
+        model: nn.Module = module
+        if compile_model:
+            options = dict(compile_model) if isinstance(compile_model, Mapping) else {}
+            model = torch.compile(model, **options)  # type: ignore[assignment]
+        if self.distributed.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self._model = model
+
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer_spec: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None
+        self._scheduler: Any = None
+        self._scheduler_spec: tuple[type[Any], dict[str, Any], str] | None = None
+        self._loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+        self._metrics: dict[str, Callable[[Any, Any], Any]] = {}
+        self._loaders: dict[str, _LoaderSpec] = {}
+        self._remembered_loader_args: dict[str, dict[str, Any]] = {}
+        self._settings = TrainSettings()
+        self._scaler: torch.amp.GradScaler | None = None
+        self._ema: AveragedModel | None = None
+        self._ema_state: ComponentState | None = None
+        self._autosave: AutoSaveCallback | None = None
+        self._callbacks: list[Callback] = []
+        self._dispatcher = EventDispatcher()
+        self._stop_requested = False
+        self._last_logs: dict[str, Any] = {}
+
+        self.history_state = History()
+        self.progress = Progress()
+        self._rng = RNGState(self.distributed)
+        self._registry = StateRegistry()
+        self._model_state = ModelState(lambda: self._module)
+        for provider in (self._model_state, self.history_state, self.progress, self._rng,
+                         _ConfigState(self)):
+            self._registry.register(provider)
+        self._model_kwargs_unstored = self._check_model_kwargs()
+
+    # ------------------------------------------------------------------ components -----------
+    @property
+    def model(self) -> nn.Module:
+        """The model as trained (possibly DDP- or ``torch.compile``-wrapped)."""
+        return self._model
+
+    @property
+    def module(self) -> nn.Module:
+        """The unwrapped ``nn.Module`` holding the raw training weights (never the EMA ones)."""
+        return self._module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._optimizer
+
+    @property
+    def scheduler(self) -> Any:
+        return self._scheduler
+
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The AMP grad scaler (CUDA fp16 only; bf16 autocast on CPU needs none)."""
+        return self._scaler
+
+    @property
+    def ema_model(self) -> AveragedModel | None:
+        """The EMA model (``torch.optim.swa_utils.AveragedModel``) when ``ema_decay > 0``."""
+        return self._ema
+
+    @property
+    def loss_fn(self) -> Callable[[Any, Any], torch.Tensor] | None:
+        return self._loss_fn
+
+    @property
+    def metrics(self) -> dict[str, Callable[[Any, Any], Any]]:
+        return dict(self._metrics)
+
+    @property
+    def callbacks(self) -> tuple[Callback, ...]:
+        return tuple(self._callbacks)
+
+    @property
+    def auto_save_callback(self) -> AutoSaveCallback | None:
+        """The callback configured by :meth:`auto_save` (``None`` before)."""
+        return self._autosave
+
+    @property
+    def settings(self) -> TrainSettings:
+        """Training defaults: the settings of the last ``train`` call (restored by ``load``)."""
+        return self._settings
+
+    # ------------------------------------------------------------------ history --------------
+    @property
+    def train_losses(self) -> list[float]:
+        return self.history_state.train_losses
+
+    @property
+    def val_losses(self) -> list[float]:
+        """One entry per epoch that validated."""
+        return self.history_state.val_losses
+
+    @property
+    def train_metrics_history(self) -> dict[str, list[float]]:
+        return self.history_state.train_metrics
+
+    @property
+    def val_metrics_history(self) -> dict[str, list[float]]:
+        return self.history_state.val_metrics
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every epoch's log dict (with its ``epoch`` number), oldest first."""
+        return self.history_state.epoch_logs
+
+    @property
+    def epoch(self) -> int:
+        """Number of completed epochs (absolute, across resumes)."""
+        return self.progress.epoch
+
+    @property
+    def global_step(self) -> int:
+        return self.progress.step
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def request_stop(self) -> None:
+        """Stop training after the current epoch (callable from any callback hook)."""
+        self._stop_requested = True
+
+    # ------------------------------------------------------------------ setters --------------
+    def set_optimizer(self, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> None:
+        """Create ``optimizer_class(model parameters, **kwargs)``; replaces any previous one."""
+        if not (inspect.isclass(optimizer_class)
+                and issubclass(optimizer_class, torch.optim.Optimizer)):
+            raise TypeError(
+                f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}"
+            )
+        _encode_arguments(kwargs, f"{optimizer_class.__qualname__} argument")
+        self._optimizer = optimizer_class(self._module.parameters(), **kwargs)
+        self._optimizer_spec = (optimizer_class, dict(kwargs))
+        if "optimizer" not in self._registry:
+            self._registry.register(ComponentState("optimizer", lambda: self._optimizer))
+        if self._scheduler_spec is not None:
+            scheduler_class, scheduler_kwargs, interval = self._scheduler_spec
+            self.set_scheduler(scheduler_class, interval=interval, **scheduler_kwargs)
+
+    def set_scheduler(self, scheduler_class: type[Any], interval: str = "epoch",
+                      **kwargs: Any) -> None:
+        """Create ``scheduler_class(optimizer, **kwargs)``.
+
+        ``interval="epoch"`` steps once per epoch (``ReduceLROnPlateau`` with the epoch's
+        ``val_loss``, on epochs that validate); ``"step"`` once per optimizer step.
+        """
+        if self._optimizer is None:
+            raise ConfigurationError("set_optimizer must be called before set_scheduler")
+        base = torch.optim.lr_scheduler.LRScheduler
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+        if not (inspect.isclass(scheduler_class) and issubclass(scheduler_class, (base, plateau))):
+            raise TypeError(
+                f"scheduler_class must be a torch.optim.lr_scheduler.LRScheduler subclass, "
+                f"got {scheduler_class!r}"
+            )
+        if interval not in _SCHEDULER_INTERVALS:
+            raise ConfigurationError(f"interval={interval!r}: use 'epoch' or 'step'")
+        if interval == "step" and issubclass(scheduler_class, plateau):
+            raise ConfigurationError("ReduceLROnPlateau needs val_loss: use interval='epoch'")
+        _encode_arguments(kwargs, f"{scheduler_class.__qualname__} argument")
+        self._scheduler = scheduler_class(self._optimizer, **kwargs)
+        self._scheduler_spec = (scheduler_class, dict(kwargs), interval)
+        if "scheduler" not in self._registry:
+            self._registry.register(ComponentState("scheduler", lambda: self._scheduler))
+
+    def set_loss_fn(self, loss_fn: Callable[[Any, Any], torch.Tensor] | type[nn.Module],
+                    **kwargs: Any) -> None:
+        """Set ``loss(output, target) -> tensor``: a function, an ``nn.Module`` instance, or an
+        ``nn.Module`` class constructed with ``kwargs``. Module-level functions and modules are
+        restored by :meth:`load`; lambdas and closures must be set again after loading."""
+        if inspect.isclass(loss_fn):
+            if not issubclass(loss_fn, nn.Module):
+                raise TypeError(f"loss class must be an nn.Module subclass, got {loss_fn!r}")
+            loss_fn = loss_fn(**kwargs).to(self.device)
+        elif kwargs:
+            raise TypeError("keyword arguments are only accepted with a loss class")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
+        self._loss_fn = loss_fn
+        self._warn_if_unrecordable(loss_fn, "loss function", "set_loss_fn")
+
+    def add_metric(self, name: str, metric: Callable[[Any, Any], Any]) -> None:
+        """Add ``metric(output, target) -> float`` (or a scalar tensor), averaged per sample."""
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigurationError(f"metric name {name!r} must be a Python identifier")
+        if name == "loss" or name.startswith("val_") or name == "epoch":
+            raise ConfigurationError(f"metric name {name!r} is reserved")
+        if not callable(metric):
+            raise TypeError(f"metric {name!r} must be callable, got {metric!r}")
+        self._metrics[name] = metric
+        self._warn_if_unrecordable(metric, f"metric {name!r}", "add_metric")
+
+    def set_train_loader(self, dataset: Dataset[Any] | None = None, **loader_kwargs: Any) -> None:
+        """Train on ``dataset``; ``loader_kwargs`` go to ``DataLoader`` (``batch_size``,
+        ``shuffle``, ``num_workers`` …). After :meth:`load`, omitted arguments default to the
+        ones remembered from the checkpoint. Shuffling depends only on the run's seed and the
+        absolute epoch, so a resumed run sees the same batches."""
+        self._set_loader("train", dataset, loader_kwargs)
+
+    def set_val_loader(self, dataset: Dataset[Any] | None = None, **loader_kwargs: Any) -> None:
+        """Validate on ``dataset`` (see :meth:`set_train_loader`)."""
+        self._set_loader("val", dataset, loader_kwargs)
+
+    def _set_loader(self, which: str, dataset: Dataset[Any] | None, kwargs: dict[str, Any]) -> None:
+        if dataset is None:
+            raise ConfigurationError(f"set_{which}_loader needs a dataset")
+        if isinstance(dataset, DataLoader):
+            raise TypeError(f"set_{which}_loader takes a Dataset, not a DataLoader; pass the "
+                            "dataset and DataLoader keyword arguments")
+        remembered = self._remembered_loader_args.get(which, {})
+        merged = {**remembered.get("config", {}), **self._decode_remembered(remembered), **kwargs}
+        own = {k: merged.pop(k) for k in list(merged) if k in LoaderConfig.model_fields}
+        config = LoaderConfig(**own)
+        if "sampler" in merged or "batch_sampler" in merged:
+            raise ConfigurationError(
+                f"set_{which}_loader: nnhandler provides the sampler (its shuffle order depends "
+                "only on the seed and the epoch, which exact resume needs); use shuffle=True/False"
+            )
+        # fail now, naming the bad argument, rather than at the start of train()
+        DataLoader(dataset, batch_size=config.batch_size, drop_last=config.drop_last, **merged)
+        self._loaders[which] = _LoaderSpec(dataset, config, merged)
+
+    def _decode_remembered(self, remembered: Mapping[str, Any]) -> dict[str, Any]:
+        decoded = {}
+        for name, value in remembered.get("extra", {}).items():
+            try:
+                decoded[name] = decode_value(value)
+            except UnresolvableReferenceError as error:
+                self.logger.warning("remembered loader argument %r dropped: %s", name, error)
+        return decoded
+
+    def _build_loader(self, which: str, seed: int) -> DataLoader[Any] | None:
+        spec = self._loaders.get(which)
+        if spec is None:
+            return None
+        length = len(spec.dataset)  # type: ignore[arg-type]
+        ctx = self.distributed
+        sampler: Any
+        if which == "train" and ctx.enabled:
+            sampler = DistributedSampler(spec.dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                         shuffle=spec.config.shuffle, seed=seed)
+        elif which == "train":
+            sampler = EpochShuffleSampler(length, seed, spec.config.shuffle)
+        elif ctx.enabled:
+            sampler = ShardSampler(length, ctx.rank, ctx.world_size)
+        else:
+            sampler = None
+        extra = dict(spec.extra)
+        if self.device.type == "cuda":
+            extra.setdefault("pin_memory", True)
+        return DataLoader(spec.dataset, batch_size=spec.config.batch_size, sampler=sampler,
+                          drop_last=spec.config.drop_last, **extra)
+
+    # ------------------------------------------------------------------ callbacks ------------
+    def add_callback(self, callback: Callback) -> None:
+        """Register ``callback``; a state-providing one also joins every checkpoint, and gets
+        its state back at once if a loaded checkpoint holds state under its ``state_key``."""
+        if not isinstance(callback, Callback):
+            raise TypeError(f"{callback!r} is not an nnhandler.Callback; subclass Callback "
+                            "(or use register_state_provider for state without hooks)")
+        if any(existing is callback for existing in self._callbacks):
+            raise ConfigurationError(f"callback {callback!r} is already registered")
+        validate_hooks(callback)
+        if isinstance(callback, StateProvider) and self._registry.register(callback):
+                self.logger.info("restored state of %r from the loaded checkpoint", callback)
+        self._callbacks.append(callback)
+        self._dispatcher.rebuild(self._callbacks)
+
+    def remove_callback(self, callback: Callback) -> None:
+        for index, existing in enumerate(self._callbacks):
+            if existing is callback:
+                del self._callbacks[index]
+                break
+        else:
+            raise ValueError(f"callback {callback!r} is not registered")
+        if isinstance(callback, StateProvider):
+            self._registry.unregister(callback)
+        if callback is self._autosave:
+            self._autosave = None
+        self._dispatcher.rebuild(self._callbacks)
+
+    def register_state_provider(self, provider: StateProvider) -> None:
+        """Add ``provider``'s state to every checkpoint (keys are unique per handler)."""
+        self._registry.register(provider)
+
+    def auto_save(
+        self,
+        interval: int | None,
+        save_path: str | os.PathLike[str] = ".",
+        name: str = "model_epoch{epoch:02d}",
+        overwrite: bool = False,
+    ) -> AutoSaveCallback:
+        """Configure (or reconfigure) this handler's one :class:`AutoSaveCallback`.
+
+        See :class:`AutoSaveCallback` for the rules. Calling it again reconfigures the same
+        instance (its record of the last file it wrote is kept).
+        """
+        config = AutoSaveConfig(interval=interval, save_path=Path(save_path), name=name,
+                                overwrite=overwrite)
+        if self._autosave is None:
+            callback = AutoSaveCallback(**_config_arguments(config))
+            self.add_callback(callback)
+            self._autosave = callback
+            return callback
+        callback = self._autosave
+        old = callback.config
+        self._registry.unregister(callback)
+        callback.reconfigure(config)
+        try:
+            self._registry.register(callback)
+        except Exception:
+            callback.reconfigure(old)
+            self._registry.register(callback)
+            raise
+        return callback
+
+    # ------------------------------------------------------------------ training -------------
+    def train(
+        self,
+        epochs: int | None = None,
+        *,
+        until_epoch: int | None = None,
+        validate_every: int | _Unset = UNSET,
+        gradient_accumulation_steps: int | _Unset = UNSET,
+        use_amp: bool | _Unset = UNSET,
+        gradient_clipping_norm: float | _Unset | None = UNSET,
+        ema_decay: float | _Unset = UNSET,
+        seed: int | _Unset | None = UNSET,
+        progress_bar: bool = True,
+    ) -> dict[str, Any]:
+        """Train ``epochs`` more epochs, or up to absolute epoch ``until_epoch``.
+
+        Settings not passed default to the handler's (those of the previous call, restored by
+        :meth:`load`). ``seed`` seeds every random stream at the start of a fresh run; on a
+        handler whose streams were restored (or that trained before), the run's own seed
+        continues them and a different one re-seeds with a warning. ``seed=None`` draws a seed
+        once per run and records it. Returns the last epoch's logs.
+        """
+        target = self._target_epoch(epochs, until_epoch)
+        changes = {
+            name: value for name, value in {
+                "validate_every": validate_every,
+                "gradient_accumulation_steps": gradient_accumulation_steps,
+                "use_amp": use_amp,
+                "gradient_clipping_norm": gradient_clipping_norm,
+                "ema_decay": ema_decay,
+                "seed": seed,
+            }.items() if value is not UNSET
+        }
+        if not isinstance(progress_bar, bool):
+            raise TypeError(f"progress_bar must be a bool, got {progress_bar!r}")
+        settings = TrainSettings(**{**self._settings.model_dump(), **changes})
+        missing = [what for what, absent in (
+            ("an optimizer (set_optimizer)", self._optimizer is None),
+            ("a loss function (set_loss_fn)", self._loss_fn is None),
+            ("a training dataset (set_train_loader)", "train" not in self._loaders),
+        ) if absent]
+        if missing:
+            raise ConfigurationError("cannot train without " + ", ".join(missing))
+        self._settings = settings
+        start = self.progress.epoch
+        if target <= start:
+            self.logger.info("already at epoch %d (target %d): nothing to train", start, target)
+            return dict(self._last_logs)
+        run_seed = self._prepare_random_streams(seed)
+        self._prepare_amp_and_ema(settings)
+        assert self._optimizer is not None and self._loss_fn is not None
+        train_loader = self._build_loader("train", run_seed)
+        assert train_loader is not None
+        parts = LoopParts(
+            model=self._model, module=self._module, optimizer=self._optimizer,
+            scheduler=self._scheduler,
+            scheduler_interval=self._scheduler_spec[2] if self._scheduler_spec else "epoch",
+            loss_fn=self._loss_fn, metrics=dict(self._metrics), train_loader=train_loader,
+            val_loader=self._build_loader("val", run_seed), scaler=self._scaler, ema=self._ema,
+            device=self.device, context=self.distributed, dispatcher=self._dispatcher,
+            history=self.history_state, progress=self.progress, settings=settings, handler=self,
+        )
+        self._stop_requested = False
+        self.logger.info("training epochs %d..%d on %s (world size %d)", start + 1, target,
+                         self.device, self.distributed.world_size)
+        try:
+            self._dispatcher.fire(Event.TRAIN_BEGIN, handler=self, start_epoch=start,
+                                  end_epoch=target)
+            logs = TrainingLoop(parts, progress_bar).run(start, target)
+            self._last_logs = logs
+            self._dispatcher.fire(Event.TRAIN_END, handler=self, logs=logs)
+        except BaseException as error:
+            self._dispatcher.fire(Event.EXCEPTION, handler=self, exception=error)
+            raise
+        return logs
+
+    def _target_epoch(self, epochs: int | None, until_epoch: int | None) -> int:
+        if (epochs is None) == (until_epoch is None):
+            raise ConfigurationError("pass exactly one of epochs (additional epochs) or "
+                                     f"until_epoch (absolute); got epochs={epochs!r}, "
+                                     f"until_epoch={until_epoch!r}")
+        value = epochs if epochs is not None else until_epoch
+        name = "epochs" if epochs is not None else "until_epoch"
+        if type(value) is not int or value < 0:
+            raise ConfigurationError(f"{name} must be a non-negative int, got {value!r}")
+        return self.progress.epoch + value if epochs is not None else value
+
+    def _prepare_random_streams(self, seed: int | _Unset | None) -> int:
+        current = self.progress.run_seed
+        continuing = self._rng.restored or current is not None
+        if continuing and (seed is UNSET or seed is None or seed == current):
+            assert current is not None
+            return current
+        if continuing:
+            self.logger.warning(
+                "train(seed=%s) differs from this run's seed %s: re-seeding every random "
+                "stream (a resumed run will not equal the uninterrupted one)", seed, current)
+        new_seed = self._settings.seed  # already holds this call's seed
+        if new_seed is None:
+            new_seed = self.distributed.broadcast_object(secrets.randbits(63))
+        seed_everything(new_seed)
+        self.progress.run_seed = new_seed
+        self._rng.restored = False
+        return new_seed
+
+    def _prepare_amp_and_ema(self, settings: TrainSettings) -> None:
+        if settings.use_amp and self.device.type == "cuda" and self._scaler is None:
+            self._create_scaler()
+        if settings.ema_decay > 0:
+            if self._ema is None:
+                self._create_ema(settings.ema_decay)
+            else:
+                self._ema.multi_avg_fn = get_ema_multi_avg_fn(settings.ema_decay)  # type: ignore[no-untyped-call]
+        elif self._ema is not None and self._ema_state is not None:
+            self._registry.unregister(self._ema_state)
+            self._ema = self._ema_state = None
+
+    def _create_scaler(self) -> None:
+        self._scaler = torch.amp.GradScaler("cuda")
+        if "grad_scaler" not in self._registry:
+            self._registry.register(ComponentState("grad_scaler", lambda: self._scaler))
+
+    def _create_ema(self, decay: float) -> None:
+        self._ema = AveragedModel(self._module,
+                                  multi_avg_fn=get_ema_multi_avg_fn(decay),  # type: ignore[no-untyped-call]
+                                  use_buffers=True)
+        if self._ema_state is None:
+            self._ema_state = ComponentState("ema", lambda: self._ema)
+            self._registry.register(self._ema_state)
+
+    # ------------------------------------------------------------------ saving ---------------
+    def save(self, path: str | os.PathLike[str], logs: Mapping[str, Any] | None = None) -> Path:
+        """Write the complete checkpoint to ``path`` and return once it is durable.
+
+        Under DDP every rank calls it: rank 0 writes, the others wait, and an error on rank 0 is
+        raised on every rank. Fires ``on_checkpoint_saved``.
+        """
+        path = Path(path)
+        if path.exists() and path.is_dir():
+            raise ConfigurationError(f"save path {str(path)!r} is a directory")
+        logs = dict(self._last_logs if logs is None else logs)
+
+        def write() -> tuple[int, float]:
+            started = time.perf_counter()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            meta = build_meta(epoch=self.progress.epoch, step=self.progress.step,
+                              logs={k: v for k, v in logs.items() if _plain_scalar(v)},
+                              world_size=self.distributed.world_size)
+            size = write_checkpoint(path, self._registry.collect(), meta)
+            return size, time.perf_counter() - started
+
+        with self._rng.gathered():
+            size, seconds = run_on_rank_zero(self.distributed, write)
+        self.logger.info("saved checkpoint %s (%.1f MB, %.2f s)", path, size / 1e6, seconds)
+        self._dispatcher.fire(Event.CHECKPOINT_SAVED, handler=self, path=path,
+                              epoch=self.progress.epoch)
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{state_key: state}`` of every provider: exactly what a checkpoint's ``state`` holds."""
+        return self._registry.collect()
+
+    def _config_dict(self) -> dict[str, Any]:
+        optimizer = scheduler = None
+        if self._optimizer_spec is not None:
+            cls, kwargs = self._optimizer_spec
+            optimizer = {"class": _maybe_reference(cls), "kwargs": encode_value(kwargs, "opt")}
+        if self._scheduler_spec is not None:
+            cls, kwargs, interval = self._scheduler_spec
+            scheduler = {"class": _maybe_reference(cls),
+                         "kwargs": encode_value(kwargs, "scheduler"), "interval": interval}
+        stored_kwargs = {k: v for k, v in self._model_kwargs.items()
+                         if k not in self._model_kwargs_unstored}
+        return {
+            "model_class": _maybe_reference(self._model_class),
+            "model_kwargs": encode_value(stored_kwargs, "model argument"),
+            "model_kwargs_unstored": sorted(self._model_kwargs_unstored),
+            "compile_model": encode_value(self._compile, "compile_model"),
+            "optimizer": optimizer,
+            "scheduler": scheduler,
+            "loss_fn": describe_callable(self._loss_fn, "loss")[0] if self._loss_fn else None,
+            "metrics": {name: describe_callable(fn, name)[0] for name, fn in self._metrics.items()},
+            "loaders": {which: spec.state() for which, spec in self._loaders.items()
+                        if _storable(spec.state())},
+            "train_settings": self._settings.model_dump(),
+            "own_autosave": self._autosave.state_key if self._autosave is not None else None,
+        }
+
+    def _apply_settings_state(self, state: Mapping[str, Any]) -> None:
+        self._settings = TrainSettings(**state["train_settings"])
+        self._remembered_loader_args = {k: dict(v) for k, v in state["loaders"].items()}
+
+    def _check_model_kwargs(self) -> set[str]:
+        unstored = set()
+        for name, value in self._model_kwargs.items():
+            try:
+                encode_value(value, f"model argument {name!r}")
+            except NotReferenceableError as error:
+                unstored.add(name)
+                self.logger.warning("%s; load() will need model_kwargs={%r: ...}", error, name)
+        return unstored
+
+    def _warn_if_unrecordable(self, obj: Any, what: str, setter: str) -> None:
+        spec, reason = describe_callable(obj, what)
+        if spec is None:
+            self.logger.warning("%s cannot be recorded in checkpoints (%s); after load(), call "
+                                "%s again", what, reason, setter)
+
+    # ------------------------------------------------------------------ loading --------------
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        device: str | torch.device | None = None,
+        *,
+        skip_optimizer: bool = False,
+        skip_scheduler: bool = False,
+        skip_history: bool = False,
+        skip_ema: bool = False,
+        skip_callbacks: bool = False,
+        callbacks: Iterable[Callback] | None = None,
+        model_class: type[nn.Module] | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        strict: bool = True,
+        logger_mode: _LoggingMode | str = _LoggingMode.CONSOLE,
+        log_file: str | os.PathLike[str] = "nnhandler.log",
+        use_distributed: bool | None = None,
+    ) -> NNHandler:
+        """Rebuild a handler from a checkpoint, ready to resume with :meth:`train`.
+
+        Tensors are mapped to ``device`` (``None``: each rank's own device). Classes named in the
+        file are imported and must be subclasses of the expected base; ``model_class=`` avoids
+        even that for the model. ``skip_*`` leave a component fresh. ``callbacks`` are added
+        and receive their state by ``state_key``; the file's auto-save callbacks come back as
+        they were unless a passed callback has the same key (or ``skip_callbacks``). State
+        without an owner is kept, written into later checkpoints and reported with a warning.
+        ``strict`` demands that model weights match exactly. Datasets are not saved: call
+        ``set_train_loader`` / ``set_val_loader`` again (their arguments are remembered).
+        """
+        context = DistributedContext.setup(use_distributed, _parse_device(device))
+        map_device = _resolve_device(device, context)
+        checkpoint = read_checkpoint(path, map_location=map_device)
+        state = checkpoint.state
+        config = state.get("config")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{str(path)!r} has no handler configuration ('config')")
+        model_cls = model_class or _resolve_model_class(config, path)
+        kwargs = decode_value(config["model_kwargs"])
+        kwargs.update(model_kwargs or {})
+        absent = [n for n in config["model_kwargs_unstored"] if n not in kwargs]
+        if absent:
+            raise CheckpointError(f"model argument(s) {absent} could not be stored in "
+                                  f"{str(path)!r}; pass them as load(..., model_kwargs={{...}})")
+        handler = cls(model_cls, device=map_device, logger_mode=logger_mode, log_file=log_file,
+                      use_distributed=context.enabled, model_kwargs=kwargs,
+                      compile_model=decode_value(config["compile_model"]))
+        handler._model_state.strict = strict
+        handler._apply_settings_state(config)
+        handler._restore_components(config)
+        if handler._settings.ema_decay > 0 and "ema" in state and not skip_ema:
+            handler._create_ema(handler._settings.ema_decay)
+        if "grad_scaler" in state and handler.device.type == "cuda":
+            handler._create_scaler()
+        for callback in callbacks or ():
+            handler.add_callback(callback)
+        if not skip_callbacks:
+            handler._recreate_autosaves(state, config.get("own_autosave"))
+        skip = {"config", "rng"}  # config was applied above; random streams go last
+        skip |= {key for key, flag in (("optimizer", skip_optimizer), ("scheduler", skip_scheduler),
+                                        ("history", skip_history), ("ema", skip_ema)) if flag}
+        if skip_callbacks:
+            skip |= set(state) - _CORE_KEYS
+        result = handler._registry.restore(state, skip=frozenset(skip))
+        if "rng" in state:
+            handler._rng.load_state_dict(state["rng"])
+        handler._report_restore(result, checkpoint.path)
+        handler._last_logs = dict(checkpoint.meta.get("logs", {}))
+        handler.logger.info("loaded %s (epoch %d)", checkpoint.path, checkpoint.epoch)
+        handler._dispatcher.fire(Event.CHECKPOINT_LOADED, handler=handler, path=checkpoint.path,
+                                 epoch=checkpoint.epoch)
+        return handler
+
+    def _restore_components(self, config: Mapping[str, Any]) -> None:
+        optimizer = config.get("optimizer")
+        if optimizer is not None:
+            try:
+                opt_cls = resolve_class(_require_reference(optimizer["class"], "optimizer"),
+                                        torch.optim.Optimizer)
+                self.set_optimizer(opt_cls, **decode_value(optimizer["kwargs"]))
+            except UnresolvableReferenceError as error:
+                self.logger.warning("optimizer not restored (%s); call set_optimizer", error)
+        scheduler = config.get("scheduler")
+        if scheduler is not None and self._optimizer is not None:
+            try:
+                sched_cls = resolve_class(_require_reference(scheduler["class"], "scheduler"),
+                                          object)
+                self.set_scheduler(sched_cls, interval=scheduler["interval"],
+                                   **decode_value(scheduler["kwargs"]))
+            except UnresolvableReferenceError as error:
+                self.logger.warning("scheduler not restored (%s); call set_scheduler", error)
+        loss = config.get("loss_fn")
+        if loss is not None:
+            try:
+                self._loss_fn = _to_device(build_callable(loss), self.device)
+            except UnresolvableReferenceError as error:
+                self.logger.warning("loss function not restored (%s); call set_loss_fn", error)
+        for name, spec in config.get("metrics", {}).items():
+            if spec is None:
+                self.logger.warning("metric %r was not recordable; call add_metric again", name)
+                continue
+            try:
+                self._metrics[name] = _to_device(build_callable(spec), self.device)
+            except UnresolvableReferenceError as error:
+                self.logger.warning("metric %r not restored (%s); call add_metric", name, error)
+
+    def _recreate_autosaves(self, state: Mapping[str, Any], own_key: str | None) -> None:
+        """Bring back the file's auto-save callbacks that no passed callback replaces."""
+        for key, value in state.items():
+            if not key.startswith(AUTOSAVE_KEY_PREFIX):
+                continue
+            owner = self._registry.get(key)
+            if owner is None:
+                callback = AutoSaveCallback(**value["config"])
+                self.add_callback(callback)  # its bookkeeping is restored with the other states
+                owner = callback
+            if key == own_key and isinstance(owner, AutoSaveCallback):
+                self._autosave = owner
+
+    def _report_restore(self, result: RestoreResult, path: Path) -> None:
+        if result.unmatched:
+            message = (
+                f"checkpoint {str(path)!r} holds state for {list(result.unmatched)} that nothing "
+                "on this handler owns; it is kept (and written into later checkpoints) until a "
+                "callback or provider with that state_key is added"
+            )
+            self.logger.warning(message)
+            warnings.warn(message, stacklevel=3)
+        if result.missing:
+            self.logger.warning("checkpoint has no state for %s; they start fresh",
+                                list(result.missing))
+
+    def __repr__(self) -> str:
+        return (f"NNHandler(model={type(self._module).__qualname__}, device={self.device}, "
+                f"epoch={self.epoch})")
+
+
+# ---------------------------------------------------------------------- helpers ---------------
+def _parse_device(device: str | torch.device | None) -> torch.device | None:
+    if device is None or isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str, torch.device or None, got {device!r}")
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise ConfigurationError(f"unknown device {device!r}: {error}") from None
+
+
+def _resolve_device(device: str | torch.device | None,
+                    context: DistributedContext) -> torch.device:
+    parsed = _parse_device(device)
+    if parsed is None:
+        return context.default_device()
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigurationError(f"device {device!r} requested but CUDA is not available")
+        if parsed.index is None:
+            index = context.local_rank if context.enabled else torch.cuda.current_device()
+            parsed = torch.device("cuda", index)
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigurationError(f"device {device!r}: only {torch.cuda.device_count()} "
+                                     "CUDA device(s) visible")
+    elif parsed.type not in ("cpu", "mps", "xpu", "meta"):
+        raise ConfigurationError(f"device {device!r} is not supported (cpu, cuda, mps, xpu)")
+    return parsed
+
+
+def _encode_arguments(arguments: Mapping[str, Any], what: str) -> None:
+    for name, value in arguments.items():
+        encode_value(value, f"{what} {name!r}")
+
+
+def _maybe_reference(cls: type[Any]) -> str | None:
+    try:
+        return reference_of(cls)
+    except NotReferenceableError:
+        return None
+
+
+def _require_reference(reference: str | None, what: str) -> str:
+    if reference is None:
+        raise UnresolvableReferenceError(f"the {what} class was local and was not recorded")
+    return reference
+
+
+def _resolve_model_class(
+    config: Mapping[str, Any], path: str | os.PathLike[str]
+) -> type[nn.Module]:
+    reference = config.get("model_class")
+    try:
+        return resolve_class(_require_reference(reference, "model"), nn.Module)
+    except UnresolvableReferenceError as error:
+        raise UnresolvableReferenceError(
+            f"{error}. Pass the class explicitly: NNHandler.load({str(path)!r}, model_class=...)"
+        ) from error
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    return obj.to(device) if isinstance(obj, nn.Module) else obj
+
+
+def _plain_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _storable(value: Any) -> bool:
+    try:
+        encode_value(value, "loader argument")
+    except NotReferenceableError:
+        return False
+    return True
+
+
+def _config_arguments(config: AutoSaveConfig) -> dict[str, Any]:
+    return {"interval": config.interval, "save_path": config.save_path, "name": config.name,
+            "overwrite": config.overwrite}
+

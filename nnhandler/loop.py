@@ -1,0 +1,330 @@
+"""The training and validation loop. It knows nothing of saving: it only fires events."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader, Sampler
+
+from .components import History, Progress
+from .config import TrainSettings
+from .distributed import DistributedContext
+from .events import Event, EventDispatcher
+from .logging import TrainingProgress
+
+__all__ = ["EpochShuffleSampler", "LoopParts", "ShardSampler", "TrainingLoop", "move_to_device"]
+
+Metric = Callable[[Any, Any], Any]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation that depends only on ``seed`` and the epoch set with :meth:`set_epoch`.
+
+    Re-creating the loader after a resume therefore yields the same batches as the
+    uninterrupted run (the same rule as ``DistributedSampler``: seed + epoch).
+    """
+
+    def __init__(self, length: int, seed: int, shuffle: bool) -> None:
+        self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.length))
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``n`` takes indices ``r, r+n, …`` with no padding, so validation averages
+    count every sample exactly once across ranks."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def move_to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Tensors inside (nested) tuples, lists and dicts moved to ``device``."""
+    if isinstance(data, torch.Tensor):
+        return data.to(device, non_blocking=non_blocking)
+    if isinstance(data, (list, tuple)):
+        return type(data)(move_to_device(x, device, non_blocking) for x in data)
+    if isinstance(data, Mapping):
+        return {k: move_to_device(v, device, non_blocking) for k, v in data.items()}
+    return data
+
+
+def _forward(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _batch_size(target: Any) -> int:
+    if isinstance(target, torch.Tensor):
+        return int(target.shape[0]) if target.dim() > 0 else 1
+    return len(target)
+
+
+def _split(batch: Any) -> tuple[Any, Any]:
+    if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+        raise TypeError(
+            "each batch must be a pair (inputs, targets); got "
+            f"{type(batch).__qualname__} {batch!r:.60}"
+        )
+    return batch[0], batch[1]
+
+
+@dataclass
+class LoopParts:
+    """Everything one ``train`` call works with."""
+
+    model: nn.Module
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scheduler_interval: str
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    metrics: Mapping[str, Metric]
+    train_loader: DataLoader[Any]
+    val_loader: DataLoader[Any] | None
+    scaler: torch.amp.GradScaler | None
+    ema: AveragedModel | None
+    device: torch.device
+    context: DistributedContext
+    dispatcher: EventDispatcher
+    history: History
+    progress: Progress
+    settings: TrainSettings
+    handler: Any
+
+
+class _Totals:
+    """Sample-weighted sums of loss and metrics for one pass, kept on the device until the end
+    of the epoch so that no batch forces a host sync for bookkeeping."""
+
+    def __init__(self, names: Sequence[str], device: torch.device) -> None:
+        self.names = names
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.metric_sums = [0.0 for _ in names]
+        self.metric_tensors = torch.zeros(len(names), dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, loss: torch.Tensor, size: int, values: Sequence[Any]) -> None:
+        self.loss += loss.detach().to(torch.float64) * size
+        self.count += size
+        for i, value in enumerate(values):
+            if isinstance(value, torch.Tensor):
+                self.metric_tensors[i] += value.detach().to(torch.float64) * size
+            else:
+                self.metric_sums[i] += float(value) * size
+
+    def packed(self) -> torch.Tensor:
+        device = self.loss.device
+        extra = torch.tensor(
+            [float(self.count), *self.metric_sums], dtype=torch.float64, device=device
+        )
+        extra[1:] += self.metric_tensors
+        return torch.cat([self.loss.reshape(1), extra])
+
+
+def _averages(packed: Sequence[float], names: Sequence[str], prefix: str) -> dict[str, float]:
+    loss_sum, count, *metric_sums = packed
+    if count == 0:
+        return {}
+    logs = {f"{prefix}loss": loss_sum / count}
+    logs.update({f"{prefix}{name}": s / count for name, s in zip(names, metric_sums, strict=True)})
+    return logs
+
+
+class TrainingLoop:
+    """Runs epochs ``start+1 .. end`` of one ``train`` call over :class:`LoopParts`."""
+
+    def __init__(self, parts: LoopParts, show_progress: bool) -> None:
+        self.p = parts
+        self.show_progress = show_progress and parts.context.is_main
+        self.metric_names = list(parts.metrics)
+        amp = parts.settings.use_amp
+        if parts.device.type == "cuda":
+            self.autocast: Callable[[], Any] = lambda: torch.autocast("cuda", dtype=torch.float16,
+                                                                      enabled=amp)
+        else:
+            self.autocast = lambda: torch.autocast(parts.device.type, dtype=torch.bfloat16,
+                                                   enabled=amp)
+        self.non_blocking = parts.device.type == "cuda"
+
+    def run(self, start_epoch: int, end_epoch: int) -> dict[str, Any]:
+        p = self.p
+        logs: dict[str, Any] = {}
+        with TrainingProgress(self.show_progress, start_epoch, end_epoch) as bar:
+            for epoch in range(start_epoch + 1, end_epoch + 1):
+                p.dispatcher.fire(Event.EPOCH_BEGIN, handler=p.handler, epoch=epoch)
+                bar.start_epoch(epoch, _length(p.train_loader))
+                train_totals = self._train_epoch(epoch, bar)
+                val_totals = None
+                if p.val_loader is not None and epoch % p.settings.validate_every == 0:
+                    val_totals = self._validate(epoch)
+                logs = self._epoch_logs(epoch, train_totals, val_totals)
+                if val_totals is not None:
+                    val_logs = {k: v for k, v in logs.items() if k.startswith("val_")}
+                    p.dispatcher.fire(Event.VALIDATION_END, handler=p.handler, epoch=epoch,
+                                      logs=val_logs)
+                self._step_scheduler_per_epoch(logs)
+                p.progress.epoch = epoch
+                p.history.record(logs, self.metric_names)
+                p.dispatcher.fire(Event.EPOCH_END, handler=p.handler, epoch=epoch, logs=logs)
+                bar.end_epoch(_status(logs))
+                if p.handler.stop_requested:
+                    break
+        return logs
+
+    def _train_epoch(self, epoch: int, bar: TrainingProgress) -> _Totals:
+        p = self.p
+        set_epoch = getattr(p.train_loader.sampler, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
+        p.model.train()
+        totals = _Totals(self.metric_names, p.device)
+        accumulation = p.settings.gradient_accumulation_steps
+        batches = _length(p.train_loader)
+        fire_begin = p.dispatcher.has_listeners(Event.TRAIN_BATCH_BEGIN)
+        fire_end = p.dispatcher.has_listeners(Event.TRAIN_BATCH_END)
+        clip = p.settings.gradient_clipping_norm
+        is_ddp = isinstance(p.model, nn.parallel.DistributedDataParallel)
+        for index, batch in enumerate(p.train_loader):
+            if fire_begin:
+                p.dispatcher.fire(Event.TRAIN_BATCH_BEGIN, handler=p.handler, epoch=epoch,
+                                  batch_idx=index, batch=batch)
+            inputs, target = _split(move_to_device(batch, p.device, self.non_blocking))
+            group_start = index - index % accumulation
+            group_size = accumulation if batches is None else min(accumulation,
+                                                                  batches - group_start)
+            steps_now = (index + 1 - group_start) == group_size
+            sync = (contextlib.nullcontext() if steps_now or not is_ddp
+                    else cast(nn.parallel.DistributedDataParallel, p.model).no_sync())
+            with sync:
+                with self.autocast():
+                    output = _forward(p.model, inputs)
+                    loss: torch.Tensor = p.loss_fn(output, target)
+                scaled = loss / group_size if group_size > 1 else loss
+                if p.scaler is not None:
+                    scaled = p.scaler.scale(scaled)
+                scaled.backward()  # type: ignore[no-untyped-call]
+            if steps_now:
+                self._optimizer_step(clip)
+            totals.add(loss, _batch_size(target), self._metric_values(output, target))
+            if fire_end:
+                p.dispatcher.fire(Event.TRAIN_BATCH_END, handler=p.handler, epoch=epoch,
+                                  batch_idx=index, batch=batch, loss=loss.detach())
+            bar.advance_batch()
+        return totals
+
+    def _optimizer_step(self, clip: float | None) -> None:
+        p = self.p
+        if p.scaler is not None:
+            if clip is not None:
+                p.scaler.unscale_(p.optimizer)
+                nn.utils.clip_grad_norm_(p.module.parameters(), clip)
+            p.scaler.step(p.optimizer)
+            p.scaler.update()
+        else:
+            if clip is not None:
+                nn.utils.clip_grad_norm_(p.module.parameters(), clip)
+            p.optimizer.step()
+        p.optimizer.zero_grad(set_to_none=True)
+        p.progress.step += 1
+        if p.ema is not None:
+            p.ema.update_parameters(p.module)
+        if p.scheduler is not None and p.scheduler_interval == "step":
+            p.scheduler.step()
+
+    def _metric_values(self, output: Any, target: Any) -> list[Any]:
+        if not self.metric_names:
+            return []
+        with torch.no_grad():
+            return [metric(output, target) for metric in self.p.metrics.values()]
+
+    def _validate(self, epoch: int) -> _Totals:
+        p = self.p
+        p.dispatcher.fire(Event.VALIDATION_BEGIN, handler=p.handler, epoch=epoch)
+        model = p.ema.module if p.ema is not None else p.module
+        was_training = model.training
+        model.eval()
+        totals = _Totals(self.metric_names, p.device)
+        fire_begin = p.dispatcher.has_listeners(Event.VALIDATION_BATCH_BEGIN)
+        fire_end = p.dispatcher.has_listeners(Event.VALIDATION_BATCH_END)
+        assert p.val_loader is not None
+        with torch.no_grad():
+            for index, batch in enumerate(p.val_loader):
+                if fire_begin:
+                    p.dispatcher.fire(Event.VALIDATION_BATCH_BEGIN, handler=p.handler,
+                                      epoch=epoch, batch_idx=index, batch=batch)
+                inputs, target = _split(move_to_device(batch, p.device, self.non_blocking))
+                with self.autocast():
+                    output = _forward(model, inputs)
+                    loss = p.loss_fn(output, target)
+                totals.add(loss, _batch_size(target), self._metric_values(output, target))
+                if fire_end:
+                    p.dispatcher.fire(Event.VALIDATION_BATCH_END, handler=p.handler,
+                                      epoch=epoch, batch_idx=index, batch=batch,
+                                      loss=loss.detach())
+        model.train(was_training)
+        return totals
+
+    def _epoch_logs(self, epoch: int, train: _Totals, val: _Totals | None) -> dict[str, Any]:
+        packs = [train.packed()] + ([val.packed()] if val is not None else [])
+        reduced = self.p.context.all_reduce_sum(torch.cat(packs)).tolist()  # one host sync
+        width = 2 + len(self.metric_names)
+        logs: dict[str, Any] = {"epoch": epoch}
+        logs.update(_averages(reduced[:width], self.metric_names, ""))
+        if val is not None:
+            logs.update(_averages(reduced[width:], self.metric_names, "val_"))
+        if "loss" not in logs:
+            raise ValueError(f"epoch {epoch}: the training loader yielded no batches")
+        return logs
+
+    def _step_scheduler_per_epoch(self, logs: Mapping[str, Any]) -> None:
+        p = self.p
+        if p.scheduler is None or p.scheduler_interval != "epoch":
+            return
+        if isinstance(p.scheduler, ReduceLROnPlateau):
+            if "val_loss" in logs:  # plateau schedulers wait for an epoch that validates
+                p.scheduler.step(logs["val_loss"])
+        else:
+            p.scheduler.step()
+
+
+def _length(loader: DataLoader[Any]) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an IterableDataset without __len__
+        return None
+
+
+def _status(logs: Mapping[str, Any]) -> str:
+    return "  ".join(
+        f"{k}={v:.4g}" for k, v in logs.items()
+        if k != "epoch" and isinstance(v, float) and math.isfinite(v)
+    )
