@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "nnhandler", deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+settings.load_profile("nnhandler")
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path: Path) -> Iterator[Path]:
+    """Every test runs in its own directory, so relative save paths and log files stay there."""
+    previous = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        yield tmp_path
+    finally:
+        os.chdir(previous)

@@ -1,0 +1,95 @@
+"""Shared test helpers: small models, datasets and a ready-to-train handler factory.
+
+Classes here live at module level so that checkpoints can reference them by import path
+("nnh_testing:TinyNet"); subprocess tests put this directory on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from nnhandler import NNHandler
+
+
+class TinyNet(nn.Module):
+    """4 -> hidden -> 1 regression net with dropout, so random streams matter."""
+
+    def __init__(self, hidden: int = 8, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(4, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BatchNormNet(nn.Module):
+    """A net with buffers (BatchNorm running stats), for EMA with buffers."""
+
+    def __init__(self, hidden: int = 8) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def mae(output: torch.Tensor, target: torch.Tensor) -> float:
+    return float((output - target).abs().mean())
+
+
+def regression_dataset(n: int = 64, seed: int = 0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=generator)
+    y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=generator)
+    return TensorDataset(x, y)
+
+
+def make_handler(
+    *,
+    model_class: type[nn.Module] = TinyNet,
+    n: int = 64,
+    batch_size: int = 8,
+    validation: bool = True,
+    scheduler: bool = True,
+    metric: bool = True,
+    init_seed: int = 0,
+    **model_kwargs: Any,
+) -> NNHandler:
+    """A CPU handler with Adam, StepLR, MSE loss, an MAE metric and train/val loaders."""
+    torch.manual_seed(init_seed)
+    handler = NNHandler(model_class, device="cpu", log_file=Path("nnhandler.log"),
+                        **model_kwargs)
+    handler.set_optimizer(torch.optim.Adam, lr=1e-2)
+    if scheduler:
+        handler.set_scheduler(torch.optim.lr_scheduler.StepLR, step_size=2, gamma=0.5)
+    handler.set_loss_fn(nn.MSELoss)
+    if metric:
+        handler.add_metric("mae", mae)
+    handler.set_train_loader(regression_dataset(n), batch_size=batch_size, shuffle=True)
+    if validation:
+        handler.set_val_loader(regression_dataset(n // 2, seed=1), batch_size=16)
+    return handler
+
+
+def attach_loaders(handler: NNHandler, n: int = 64) -> None:
+    """Datasets are never saved: a loaded handler gets them again (arguments remembered)."""
+    handler.set_train_loader(regression_dataset(n))
+    handler.set_val_loader(regression_dataset(n // 2, seed=1))
+
+
+def checkpoint_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.suffix == ".pth")
+
+
+def assert_same_tensors(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
