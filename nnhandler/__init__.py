@@ -6,6 +6,7 @@ from .callbacks import AutoSaveCallback, Callback
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import (
     CallbackValidationError,
+    CheckpointCorruptedError,
     CheckpointError,
     CheckpointFormatError,
     ConfigurationError,
@@ -22,6 +23,7 @@ __all__ = [
     "Callback",
     "CallbackValidationError",
     "Checkpoint",
+    "CheckpointCorruptedError",
     "CheckpointError",
     "CheckpointFormatError",
     "ConfigurationError",

@@ -142,7 +142,7 @@ def run_on_rank_zero(context: DistributedContext, action: Callable[[], T]) -> T:
     if context.is_main:
         try:
             outcome = (True, action())
-        except Exception as raised:
+        except BaseException as raised:  # KeyboardInterrupt too: the others must not hang
             error = raised
             outcome = (False, f"{type(raised).__name__}: {raised}")
     else:

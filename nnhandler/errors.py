@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "CallbackValidationError",
+    "CheckpointCorruptedError",
     "CheckpointError",
     "CheckpointFormatError",
     "ConfigurationError",
@@ -30,6 +31,10 @@ class CallbackValidationError(ConfigurationError, TypeError):
 
 class CheckpointError(Exception):
     """A checkpoint cannot be written, read or applied."""
+
+
+class CheckpointCorruptedError(CheckpointError):
+    """The file's content does not match the checksum written with it (or it was truncated)."""
 
 
 class CheckpointFormatError(CheckpointError):

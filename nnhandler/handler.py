@@ -553,7 +553,9 @@ class NNHandler:
 
     def _prepare_random_streams(self, seed: int | _Unset | None) -> int:
         current = self.progress.run_seed
-        continuing = self._rng.restored or current is not None
+        # a checkpoint written before any training has no run seed: nothing to continue,
+        # so the first call after loading it starts a fresh run
+        continuing = current is not None
         if continuing and (seed is UNSET or seed is None or seed == current):
             assert current is not None
             return current
@@ -602,11 +604,11 @@ class NNHandler:
         raised on every rank. Fires ``on_checkpoint_saved``.
         """
         path = Path(path)
-        if path.exists() and path.is_dir():
-            raise ConfigurationError(f"save path {str(path)!r} is a directory")
         logs = dict(self._last_logs if logs is None else logs)
 
         def write() -> tuple[int, float]:
+            if path.is_dir():  # checked on rank 0 only: other ranks may not share its disk
+                raise ConfigurationError(f"save path {str(path)!r} is a directory")
             started = time.perf_counter()
             path.parent.mkdir(parents=True, exist_ok=True)
             meta = build_meta(epoch=self.progress.epoch, step=self.progress.step,
@@ -688,6 +690,7 @@ class NNHandler:
         model_class: type[nn.Module] | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
         strict: bool = True,
+        verify: bool = True,
         logger_mode: _LoggingMode | str = _LoggingMode.CONSOLE,
         log_file: str | os.PathLike[str] = "nnhandler.log",
         use_distributed: bool | None = None,
@@ -700,12 +703,14 @@ class NNHandler:
         and receive their state by ``state_key``; the file's auto-save callbacks come back as
         they were unless a passed callback has the same key (or ``skip_callbacks``). State
         without an owner is kept, written into later checkpoints and reported with a warning.
-        ``strict`` demands that model weights match exactly. Datasets are not saved: call
+        ``strict`` demands that model weights match exactly. ``verify`` (default) checks the
+        file's CRC-32 first and raises :class:`~nnhandler.CheckpointCorruptedError` on any damage;
+        ``verify=False`` skips that for speed. Datasets are not saved: call
         ``set_train_loader`` / ``set_val_loader`` again (their arguments are remembered).
         """
         context = DistributedContext.setup(use_distributed, _parse_device(device))
         map_device = _resolve_device(device, context)
-        checkpoint = read_checkpoint(path, map_location=map_device)
+        checkpoint = read_checkpoint(path, map_location=map_device, verify=verify)
         state = checkpoint.state
         config = state.get("config")
         if not isinstance(config, dict):
@@ -764,10 +769,12 @@ class NNHandler:
                                    **decode_value(scheduler["kwargs"]))
             except UnresolvableReferenceError as error:
                 self.logger.warning("scheduler not restored (%s); call set_scheduler", error)
+        trusted = frozenset({"torch", "__main__",
+                             type(self._module).__module__.split(".", 1)[0]})
         loss = config.get("loss_fn")
         if loss is not None:
             try:
-                self._loss_fn = _to_device(build_callable(loss), self.device)
+                self._loss_fn = _to_device(build_callable(loss, trusted), self.device)
             except UnresolvableReferenceError as error:
                 self.logger.warning("loss function not restored (%s); call set_loss_fn", error)
         for name, spec in config.get("metrics", {}).items():
@@ -775,7 +782,7 @@ class NNHandler:
                 self.logger.warning("metric %r was not recordable; call add_metric again", name)
                 continue
             try:
-                self._metrics[name] = _to_device(build_callable(spec), self.device)
+                self._metrics[name] = _to_device(build_callable(spec, trusted), self.device)
             except UnresolvableReferenceError as error:
                 self.logger.warning("metric %r not restored (%s); call add_metric", name, error)
 

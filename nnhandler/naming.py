@@ -123,5 +123,6 @@ def render_name(template: str, logs: Mapping[str, Any]) -> tuple[str, tuple[str,
     if not name.endswith(CHECKPOINT_SUFFIX):
         name += CHECKPOINT_SUFFIX
     if name.startswith("."):  # hidden names are reserved for temp files
-        name = "_" + name[1:]
+        # replace the dot, but keep the suffix when the whole name is just ".pth"
+        name = "_" + (name if name == CHECKPOINT_SUFFIX else name[1:])
     return name, tuple(dict.fromkeys(missing))

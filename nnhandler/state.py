@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import DuplicateStateKeyError
+from .errors import CheckpointError, DuplicateStateKeyError
 
 __all__ = ["RestoreResult", "StateProvider", "StateRegistry"]
 
@@ -94,10 +94,12 @@ class StateRegistry:
                 f"state_key {key!r} of {describe_owner(provider)} is already used by "
                 f"{describe_owner(existing)}; give one of them a different state_key"
             )
-        self._providers[key] = provider
-        if key in self._pending:
-            provider.load_state_dict(self._pending.pop(key))
+        if key in self._pending:  # a state that does not fit leaves the provider unregistered
+            _load_into(provider, key, self._pending[key])
+            del self._pending[key]
+            self._providers[key] = provider
             return True
+        self._providers[key] = provider
         return False
 
     def unregister(self, provider: StateProvider) -> None:
@@ -121,10 +123,21 @@ class StateRegistry:
             if key in skip:
                 skipped.append(key)
             elif key in self._providers:
-                self._providers[key].load_state_dict(state)
+                _load_into(self._providers[key], key, state)
                 restored.append(key)
             else:
                 self._pending[key] = state
                 unmatched.append(key)
         missing = tuple(k for k in self._providers if k not in states and k not in skip)
         return RestoreResult(tuple(restored), tuple(skipped), tuple(unmatched), missing)
+
+
+def _load_into(provider: StateProvider, key: str, state: Any) -> None:
+    """``provider.load_state_dict(state)``; a state that does not fit is a CheckpointError
+    naming the key and the owner (e.g. optimizer state for a different set of parameters)."""
+    try:
+        provider.load_state_dict(state)
+    except Exception as error:
+        raise CheckpointError(
+            f"checkpoint state {key!r} cannot be loaded into {describe_owner(provider)}: {error}"
+        ) from error

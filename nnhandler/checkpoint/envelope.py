@@ -10,15 +10,16 @@ import datetime as _dt
 import os
 import pickle
 import platform
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import torch
 
 from ..errors import CheckpointError, CheckpointFormatError
+from .integrity import ChecksummingWriter, verify_file
+from .migrations import migrate
 from .writer import atomic_write
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Checkpoint", "read_checkpoint", "write_checkpoint"]
@@ -104,14 +105,36 @@ def write_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any]) ->
         "meta": meta,
         "state": state,
     }
-    return atomic_write(path, lambda file: torch.save(envelope, file))
+    summary = {
+        "format_version": FORMAT_VERSION,
+        "epoch": meta["epoch"],
+        "step": meta["step"],
+        "time": meta["time"],
+        "logs": meta["logs"],
+    }
+
+    def write(file: BinaryIO) -> None:
+        writer = ChecksummingWriter(file)
+        torch.save(envelope, writer)  # type: ignore[arg-type]  # a write-only file-like object
+        writer.finish(summary)
+
+    return atomic_write(path, write)
 
 
-def read_checkpoint(path: str | os.PathLike[str], map_location: Any = None) -> Checkpoint:
-    """Read and check an envelope; never executes code from the file."""
+def read_checkpoint(
+    path: str | os.PathLike[str], map_location: Any = None, *, verify: bool = True
+) -> Checkpoint:
+    """Read and check an envelope; never executes code from the file.
+
+    With ``verify`` (the default) the whole file is first checked against the CRC-32 written
+    with it, and any damage raises :class:`CheckpointCorruptedError` before anything is
+    unpickled.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if verify:
+        verify_file(path)
     try:
         envelope = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -119,7 +142,7 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = None) -> C
             f"{str(path)!r} holds objects other than tensors and plain data and was refused "
             f"(nnhandler never unpickles code): {error}"
         ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+    except Exception as error:  # a damaged file (verify=False) can fail in any unpickling step
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {error}") from error
     if not isinstance(envelope, dict) or not isinstance(envelope.get("format"), dict):
         raise CheckpointFormatError(f"{str(path)!r} is not an nnhandler checkpoint (no 'format')")
@@ -129,11 +152,9 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = None) -> C
             f"{str(path)!r} has format {fmt.get('name')!r}, expected {FORMAT_NAME!r}"
         )
     version = fmt.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise CheckpointFormatError(
-            f"{str(path)!r} has format version {version!r}; this nnhandler reads versions "
-            f"1..{FORMAT_VERSION}"
-        )
+    if type(version) is not int:
+        raise CheckpointFormatError(f"{str(path)!r} has no valid format version: {version!r}")
+    envelope = migrate(envelope, version, FORMAT_VERSION, repr(str(path)))
     meta, state = envelope.get("meta"), envelope.get("state")
     if not isinstance(meta, dict) or not isinstance(state, dict) or "epoch" not in meta:
         raise CheckpointFormatError(f"{str(path)!r} lacks the 'meta' or 'state' section")

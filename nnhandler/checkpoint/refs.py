@@ -73,12 +73,23 @@ def resolve_class(reference: str, base: type[T]) -> type[T]:
     return obj
 
 
-def resolve_function(reference: str) -> Any:
-    """The plain (module-level) function named by ``reference``."""
-    obj = _lookup(reference)
-    if not (inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+def resolve_function(reference: str, trusted_packages: frozenset[str]) -> Any:
+    """The Python function named by ``reference``, from one of ``trusted_packages`` only.
+
+    A function has no base class to check against, so a checkpoint could otherwise name
+    ``os.system``; functions are accepted only from the given top-level packages (the model's
+    own package, ``torch``, ``__main__``) and never as C builtins.
+    """
+    package = reference.split(":", 1)[0].split(".", 1)[0]
+    if package not in trusted_packages:
         raise UnresolvableReferenceError(
-            f"{reference!r} resolves to {obj!r}, which is not a function; refusing to use it"
+            f"{reference!r}: functions are restored only from {sorted(trusted_packages)}; "
+            "set it again after loading"
+        )
+    obj = _lookup(reference)
+    if not inspect.isfunction(obj):
+        raise UnresolvableReferenceError(
+            f"{reference!r} resolves to {obj!r}, which is not a Python function; refusing it"
         )
     return obj
 

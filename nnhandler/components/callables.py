@@ -58,10 +58,14 @@ def _describe_module(module: nn.Module, what: str) -> dict[str, Any]:
     }
 
 
-def build_callable(spec: dict[str, Any]) -> Any:
-    """The function or module a spec from :func:`describe_callable` describes."""
+def build_callable(spec: dict[str, Any], trusted_packages: frozenset[str]) -> Any:
+    """The function or module a spec from :func:`describe_callable` describes.
+
+    Functions are resolved from ``trusted_packages`` only (see ``resolve_function``); modules
+    must be ``nn.Module`` subclasses.
+    """
     if spec["kind"] == "function":
-        return resolve_function(spec["ref"])
+        return resolve_function(spec["ref"], trusted_packages)
     cls = resolve_class(spec["ref"], nn.Module)
     module = cls(**decode_value(spec["kwargs"]))
     module.load_state_dict(spec["state"], strict=False)
