@@ -11,6 +11,7 @@ from .errors import (
     CheckpointFormatError,
     ConfigurationError,
     DuplicateStateKeyError,
+    NoCheckpointFoundError,
     UnresolvableReferenceError,
 )
 from .events import Event
@@ -31,6 +32,7 @@ __all__ = [
     "Event",
     "LoggingMode",
     "NNHandler",
+    "NoCheckpointFoundError",
     "RestoreResult",
     "StateProvider",
     "UnresolvableReferenceError",

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .naming import validate_template
 
-__all__ = ["AutoSaveConfig", "LoaderConfig", "TrainSettings"]
+__all__ = ["AutoSaveConfig", "LoaderConfig", "SaveErrorPolicy", "TrainSettings"]
+
+SaveErrorPolicy = Literal["warn", "raise"]
 
 
 class _Strict(BaseModel):
@@ -23,6 +25,7 @@ class AutoSaveConfig(_Strict):
     save_path: Annotated[Path, Field(strict=False)] = Path(".")
     name: str = "model_epoch{epoch:02d}"
     overwrite: bool = False
+    on_save_error: SaveErrorPolicy = "warn"
 
     @field_validator("interval")
     @classmethod
@@ -56,6 +59,7 @@ class AutoSaveConfig(_Strict):
             "save_path": str(self.save_path),
             "name": self.name,
             "overwrite": self.overwrite,
+            "on_save_error": self.on_save_error,
         }
 
 

@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointFormatError",
     "ConfigurationError",
     "DuplicateStateKeyError",
+    "NoCheckpointFoundError",
     "UnresolvableReferenceError",
 ]
 
@@ -35,6 +36,10 @@ class CheckpointError(Exception):
 
 class CheckpointCorruptedError(CheckpointError):
     """The file's content does not match the checksum written with it (or it was truncated)."""
+
+
+class NoCheckpointFoundError(CheckpointError):
+    """A directory holds no valid checkpoint to resume from."""
 
 
 class CheckpointFormatError(CheckpointError):

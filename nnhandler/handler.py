@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import secrets
 import time
@@ -18,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .callbacks import AutoSaveCallback, Callback
 from .callbacks.autosave import AUTOSAVE_KEY_PREFIX
-from .checkpoint import read_checkpoint, write_checkpoint
+from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from .checkpoint.discovery import find_latest_valid
 from .checkpoint.envelope import build_meta
 from .checkpoint.refs import (
     NotReferenceableError,
@@ -36,9 +38,14 @@ from .components import (
     seed_everything,
 )
 from .components.callables import build_callable, describe_callable
-from .config import AutoSaveConfig, LoaderConfig, TrainSettings
+from .config import AutoSaveConfig, LoaderConfig, SaveErrorPolicy, TrainSettings
 from .distributed import DistributedContext, run_on_rank_zero
-from .errors import CheckpointError, ConfigurationError, UnresolvableReferenceError
+from .errors import (
+    CheckpointError,
+    ConfigurationError,
+    NoCheckpointFoundError,
+    UnresolvableReferenceError,
+)
 from .events import Event, EventDispatcher, validate_hooks
 from .logging import LoggingMode as _LoggingMode
 from .logging import make_logger
@@ -56,6 +63,7 @@ class _Unset:
 
 
 UNSET: Final = _Unset()
+_LOGGER: Final = logging.getLogger("nnhandler")
 _SCHEDULER_INTERVALS: Final = ("epoch", "step")
 #: State keys of the handler's own components; everything else belongs to callbacks/plugins.
 _CORE_KEYS: Final = frozenset({"model", "optimizer", "scheduler", "grad_scaler", "ema",
@@ -439,6 +447,7 @@ class NNHandler:
         save_path: str | os.PathLike[str] = ".",
         name: str = "model_epoch{epoch:02d}",
         overwrite: bool = False,
+        on_save_error: SaveErrorPolicy = "warn",
     ) -> AutoSaveCallback:
         """Configure (or reconfigure) this handler's one :class:`AutoSaveCallback`.
 
@@ -446,7 +455,7 @@ class NNHandler:
         instance (its record of the last file it wrote is kept).
         """
         config = AutoSaveConfig(interval=interval, save_path=Path(save_path), name=name,
-                                overwrite=overwrite)
+                                overwrite=overwrite, on_save_error=on_save_error)
         if self._autosave is None:
             callback = AutoSaveCallback(**_config_arguments(config))
             self.add_callback(callback)
@@ -477,6 +486,7 @@ class NNHandler:
         ema_decay: float | _Unset = UNSET,
         seed: int | _Unset | None = UNSET,
         progress_bar: bool = True,
+        resume: str | os.PathLike[str] | None = None,
     ) -> dict[str, Any]:
         """Train ``epochs`` more epochs, or up to absolute epoch ``until_epoch``.
 
@@ -485,7 +495,14 @@ class NNHandler:
         handler whose streams were restored (or that trained before), the run's own seed
         continues them and a different one re-seeds with a warning. ``seed=None`` draws a seed
         once per run and records it. Returns the last epoch's logs.
+
+        ``resume="latest"`` first restores (:meth:`resume_from`) the newest valid checkpoint in
+        the auto-save directory, if there is one, so a restartable script is one line:
+        ``handler.train(until_epoch=E, resume="latest", seed=s)``. ``resume=path`` restores
+        that file.
         """
+        if resume is not None:
+            self._resume(resume)
         target = self._target_epoch(epochs, until_epoch)
         changes = {
             name: value for name, value in {
@@ -539,6 +556,22 @@ class NNHandler:
             self._dispatcher.fire(Event.EXCEPTION, handler=self, exception=error)
             raise
         return logs
+
+    def _resume(self, resume: str | os.PathLike[str]) -> None:
+        if resume != "latest":
+            self.resume_from(resume)
+            return
+        if self._autosave is None:
+            raise ConfigurationError("train(resume='latest') looks in the auto-save directory; "
+                                     "call auto_save(...) first or pass resume=<path>")
+        directory = self._autosave.config.save_path
+        found = find_latest_valid(directory, self.logger) if self.distributed.is_main else None
+        latest = self.distributed.broadcast_object(str(found) if found is not None else None)
+        if latest is None:
+            self.logger.info("resume='latest': no valid checkpoint in %s; starting fresh",
+                             directory)
+            return
+        self.resume_from(latest, verify=False)  # verified while choosing it
 
     def _target_epoch(self, epochs: int | None, until_epoch: int | None) -> int:
         if (epochs is None) == (until_epoch is None):
@@ -728,28 +761,69 @@ class NNHandler:
         handler._model_state.strict = strict
         handler._apply_settings_state(config)
         handler._restore_components(config)
-        if handler._settings.ema_decay > 0 and "ema" in state and not skip_ema:
-            handler._create_ema(handler._settings.ema_decay)
-        if "grad_scaler" in state and handler.device.type == "cuda":
-            handler._create_scaler()
         for callback in callbacks or ():
             handler.add_callback(callback)
         if not skip_callbacks:
             handler._recreate_autosaves(state, config.get("own_autosave"))
-        skip = {"config", "rng"}  # config was applied above; random streams go last
-        skip |= {key for key, flag in (("optimizer", skip_optimizer), ("scheduler", skip_scheduler),
-                                        ("history", skip_history), ("ema", skip_ema)) if flag}
+        skip = {key for key, flag in (("optimizer", skip_optimizer), ("scheduler", skip_scheduler),
+                                       ("history", skip_history), ("ema", skip_ema)) if flag}
         if skip_callbacks:
             skip |= set(state) - _CORE_KEYS
-        result = handler._registry.restore(state, skip=frozenset(skip))
-        if "rng" in state:
-            handler._rng.load_state_dict(state["rng"])
-        handler._report_restore(result, checkpoint.path)
-        handler._last_logs = dict(checkpoint.meta.get("logs", {}))
-        handler.logger.info("loaded %s (epoch %d)", checkpoint.path, checkpoint.epoch)
-        handler._dispatcher.fire(Event.CHECKPOINT_LOADED, handler=handler, path=checkpoint.path,
-                                 epoch=checkpoint.epoch)
+        handler._apply_checkpoint(checkpoint, skip)
         return handler
+
+    @classmethod
+    def load_latest(cls, save_path: str | os.PathLike[str], **load_arguments: Any) -> NNHandler:
+        """:meth:`load` the newest valid checkpoint in ``save_path``.
+
+        "Newest" is the highest recorded epoch (then step, then save time), read from each
+        file's integrity record — never the file's modification time. Damaged or truncated
+        files are skipped with a warning that says why; temp files are never candidates.
+        Under DDP rank 0 chooses and every rank loads the same file. Raises
+        :class:`~nnhandler.NoCheckpointFoundError` when there is no valid checkpoint.
+        ``load_arguments`` are those of :meth:`load`.
+        """
+        context = DistributedContext.setup(load_arguments.get("use_distributed"),
+                                           _parse_device(load_arguments.get("device")))
+        found = find_latest_valid(Path(save_path), _LOGGER) if context.is_main else None
+        latest = context.broadcast_object(str(found) if found is not None else None)
+        if latest is None:
+            raise NoCheckpointFoundError(f"no valid checkpoint in {str(save_path)!r}")
+        load_arguments.setdefault("verify", False)  # verified while choosing it
+        return cls.load(latest, **load_arguments)
+
+    def resume_from(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
+        """Restore this configured handler's state from a checkpoint, in place.
+
+        For restartable scripts that build the handler themselves: everything with a state
+        (model, optimizer, scheduler, EMA, history, progress, random streams, callbacks with a
+        matching ``state_key``) takes the checkpoint's state, and the training defaults become
+        the checkpoint's. The handler's own configuration (model, setters, loaders) stays.
+        """
+        checkpoint = read_checkpoint(path, map_location=self.device, verify=verify)
+        config = checkpoint.state.get("config")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{str(path)!r} has no handler configuration ('config')")
+        self._settings = TrainSettings(**config["train_settings"])
+        self._apply_checkpoint(checkpoint, set())
+
+    def _apply_checkpoint(self, checkpoint: Checkpoint, skip: set[str]) -> None:
+        """Restore every state of ``checkpoint`` not in ``skip`` (random streams last)."""
+        state = checkpoint.state
+        wants_ema = self._settings.ema_decay > 0 and "ema" in state and "ema" not in skip
+        if wants_ema and self._ema is None:
+            self._create_ema(self._settings.ema_decay)
+        if "grad_scaler" in state and self.device.type == "cuda" and self._scaler is None:
+            self._create_scaler()
+        skip = skip | {"config", "rng"}  # the caller applied the config
+        result = self._registry.restore(state, skip=frozenset(skip))
+        if "rng" in state:
+            self._rng.load_state_dict(state["rng"])
+        self._report_restore(result, checkpoint.path)
+        self._last_logs = dict(checkpoint.meta.get("logs", {}))
+        self.logger.info("loaded %s (epoch %d)", checkpoint.path, checkpoint.epoch)
+        self._dispatcher.fire(Event.CHECKPOINT_LOADED, handler=self, path=checkpoint.path,
+                              epoch=checkpoint.epoch)
 
     def _restore_components(self, config: Mapping[str, Any]) -> None:
         optimizer = config.get("optimizer")
@@ -896,5 +970,5 @@ def _storable(value: Any) -> bool:
 
 def _config_arguments(config: AutoSaveConfig) -> dict[str, Any]:
     return {"interval": config.interval, "save_path": config.save_path, "name": config.name,
-            "overwrite": config.overwrite}
+            "overwrite": config.overwrite, "on_save_error": config.on_save_error}
 

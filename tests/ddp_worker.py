@@ -270,8 +270,8 @@ def scenario_errors(workdir: Path) -> dict[str, Any]:
         result["save_by_hand"] = error_record(error)
     result["after_save_by_hand"] = group_still_works()
 
-    # 2. the same failure inside an auto-save during train()
-    handler.auto_save(1, "auto", name="ep{epoch:03d}")
+    # 2. the same failure inside an auto-save during train(), with on_save_error="raise"
+    handler.auto_save(1, "auto", name="ep{epoch:03d}", on_save_error="raise")
     try:
         handler.train(2, seed=SEED, progress_bar=False)
         result["autosave_in_train"] = {"type": None}
@@ -283,6 +283,14 @@ def scenario_errors(workdir: Path) -> dict[str, Any]:
     result["autosave_bookkeeping_after_failure"] = [autosave.save_count,
                                                     autosave.last_saved_path]
     result["after_autosave_in_train"] = group_still_works()
+
+    # 2b. the default policy "warn": every rank logs, keeps training and counts the failure
+    handler.auto_save(1, "auto", name="ep{epoch:03d}", on_save_error="warn")
+    epoch_before = handler.epoch
+    handler.train(2, seed=SEED, progress_bar=False)
+    result["warn_policy"] = {"epochs_run": handler.epoch - epoch_before,
+                             "failed_saves": handler.auto_save_callback.failed_saves}
+    result["after_warn_policy"] = group_still_works()
     failing.armed = False
     handler.auto_save(None)
 

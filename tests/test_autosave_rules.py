@@ -11,10 +11,10 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -27,6 +27,7 @@ from nnhandler import (
     NNHandler,
     read_checkpoint,
 )
+from nnhandler.distributed import DistributedContext
 
 N = 16  # tiny dataset: 2 training batches of 8, one validation batch
 
@@ -367,7 +368,7 @@ def test_failed_write_leaves_existing_file_with_the_same_name_intact(
 
     monkeypatch.setattr(os, "replace", failing_replace)
     handler = new_handler()
-    handler.auto_save(1, directory, name="latest")
+    handler.auto_save(1, directory, name="latest", on_save_error="raise")
     with pytest.raises(OSError, match="simulated"):
         train(handler, 1)
     assert (directory / "latest.pth").read_bytes() == b"previous"
@@ -415,7 +416,8 @@ def test_overwrite_true_failed_second_save_keeps_the_first_file(
         real_replace(src, dst)
 
     handler = new_handler()
-    callback = handler.auto_save(1, "ck", name="ep{epoch:03d}", overwrite=True)
+    callback = handler.auto_save(1, "ck", name="ep{epoch:03d}", overwrite=True,
+                                 on_save_error="raise")
     monkeypatch.setattr(os, "replace", replace_failing_on_second_save)
     with pytest.raises(OSError, match="simulated"):
         train(handler, 3)
@@ -622,7 +624,8 @@ class _StubHandler:
         self.stop_requested = False
         self.saved: list[tuple[int, Path]] = []
         self.logger = logging.getLogger("nnhandler.test_autosave_rules.stub")
-        self.distributed = SimpleNamespace(is_main=True)
+        self.distributed = DistributedContext.single()
+        self.module = torch.nn.Linear(4, 1)  # sizes the first free-space check
 
     def save(self, path: Path, logs: dict[str, Any]) -> Path:
         self.saved.append((self.epoch, path))

@@ -256,6 +256,9 @@ def test_error_on_rank_zero_during_save_raises_on_every_rank(tmp_path: Path) -> 
     assert rank0["epoch_after_failed_autosave"] == rank1["epoch_after_failed_autosave"] == 1
     assert rank0["autosave_bookkeeping_after_failure"] == [0, None]
     assert rank1["autosave_bookkeeping_after_failure"] == [0, None]
+    # under the default policy "warn" both ranks keep training and count the same failures
+    assert rank0["warn_policy"] == rank1["warn_policy"] == {"epochs_run": 2, "failed_saves": 2}
+    assert rank0["after_warn_policy"] == rank1["after_warn_policy"] == 3.0
     assert not (workdir / "by_hand.pth").exists()
     assert not (workdir / "auto").exists() or all_files(workdir / "auto") == []
     assert not [name for name in all_files(workdir) if ".tmp-" in name]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import AutoSaveConfig
+from ..checkpoint.writer import remove_stale_temp_files
+from ..config import AutoSaveConfig, SaveErrorPolicy
+from ..distributed import run_on_rank_zero
+from ..errors import ConfigurationError
 from ..naming import MISSING_VALUE, render_name
 from .base import Callback
 
@@ -36,6 +41,16 @@ class AutoSaveCallback(Callback):
         overwrite: keep only the latest auto-save. The new file is completely written before
             the previous one is removed; with a fixed name the new file atomically replaces the
             old one.
+        on_save_error: what a failed save (full disk, I/O or permission error, a provider
+            whose ``state_dict`` raises) does. ``"warn"`` (default): the error is logged, the
+            previous checkpoint stays intact, training goes on, the next scheduled save tries
+            again, and the end of ``train`` reports how many saves failed. ``"raise"``: the
+            error propagates and ends ``train``. Either way no partial file is left.
+
+    When ``train`` starts, rank 0 creates ``save_path``, checks that it can write there (an
+    unwritable directory is a :class:`~nnhandler.ConfigurationError` before any epoch runs) and
+    removes temp files that crashed writers left behind. Before each save it warns when the free
+    space is below twice the expected checkpoint size.
 
     The callback is a :class:`~nnhandler.StateProvider`: its configuration and bookkeeping
     (which file it wrote last) go into every checkpoint, so a resumed handler keeps saving by
@@ -53,15 +68,20 @@ class AutoSaveCallback(Callback):
         save_path: str | os.PathLike[str] = ".",
         name: str = "model_epoch{epoch:02d}",
         overwrite: bool = False,
+        on_save_error: SaveErrorPolicy = "warn",
     ) -> None:
         self.config = AutoSaveConfig(
-            interval=interval, save_path=Path(save_path), name=name, overwrite=overwrite
+            interval=interval, save_path=Path(save_path), name=name, overwrite=overwrite,
+            on_save_error=on_save_error,
         )
         self.last_saved_path: str | None = None
         self.last_saved_epoch: int | None = None
         self.save_count = 0
+        self.failed_saves = 0
         self._call_start_epoch = 0
         self._call_end_epoch = 0
+        self._call_failures = 0
+        self._last_size: int | None = None
 
     # -- configuration -------------------------------------------------------------------------
     @staticmethod
@@ -81,7 +101,7 @@ class AutoSaveCallback(Callback):
         c = self.config
         return (
             f"AutoSaveCallback(interval={c.interval!r}, save_path={str(c.save_path)!r}, "
-            f"name={c.name!r}, overwrite={c.overwrite!r})"
+            f"name={c.name!r}, overwrite={c.overwrite!r}, on_save_error={c.on_save_error!r})"
         )
 
     # -- schedule ------------------------------------------------------------------------------
@@ -100,6 +120,23 @@ class AutoSaveCallback(Callback):
     ) -> None:
         self._call_start_epoch = start_epoch
         self._call_end_epoch = end_epoch
+        self._call_failures = 0
+        if self.config.enabled:
+            run_on_rank_zero(handler.distributed, lambda: self._prepare_directory(handler))
+
+    def _prepare_directory(self, handler: NNHandler) -> None:
+        directory = self.config.save_path
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            probe = directory / f".nnhandler-write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigurationError(
+                f"auto-save cannot write to save_path {str(directory)!r}: {error}"
+            ) from error
+        for stale in remove_stale_temp_files(directory):
+            handler.logger.warning("removed temp file %s left by an interrupted save", stale)
 
     def on_epoch_end(
         self, handler: NNHandler, epoch: int, logs: dict[str, Any], **kwargs: Any
@@ -117,6 +154,12 @@ class AutoSaveCallback(Callback):
             and self.last_saved_epoch != handler.epoch
         ):
             self.save_now(handler, handler.epoch, logs)
+        if self._call_failures:
+            handler.logger.error(
+                "%d auto-save(s) to %s failed during this train call (see the errors above); "
+                "the last successful one is %s", self._call_failures, self.config.save_path,
+                self.last_saved_path,
+            )
 
     # -- saving --------------------------------------------------------------------------------
     def path_for(self, logs: dict[str, Any]) -> tuple[Path, tuple[str, ...]]:
@@ -124,8 +167,26 @@ class AutoSaveCallback(Callback):
         file_name, missing = render_name(self.config.name, logs)
         return self.config.save_path / file_name, missing
 
-    def save_now(self, handler: NNHandler, epoch: int, logs: dict[str, Any]) -> Path:
-        """Write a checkpoint for ``epoch`` now, then apply the ``overwrite`` rule."""
+    def save_now(self, handler: NNHandler, epoch: int, logs: dict[str, Any]) -> Path | None:
+        """Write a checkpoint for ``epoch`` now, then apply the ``overwrite`` rule.
+
+        Returns the path, or ``None`` when the save failed under ``on_save_error="warn"``.
+        """
+        try:
+            return self._save(handler, epoch, logs)
+        except Exception as error:
+            if self.config.on_save_error == "raise":
+                raise
+            self.failed_saves += 1
+            self._call_failures += 1
+            handler.logger.error(
+                "AUTO-SAVE FAILED at epoch %d (%s: %s); the previous checkpoint %s is intact and "
+                "training continues; the next scheduled save will try again",
+                epoch, type(error).__name__, error, self.last_saved_path,
+            )
+            return None
+
+    def _save(self, handler: NNHandler, epoch: int, logs: dict[str, Any]) -> Path:
         path, missing = self.path_for({**logs, "epoch": epoch})
         if missing:
             handler.logger.warning(
@@ -134,6 +195,8 @@ class AutoSaveCallback(Callback):
                 self.config.name, ", ".join(missing), epoch, ", ".join(sorted(logs)),
                 path.name, MISSING_VALUE,
             )
+        if handler.distributed.is_main:
+            self._warn_if_disk_is_short(handler)
         previous = self.last_saved_path, self.last_saved_epoch, self.save_count
         # bookkeeping first, so the file records itself as this lineage's latest save
         self.last_saved_path, self.last_saved_epoch = str(path), epoch
@@ -143,9 +206,25 @@ class AutoSaveCallback(Callback):
         except BaseException:
             self.last_saved_path, self.last_saved_epoch, self.save_count = previous
             raise
+        if handler.distributed.is_main:
+            with contextlib.suppress(OSError):  # only feeds the free-space warning
+                self._last_size = path.stat().st_size
         if self.config.overwrite and previous[0] is not None:
             self._remove_previous(handler, Path(previous[0]), path)
         return path
+
+    def _warn_if_disk_is_short(self, handler: NNHandler) -> None:
+        expected = self._last_size or _estimated_size(handler)
+        directory = self.config.save_path
+        try:
+            free = shutil.disk_usage(directory if directory.exists() else Path.cwd()).free
+        except OSError:
+            return
+        if free < 2 * expected:
+            handler.logger.warning(
+                "only %.1f MB free in %s, less than twice the expected checkpoint size "
+                "(%.1f MB): the next saves may fail", free / 1e6, directory, expected / 1e6,
+            )
 
     def _remove_previous(self, handler: NNHandler, previous: Path, new: Path) -> None:
         if not handler.distributed.is_main or previous.resolve() == new.resolve():
@@ -163,6 +242,7 @@ class AutoSaveCallback(Callback):
             "last_saved_path": self.last_saved_path,
             "last_saved_epoch": self.last_saved_epoch,
             "save_count": self.save_count,
+            "failed_saves": self.failed_saves,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -170,3 +250,11 @@ class AutoSaveCallback(Callback):
         self.last_saved_path = state["last_saved_path"]
         self.last_saved_epoch = state["last_saved_epoch"]
         self.save_count = int(state["save_count"])
+        self.failed_saves = int(state.get("failed_saves", 0))
+
+
+def _estimated_size(handler: NNHandler) -> int:
+    """A first save's size before any file exists: model tensors, three times over (weights
+    plus typical optimizer moments)."""
+    tensors = handler.module.state_dict().values()
+    return int(3 * sum(t.numel() * t.element_size() for t in tensors))

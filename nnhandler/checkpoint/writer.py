@@ -8,7 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Final
 
-__all__ = ["TEMP_INFIX", "atomic_write", "fsync_directory", "temp_path_for"]
+__all__ = [
+    "TEMP_INFIX",
+    "atomic_write",
+    "fsync_directory",
+    "is_temp_file",
+    "remove_stale_temp_files",
+    "temp_path_for",
+]
 
 #: Temp files are hidden and carry this infix, so nothing mistakes them for checkpoints.
 TEMP_INFIX: Final = ".tmp-"
@@ -16,6 +23,50 @@ TEMP_INFIX: Final = ".tmp-"
 
 def temp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_INFIX}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def is_temp_file(path: Path) -> bool:
+    """True for the hidden temp files :func:`atomic_write` writes (never a checkpoint)."""
+    return path.name.startswith(".") and TEMP_INFIX in path.name
+
+
+def _writer_pid(path: Path) -> int | None:
+    try:
+        return int(path.name.rsplit(TEMP_INFIX, 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Remove temp files in ``directory`` whose writing process is gone; returns them.
+
+    A temp file of a process that is still alive (another job writing into the same folder)
+    is left alone. On a filesystem shared between machines a pid says nothing about the other
+    machine, so only run this where one job owns the folder.
+    """
+    removed = []
+    for path in directory.iterdir():
+        if not is_temp_file(path):
+            continue
+        pid = _writer_pid(path)
+        if pid is not None and pid != os.getpid() and _process_alive(pid):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
 
 
 def fsync_directory(directory: Path) -> None:

@@ -1,0 +1,64 @@
+"""Finding the newest valid checkpoint in a directory — by recorded epoch, never by file time."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .integrity import IntegrityRecord, read_integrity_record, verify_file
+from .writer import is_temp_file
+
+__all__ = ["CheckpointCandidate", "find_latest_valid", "list_checkpoints"]
+
+CHECKPOINT_GLOB = "*.pth"
+
+
+@dataclass(frozen=True)
+class CheckpointCandidate:
+    path: Path
+    record: IntegrityRecord | None
+    problem: str | None
+
+    @property
+    def order(self) -> tuple[int, int, str]:
+        record = self.record or IntegrityRecord()
+        return (int(record.get("epoch", -1)), int(record.get("step", -1)),
+                str(record.get("time", "")))
+
+
+def list_checkpoints(directory: str | Path) -> list[CheckpointCandidate]:
+    """Every ``*.pth`` in ``directory`` (temp files excluded) with its integrity record read
+    from the file's tail, newest recorded epoch first; unreadable ones last, with the reason."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    candidates = []
+    for path in directory.glob(CHECKPOINT_GLOB):
+        if is_temp_file(path) or path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            candidates.append(CheckpointCandidate(path, read_integrity_record(path), None))
+        except (CheckpointError, OSError) as error:
+            candidates.append(CheckpointCandidate(path, None, str(error)))
+    return sorted(candidates, key=lambda c: (c.record is not None, c.order, c.path.name),
+                  reverse=True)
+
+
+def find_latest_valid(directory: str | Path, logger: logging.Logger) -> Path | None:
+    """The newest checkpoint in ``directory`` whose whole content verifies, or ``None``.
+
+    Damaged or truncated files are skipped with a warning that says why.
+    """
+    for candidate in list_checkpoints(directory):
+        if candidate.record is None:
+            logger.warning("skipping %s: %s", candidate.path, candidate.problem)
+            continue
+        try:
+            verify_file(candidate.path)
+        except (CheckpointError, OSError) as error:
+            logger.warning("skipping %s: %s", candidate.path, error)
+            continue
+        return candidate.path
+    return None
