@@ -43,6 +43,7 @@ from .distributed import DistributedContext, run_on_rank_zero
 from .errors import (
     CheckpointError,
     ConfigurationError,
+    DuplicateStateKeyError,
     NoCheckpointFoundError,
     UnresolvableReferenceError,
 )
@@ -419,10 +420,23 @@ class NNHandler:
         if any(existing is callback for existing in self._callbacks):
             raise ConfigurationError(f"callback {callback!r} is already registered")
         validate_hooks(callback)
+        if isinstance(callback, AutoSaveCallback):
+            self._check_autosave_target(callback)
         if isinstance(callback, StateProvider) and self._registry.register(callback):
                 self.logger.info("restored state of %r from the loaded checkpoint", callback)
         self._callbacks.append(callback)
         self._dispatcher.rebuild(self._callbacks)
+
+    def _check_autosave_target(self, candidate: AutoSaveCallback) -> None:
+        """Keys differ for ``"ck"`` and its absolute path; the files would not."""
+        for other in self._callbacks:
+            if (isinstance(other, AutoSaveCallback) and other is not candidate
+                    and other.state_key != candidate.state_key  # the registry names those
+                    and candidate.writes_same_files_as(other)):
+                raise DuplicateStateKeyError(
+                    f"{candidate!r} would write the same files as {other!r}; give one of them a "
+                    "different save_path or name"
+                )
 
     def remove_callback(self, callback: Callback) -> None:
         for index, existing in enumerate(self._callbacks):
@@ -466,6 +480,7 @@ class NNHandler:
         self._registry.unregister(callback)
         callback.reconfigure(config)
         try:
+            self._check_autosave_target(callback)
             self._registry.register(callback)
         except Exception:
             callback.reconfigure(old)

@@ -43,6 +43,10 @@ class RestoreResult:
 
 
 def describe_owner(provider: object) -> str:
+    """The provider's repr where its class defines one (it shows the configuration), else the
+    class's full name."""
+    if type(provider).__repr__ is not object.__repr__:
+        return repr(provider)
     return f"{type(provider).__module__}.{type(provider).__qualname__}"
 
 

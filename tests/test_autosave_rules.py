@@ -704,3 +704,14 @@ def test_schedule_property_end_to_end(
     assert saved_epochs(ck) == expected
     if interval:
         assert all(read_checkpoint(ck / f"ep{e:03d}.pth").epoch == e for e in expected)
+
+
+def test_relative_and_absolute_paths_to_the_same_files_are_duplicates() -> None:
+    handler = new_handler()
+    handler.add_callback(AutoSaveCallback(1, "ck", name="x"))
+    with pytest.raises(DuplicateStateKeyError, match="would write the same files"):
+        handler.add_callback(AutoSaveCallback(2, Path("ck").resolve(), name="x"))
+    other = handler.auto_save(1, "elsewhere", name="x")
+    with pytest.raises(DuplicateStateKeyError, match="would write the same files"):
+        handler.auto_save(1, Path("ck").resolve(), name="x")
+    assert other.config.save_path == Path("elsewhere")  # the failed reconfiguration is undone

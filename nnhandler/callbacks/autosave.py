@@ -93,6 +93,11 @@ class AutoSaveCallback(Callback):
     def state_key(self) -> str:
         return self.key_for(self.config)
 
+    def writes_same_files_as(self, other: AutoSaveCallback) -> bool:
+        """True when both would write the same files (same directory on disk, same name)."""
+        return (self.config.name == other.config.name
+                and self.config.save_path.resolve() == other.config.save_path.resolve())
+
     def reconfigure(self, config: AutoSaveConfig) -> None:
         """Apply a new configuration, keeping the bookkeeping of this instance's lineage."""
         self.config = config

@@ -11,6 +11,7 @@ import os
 import pickle
 import platform
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final
@@ -18,7 +19,7 @@ from typing import Any, BinaryIO, Final
 import torch
 
 from ..errors import CheckpointError, CheckpointFormatError
-from .integrity import ChecksummingWriter, verify_file
+from .integrity import ChecksummingWriter, read_integrity_record, verify_file
 from .migrations import migrate
 from .writer import atomic_write
 
@@ -126,17 +127,41 @@ def read_checkpoint(
 ) -> Checkpoint:
     """Read and check an envelope; never executes code from the file.
 
-    With ``verify`` (the default) the whole file is first checked against the CRC-32 written
-    with it, and any damage raises :class:`CheckpointCorruptedError` before anything is
-    unpickled.
+    With ``verify`` (the default) the integrity record at the file's end is checked first (a
+    truncated file fails here), then the whole file is checked against its CRC-32 while
+    ``torch.load(weights_only=True)`` reads it; any damage raises
+    :class:`CheckpointCorruptedError` and no data is returned.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    # The CRC check runs in a thread beside torch.load (zlib releases the GIL), so verifying
+    # costs little extra time; the result is used only once the check has passed. Unpickling
+    # first is safe: weights_only never executes code from the file.
     if verify:
-        verify_file(path)
+        read_integrity_record(path)
+    verification = _start_verification(path) if verify else None
     try:
-        envelope = torch.load(path, map_location=map_location, weights_only=True)
+        envelope = _load_envelope(path, map_location)
+    except CheckpointError:
+        if verification is not None:
+            verification.result()  # damage explains the failure: report it as such
+        raise
+    if verification is not None:
+        verification.result()
+    return _unpack(path, envelope)
+
+
+def _start_verification(path: Path) -> Future[Any]:
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnhandler-verify")
+    future = executor.submit(verify_file, path)
+    executor.shutdown(wait=False)
+    return future
+
+
+def _load_envelope(path: Path, map_location: Any) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointFormatError(
             f"{str(path)!r} holds objects other than tensors and plain data and was refused "
@@ -144,6 +169,9 @@ def read_checkpoint(
         ) from error
     except Exception as error:  # a damaged file (verify=False) can fail in any unpickling step
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {error}") from error
+
+
+def _unpack(path: Path, envelope: Any) -> Checkpoint:
     if not isinstance(envelope, dict) or not isinstance(envelope.get("format"), dict):
         raise CheckpointFormatError(f"{str(path)!r} is not an nnhandler checkpoint (no 'format')")
     fmt = envelope["format"]
