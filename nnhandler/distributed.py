@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -18,10 +19,26 @@ __all__ = [
     "DistributedContext",
     "all_gather_objects",
     "detect_launch_environment",
+    "first_host",
     "run_on_rank_zero",
 ]
 
 T = TypeVar("T")
+
+
+#: MASTER_PORT used under SLURM when none is exported (torchrun's default too).
+DEFAULT_MASTER_PORT = 29500
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``"gpu[003-005,010],cpu1"`` -> ``"gpu003"``."""
+    match = re.match(r"\s*([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if match is None:
+        raise ValueError(f"cannot read a host from SLURM node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix.strip()
+    return prefix + ranges.split(",", 1)[0].split("-", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,15 @@ class DistributedContext:
             return cls.single()
         if not dist.is_available():
             raise RuntimeError("torch.distributed is not available in this PyTorch build")
+        master = os.environ.get("MASTER_ADDR")
+        if master is None:
+            nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+            if not nodelist:
+                raise ValueError("MASTER_ADDR is not set and no SLURM node list to derive it "
+                                 "from: launch with torchrun or export MASTER_ADDR/MASTER_PORT")
+            master = first_host(nodelist)
+        os.environ.setdefault("MASTER_ADDR", master)
+        os.environ.setdefault("MASTER_PORT", str(DEFAULT_MASTER_PORT))
         os.environ.setdefault("RANK", str(launch.rank))
         os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
         os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))

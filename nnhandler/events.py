@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 __all__ = ["Event", "EventDispatcher", "is_default_hook"]
@@ -136,9 +136,19 @@ class EventDispatcher:
     def listeners(self, event: Event) -> Sequence[object]:
         return self._listeners[event]
 
-    def fire(self, event: Event, **arguments: Any) -> None:
-        """Call every listener of ``event``; an exception propagates with a note naming both."""
+    def fire(
+        self, event: Event, before_writers: Callable[[], None] | None = None, **arguments: Any
+    ) -> None:
+        """Call every listener of ``event``; an exception propagates with a note naming both.
+
+        ``before_writers`` runs after the ordinary listeners and before the checkpoint writers
+        (the loop uses it to make every rank agree on a stop request before anything saves).
+        """
+        pending_hook = before_writers
         for callback in self._listeners[event]:
+            if pending_hook is not None and getattr(callback, "is_checkpoint_writer", False):
+                pending_hook()
+                pending_hook = None
             try:
                 getattr(callback, event.hook_name)(**arguments)
             except BaseException as error:
@@ -146,3 +156,5 @@ class EventDispatcher:
                     f"raised by callback {type(callback).__qualname__} in {event.hook_name}()"
                 )
                 raise
+        if pending_hook is not None:
+            pending_hook()

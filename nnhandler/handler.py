@@ -276,8 +276,14 @@ class NNHandler:
         return self._stop_requested
 
     def request_stop(self) -> None:
-        """Stop training after the current epoch (callable from any callback hook)."""
+        """Stop training after the current epoch (callable from any callback hook).
+
+        Under DDP the request of rank 0 decides for every rank.
+        """
         self._stop_requested = True
+
+    def _set_stop(self, value: bool) -> None:
+        self._stop_requested = value
 
     # ------------------------------------------------------------------ setters --------------
     def set_optimizer(self, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> None:
@@ -468,13 +474,13 @@ class NNHandler:
         See :class:`AutoSaveCallback` for the rules. Calling it again reconfigures the same
         instance (its record of the last file it wrote is kept).
         """
-        config = AutoSaveConfig(interval=interval, save_path=Path(save_path), name=name,
-                                overwrite=overwrite, on_save_error=on_save_error)
         if self._autosave is None:
-            callback = AutoSaveCallback(**_config_arguments(config))
+            callback = AutoSaveCallback(interval, save_path, name, overwrite, on_save_error)
             self.add_callback(callback)
             self._autosave = callback
             return callback
+        config = AutoSaveConfig(interval=interval, save_path=Path(save_path), name=name,
+                                overwrite=overwrite, on_save_error=on_save_error)
         callback = self._autosave
         old = callback.config
         self._registry.unregister(callback)
@@ -616,7 +622,6 @@ class NNHandler:
             new_seed = self.distributed.broadcast_object(secrets.randbits(63))
         seed_everything(new_seed)
         self.progress.run_seed = new_seed
-        self._rng.restored = False
         return new_seed
 
     def _prepare_amp_and_ema(self, settings: TrainSettings) -> None:
@@ -981,9 +986,4 @@ def _storable(value: Any) -> bool:
     except NotReferenceableError:
         return False
     return True
-
-
-def _config_arguments(config: AutoSaveConfig) -> dict[str, Any]:
-    return {"interval": config.interval, "save_path": config.save_path, "name": config.name,
-            "overwrite": config.overwrite, "on_save_error": config.on_save_error}
 

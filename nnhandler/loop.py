@@ -194,11 +194,18 @@ class TrainingLoop:
                 self._step_scheduler_per_epoch(logs)
                 p.progress.epoch = epoch
                 p.history.record(logs, self.metric_names)
-                p.dispatcher.fire(Event.EPOCH_END, handler=p.handler, epoch=epoch, logs=logs)
+                p.dispatcher.fire(Event.EPOCH_END, before_writers=self._agree_on_stop,
+                                  handler=p.handler, epoch=epoch, logs=logs)
                 bar.end_epoch(_status(logs))
                 if p.handler.stop_requested:
                     break
         return logs
+
+    def _agree_on_stop(self) -> None:
+        """Under DDP rank 0 decides whether training stops, so every rank saves (or not) and
+        leaves the loop together even if a callback asked on one rank only."""
+        if self.p.context.enabled:
+            self.p.handler._set_stop(self.p.context.broadcast_object(self.p.handler.stop_requested))
 
     def _train_epoch(self, epoch: int, bar: TrainingProgress) -> _Totals:
         p = self.p

@@ -94,7 +94,6 @@ class RNGState:
     def __init__(self, context: DistributedContext) -> None:
         self._context = context
         self._gathered: list[dict[str, Any]] | None = None
-        self.restored = False
 
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:
@@ -118,4 +117,3 @@ class RNGState:
                 len(ranks), self._context.world_size,
             )
         restore_rng(ranks[self._context.rank % len(ranks)])
-        self.restored = True
