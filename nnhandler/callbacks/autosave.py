@@ -53,7 +53,8 @@ class AutoSaveCallback(Callback):
     space is below twice the expected checkpoint size.
 
     The callback is a :class:`~nnhandler.StateProvider`: its configuration and bookkeeping
-    (which file it wrote last) go into every checkpoint, so a resumed handler keeps saving by
+    (which file it wrote last and, with ``overwrite``, which earlier file it has still to
+    remove) go into every checkpoint, so a resumed handler keeps saving by
     the same rules and ``overwrite`` removes the file its own lineage wrote. Its ``state_key``
     is derived from ``save_path`` and ``name``; two callbacks writing the same files are a
     :class:`~nnhandler.DuplicateStateKeyError`. Under DDP every rank runs it; rank 0 writes while
@@ -76,6 +77,9 @@ class AutoSaveCallback(Callback):
         )
         self.last_saved_path: str | None = None
         self.last_saved_epoch: int | None = None
+        #: overwrite: the previous auto-save, recorded in the new file until it is removed, so a
+        #: run resumed after a crash between the write and the removal still removes it
+        self.pending_removal: str | None = None
         self.save_count = 0
         self.failed_saves = 0
         self._call_start_epoch = 0
@@ -128,6 +132,7 @@ class AutoSaveCallback(Callback):
         self._call_failures = 0
         if self.config.enabled:
             run_on_rank_zero(handler.distributed, lambda: self._prepare_directory(handler))
+            self.pending_removal = None
 
     def _prepare_directory(self, handler: NNHandler) -> None:
         directory = self.config.save_path
@@ -142,6 +147,10 @@ class AutoSaveCallback(Callback):
             ) from error
         for stale in remove_stale_temp_files(directory):
             handler.logger.warning("removed temp file %s left by an interrupted save", stale)
+        pending = self.pending_removal
+        if self.config.overwrite and pending is not None and pending != self.last_saved_path:
+            # the checkpoint this run resumed from was written, its predecessor never removed
+            self._remove_previous(handler, Path(pending), Path(self.last_saved_path or pending))
 
     def on_epoch_end(
         self, handler: NNHandler, epoch: int, logs: dict[str, Any], **kwargs: Any
@@ -202,20 +211,28 @@ class AutoSaveCallback(Callback):
             )
         if handler.distributed.is_main:
             self._warn_if_disk_is_short(handler)
-        previous = self.last_saved_path, self.last_saved_epoch, self.save_count
-        # bookkeeping first, so the file records itself as this lineage's latest save
+        previous = (self.last_saved_path, self.last_saved_epoch, self.save_count,
+                    self.pending_removal)
+        # bookkeeping first, so the file records itself as this lineage's latest save (and,
+        # with overwrite, the file a resumed run must still remove if we crash before that)
         self.last_saved_path, self.last_saved_epoch = str(path), epoch
         self.save_count += 1
+        if self.config.overwrite and previous[0] is not None and previous[0] != str(path):
+            self.pending_removal = previous[0]
         try:
             handler.save(path, logs=logs)
         except BaseException:
-            self.last_saved_path, self.last_saved_epoch, self.save_count = previous
+            (self.last_saved_path, self.last_saved_epoch, self.save_count,
+             self.pending_removal) = previous
             raise
         if handler.distributed.is_main:
             with contextlib.suppress(OSError):  # only feeds the free-space warning
                 self._last_size = path.stat().st_size
-        if self.config.overwrite and previous[0] is not None:
-            self._remove_previous(handler, Path(previous[0]), path)
+        if self.config.overwrite:
+            for old in {previous[0], previous[3]}:
+                if old is not None:
+                    self._remove_previous(handler, Path(old), path)
+            self.pending_removal = None
         return path
 
     def _warn_if_disk_is_short(self, handler: NNHandler) -> None:
@@ -248,6 +265,7 @@ class AutoSaveCallback(Callback):
             "last_saved_epoch": self.last_saved_epoch,
             "save_count": self.save_count,
             "failed_saves": self.failed_saves,
+            "pending_removal": self.pending_removal,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -256,6 +274,7 @@ class AutoSaveCallback(Callback):
         self.last_saved_epoch = state["last_saved_epoch"]
         self.save_count = int(state["save_count"])
         self.failed_saves = int(state.get("failed_saves", 0))
+        self.pending_removal = state.get("pending_removal")
 
 
 def _estimated_size(handler: NNHandler) -> int:

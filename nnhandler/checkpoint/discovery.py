@@ -51,9 +51,14 @@ def find_latest_valid(directory: str | Path, logger: logging.Logger) -> Path | N
 
     Damaged or truncated files are skipped with a warning that says why.
     """
-    for candidate in list_checkpoints(directory):
+    candidates = list_checkpoints(directory)
+    for candidate in candidates:
+        # unreadable records come last in the ranking, but their epoch is unknown (often the
+        # newest file, damaged): name each one even when an older valid file is chosen
         if candidate.record is None:
             logger.warning("skipping %s: %s", candidate.path, candidate.problem)
+    for candidate in candidates:
+        if candidate.record is None:
             continue
         try:
             verify_file(candidate.path)

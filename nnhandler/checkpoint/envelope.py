@@ -116,7 +116,14 @@ def write_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any]) ->
 
     def write(file: BinaryIO) -> None:
         writer = ChecksummingWriter(file)
-        torch.save(envelope, writer)  # type: ignore[arg-type]  # a write-only file-like object
+        try:
+            torch.save(envelope, writer)  # type: ignore[arg-type]  # a write-only file-like object
+        except RuntimeError:
+            # torch.save finishes the zip even while a write error propagates, and that fails
+            # too: surface the disk's own error (ENOSPC, EIO, EACCES …), not torch's
+            if writer.write_error is not None:
+                raise writer.write_error from None
+            raise
         writer.finish(summary)
 
     return atomic_write(path, write)

@@ -45,7 +45,7 @@ class ChecksummingWriter:
     :meth:`finish` replaces; holding them back keeps the checksum independent of that patch.
     """
 
-    __slots__ = ("_crc", "_file", "_held", "_size", "_tail")
+    __slots__ = ("_crc", "_file", "_held", "_size", "_tail", "write_error")
 
     def __init__(self, file: BinaryIO) -> None:
         self._file = file
@@ -53,10 +53,18 @@ class ChecksummingWriter:
         self._held = b""
         self._size = 0
         self._tail = b""
+        #: the first ``OSError`` of the underlying file (ENOSPC, EIO …); ``torch.save`` may hide
+        #: it behind a ``RuntimeError`` of its own, so the caller re-raises this one
+        self.write_error: OSError | None = None
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        written = self._file.write(view)
+        try:
+            written = self._file.write(view)
+        except OSError as error:
+            if self.write_error is None:
+                self.write_error = error
+            raise
         if len(view) >= 2:
             self._crc = crc32(view[:-2], crc32(self._held, self._crc))
             self._held = bytes(view[-2:])
