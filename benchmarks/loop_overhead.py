@@ -1,0 +1,159 @@
+"""Loop overhead: ``NNHandler.train`` against a hand-written PyTorch loop doing the same work.
+
+Both train the same architecture from the same initial weights on the same data with the same
+optimizer; the handler has six callbacks registered (epoch-level hooks, as typical loggers and
+monitors have), no validation, no progress bar and logs to a file. The hand-written loop keeps
+its epoch loss on the device and reads it once per epoch, as the handler does. Rounds alternate
+which loop runs first; the table shows medians.
+
+    python -m benchmarks.loop_overhead [--rounds 11]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from nnhandler import Callback, NNHandler
+
+from ._common import Row, interleaved_medians, machine_line
+
+__all__ = ["MidMLP", "TinyMLP", "run"]
+
+
+class TinyMLP(nn.Module):
+    """The worst case for overhead: a step takes about a hundred microseconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MidMLP(nn.Module):
+    """A step of a few milliseconds on a CPU core."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024),
+                                 nn.ReLU(), nn.Linear(1024, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class EpochRecorder(Callback):
+    """A typical epoch-level callback: keeps the last logs it saw."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, Any] = {}
+
+    def on_epoch_end(self, logs: dict[str, Any], **kwargs: Any) -> None:
+        self.last = dict(logs)
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "tiny MLP (32-64-1, batch 64)": dict(
+        model=TinyMLP, features=32, targets=1, samples=8192, batch=64, epochs=8),
+    "mid MLP (512-1024-1024-10, batch 128)": dict(
+        model=MidMLP, features=512, targets=10, samples=4096, batch=128, epochs=2),
+}
+
+
+def _dataset(features: int, targets: int, samples: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, features, generator=generator)
+    if targets == 1:
+        return TensorDataset(x, x.sum(dim=1, keepdim=True))
+    return TensorDataset(x, torch.randint(0, targets, (samples,), generator=generator))
+
+
+def _loss(targets: int) -> type[nn.Module]:
+    return nn.MSELoss if targets == 1 else nn.CrossEntropyLoss
+
+
+def hand_written(case: dict[str, Any]) -> Callable[[], object]:
+    """A plain PyTorch loop over ``case``; each call trains ``case['epochs']`` more epochs."""
+    torch.manual_seed(0)
+    model = case["model"]()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = _loss(case["targets"])()
+    generator = torch.Generator().manual_seed(0)
+    loader = DataLoader(_dataset(case["features"], case["targets"], case["samples"]),
+                        batch_size=case["batch"], shuffle=True, generator=generator)
+    epoch_losses: list[float] = []
+
+    def train() -> None:
+        for _ in range(case["epochs"]):
+            model.train()
+            total = torch.zeros((), dtype=torch.float64)
+            count = 0
+            for x, y in loader:
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                total += loss.detach().double() * len(y)
+                count += len(y)
+            epoch_losses.append(float(total) / count)
+
+    return train
+
+
+def with_handler(case: dict[str, Any], log_dir: Path, callbacks: int = 6,
+                 progress_bar: bool = False) -> Callable[[], object]:
+    """The same work through ``NNHandler.train``."""
+    torch.manual_seed(0)
+    handler = NNHandler(case["model"], device="cpu", logger_mode=NNHandler.LoggingMode.FILE,
+                        log_file=log_dir / "bench.log", use_distributed=False)
+    handler.set_optimizer(torch.optim.Adam, lr=1e-3)
+    handler.set_loss_fn(_loss(case["targets"]))
+    handler.set_train_loader(_dataset(case["features"], case["targets"], case["samples"]),
+                             batch_size=case["batch"], shuffle=True)
+    for _ in range(callbacks):
+        handler.add_callback(EpochRecorder())
+
+    def train() -> None:
+        handler.train(case["epochs"], seed=0, progress_bar=progress_bar)
+
+    return train
+
+
+def run(rounds: int = 11) -> list[Row]:
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        for name, case in CASES.items():
+            medians = interleaved_medians({
+                "plain": hand_written(case),
+                "handler": with_handler(case, Path(directory)),
+                "handler+bar": with_handler(case, Path(directory), progress_bar=True),
+            }, rounds)
+            is_tiny = case["model"] is TinyMLP
+            rows.append(Row("loop overhead", f"{name}, 6 callbacks", "hand-written loop",
+                            medians["plain"], medians["handler"],
+                            target=1.03 if is_tiny else 1.01))
+            rows.append(Row("loop overhead", f"{name}, 6 callbacks, progress bar",
+                            "hand-written loop", medians["plain"], medians["handler+bar"]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=11)
+    args = parser.parse_args()
+    print(machine_line())
+    for row in run(args.rounds):
+        print(f"{row.case:<62} {row.ratio:6.3f}x  {row.verdict}")
+
+
+if __name__ == "__main__":
+    main()
