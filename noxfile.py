@@ -17,7 +17,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def lint(session: nox.Session) -> None:
-    session.run("ruff", "check", "nnhandler", "tests", "examples", "noxfile.py")
+    session.run("ruff", "check", "nnhandler", "tests", "examples", "benchmarks", "noxfile.py")
 
 
 @nox.session(python=False)
@@ -29,3 +29,9 @@ def typecheck(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The quickstart: train with auto-save, then resume from a checkpoint."""
     session.run("python", "examples/quickstart.py", *session.posargs)
+
+
+@nox.session(python=False)
+def bench(session: nox.Session) -> None:
+    """The benchmark suite: ratios against plain PyTorch, side by side (see benchmarks/)."""
+    session.run("python", "-m", "benchmarks", *session.posargs)

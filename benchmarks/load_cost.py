@@ -1,0 +1,99 @@
+"""Load: ``NNHandler.load`` (integrity verified) against ``torch.load`` plus building the model
+and optimizer by hand from a plain ``torch.save`` of the same state dicts.
+
+Both files sit in the page cache (as right after training), so this is CPU cost.
+
+    python -m benchmarks.load_cost [--rounds 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nnhandler import NNHandler
+
+from ._common import Row, interleaved_medians, machine_line
+
+__all__ = ["WideMLP", "run"]
+
+
+class WideMLP(nn.Module):
+    """~8.4 M parameters: with Adam's two moments about 100 MB of state."""
+
+    def __init__(self, width: int = 2048, depth: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _trained_handler(log_dir: Path) -> NNHandler:
+    torch.manual_seed(0)
+    handler = NNHandler(WideMLP, device="cpu", logger_mode=NNHandler.LoggingMode.FILE,
+                        log_file=log_dir / "bench.log", use_distributed=False)
+    handler.set_optimizer(torch.optim.Adam, lr=1e-3)
+    handler.set_loss_fn(nn.MSELoss)
+    x = torch.randn(16, 2048)
+    handler.set_train_loader(torch.utils.data.TensorDataset(x, x), batch_size=16)
+    handler.train(1, seed=0, progress_bar=False)  # so the optimizer has its moments
+    return handler
+
+
+def run(rounds: int = 9) -> list[Row]:
+    with tempfile.TemporaryDirectory() as directory:
+        folder = Path(directory)
+        handler = _trained_handler(folder)
+        ours_path = handler.save(folder / "nnhandler.pth")
+        optimizer = handler.optimizer
+        assert optimizer is not None
+        plain_path = folder / "plain.pth"
+        torch.save({"model": handler.module.state_dict(),
+                    "optimizer": optimizer.state_dict()}, plain_path)
+        size_mb = ours_path.stat().st_size / 1e6
+
+        def by_hand() -> object:
+            state = torch.load(plain_path, weights_only=True)
+            model = WideMLP()
+            model.load_state_dict(state["model"])
+            built = torch.optim.Adam(model.parameters(), lr=1e-3)
+            built.load_state_dict(state["optimizer"])
+            return model, built
+
+        quiet = {"logger_mode": NNHandler.LoggingMode.FILE, "log_file": folder / "bench.log"}
+        actions: dict[str, Callable[[], object]] = {
+            "by hand": by_hand,
+            "NNHandler.load": lambda: NNHandler.load(ours_path, device="cpu", **quiet),
+            "NNHandler.load(verify=False)": lambda: NNHandler.load(ours_path, device="cpu",
+                                                                   verify=False, **quiet),
+        }
+        medians = interleaved_medians(actions, rounds)
+    case = f"{size_mb:.0f} MB (8.4 M params + Adam)"
+    return [
+        Row("load", case, "torch.load + build by hand", medians["by hand"],
+            medians["NNHandler.load"], target=1.2),
+        Row("load", f"{case}, verify=False", "torch.load + build by hand",
+            medians["by hand"], medians["NNHandler.load(verify=False)"]),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    args = parser.parse_args()
+    print(machine_line())
+    for row in run(args.rounds):
+        print(f"{row.case:<50} {row.ratio:6.3f}x  {row.verdict}")
+
+
+if __name__ == "__main__":
+    main()
