@@ -13,13 +13,14 @@ from typing import Any, TypeVar, cast
 import torch
 import torch.distributed as dist
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigurationError
 
 __all__ = [
     "DistributedContext",
     "all_gather_objects",
     "detect_launch_environment",
     "first_host",
+    "local_cuda_index",
     "run_on_rank_zero",
 ]
 
@@ -41,6 +42,25 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",", 1)[0].split("-", 1)[0]
 
 
+def local_cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device index of the process with ``local_rank`` on its node.
+
+    Every GPU of the node visible (torchrun; ``srun`` with ``--gpus-per-node``): device
+    ``local_rank``. Exactly one visible (``srun --gpus-per-task=1``, or CUDA_VISIBLE_DEVICES set
+    per process): device 0. More processes than visible GPUs is an error rather than two ranks
+    silently sharing one device.
+    """
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise ConfigurationError(
+        f"local rank {local_rank} has no GPU of its own: this process sees {visible} CUDA "
+        "device(s); start one process per GPU (torchrun --nproc_per_node, srun "
+        "--ntasks-per-node) or pass device='cpu'"
+    )
+
+
 @dataclass(frozen=True)
 class LaunchEnvironment:
     rank: int
@@ -49,13 +69,18 @@ class LaunchEnvironment:
 
 
 def detect_launch_environment() -> LaunchEnvironment | None:
-    """Ranks from torchrun's (RANK, LOCAL_RANK, WORLD_SIZE) or SLURM's variables, else None."""
+    """Ranks from torchrun's (RANK, LOCAL_RANK, WORLD_SIZE) or SLURM's variables, else None.
+
+    torchrun's variables win, so ``srun torchrun ...`` (one SLURM task per node) uses the ranks
+    torchrun assigns. Under SLURM alone: rank SLURM_PROCID, local rank SLURM_LOCALID, world size
+    SLURM_NTASKS (a world of one is still reported; :meth:`DistributedContext.setup` decides).
+    """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnvironment(
             int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"])), int(env["WORLD_SIZE"])
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return LaunchEnvironment(
             int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), int(env["SLURM_NTASKS"])
         )
@@ -116,7 +141,7 @@ class DistributedContext:
         use_cuda = (device is None or device.type == "cuda") and torch.cuda.is_available()
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
-            torch.cuda.set_device(launch.local_rank)
+            torch.cuda.set_device(local_cuda_index(launch.local_rank, torch.cuda.device_count()))
         dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=30))
         return cls._from_group()
 
@@ -127,9 +152,14 @@ class DistributedContext:
 
     def default_device(self) -> torch.device:
         if torch.cuda.is_available():
-            index = self.local_rank if self.enabled else torch.cuda.current_device()
-            return torch.device("cuda", index)
+            return torch.device("cuda", self.cuda_index())
         return torch.device("cpu")
+
+    def cuda_index(self) -> int:
+        """This rank's CUDA device (:func:`local_cuda_index`; the current one without DDP)."""
+        if not self.enabled:
+            return torch.cuda.current_device()
+        return local_cuda_index(self.local_rank, torch.cuda.device_count())
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.enabled:

@@ -840,6 +840,7 @@ class NNHandler:
         if "rng" in state:
             self._rng.load_state_dict(state["rng"])
         self._report_restore(result, checkpoint.path)
+        self._warn_if_world_size_differs(checkpoint)
         self._last_logs = dict(checkpoint.meta.get("logs", {}))
         self.logger.info("loaded %s (epoch %d)", checkpoint.path, checkpoint.epoch)
         self._dispatcher.fire(Event.CHECKPOINT_LOADED, handler=self, path=checkpoint.path,
@@ -906,6 +907,22 @@ class NNHandler:
             self.logger.warning("checkpoint has no state for %s; they start fresh",
                                 list(result.missing))
 
+    def _warn_if_world_size_differs(self, checkpoint: Checkpoint) -> None:
+        """Resuming at another world size is allowed, but it cannot be exact: say so."""
+        saved = checkpoint.meta.get("world_size")
+        current = self.distributed.world_size
+        if not isinstance(saved, int) or saved == current:
+            return
+        message = (
+            f"checkpoint {str(checkpoint.path)!r} was written by {saved} rank(s), this run has "
+            f"{current}: rank r continues the random streams saved by rank r mod {saved} and "
+            "every rank gets a different shard of the data, so the resumed run cannot equal an "
+            "uninterrupted one exactly"
+        )
+        if self.distributed.is_main:
+            self.logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)  # on every rank: catchable there
+
     def __repr__(self) -> str:
         return (f"NNHandler(model={type(self._module).__qualname__}, device={self.device}, "
                 f"epoch={self.epoch})")
@@ -932,8 +949,7 @@ def _resolve_device(device: str | torch.device | None,
         if not torch.cuda.is_available():
             raise ConfigurationError(f"device {device!r} requested but CUDA is not available")
         if parsed.index is None:
-            index = context.local_rank if context.enabled else torch.cuda.current_device()
-            parsed = torch.device("cuda", index)
+            parsed = torch.device("cuda", context.cuda_index())
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise ConfigurationError(f"device {device!r}: only {torch.cuda.device_count()} "
                                      "CUDA device(s) visible")

@@ -310,7 +310,24 @@ class TrainingLoop:
             logs.update(_averages(reduced[width:], self.metric_names, "val_"))
         if "loss" not in logs:
             raise ValueError(f"epoch {epoch}: the training loader yielded no batches")
+        self._warn_if_not_finite(epoch, logs)
         return logs
+
+    def _warn_if_not_finite(self, epoch: int, logs: Mapping[str, Any]) -> None:
+        """A NaN/inf loss is not an error: it is summed across ranks like any other value (so
+        every rank sees it and the collectives stay in step), training goes on identically on
+        every rank, and rank 0 says so once. A callback may stop the run with
+        ``request_stop()``."""
+        bad = {k: v for k, v in logs.items()
+               if k != "epoch" and isinstance(v, float) and not math.isfinite(v)}
+        if bad and self.p.context.is_main:
+            self.p.handler.logger.warning(
+                "epoch %d: %s not finite%s; training continues (call handler.request_stop() "
+                "from a callback's on_epoch_end to stop)",
+                epoch, ", ".join(f"{k}={v}" for k, v in bad.items()),
+                " (summed over all ranks: one rank's NaN reaches every rank)"
+                if self.p.context.enabled else "",
+            )
 
     def _step_scheduler_per_epoch(self, logs: Mapping[str, Any]) -> None:
         p = self.p
@@ -333,5 +350,5 @@ def _length(loader: DataLoader[Any]) -> int | None:
 def _status(logs: Mapping[str, Any]) -> str:
     return "  ".join(
         f"{k}={v:.4g}" for k, v in logs.items()
-        if k != "epoch" and isinstance(v, float) and math.isfinite(v)
+        if k != "epoch" and isinstance(v, float)
     )

@@ -85,8 +85,10 @@ class RNGState:
     """Every rank's random states.
 
     Rank 0 writes the file, so a save first brings all ranks' states to it (:meth:`gathered`);
-    on load each rank takes its own back. At a different world size rank ``r`` takes saved rank
-    ``r % saved`` and a warning says that exact equality with an uninterrupted run cannot hold.
+    on load each rank takes its own back. At a different world size rank ``r`` takes the states
+    of saved rank ``r % saved``: fewer ranks continue the first ones' streams, extra ranks repeat
+    them (as every rank starts from the same seed in a fresh run). The handler warns that exact
+    equality with an uninterrupted run cannot hold then.
     """
 
     state_key = "rng"
@@ -110,10 +112,4 @@ class RNGState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ranks = state["ranks"]
-        if len(ranks) != self._context.world_size:
-            log.warning(
-                "checkpoint was written by %d rank(s), resuming with %d: random streams are "
-                "reused across ranks and the run cannot equal an uninterrupted one exactly",
-                len(ranks), self._context.world_size,
-            )
         restore_rng(ranks[self._context.rank % len(ranks)])
