@@ -6,6 +6,7 @@ Classes here live at module level so that checkpoints can reference them by impo
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,11 @@ def assert_same_tensors(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for a MASTER_PORT of a test's process group)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port

@@ -4,7 +4,6 @@ variables (``use_distributed=False``; one SLURM task) and the stop agreement hoo
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from nnh_testing import make_handler
+from nnh_testing import free_port, make_handler
 from torch import nn
 
-from nnhandler import Callback, ConfigurationError, Event, read_checkpoint
+from nnhandler import Callback, ConfigurationError, Event, distributed, read_checkpoint
 from nnhandler.distributed import (
     DistributedContext,
     detect_launch_environment,
@@ -130,13 +129,6 @@ def test_one_slurm_task_trains_as_a_single_process(clean_env: pytest.MonkeyPatch
     assert read_checkpoint(Path("one.pth")).meta["world_size"] == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def test_one_slurm_task_with_use_distributed_true_forms_a_group_of_one(
     clean_env: pytest.MonkeyPatch,
 ) -> None:
@@ -144,7 +136,7 @@ def test_one_slurm_task_with_use_distributed_true_forms_a_group_of_one(
     ranks come from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, the model is DDP-wrapped."""
     for name, value in {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1",
                         "SLURM_JOB_NODELIST": "localhost,node7",
-                        "MASTER_PORT": str(_free_port())}.items():
+                        "MASTER_PORT": str(free_port())}.items():
         clean_env.setenv(name, value)
     handler = make_handler(n=16, use_distributed=True)
     assert dist.is_initialized() and dist.get_backend() == "gloo"
@@ -156,6 +148,10 @@ def test_one_slurm_task_with_use_distributed_true_forms_a_group_of_one(
     handler.auto_save(1, "ck", name="ep{epoch:03d}")
     handler.train(2, seed=0, progress_bar=False)
     assert read_checkpoint(Path("ck/ep002.pth")).meta["world_size"] == 1
+    # the group nnhandler created is destroyed by its exit handler (while Python is whole)
+    del handler
+    distributed._destroy_own_group()
+    assert not dist.is_initialized()
 
 
 @pytest.mark.parametrize(
