@@ -3,6 +3,7 @@ variables (``use_distributed=False``; one SLURM task) and the stop agreement hoo
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,3 +209,34 @@ def test_before_writers_runs_between_ordinary_callbacks_and_writers() -> None:
     EventDispatcher([_Recorder("a", log)]).fire(
         Event.EPOCH_END, before_writers=lambda: log.append("agree"), epoch=1)
     assert log == ["a", "agree"]
+
+
+def test_non_finite_epoch_loss_is_logged_and_training_continues(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The single-process side of the NaN rule (the 2-rank side is in test_distributed.py)."""
+
+    class NaNAtEpochTwo(Callback):
+        def __init__(self) -> None:
+            self.epoch = 0
+
+        def on_epoch_begin(self, epoch: int, **kwargs: Any) -> None:
+            self.epoch = epoch
+
+    switch = NaNAtEpochTwo()
+
+    def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        value = nn.functional.mse_loss(output, target)
+        return value * float("nan") if switch.epoch == 2 else value
+
+    handler = make_handler(n=16, validation=False)
+    handler.set_loss_fn(loss)
+    handler.add_callback(switch)
+    with caplog.at_level("WARNING", logger="nnhandler"):
+        handler.train(3, seed=0, progress_bar=False)
+    losses = handler.train_losses
+    assert handler.epoch == 3 and math.isfinite(losses[0]) and math.isnan(losses[1])
+    warnings = [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()]
+    assert len(warnings) == 2  # epochs 2 and 3 (the weights are NaN from epoch 2 on)
+    assert warnings[0].startswith("epoch 2: loss=nan, mae=nan not finite; training continues")
+    assert "every rank" not in warnings[0]  # one process: nothing was summed across ranks
