@@ -7,7 +7,7 @@ A tiny score network learns a mixture of four Gaussians in the plane by denoisin
 under a variance-preserving SDE. ``ScoreSDE`` (a callback from the plugin) keeps the SDE, the
 sampler settings and its own random stream in every checkpoint; ``NNHandler.load`` re-creates
 it from the file through the plugin's entry point, without being told about it. After the
-resume the script draws samples with the Euler–Maruyama sampler and checks that they match the
+resume the script draws samples with the Euler-Maruyama sampler and checks that they match the
 data: mean and variance within tolerance, and most samples near one of the four centres.
 """
 
@@ -19,10 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils.data import TensorDataset
-
-from nnhandler import NNHandler
 from nnhandler_sde import (
     VPSDE,
     DenoisingScoreMatchingLoss,
@@ -31,6 +27,10 @@ from nnhandler_sde import (
     ScoreSDE,
     find_score_sde,
 )
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from nnhandler import NNHandler
 
 CENTRES = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
 SPREAD = 0.15

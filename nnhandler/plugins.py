@@ -61,14 +61,14 @@ class PluginRegistry:
         """Own the state key ``key`` (and ``key:*``); ``factory(state_key, state)`` re-creates
         the provider for it when a checkpoint holding such state is loaded."""
         if not isinstance(key, str) or not key or ":" in key:
-            raise PluginError(f"plugin {self._current!r}: state key {key!r} must be a non-empty "
+            raise PluginError(f"plugin {self._current}: state key {key!r} must be a non-empty "
                               "str without ':' (a claim on 'k' also covers 'k:<name>')")
         if not callable(factory):
-            raise PluginError(f"plugin {self._current!r}: factory for {key!r} is not callable: "
+            raise PluginError(f"plugin {self._current}: factory for {key!r} is not callable: "
                               f"{factory!r}")
         existing = self._claims.get(key)
         if existing is not None:
-            raise PluginError(f"plugins {existing.plugin!r} and {self._current!r} both claim the "
+            raise PluginError(f"plugins {existing.plugin} and {self._current} both claim the "
                               f"state key {key!r}; uninstall one of them")
         self._claims[key] = _Claim(key, self._current, factory)
 
@@ -90,10 +90,10 @@ class PluginRegistry:
         try:
             provider = factory(state_key, state)
         except Exception as error:
-            raise PluginError(f"plugin {plugin!r} failed to re-create the provider of state "
+            raise PluginError(f"plugin {plugin} failed to re-create the provider of state "
                               f"{state_key!r}: {type(error).__name__}: {error}") from error
         if not isinstance(provider, StateProvider) or provider.state_key != state_key:
-            raise PluginError(f"plugin {plugin!r} returned {provider!r} for state {state_key!r}: "
+            raise PluginError(f"plugin {plugin} returned {provider!r} for state {state_key!r}: "
                               f"expected a StateProvider whose state_key is {state_key!r}")
         return provider
 
@@ -105,7 +105,7 @@ class PluginRegistry:
         except PluginError:
             raise
         except Exception as error:
-            raise PluginError(f"plugin {name!r}: register() raised "
+            raise PluginError(f"plugin {name}: register() raised "
                               f"{type(error).__name__}: {error}") from error
         finally:
             self._current = "<registered by hand>"

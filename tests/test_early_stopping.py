@@ -140,7 +140,8 @@ def test_bad_arguments_are_validation_errors(kwargs: dict[str, Any], match: str)
 def test_misspelt_monitor_is_an_error_on_the_first_validating_epoch() -> None:
     handler = make_handler()
     handler.add_callback(EarlyStopping(monitor="val_maee"))
-    with pytest.raises(ConfigurationError, match=r"val_maee.*available: epoch, loss, mae, val_loss"):
+    with pytest.raises(ConfigurationError,
+                       match=r"val_maee.*available: epoch, loss, mae, val_loss"):
         handler.train(1, seed=0, progress_bar=False)
 
 

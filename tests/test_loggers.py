@@ -146,7 +146,7 @@ def test_resume_drops_rows_beyond_the_checkpoint_and_appends_without_duplicates(
     assert logger.last_epoch == 4
     attach_loaders(resumed)
     resumed.train(until_epoch=6, seed=0, progress_bar=False)
-    header, rows = read_csv("train.csv")
+    _, rows = read_csv("train.csv")
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[:4] == written[:4]  # the rows of the lineage are kept verbatim
     assert [as_floats(row) for row in rows] == [plain(entry) for entry in resumed.history]
@@ -244,8 +244,8 @@ def test_missing_tensorboard_names_the_extra(monkeypatch: pytest.MonkeyPatch) ->
         monkeypatch.delitem(sys.modules, loaded)
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(MissingDependencyError,
-                       match=r"TensorBoardLogger.*'tensorboard'.*pip install nnhandler\[tensorboard\]"
-                       ) as raised:
+                       match=r"TensorBoardLogger.*'tensorboard'.*"
+                             r"pip install nnhandler\[tensorboard\]") as raised:
         TensorBoardLogger("tb")
     assert isinstance(raised.value, ImportError)
     assert not Path("tb").exists()

@@ -190,7 +190,7 @@ def test_export_strips_the_compile_wrapper() -> None:
 
 def test_export_ema_without_an_ema_is_an_error() -> None:
     handler = make_handler()
-    with pytest.raises(ConfigurationError, match="no EMA model.*ema_decay > 0"):
+    with pytest.raises(ConfigurationError, match=r"no EMA model.*ema_decay > 0"):
         handler.export("ema.pt", ema=True)
     assert not Path("ema.pt").exists()
 

@@ -156,7 +156,8 @@ def _configuration(state: dict[str, Any]) -> tuple[SDE, EulerMaruyamaSampler, Sc
         data_shape=tuple(state["data_shape"]), seed=state["seed"], name=state["name"],
         sample_every=state["sample_every"], num_samples=state["num_samples"],
     )
-    return sde_from_config(state["sde"]), EulerMaruyamaSampler.from_config(state["sampler"]), options
+    sampler = EulerMaruyamaSampler.from_config(state["sampler"])
+    return sde_from_config(state["sde"]), sampler, options
 
 
 def find_score_sde(handler: NNHandler, name: str | None = None) -> ScoreSDE:

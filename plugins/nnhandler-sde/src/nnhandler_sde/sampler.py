@@ -1,7 +1,8 @@
-"""Reverse-time sampling: Euler–Maruyama predictor with an optional Langevin corrector."""
+"""Reverse-time sampling: Euler-Maruyama predictor with an optional Langevin corrector."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -29,10 +30,10 @@ class SamplerConfig(BaseModel):
 
 class EulerMaruyamaSampler:
     """Integrate the reverse-time SDE ``dx = [f(x,t) - g(t)^2 score(x,t)] dt + g(t) dw̄`` from
-    ``t = 1`` down to ``eps`` in ``steps`` Euler–Maruyama steps.
+    ``t = 1`` down to ``eps`` in ``steps`` Euler-Maruyama steps.
 
     With ``corrector_steps > 0`` each step is followed by that many Langevin MCMC steps whose
-    size is set by the signal-to-noise ratio ``snr`` (the predictor–corrector sampler of Song et
+    size is set by the signal-to-noise ratio ``snr`` (the predictor-corrector sampler of Song et
     al., 2021). The last step returns the noise-free mean. All randomness comes from the
     ``generator`` passed to :meth:`sample`, so a sampler with a restored generator reproduces
     its draws exactly.
@@ -76,7 +77,7 @@ class EulerMaruyamaSampler:
         x = sde.prior_sample(shape, generator).to(device)
         times = torch.linspace(1.0, s.eps, s.steps + 1, dtype=torch.float64).tolist()
         mean = x
-        for t_now, t_next in zip(times[:-1], times[1:], strict=True):
+        for t_now, t_next in itertools.pairwise(times):
             t = torch.full((shape[0],), t_now, device=device, dtype=x.dtype)
             dt = t_next - t_now  # negative: backwards in time
             for _ in range(s.corrector_steps):
@@ -93,5 +94,6 @@ class EulerMaruyamaSampler:
         grad_norm = grad.flatten(1).norm(dim=1).mean()
         noise_norm = noise.flatten(1).norm(dim=1).mean()
         alpha = broadcast_to(sde.langevin_alpha(t, dt), x)
-        step = 2.0 * alpha * (self.settings.snr * noise_norm / grad_norm.clamp_min(1e-12)) ** 2
+        ratio = self.settings.snr * noise_norm / grad_norm.clamp_min(1e-12)
+        step: torch.Tensor = 2.0 * alpha * ratio**2
         return x + step * grad + torch.sqrt(2.0 * step) * noise

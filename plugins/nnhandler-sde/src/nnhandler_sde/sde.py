@@ -135,7 +135,9 @@ class VPSDE(SDE):
         return 1.0
 
     def langevin_alpha(self, t: torch.Tensor, dt: float) -> torch.Tensor:
-        return 1.0 - self.beta(t) * abs(dt)
+        # exp(-beta dt): the discrete 1 - beta dt of Song et al. for small steps, and positive
+        # for coarse ones (where 1 - beta dt would make the step size negative)
+        return torch.exp(-self.beta(t) * abs(dt))
 
 
 class VESDE(SDE):
