@@ -101,14 +101,14 @@ SDE_ENTRY_POINT = ("sde", "nnhandler_sde.plugin:register")
 
 
 def write_dist_info(directory: Path, distribution: str, entry_points: dict[str, str],
-                    group: str = "nnhandler.plugins") -> Path:
+                    group: str = "nnhandler.plugins", version: str = "0.0.0") -> Path:
     """A real (minimal) installed-distribution record in ``directory``: ``METADATA`` and
     ``entry_points.txt``, as pip writes them. With ``directory`` on ``sys.path`` (or
     PYTHONPATH), ``importlib.metadata.entry_points`` finds the entry points."""
-    info = directory / f"{distribution.replace('-', '_')}-0.0.0.dist-info"
+    info = directory / f"{distribution.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True, exist_ok=True)
     (info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 0.0.0\n", encoding="utf-8")
+        f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n", encoding="utf-8")
     lines = [f"[{group}]", *(f"{name} = {value}" for name, value in entry_points.items())]
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return directory

@@ -1,10 +1,12 @@
 """Plugin discovery through the entry-point group ``nnhandler.plugins``: a real dist-info
-directory on ``sys.path`` (as pip writes one), a plugin module written for the test, and
-``NNHandler.load`` re-creating the plugin's state provider from a checkpoint."""
+directory on ``sys.path`` (as pip writes one), the README's example plugin taken verbatim from
+its "Writing a plugin" steps, and ``NNHandler.load`` re-creating the plugin's state provider
+from a checkpoint."""
 
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -17,34 +19,26 @@ from nnh_testing import attach_loaders, make_handler, write_dist_info
 import nnhandler
 from nnhandler import NNHandler, PluginError, PluginRegistry, discover_plugins
 
-PLUGIN_SOURCE = textwrap.dedent('''
-    from nnhandler import Callback
+README = Path(__file__).resolve().parents[1] / "README.md"
 
-    class EpochCounter(Callback):
-        """Counts the epochs it has seen; its name comes from its state key."""
 
-        def __init__(self, name=None):
-            self.name, self.count = name, 0
+def readme_plugin_source() -> str:
+    """The plugin module of the README's "Writing a plugin" steps 2 and 3, verbatim."""
+    text = README.read_text(encoding="utf-8")
+    blocks = [textwrap.dedent(block) for block in re.findall(r"```python\n(.*?)```", text,
+                                                              re.DOTALL)]
+    (callback,) = [b for b in blocks if b.startswith("# src/epoch_counter/__init__.py")]
+    (register,) = [b for b in blocks if b.startswith("def make(state_key, state):")]
+    return callback + "\n\n" + register
 
-        @property
-        def state_key(self):
-            return "epoch_counter" if self.name is None else f"epoch_counter:{self.name}"
 
-        def on_epoch_end(self, **kwargs):
-            self.count += 1
-
-        def state_dict(self):
-            return {"count": self.count}
-
-        def load_state_dict(self, state):
-            self.count = state["count"]
-
-    def make(state_key, state):
-        return EpochCounter(state_key.partition(":")[2] or None)
-
-    def register(registry):
-        registry.add_state_provider("epoch_counter", make)
-''')
+def readme_entry_point() -> dict[str, str]:
+    """The README's step 4 entry point: ``{name: "module:function"}``."""
+    text = README.read_text(encoding="utf-8")
+    match = re.search(r'\[project.entry-points."nnhandler.plugins"\]\n\s*(\w+) = "([\w.:]+)"',
+                      text)
+    assert match is not None, "README step 4 lost its entry point"
+    return {match.group(1): match.group(2)}
 
 
 @pytest.fixture
@@ -57,26 +51,28 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     before = set(sys.modules)
     yield directory
     for name in set(sys.modules) - before:
-        if name.startswith("plugin_"):
+        if name.startswith(("plugin_", "epoch_counter")):
             del sys.modules[name]
     importlib.invalidate_caches()
 
 
-def install(site: Path, module: str, source: str, entry_points: dict[str, str]) -> None:
+def install(site: Path, module: str, source: str, entry_points: dict[str, str],
+            version: str = "0.0.0") -> None:
     (site / f"{module}.py").write_text(source)
-    write_dist_info(site, module.replace("_", "-"), entry_points)
+    write_dist_info(site, module.replace("_", "-"), entry_points, version=version)
     importlib.invalidate_caches()
 
 
 @pytest.fixture
 def counter_plugin(site: Path) -> Path:
-    install(site, "plugin_counter", PLUGIN_SOURCE, {"counter": "plugin_counter:register"})
+    """The README's example plugin, installed as its steps say (module, entry point)."""
+    install(site, "epoch_counter", readme_plugin_source(), readme_entry_point(), version="0.1.0")
     return site
 
 
 def counter_checkpoint(path: str, *names: str | None) -> None:
     """Train 2 epochs with the plugin's callbacks attached by hand, and save."""
-    module = importlib.import_module("plugin_counter")
+    module = importlib.import_module("epoch_counter")
     handler = make_handler()
     for name in names:
         handler.add_callback(module.EpochCounter(name))
@@ -91,8 +87,8 @@ def counters(handler: NNHandler) -> dict[str, int]:
 def test_discovery_finds_the_entry_point_and_runs_register(counter_plugin: Path) -> None:
     registry = discover_plugins()
     assert "epoch_counter" in registry.keys
-    (counter,) = [name for name in registry.plugins if name.startswith("counter ")]
-    assert counter == "counter (plugin_counter:register from plugin-counter 0.0.0)"
+    (counter,) = [name for name in registry.plugins if name.startswith("epoch_counter ")]
+    assert counter == "epoch_counter (epoch_counter:register from epoch-counter 0.1.0)"
     assert registry.claim_for("epoch_counter:a") is not None
     assert registry.claim_for("epoch_counterx") is None
 
@@ -110,7 +106,7 @@ def test_load_recreates_the_plugins_providers_with_their_state(counter_plugin: P
 
 def test_a_passed_callback_takes_the_state_instead(counter_plugin: Path) -> None:
     counter_checkpoint("ck.pth", None)
-    mine = importlib.import_module("plugin_counter").EpochCounter()
+    mine = importlib.import_module("epoch_counter").EpochCounter()
     loaded = NNHandler.load("ck.pth", callbacks=[mine])
     assert [cb for cb in loaded.callbacks if hasattr(cb, "count")] == [mine]
     assert mine.count == 2
@@ -160,8 +156,9 @@ def test_a_broken_plugin_fails_a_load_that_needs_plugins(counter_plugin: Path) -
 
 
 def test_two_plugins_claiming_one_key_is_an_error(counter_plugin: Path) -> None:
-    install(counter_plugin, "plugin_twin", PLUGIN_SOURCE, {"twin": "plugin_twin:register"})
-    with pytest.raises(PluginError, match=r"plugins counter .* and twin .* both claim the "
+    install(counter_plugin, "plugin_twin", readme_plugin_source(),
+            {"twin": "plugin_twin:register"})
+    with pytest.raises(PluginError, match=r"plugins epoch_counter .* and twin .* both claim the "
                                           "state key 'epoch_counter'"):
         discover_plugins()
 
