@@ -46,17 +46,15 @@ _LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GR
                      "SLURM_NTASKS", "SLURM_LOCALID")
 
 
-def launch(
-    scenario: str, workdir: Path, *extra: str, worker: Path = WORKER
-) -> list[dict[str, Any]]:
-    """Run ``worker`` on two ranks; the per-rank results, in rank order."""
+def launch(scenario: str, workdir: Path, *extra: str) -> list[dict[str, Any]]:
+    """Run the worker on two ranks; the per-rank results, in rank order."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
     env["PYTHONPATH"] = os.pathsep.join(
         [str(TESTS_DIR), str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     )
     env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={WORLD_SIZE}", str(worker), scenario, str(workdir), *extra]
+               f"--nproc_per_node={WORLD_SIZE}", str(WORKER), scenario, str(workdir), *extra]
     # a session of its own, so a hang kills the launcher *and* its workers
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=env, cwd=workdir.parent, start_new_session=True)

@@ -11,16 +11,14 @@ from typing import Any
 
 import pytest
 import torch
-from test_distributed import TESTS_DIR, launch, pytestmark  # noqa: F401  (markers and skip)
-
-WORKER = TESTS_DIR / "ddp_extras_worker.py"
+from test_distributed import launch, pytestmark  # noqa: F401  (markers and skip)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     workdir = tmp_path_factory.mktemp("ddp_extras") / "callbacks"
     workdir.mkdir()
-    return workdir, launch("callbacks", workdir, worker=WORKER)
+    return workdir, launch("callbacks", workdir)
 
 
 def epochs_of(lines: list[str]) -> list[int]:
@@ -33,7 +31,7 @@ def test_every_rank_stops_at_the_same_epoch_with_the_same_logs(
     _, (rank0, rank1) = run
     assert rank0["stopped_epoch"] == rank1["stopped_epoch"] == rank0["epoch"] == 3
     assert rank0["history"] == rank1["history"]
-    assert [entry["lr"] for entry in rank0["history"]] == [0.01, 0.005, 0.0025]
+    assert [entry["lr"] for entry in rank0["history"]] == [0.01, 0.01, 0.005]  # StepLR(2, 0.5)
 
 
 def test_only_rank_zero_writes_csv_rows_and_tensorboard_events(
