@@ -1,6 +1,6 @@
 """Developer sessions. They run in the current environment (``python=False``): PyTorch builds
 are large and machine-specific, so nox does not install a fresh one per session. Set up once with
-``pip install -e ".[dev]"`` (see README)."""
+``pip install -e ".[dev]" -e plugins/nnhandler-sde`` (see README)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def lint(session: nox.Session) -> None:
-    session.run("ruff", "check", "nnhandler", "tests", "examples", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "nnhandler", "tests", "examples", "benchmarks", "plugins",
+                "noxfile.py")
 
 
 @nox.session(python=False)

@@ -2,7 +2,14 @@
 
 __version__ = "0.1.0"
 
-from .callbacks import AutoSaveCallback, Callback
+from .callbacks import (
+    AutoSaveCallback,
+    Callback,
+    CSVLogger,
+    EarlyStopping,
+    LearningRateMonitor,
+    TensorBoardLogger,
+)
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import (
     CallbackValidationError,
@@ -11,16 +18,20 @@ from .errors import (
     CheckpointFormatError,
     ConfigurationError,
     DuplicateStateKeyError,
+    MissingDependencyError,
     NoCheckpointFoundError,
+    PluginError,
     UnresolvableReferenceError,
 )
 from .events import Event
 from .handler import NNHandler
 from .logging import LoggingMode
+from .plugins import PluginRegistry, discover_plugins
 from .state import RestoreResult, StateProvider
 
 __all__ = [
     "AutoSaveCallback",
+    "CSVLogger",
     "Callback",
     "CallbackValidationError",
     "Checkpoint",
@@ -29,13 +40,20 @@ __all__ = [
     "CheckpointFormatError",
     "ConfigurationError",
     "DuplicateStateKeyError",
+    "EarlyStopping",
     "Event",
+    "LearningRateMonitor",
     "LoggingMode",
+    "MissingDependencyError",
     "NNHandler",
     "NoCheckpointFoundError",
+    "PluginError",
+    "PluginRegistry",
     "RestoreResult",
     "StateProvider",
+    "TensorBoardLogger",
     "UnresolvableReferenceError",
     "__version__",
+    "discover_plugins",
     "read_checkpoint",
 ]

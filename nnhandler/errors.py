@@ -13,7 +13,9 @@ __all__ = [
     "CheckpointFormatError",
     "ConfigurationError",
     "DuplicateStateKeyError",
+    "MissingDependencyError",
     "NoCheckpointFoundError",
+    "PluginError",
     "UnresolvableReferenceError",
 ]
 
@@ -28,6 +30,16 @@ class DuplicateStateKeyError(ConfigurationError):
 
 class CallbackValidationError(ConfigurationError, TypeError):
     """A callback cannot be registered (unknown hook name, hook signature that cannot be called)."""
+
+
+class MissingDependencyError(ImportError):
+    """An optional feature needs a package that is not installed; the message names the
+    ``pip install nnhandler[extra]`` that brings it."""
+
+
+class PluginError(RuntimeError):
+    """An installed plugin (entry-point group ``nnhandler.plugins``) cannot be loaded or
+    registered; the message names the plugin, its distribution and what went wrong."""
 
 
 class CheckpointError(Exception):

@@ -51,6 +51,7 @@ from .events import Event, EventDispatcher, validate_hooks
 from .logging import LoggingMode as _LoggingMode
 from .logging import make_logger
 from .loop import EpochShuffleSampler, LoopParts, ShardSampler, TrainingLoop
+from .plugins import discover_plugins
 from .state import RestoreResult, StateProvider, StateRegistry
 
 __all__ = ["NNHandler"]
@@ -681,6 +682,33 @@ class NNHandler:
         """``{state_key: state}`` of every provider: exactly what a checkpoint's ``state`` holds."""
         return self._registry.collect()
 
+    # ------------------------------------------------------------------ plots and export -----
+    def export(self, path: str | os.PathLike[str], ema: bool = False) -> Path:
+        """Write the model's weights alone as a plain state dict (CPU tensors), atomically.
+
+        ``ema=True`` exports the EMA weights (an error when there is no EMA). The file loads into
+        your own model with plain torch, without nnhandler:
+        ``model.load_state_dict(torch.load(path, weights_only=True))``. Wrapper prefixes (DDP,
+        ``torch.compile``, the EMA's ``AveragedModel``) and ``n_averaged`` are not in it.
+        """
+        from .export import export_weights
+
+        return export_weights(self, path, ema)
+
+    def plot_losses(self, path: str | os.PathLike[str]) -> Path:
+        """Plot training and validation loss per epoch as a PNG (needs ``nnhandler[plot]``)."""
+        from .plotting import plot_losses
+
+        return plot_losses(self, path)
+
+    def plot_metrics(self, path: str | os.PathLike[str],
+                     names: Iterable[str] | None = None) -> Path:
+        """Plot each metric (training and validation) per epoch as a PNG, one panel per metric
+        (``names`` selects some; needs ``nnhandler[plot]``)."""
+        from .plotting import plot_metrics
+
+        return plot_metrics(self, path, None if names is None else list(names))
+
     def _config_dict(self) -> dict[str, Any]:
         optimizer = scheduler = None
         if self._optimizer_spec is not None:
@@ -754,8 +782,10 @@ class NNHandler:
         file are imported and must be subclasses of the expected base; ``model_class=`` avoids
         even that for the model. ``skip_*`` leave a component fresh. ``callbacks`` are added
         and receive their state by ``state_key``; the file's auto-save callbacks come back as
-        they were unless a passed callback has the same key (or ``skip_callbacks``). State
-        without an owner is kept, written into later checkpoints and reported with a warning.
+        they were unless a passed callback has the same key (or ``skip_callbacks``), and so do
+        the providers of installed plugins (entry-point group ``nnhandler.plugins``, see
+        :mod:`nnhandler.plugins`) for the state keys they claim. State without an owner is
+        kept, written into later checkpoints and reported with a warning.
         ``strict`` demands that model weights match exactly. ``verify`` (default) checks the
         file's CRC-32 first and raises :class:`~nnhandler.CheckpointCorruptedError` on any damage;
         ``verify=False`` skips that for speed. Datasets are not saved: call
@@ -785,6 +815,7 @@ class NNHandler:
             handler.add_callback(callback)
         if not skip_callbacks:
             handler._recreate_autosaves(state, config.get("own_autosave"))
+            handler._recreate_plugin_providers(state)
         skip = {key for key, flag in (("optimizer", skip_optimizer), ("scheduler", skip_scheduler),
                                        ("history", skip_history), ("ema", skip_ema)) if flag}
         if skip_callbacks:
@@ -893,6 +924,19 @@ class NNHandler:
                 owner = callback
             if key == own_key and isinstance(owner, AutoSaveCallback):
                 self._autosave = owner
+
+    def _recreate_plugin_providers(self, state: Mapping[str, Any]) -> None:
+        """Let installed plugins re-create the providers of states nothing here owns."""
+        unowned = [key for key in state if key not in _CORE_KEYS and key not in self._registry]
+        if not unowned:
+            return
+        registry = discover_plugins()
+        for key in unowned:
+            provider = registry.create_provider(key, state[key])
+            if isinstance(provider, Callback):
+                self.add_callback(provider)
+            elif provider is not None:
+                self.register_state_provider(provider)
 
     def _report_restore(self, result: RestoreResult, path: Path) -> None:
         if result.unmatched:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -194,12 +195,20 @@ class TrainingLoop:
                 self._step_scheduler_per_epoch(logs)
                 p.progress.epoch = epoch
                 p.history.record(logs, self.metric_names)
-                p.dispatcher.fire(Event.EPOCH_END, before_writers=self._agree_on_stop,
+                p.dispatcher.fire(Event.EPOCH_END,
+                                  before_writers=functools.partial(self._before_writers, logs),
                                   handler=p.handler, epoch=epoch, logs=logs)
                 bar.end_epoch(_status(logs))
                 if p.handler.stop_requested:
                     break
         return logs
+
+    def _before_writers(self, logs: dict[str, Any]) -> None:
+        """After the ordinary epoch-end callbacks, before the checkpoint writers: keys those
+        callbacks added to the logs (``lr`` …) join the history, then the ranks agree on
+        stopping."""
+        self.p.history.update_last(logs)
+        self._agree_on_stop()
 
     def _agree_on_stop(self) -> None:
         """Under DDP rank 0 decides whether training stops, so every rank saves (or not) and

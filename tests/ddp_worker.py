@@ -20,6 +20,9 @@ where tensors matter, ``*_rank<r>.pt``) for the test to assert on. Scenarios:
   every rank sees NaN in the epoch loss, training continues or stops identically everywhere.
 * ``slurm``  — started without torchrun, from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS and
   SLURM_JOB_NODELIST (MASTER_ADDR derived from it): a short training run with auto-save.
+* ``callbacks`` — EarlyStopping, LearningRateMonitor, CSVLogger and (when installed)
+  TensorBoardLogger with auto-save every epoch, then export and plots, then every rank loads
+  the epoch-2 checkpoint with fresh loggers and trains again.
 
 A watchdog dumps every thread's stack and exits if a scenario hangs, so the test sees a
 failure with a traceback instead of a silent timeout.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import importlib.util
 import json
 import math
 import os
@@ -50,7 +54,17 @@ import nnhandler.checkpoint as checkpoint_pkg  # noqa: E402
 import nnhandler.checkpoint.envelope as envelope_mod  # noqa: E402
 import nnhandler.checkpoint.writer as writer_mod  # noqa: E402
 import nnhandler.handler as handler_mod  # noqa: E402
-from nnhandler import AutoSaveCallback, Callback, CheckpointError, NNHandler, read_checkpoint  # noqa: E402
+from nnhandler import (  # noqa: E402
+    AutoSaveCallback,
+    Callback,
+    CheckpointError,
+    CSVLogger,
+    EarlyStopping,
+    LearningRateMonitor,
+    NNHandler,
+    TensorBoardLogger,
+    read_checkpoint,
+)
 
 # torchrun sets RANK/WORLD_SIZE; the slurm scenario has only SLURM's variables until NNHandler
 # sets up the process group
@@ -554,6 +568,57 @@ def scenario_slurm(workdir: Path) -> dict[str, Any]:
     }
 
 
+def epoch_loggers() -> list[Any]:
+    found: list[Any] = [LearningRateMonitor(), CSVLogger("train.csv")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        found.append(TensorBoardLogger("tb"))
+    return found
+
+
+def scenario_callbacks(workdir: Path) -> dict[str, Any]:
+    handler = new_handler()
+    stopping = EarlyStopping(patience=2, min_delta=1e9)  # stops after epoch 3
+    handler.add_callback(stopping)
+    for callback in epoch_loggers():
+        handler.add_callback(callback)
+    handler.auto_save(1, "ck", name="ep{epoch}")
+    handler.train(10, seed=SEED, progress_bar=False)
+    first_history = [dict(entry) for entry in handler.history]
+    exported = handler.export("export/weights.pt")
+    plots = []
+    if importlib.util.find_spec("matplotlib") is not None:
+        plots = [str(handler.plot_losses("plots/loss.png")),
+                 str(handler.plot_metrics("plots/metrics.png"))]
+    dist.barrier()
+    weights_match = all(torch.equal(v, handler.module.state_dict()[k])
+                        for k, v in torch.load(exported, weights_only=True).items())
+    rows_after_first = Path("train.csv").read_text().splitlines()
+
+    resumed = NNHandler.load("ck/ep2.pth", logger_mode=NNHandler.LoggingMode.FILE,
+                             log_file=f"nnhandler_rank{RANK}.log",
+                             callbacks=[EarlyStopping(patience=2, min_delta=1e9),
+                                        *epoch_loggers()])
+    attach_loaders(resumed)
+    resumed.train(until_epoch=10, seed=SEED, progress_bar=False)
+    dist.barrier()
+    tensorboard = Path("tb")
+    return {
+        "context": context_of(handler),
+        "stopped_epoch": stopping.stopped_epoch,
+        "epoch": handler.epoch,
+        "history": first_history,
+        "resumed_epoch": resumed.epoch,
+        "resumed_history": resumed.history,
+        "weights_match": weights_match,
+        "exported": str(exported),
+        "plots": plots,
+        "rows_after_first": rows_after_first,
+        "rows_after_resume": Path("train.csv").read_text().splitlines(),
+        "tensorboard_files": sorted(p.name for p in tensorboard.iterdir())
+        if tensorboard.exists() else None,
+    }
+
+
 def main() -> None:
     scenario, workdir = sys.argv[1], Path(sys.argv[2]).resolve()
     refs = [Path(arg).resolve() for arg in sys.argv[3:]]
@@ -570,6 +635,8 @@ def main() -> None:
             result = scenario_nan(workdir)
         elif scenario == "slurm":
             result = scenario_slurm(workdir)
+        elif scenario == "callbacks":
+            result = scenario_callbacks(workdir)
         else:
             raise SystemExit(f"unknown scenario {scenario!r}")
         result.update({"rank": RANK, "world_size": WORLD_SIZE})

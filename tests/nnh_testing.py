@@ -102,3 +102,29 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+# -- plugins -----------------------------------------------------------------------------------
+PLUGIN_SRC = Path(__file__).resolve().parents[1] / "plugins" / "nnhandler-sde" / "src"
+SDE_ENTRY_POINT = ("sde", "nnhandler_sde.plugin:register")
+
+
+def write_dist_info(directory: Path, distribution: str, entry_points: dict[str, str],
+                    group: str = "nnhandler.plugins", version: str = "0.0.0") -> Path:
+    """A real (minimal) installed-distribution record in ``directory``: ``METADATA`` and
+    ``entry_points.txt``, as pip writes them. With ``directory`` on ``sys.path`` (or
+    PYTHONPATH), ``importlib.metadata.entry_points`` finds the entry points."""
+    info = directory / f"{distribution.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n", encoding="utf-8")
+    lines = [f"[{group}]", *(f"{name} = {value}" for name, value in entry_points.items())]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return directory
+
+
+def sde_plugin_installed() -> bool:
+    """Whether the nnhandler-sde plugin's entry point is installed (``pip install -e
+    plugins/nnhandler-sde``); tests register it through a temporary dist-info otherwise."""
+    import importlib.metadata
+
+    found = importlib.metadata.entry_points(group="nnhandler.plugins", name=SDE_ENTRY_POINT[0])
+    return any(ep.value == SDE_ENTRY_POINT[1] for ep in found)

@@ -5,16 +5,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from nnh_testing import PLUGIN_SRC, SDE_ENTRY_POINT, sde_plugin_installed, write_dist_info
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 
-def run_example(script: Path, *args: str, cwd: Path) -> str:
+def run_example(script: Path, *args: str, cwd: Path, path: Sequence[Path] = ()) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [*map(str, path), *filter(None, [os.environ.get("PYTHONPATH")])])
     completed = subprocess.run(
         [sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=180,
@@ -27,6 +32,7 @@ def test_every_example_is_covered() -> None:
     assert {p.name for p in EXAMPLES} == {
         "quickstart.py", "manual_autosave_callback.py", "custom_state_provider.py",
         "ddp_train.py",  # run under torchrun by tests/test_distributed.py
+        "score_based_sde.py",
     }
 
 
@@ -68,3 +74,22 @@ def test_custom_state_provider_example(tmp_path: Path) -> None:
     checkpoint = torch.load(next(out.glob("*.pth")), weights_only=True)
     saved = checkpoint["state"]["best_validation_tracker"]
     assert f"best val loss {saved['best_loss']:.4f} at epoch {saved['best_epoch']}" in stdout
+
+
+def test_score_based_sde_example_trains_resumes_through_the_plugin_and_samples(
+    tmp_path: Path,
+) -> None:
+    path = [ROOT, PLUGIN_SRC]
+    if not sde_plugin_installed():  # a checkout without `pip install -e plugins/nnhandler-sde`
+        path.insert(0, write_dist_info(tmp_path / "site", "nnhandler-sde",
+                                       dict([SDE_ENTRY_POINT])))
+    out = tmp_path / "sde"
+    stdout = run_example(ROOT / "examples" / "score_based_sde.py", "--out", str(out),
+                         cwd=tmp_path, path=path)
+    assert "resumed from score_ep030.pth at epoch 30: VPSDE(beta_min=0.1, beta_max=20.0)" in stdout
+    assert "epochs trained: 60" in stdout
+    assert "samples match the data" in stdout
+    assert sorted(p.name for p in out.glob("*.pth")) == [
+        f"score_ep{epoch:03d}.pth" for epoch in (10, 20, 30, 40, 50, 60)]
+    state = torch.load(out / "score_ep060.pth", weights_only=True)["state"]["sde"]
+    assert state["samples_drawn"] == 6 * 512  # sample_every=10 over 60 epochs, across the resume

@@ -33,7 +33,12 @@ class History:
             for name in metric_names:
                 if f"val_{name}" in logs:
                     self.val_metrics.setdefault(name, []).append(float(logs[f"val_{name}"]))
-        self.epoch_logs.append({k: v for k, v in logs.items() if _is_plain(v)})
+        self.epoch_logs.append({k: v for k, v in logs.items() if is_plain(v)})
+
+    def update_last(self, logs: dict[str, Any]) -> None:
+        """Merge the (plain) values of ``logs`` into the latest epoch's entry: keys that
+        epoch-end callbacks added after :meth:`record` reach the history too."""
+        self.epoch_logs[-1].update({k: v for k, v in logs.items() if is_plain(v)})
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -52,7 +57,8 @@ class History:
         self.epoch_logs = [dict(logs) for logs in state["epoch_logs"]]
 
 
-def _is_plain(value: Any) -> bool:
+def is_plain(value: Any) -> bool:
+    """Whether a log value is kept in the history (and in CSV rows): None, bool, int, float, str."""
     return value is None or isinstance(value, (int, float, str, bool))
 
 

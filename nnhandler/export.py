@@ -1,0 +1,58 @@
+"""Export the model's weights alone, as a plain state dict that plain ``torch`` loads.
+
+``torch.load(path, weights_only=True)`` gives ``{parameter/buffer name: tensor}`` on the CPU,
+ready for ``model.load_state_dict(...)`` on the user's own model — no nnhandler needed, no
+wrapper prefixes (``module.`` of DDP or of the EMA's ``AveragedModel``, ``_orig_mod.`` of
+``torch.compile``), no EMA bookkeeping (``n_averaged``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .checkpoint.writer import atomic_write
+from .components import unwrap_model
+from .distributed import run_on_rank_zero
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .handler import NNHandler
+
+__all__ = ["export_weights", "model_weights"]
+
+
+def model_weights(handler: NNHandler, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The unwrapped model's state dict on the CPU: the raw training weights, or with
+    ``ema=True`` the EMA weights (a :class:`~nnhandler.ConfigurationError` without an EMA)."""
+    if ema:
+        averaged = handler.ema_model
+        if averaged is None:
+            raise ConfigurationError(
+                "export(ema=True): this handler has no EMA model; train with ema_decay > 0 "
+                "(or load a checkpoint that has one), or export the raw weights with ema=False"
+            )
+        module = averaged.module  # the averaged copy itself: no "module." prefix, no n_averaged
+    else:
+        module = handler.module
+    return {name: tensor.detach().to("cpu") for name, tensor in
+            unwrap_model(module).state_dict().items()}
+
+
+def export_weights(handler: NNHandler, path: str | os.PathLike[str], ema: bool = False) -> Path:
+    """Write :func:`model_weights` to ``path`` atomically (rank 0 under DDP; every rank returns
+    once the file is there, or raises rank 0's error)."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigurationError(f"export path {str(target)!r} is a directory")
+    weights = model_weights(handler, ema)
+
+    def write() -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, lambda file: torch.save(weights, file))
+
+    run_on_rank_zero(handler.distributed, write)
+    return target
