@@ -26,6 +26,7 @@ def run_example(script: Path, *args: str, cwd: Path) -> str:
 def test_every_example_is_covered() -> None:
     assert {p.name for p in EXAMPLES} == {
         "quickstart.py", "manual_autosave_callback.py", "custom_state_provider.py",
+        "fsdp_sharded.py",  # run under torchrun in tests/test_sharded_checkpoint.py
     }
 
 

@@ -434,6 +434,31 @@ def test_a_kill_mid_save_leaves_no_directory_under_the_final_name(
     assert resumed.epoch == 1
 
 
+@pytest.mark.distributed
+def test_fsdp_example_trains_resumes_and_consolidates(tmp_path: Path) -> None:
+    example = REPO_ROOT / "examples" / "fsdp_sharded.py"
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
+    env.update({"OMP_NUM_THREADS": "1", "COLUMNS": "120"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(example), "--epochs"]
+    for epochs in ("2", "3"):  # the second run resumes from latest.dcp
+        done = subprocess.run([*command, epochs], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=LAUNCH_TIMEOUT_S)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+        assert f"world size 2, epoch {epochs}," in done.stdout
+    out = tmp_path / "checkpoints" / "fsdp"
+    assert listing(out) == ["latest.dcp", "net_ep002.dcp"]
+    assert read_manifest(out / "latest.dcp")["epoch"] == 3
+    done = subprocess.run([sys.executable, str(example), "--consolidate", str(out / "latest.dcp")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    plain = read_checkpoint(out / "latest.pth")
+    assert plain.epoch == 3 and len(plain.state["history"]["train_losses"]) == 3
+    assert plain.state["config"]["parallelism"] == "none"
+    assert plain.state["model"]["blocks.0.layer.0.weight"].shape == (32, 32)
+
+
 # -- single-process units ----------------------------------------------------------------------
 leaves = st.one_of(st.none(), st.integers(), st.floats(allow_nan=False), st.text(max_size=3),
                    st.lists(st.integers(), max_size=3),
