@@ -32,7 +32,6 @@ import os
 import shutil
 import signal
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ faulthandler.dump_traceback_later(150, exit=True)  # inside the test's limit
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from dist_testing import FailingState, attempt, group_still_works, history_of  # noqa: E402
 from nnh_testing import TinyNet, mae, regression_dataset  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.distributed.checkpoint.filesystem import FileSystemWriter  # noqa: E402
@@ -51,7 +51,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor  # noqa: E402
 
 import nnhandler.checkpoint.sharded as sharded_mod  # noqa: E402
-from nnhandler import AutoSaveCallback, Callback, CheckpointError, NNHandler  # noqa: E402
+from nnhandler import AutoSaveCallback, Callback, NNHandler  # noqa: E402
 
 RANK = int(os.environ["RANK"])
 WORLD_SIZE = int(os.environ["WORLD_SIZE"])
@@ -117,23 +117,6 @@ class Recorder(Callback):
         self.optimizer[epoch] = full_optimizer(handler)
 
 
-class FailingState(Callback):
-    """A state provider whose ``state_dict`` raises on rank 0 only (while armed)."""
-
-    state_key = "failing_state"
-
-    def __init__(self) -> None:
-        self.armed = False
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.armed and dist.get_rank() == 0:
-            raise RuntimeError("boom on rank 0")
-        return {"ok": 1}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
 class DTensorNet(nn.Module):
     """A model that places its own DTensors (no FSDP): a row-sharded table and a replicated
     bias, the layout of tensor parallelism."""
@@ -181,43 +164,8 @@ def add_autosaves(handler: NNHandler) -> None:
     handler.add_callback(AutoSaveCallback(1, "ck", name="last", overwrite=True))
 
 
-def history_of(handler: NNHandler) -> dict[str, Any]:
-    history = {
-        "train_losses": handler.train_losses,
-        "val_losses": handler.val_losses,
-        "train_metrics": handler.train_metrics_history,
-        "val_metrics": handler.val_metrics_history,
-        "epoch": handler.epoch,
-        "global_step": handler.global_step,
-        "run_seed": handler.progress.run_seed,
-    }
-    copied: dict[str, Any] = json.loads(json.dumps(history))
-    return copied
-
-
-def error_record(error: BaseException) -> dict[str, Any]:
-    return {"type": type(error).__name__,
-            "is_checkpoint_error": isinstance(error, CheckpointError),
-            "message": str(error),
-            "traceback": traceback.format_exc()}
-
-
-def attempt(action: Any) -> dict[str, Any]:
-    try:
-        action()
-    except Exception as error:
-        return error_record(error)
-    return {"type": None}
-
-
 def list_tree(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
-
-
-def group_still_works() -> float:
-    value = torch.tensor([float(dist.get_rank() + 1)])
-    dist.all_reduce(value)
-    return float(value.item())
 
 
 # -- scenarios ---------------------------------------------------------------------------------

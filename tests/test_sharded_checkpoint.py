@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from dist_testing import REPO_ROOT, TESTS_DIR, run_bounded, torchrun
 from hypothesis import given
 from hypothesis import strategies as st
 from nnh_testing import TinyNet, make_handler
@@ -49,8 +49,6 @@ from nnhandler.checkpoint.sharded import (
 from nnhandler.checkpoint.writer import remove_stale_temp_files
 from nnhandler.cli import main as cli_main
 
-TESTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = TESTS_DIR.parent
 WORKER = TESTS_DIR / "sharded_worker.py"
 LAUNCH_TIMEOUT_S = 180
 EPOCHS = 4  # must match tests/sharded_worker.py
@@ -62,30 +60,11 @@ distributed = [
                        reason="torch.distributed with the gloo backend is not available"),
 ]
 
-#: launcher variables of an enclosing torchrun/SLURM job must not leak into the child launch
-_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                     "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID",
-                     "SLURM_NTASKS", "SLURM_LOCALID")
-
-
 def run_workers(scenario: str, workdir: Path, ranks: int, *extra: str) -> tuple[int, str]:
     """Run the worker on ``ranks`` processes; (exit status, output). A hang fails the test."""
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(TESTS_DIR), str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={ranks}", str(WORKER), scenario, str(workdir), *extra]
     workdir.parent.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=env, cwd=workdir.parent, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"scenario {scenario!r} hung (> {LAUNCH_TIMEOUT_S} s):\n{output[-8000:]}")
-    return process.returncode, output
+    return run_bounded(torchrun(ranks, WORKER, scenario, str(workdir), *extra), workdir.parent,
+                       f"scenario {scenario!r}", LAUNCH_TIMEOUT_S)
 
 
 def launch(scenario: str, workdir: Path, ranks: int, *extra: str) -> list[dict[str, Any]]:
@@ -437,22 +416,18 @@ def test_a_kill_mid_save_leaves_no_directory_under_the_final_name(
 @pytest.mark.distributed
 def test_fsdp_example_trains_resumes_and_consolidates(tmp_path: Path) -> None:
     example = REPO_ROOT / "examples" / "fsdp_sharded.py"
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
-    env.update({"OMP_NUM_THREADS": "1", "COLUMNS": "120"})
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(example), "--epochs"]
     for epochs in ("2", "3"):  # the second run resumes from latest.dcp
-        done = subprocess.run([*command, epochs], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=LAUNCH_TIMEOUT_S)
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-        assert f"world size 2, epoch {epochs}," in done.stdout
+        code, output = run_bounded(torchrun(2, example, "--epochs", epochs), tmp_path, "example",
+                                   LAUNCH_TIMEOUT_S)
+        assert code == 0, output[-8000:]
+        assert f"world size 2, epoch {epochs}," in output
     out = tmp_path / "checkpoints" / "fsdp"
     assert listing(out) == ["latest.dcp", "net_ep002.dcp"]
     assert read_manifest(out / "latest.dcp")["epoch"] == 3
-    done = subprocess.run([sys.executable, str(example), "--consolidate", str(out / "latest.dcp")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT_S)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    code, output = run_bounded(
+        [sys.executable, str(example), "--consolidate", str(out / "latest.dcp")], tmp_path,
+        "consolidation", LAUNCH_TIMEOUT_S)
+    assert code == 0, output[-8000:]
     plain = read_checkpoint(out / "latest.pth")
     assert plain.epoch == 3 and len(plain.state["history"]["train_losses"]) == 3
     assert plain.state["config"]["parallelism"] == "none"
