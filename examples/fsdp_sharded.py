@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -87,8 +88,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.consolidate is not None:
         consolidate(args.consolidate)
-    else:
+        return
+    try:
         train(args.epochs, args.out)
+    finally:
+        # the handler joined (or created) the process group; leaving it to the interpreter's
+        # exit can abort a rank in gloo/nccl's thread teardown
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
