@@ -2,6 +2,8 @@
 
     nnhandler verify PATH...        exit status 0 only when every file verifies
     nnhandler inspect PATH [--json] epoch, logs, components (tensors, bytes), versions, config
+
+PATH may be a checkpoint file (``.pth``) or a sharded checkpoint directory (``.dcp``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint
+from .checkpoint.sharded import ShardedCheckpoint, describe_sharded, read_any_checkpoint
 from .errors import CheckpointError
 
 __all__ = ["main"]
@@ -44,9 +47,16 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
     for key, value in checkpoint.state.items():
         count, size = _tensor_stats(value)
         components[key] = {"tensors": count, "bytes": size}
+    if isinstance(checkpoint, ShardedCheckpoint):  # model/optimizer tensors: the DCP files
+        for key, stats in describe_sharded(checkpoint).items():
+            entry = components.setdefault(key, {"tensors": 0, "bytes": 0})
+            entry["tensors"] += stats["tensors"]
+            entry["bytes"] += stats["bytes"]
     config = checkpoint.state.get("config", {})
     return {
         "path": str(checkpoint.path),
+        "layout": (f"sharded directory ({len(checkpoint.files) + 1} files)"  # + manifest
+                   if isinstance(checkpoint, ShardedCheckpoint) else "single file"),
         "format_version": checkpoint.format_version,
         "epoch": checkpoint.epoch,
         "step": checkpoint.meta.get("step"),
@@ -60,13 +70,14 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
             "optimizer": (config.get("optimizer") or {}).get("class"),
             "scheduler": (config.get("scheduler") or {}).get("class"),
             "train_settings": config.get("train_settings"),
+            "parallelism": config.get("parallelism", "ddp"),
         },
     }
 
 
 def _print_inspection(console: Console, info: dict[str, Any]) -> None:
     summary = Table(title=info["path"], show_header=False)
-    for key in ("format_version", "epoch", "step", "time", "world_size"):
+    for key in ("layout", "format_version", "epoch", "step", "time", "world_size"):
         summary.add_row(key, str(info[key]))
     for name, version in info["versions"].items():
         summary.add_row(f"{name} version", str(version))
@@ -87,7 +98,7 @@ def _verify(paths: Sequence[str], console: Console, as_json: bool) -> int:
     results = []
     for path in paths:
         try:
-            checkpoint = read_checkpoint(path, map_location="cpu", verify=True)
+            checkpoint = read_any_checkpoint(path, map_location="cpu", verify=True)
             results.append({"path": path, "ok": True, "epoch": checkpoint.epoch})
         except CheckpointError as error:
             results.append({"path": path, "ok": False, "error": str(error)})
@@ -119,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "verify":
         return _verify(args.paths, console, args.json)
     try:
-        checkpoint = read_checkpoint(args.path, map_location="cpu", verify=not args.no_verify)
+        checkpoint = read_any_checkpoint(args.path, map_location="cpu",
+                                         verify=not args.no_verify)
     except CheckpointError as error:
         Console(stderr=True).print(f"[red]error:[/red] {error}")
         return 1

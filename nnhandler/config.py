@@ -5,13 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
 
 from .naming import validate_template
 
-__all__ = ["AutoSaveConfig", "LoaderConfig", "SaveErrorPolicy", "TrainSettings"]
+__all__ = ["AutoSaveConfig", "LoaderConfig", "ParallelConfig", "Parallelism", "SaveErrorPolicy",
+           "TrainSettings"]
 
 SaveErrorPolicy = Literal["warn", "raise"]
+Parallelism = Literal["ddp", "fsdp", "none"]
 
 
 class _Strict(BaseModel):
@@ -83,3 +86,27 @@ class LoaderConfig(_Strict):
     batch_size: Annotated[int, Field(ge=1)] = 1
     shuffle: bool = False
     drop_last: bool = False
+
+
+class ParallelConfig(_Strict):
+    """How the handler distributes its model (``NNHandler(parallelism=..., fsdp_units=...)``).
+
+    ``"ddp"`` (default): ``DistributedDataParallel`` under torchrun/SLURM, the plain model in one
+    process. ``"fsdp"``: FSDP2 (``torch.distributed.fsdp.fully_shard``) on every submodule that
+    is an instance of one of ``fsdp_units``, then on the root; needs a process group.
+    ``"none"``: the model is used as constructed (one that places its own DTensors, or a single
+    process that reads a sharded checkpoint).
+    """
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid",
+                              arbitrary_types_allowed=True)
+
+    parallelism: Parallelism = "ddp"
+    fsdp_units: Annotated[tuple[type[nn.Module], ...], Field(strict=False)] = ()
+
+    @model_validator(mode="after")
+    def _units_need_fsdp(self) -> ParallelConfig:
+        if self.fsdp_units and self.parallelism != "fsdp":
+            raise ValueError(f"fsdp_units={self.fsdp_units!r} given with "
+                             f"parallelism={self.parallelism!r}; they apply only to 'fsdp'")
+        return self

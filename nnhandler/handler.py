@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .callbacks import AutoSaveCallback, Callback
 from .callbacks.autosave import AUTOSAVE_KEY_PREFIX
-from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from .checkpoint import Checkpoint, write_checkpoint
 from .checkpoint.discovery import find_latest_valid
 from .checkpoint.envelope import build_meta
 from .checkpoint.refs import (
@@ -28,6 +28,14 @@ from .checkpoint.refs import (
     encode_value,
     reference_of,
     resolve_class,
+)
+from .checkpoint.sharded import (
+    SHARDED_KEYS,
+    SHARDED_SUFFIX,
+    ShardedCheckpoint,
+    load_sharded_state,
+    read_any_checkpoint,
+    write_sharded_checkpoint,
 )
 from .components import (
     ComponentState,
@@ -38,7 +46,14 @@ from .components import (
     seed_everything,
 )
 from .components.callables import build_callable, describe_callable
-from .config import AutoSaveConfig, LoaderConfig, SaveErrorPolicy, TrainSettings
+from .config import (
+    AutoSaveConfig,
+    LoaderConfig,
+    ParallelConfig,
+    Parallelism,
+    SaveErrorPolicy,
+    TrainSettings,
+)
 from .distributed import DistributedContext, run_on_rank_zero
 from .errors import (
     CheckpointError,
@@ -52,7 +67,11 @@ from .logging import LoggingMode as _LoggingMode
 from .logging import make_logger
 from .loop import EpochShuffleSampler, LoopParts, ShardSampler, TrainingLoop
 from .plugins import discover_plugins
+from .sharding import apply_fsdp, has_dtensor_parameters
 from .state import RestoreResult, StateProvider, StateRegistry
+
+if TYPE_CHECKING:  # DCP is imported only when a sharded checkpoint is written or loaded
+    from .checkpoint.dcp_state import ShardedComponents
 
 __all__ = ["NNHandler"]
 
@@ -116,11 +135,18 @@ class NNHandler:
             ``False`` forces one process; ``True`` demands distribution.
         model_kwargs: arguments of ``model_class`` whose names clash with the handler's own.
         compile_model: wrap the model with ``torch.compile`` (``True`` or a dict of options).
+        parallelism: ``"ddp"`` (default): ``DistributedDataParallel`` when distributed.
+            ``"fsdp"``: shard the model with FSDP2 (``fully_shard``) over every rank; needs a
+            process group. ``"none"``: use the model as constructed (one that places its own
+            DTensors, or one process reading a sharded checkpoint).
+        fsdp_units: with ``"fsdp"``, submodule classes that each become their own FSDP unit
+            (e.g. the transformer block class); the root module is always one.
         **kwargs: further arguments of ``model_class``.
 
     Everything that has state (model, optimizer, scheduler, grad scaler, EMA, history, random
     streams, configuration and every stateful callback) goes into each checkpoint;
-    :meth:`load` restores it.
+    :meth:`load` restores it. A model with DTensor parameters (FSDP2) is saved as a sharded
+    checkpoint directory (``NAME.dcp``) through ``torch.distributed.checkpoint``.
     """
 
     LoggingMode: ClassVar[type[_LoggingMode]] = _LoggingMode
@@ -135,12 +161,15 @@ class NNHandler:
         use_distributed: bool | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
         compile_model: bool | Mapping[str, Any] = False,
+        parallelism: Parallelism = "ddp",
+        fsdp_units: Iterable[type[nn.Module]] = (),
         **kwargs: Any,
     ) -> None:
         if not (inspect.isclass(model_class) and issubclass(model_class, nn.Module)):
             raise TypeError(f"model_class must be an nn.Module subclass, got {model_class!r}")
         if use_distributed not in (None, True, False):
             raise TypeError(f"use_distributed must be None, True or False, got {use_distributed!r}")
+        self._parallel = ParallelConfig(parallelism=parallelism, fsdp_units=tuple(fsdp_units))
         self.distributed = DistributedContext.setup(use_distributed, _parse_device(device))
         self.device = _resolve_device(device, self.distributed)
         self.logger = make_logger(logger_mode, log_file, self.distributed.is_main)
@@ -151,12 +180,18 @@ class NNHandler:
         self._model_kwargs: dict[str, Any] = {**(model_kwargs or {}), **kwargs}
         self._compile = compile_model
         module = model_class(**self._model_kwargs).to(self.device)
+        if self._parallel.parallelism == "fsdp":
+            module = apply_fsdp(module, self._parallel.fsdp_units, self.device, self.distributed)
         self._module: nn.Module = module
         model: nn.Module = module
         if compile_model:
             options = dict(compile_model) if isinstance(compile_model, Mapping) else {}
             model = torch.compile(model, **options)  # type: ignore[assignment]
-        if self.distributed.enabled:
+        if self.distributed.enabled and self._parallel.parallelism == "ddp":
+            if has_dtensor_parameters(module):
+                raise ConfigurationError(
+                    f"{model_class.__qualname__} holds DTensor parameters, which DDP cannot "
+                    "wrap: pass parallelism='none' (the model distributes itself) or 'fsdp'")
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self._model = model
@@ -197,8 +232,24 @@ class NNHandler:
 
     @property
     def module(self) -> nn.Module:
-        """The unwrapped ``nn.Module`` holding the raw training weights (never the EMA ones)."""
+        """The unwrapped ``nn.Module`` holding the raw training weights (never the EMA ones).
+
+        With ``parallelism="fsdp"`` it is the FSDP2-sharded module itself (its parameters are
+        DTensors; ``parameter.full_tensor()`` gathers one).
+        """
         return self._module
+
+    @property
+    def parallelism(self) -> Parallelism:
+        """``"ddp"``, ``"fsdp"`` or ``"none"`` as configured (see the constructor)."""
+        return self._parallel.parallelism
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """True when the model holds DTensor parameters (FSDP2 or a model that places its own
+        DTensors): checkpoints are then ``.dcp`` directories written by every rank through
+        ``torch.distributed.checkpoint``."""
+        return has_dtensor_parameters(self._module)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -546,6 +597,9 @@ class NNHandler:
         ) if absent]
         if missing:
             raise ConfigurationError("cannot train without " + ", ".join(missing))
+        if settings.ema_decay > 0 and self.sharded_checkpoints:
+            raise ConfigurationError(f"ema_decay={settings.ema_decay} is not supported for a "
+                                     "model with DTensor parameters (FSDP2); use ema_decay=0")
         self._settings = settings
         start = self.progress.epoch
         if target <= start:
@@ -564,6 +618,7 @@ class NNHandler:
             val_loader=self._build_loader("val", run_seed), scaler=self._scaler, ema=self._ema,
             device=self.device, context=self.distributed, dispatcher=self._dispatcher,
             history=self.history_state, progress=self.progress, settings=settings, handler=self,
+            lockstep_validation=self.distributed.enabled and self.sharded_checkpoints,
         )
         self._stop_requested = False
         self.logger.info("training epochs %d..%d on %s (world size %d)", start + 1, target,
@@ -656,23 +711,44 @@ class NNHandler:
 
         Under DDP every rank calls it: rank 0 writes, the others wait, and an error on rank 0 is
         raised on every rank. Fires ``on_checkpoint_saved``.
+
+        A model with DTensor parameters (:attr:`sharded_checkpoints`, e.g. FSDP2) is written as
+        a directory through ``torch.distributed.checkpoint``: every rank writes its own shards,
+        and the directory appears under ``path`` (which must end in ``.dcp``) only once it is
+        complete. ``save_path`` must then be on a filesystem that every rank shares.
         """
         path = Path(path)
         logs = dict(self._last_logs if logs is None else logs)
 
+        def build() -> dict[str, Any]:
+            return build_meta(epoch=self.progress.epoch, step=self.progress.step,
+                              logs={k: v for k, v in logs.items() if _plain_scalar(v)},
+                              world_size=self.distributed.world_size)
+
         def write() -> tuple[int, float]:
             if path.is_dir():  # checked on rank 0 only: other ranks may not share its disk
                 raise ConfigurationError(f"save path {str(path)!r} is a directory")
+            if path.suffix == SHARDED_SUFFIX:
+                raise ConfigurationError(
+                    f"save path {str(path)!r}: {SHARDED_SUFFIX!r} names a sharded checkpoint "
+                    "directory, but this model has no DTensor parameters; use '.pth'")
             started = time.perf_counter()
             path.parent.mkdir(parents=True, exist_ok=True)
-            meta = build_meta(epoch=self.progress.epoch, step=self.progress.step,
-                              logs={k: v for k, v in logs.items() if _plain_scalar(v)},
-                              world_size=self.distributed.world_size)
-            size = write_checkpoint(path, self._registry.collect(), meta)
+            size = write_checkpoint(path, self._registry.collect(), build())
+            return size, time.perf_counter() - started
+
+        def write_sharded() -> tuple[int, float]:
+            started = time.perf_counter()
+            size = write_sharded_checkpoint(
+                path, self.distributed, self._sharded_components(with_optimizer=True),
+                lambda: (self._registry.collect(exclude=SHARDED_KEYS), build()))
             return size, time.perf_counter() - started
 
         with self._rng.gathered():
-            size, seconds = run_on_rank_zero(self.distributed, write)
+            if self.sharded_checkpoints:
+                size, seconds = write_sharded()
+            else:
+                size, seconds = run_on_rank_zero(self.distributed, write)
         self.logger.info("saved checkpoint %s (%.1f MB, %.2f s)", path, size / 1e6, seconds)
         self._dispatcher.fire(Event.CHECKPOINT_SAVED, handler=self, path=path,
                               epoch=self.progress.epoch)
@@ -709,6 +785,12 @@ class NNHandler:
 
         return plot_metrics(self, path, None if names is None else list(names))
 
+    def _sharded_components(self, *, with_optimizer: bool) -> ShardedComponents:
+        from .checkpoint.dcp_state import ShardedComponents
+
+        return ShardedComponents(self._module, self._optimizer if with_optimizer else None,
+                                 strict=self._model_state.strict)
+
     def _config_dict(self) -> dict[str, Any]:
         optimizer = scheduler = None
         if self._optimizer_spec is not None:
@@ -725,6 +807,8 @@ class NNHandler:
             "model_kwargs": encode_value(stored_kwargs, "model argument"),
             "model_kwargs_unstored": sorted(self._model_kwargs_unstored),
             "compile_model": encode_value(self._compile, "compile_model"),
+            "parallelism": self._parallel.parallelism,
+            "fsdp_units": [_maybe_reference(unit) for unit in self._parallel.fsdp_units],
             "optimizer": optimizer,
             "scheduler": scheduler,
             "loss_fn": describe_callable(self._loss_fn, "loss")[0] if self._loss_fn else None,
@@ -775,6 +859,8 @@ class NNHandler:
         logger_mode: _LoggingMode | str = _LoggingMode.CONSOLE,
         log_file: str | os.PathLike[str] = "nnhandler.log",
         use_distributed: bool | None = None,
+        parallelism: Parallelism | None = None,
+        fsdp_units: Iterable[type[nn.Module]] | None = None,
     ) -> NNHandler:
         """Rebuild a handler from a checkpoint, ready to resume with :meth:`train`.
 
@@ -790,10 +876,18 @@ class NNHandler:
         file's CRC-32 first and raises :class:`~nnhandler.CheckpointCorruptedError` on any damage;
         ``verify=False`` skips that for speed. Datasets are not saved: call
         ``set_train_loader`` / ``set_val_loader`` again (their arguments are remembered).
+
+        ``path`` may be a sharded checkpoint directory (``NAME.dcp``): every rank loads its part,
+        and ``verify`` checks every file against the manifest (the ranks share the reading).
+        ``parallelism`` / ``fsdp_units`` default to the ones recorded in the checkpoint; the
+        world size may differ from the saving run's where DCP can reshard (FSDP2 can), with a
+        warning that the run cannot then equal an uninterrupted one exactly. In one process,
+        ``parallelism="none"`` reads a sharded checkpoint into a plain model.
         """
         context = DistributedContext.setup(use_distributed, _parse_device(device))
         map_device = _resolve_device(device, context)
-        checkpoint = read_checkpoint(path, map_location=map_device, verify=verify)
+        checkpoint = read_any_checkpoint(path, map_location=map_device, verify=verify,
+                                         context=context)
         state = checkpoint.state
         config = state.get("config")
         if not isinstance(config, dict):
@@ -805,9 +899,15 @@ class NNHandler:
         if absent:
             raise CheckpointError(f"model argument(s) {absent} could not be stored in "
                                   f"{str(path)!r}; pass them as load(..., model_kwargs={{...}})")
+        recorded = config.get("parallelism", "ddp")
+        chosen = recorded if parallelism is None else parallelism
+        if fsdp_units is None:
+            fsdp_units = (_resolve_fsdp_units(config, path)
+                          if chosen == "fsdp" and recorded == "fsdp" else ())
         handler = cls(model_cls, device=map_device, logger_mode=logger_mode, log_file=log_file,
                       use_distributed=context.enabled, model_kwargs=kwargs,
-                      compile_model=decode_value(config["compile_model"]))
+                      compile_model=decode_value(config["compile_model"]),
+                      parallelism=chosen, fsdp_units=fsdp_units)
         handler._model_state.strict = strict
         handler._apply_settings_state(config)
         handler._restore_components(config)
@@ -851,7 +951,8 @@ class NNHandler:
         matching ``state_key``) takes the checkpoint's state, and the training defaults become
         the checkpoint's. The handler's own configuration (model, setters, loaders) stays.
         """
-        checkpoint = read_checkpoint(path, map_location=self.device, verify=verify)
+        checkpoint = read_any_checkpoint(path, map_location=self.device, verify=verify,
+                                         context=self.distributed)
         config = checkpoint.state.get("config")
         if not isinstance(config, dict):
             raise CheckpointError(f"{str(path)!r} has no handler configuration ('config')")
@@ -861,13 +962,25 @@ class NNHandler:
     def _apply_checkpoint(self, checkpoint: Checkpoint, skip: set[str]) -> None:
         """Restore every state of ``checkpoint`` not in ``skip`` (random streams last)."""
         state = checkpoint.state
+        sharded = isinstance(checkpoint, ShardedCheckpoint)
+        if not sharded and self.sharded_checkpoints and "model" in state:
+            raise CheckpointError(
+                f"{str(checkpoint.path)!r} was written from an unsharded model and cannot be "
+                "loaded into this model with DTensor parameters; load it with "
+                "parallelism='ddp' (or 'none')")
         wants_ema = self._settings.ema_decay > 0 and "ema" in state and "ema" not in skip
         if wants_ema and self._ema is None:
             self._create_ema(self._settings.ema_decay)
         if "grad_scaler" in state and self.device.type == "cuda" and self._scaler is None:
             self._create_scaler()
-        skip = skip | {"config", "rng"}  # the caller applied the config
-        result = self._registry.restore(state, skip=frozenset(skip))
+        restore_skip = skip | {"config", "rng"}  # the caller applied the config
+        if sharded:
+            restore_skip |= SHARDED_KEYS  # their tensors are in the DCP files: loaded below
+        result = self._registry.restore(state, skip=frozenset(restore_skip))
+        if sharded:
+            assert isinstance(checkpoint, ShardedCheckpoint)
+            components = self._sharded_components(with_optimizer="optimizer" not in skip)
+            load_sharded_state(checkpoint, components, self.distributed)
         if "rng" in state:
             self._rng.load_state_dict(state["rng"])
         self._report_restore(result, checkpoint.path)
@@ -1030,6 +1143,21 @@ def _resolve_model_class(
         raise UnresolvableReferenceError(
             f"{error}. Pass the class explicitly: NNHandler.load({str(path)!r}, model_class=...)"
         ) from error
+
+
+def _resolve_fsdp_units(
+    config: Mapping[str, Any], path: str | os.PathLike[str]
+) -> tuple[type[nn.Module], ...]:
+    units = []
+    for reference in config.get("fsdp_units", []):
+        try:
+            units.append(resolve_class(_require_reference(reference, "FSDP unit"), nn.Module))
+        except UnresolvableReferenceError as error:
+            raise UnresolvableReferenceError(
+                f"{error}. Pass the classes explicitly: NNHandler.load({str(path)!r}, "
+                "fsdp_units=[...])"
+            ) from error
+    return tuple(units)
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

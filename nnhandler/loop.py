@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.swa_utils import AveragedModel
@@ -120,6 +121,9 @@ class LoopParts:
     progress: Progress
     settings: TrainSettings
     handler: Any
+    #: the model's forward is a collective (FSDP2): every rank must run as many validation
+    #: forward passes as the busiest one
+    lockstep_validation: bool = False
 
 
 class _Totals:
@@ -292,6 +296,9 @@ class TrainingLoop:
         fire_begin = p.dispatcher.has_listeners(Event.VALIDATION_BATCH_BEGIN)
         fire_end = p.dispatcher.has_listeners(Event.VALIDATION_BATCH_END)
         assert p.val_loader is not None
+        inputs: Any = None
+        batches = 0
+        most = self._most_validation_batches() if p.lockstep_validation else 0
         with torch.no_grad():
             for index, batch in enumerate(p.val_loader):
                 if fire_begin:
@@ -302,12 +309,36 @@ class TrainingLoop:
                     output = _forward(model, inputs)
                     loss = p.loss_fn(output, target)
                 totals.add(loss, _batch_size(target), self._metric_values(output, target))
+                batches += 1
                 if fire_end:
                     p.dispatcher.fire(Event.VALIDATION_BATCH_END, handler=p.handler,
                                       epoch=epoch, batch_idx=index, batch=batch,
                                       loss=loss.detach())
+            if batches < most:
+                self._extra_forwards(model, most - batches, inputs)
         model.train(was_training)
         return totals
+
+    def _most_validation_batches(self) -> int:
+        """The most validation batches any rank has (a collective, before any forward pass):
+        the validation shards differ by up to one sample, and a sharded model's forward is a
+        collective that every rank must join the same number of times."""
+        assert self.p.val_loader is not None
+        most = torch.tensor(len(self.p.val_loader), device=self.p.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return int(most)
+
+    def _extra_forwards(self, model: nn.Module, count: int, inputs: Any) -> None:
+        """``count`` forward passes whose results are discarded and never counted, so that this
+        rank joins as many of the sharded model's collectives as the busiest rank."""
+        p = self.p
+        if inputs is None:  # this rank's shard is empty: any sample will do
+            assert p.val_loader is not None
+            sample = p.val_loader.collate_fn([p.val_loader.dataset[0]])
+            inputs, _ = _split(move_to_device(sample, p.device, self.non_blocking))
+        for _ in range(count):
+            with self.autocast():
+                _forward(model, inputs)
 
     def _epoch_logs(self, epoch: int, train: _Totals, val: _Totals | None) -> dict[str, Any]:
         packs = [train.packed()] + ([val.packed()] if val is not None else [])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -111,11 +111,14 @@ class StateRegistry:
             if registered is provider:
                 del self._providers[key]
 
-    def collect(self) -> dict[str, Any]:
-        """``{state_key: state_dict()}`` of every provider, plus still-pending states."""
-        states: dict[str, Any] = dict(self._pending)
+    def collect(self, exclude: Iterable[str] = ()) -> dict[str, Any]:
+        """``{state_key: state_dict()}`` of every provider, plus still-pending states, without
+        the keys in ``exclude``."""
+        excluded = frozenset(exclude)
+        states: dict[str, Any] = {k: v for k, v in self._pending.items() if k not in excluded}
         for key, provider in self._providers.items():
-            states[key] = provider.state_dict()
+            if key not in excluded:
+                states[key] = provider.state_dict()
         return states
 
     def restore(

@@ -626,6 +626,7 @@ class _StubHandler:
         self.logger = logging.getLogger("nnhandler.test_autosave_rules.stub")
         self.distributed = DistributedContext.single()
         self.module = torch.nn.Linear(4, 1)  # sizes the first free-space check
+        self.sharded_checkpoints = False  # plain .pth names
 
     def save(self, path: Path, logs: dict[str, Any]) -> Path:
         self.saved.append((self.epoch, path))

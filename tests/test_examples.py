@@ -33,6 +33,7 @@ def test_every_example_is_covered() -> None:
         "quickstart.py", "manual_autosave_callback.py", "custom_state_provider.py",
         "ddp_train.py",  # run under torchrun by tests/test_distributed.py
         "score_based_sde.py",
+        "fsdp_sharded.py",  # run under torchrun in tests/test_sharded_checkpoint.py
     }
 
 

@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint.writer import remove_stale_temp_files
+from ..checkpoint.sharded import checkpoint_size, sharded_name
+from ..checkpoint.writer import remove_checkpoint_path, remove_stale_temp_files
 from ..config import AutoSaveConfig, SaveErrorPolicy
 from ..distributed import run_on_rank_zero
 from ..errors import ConfigurationError
@@ -35,7 +36,9 @@ class AutoSaveCallback(Callback):
             An existing path that is not a directory is a ``ValueError``.
         name: ``str.format`` template filled with the epoch-end logs (``epoch``, ``loss``,
             ``val_loss``, each metric and ``val_<metric>``, and keys added by callbacks);
-            ``.pth`` is appended unless present. A key missing at save time is written as
+            ``.pth`` is appended unless present. For a model with DTensor parameters (FSDP2)
+            the checkpoint is a directory and its name ends in ``.dcp`` instead of ``.pth``.
+            A key missing at save time is written as
             ``NA`` and a warning is logged: the checkpoint is saved anyway. Directory parts
             and ``..`` are rejected; formatted values are sanitised to stay in ``save_path``.
         overwrite: keep only the latest auto-save. The new file is completely written before
@@ -176,9 +179,13 @@ class AutoSaveCallback(Callback):
             )
 
     # -- saving --------------------------------------------------------------------------------
-    def path_for(self, logs: dict[str, Any]) -> tuple[Path, tuple[str, ...]]:
-        """Where the checkpoint for ``logs`` goes, and the template keys missing from them."""
+    def path_for(self, logs: dict[str, Any], *,
+                 sharded: bool = False) -> tuple[Path, tuple[str, ...]]:
+        """Where the checkpoint for ``logs`` goes, and the template keys missing from them.
+        ``sharded``: the name of a sharded checkpoint directory (``….dcp``)."""
         file_name, missing = render_name(self.config.name, logs)
+        if sharded:
+            file_name = sharded_name(file_name)
         return self.config.save_path / file_name, missing
 
     def save_now(self, handler: NNHandler, epoch: int, logs: dict[str, Any]) -> Path | None:
@@ -201,7 +208,8 @@ class AutoSaveCallback(Callback):
             return None
 
     def _save(self, handler: NNHandler, epoch: int, logs: dict[str, Any]) -> Path:
-        path, missing = self.path_for({**logs, "epoch": epoch})
+        path, missing = self.path_for({**logs, "epoch": epoch},
+                                      sharded=handler.sharded_checkpoints)
         if missing:
             handler.logger.warning(
                 "auto-save name template %r: key(s) %s missing from the epoch-%d logs "
@@ -227,7 +235,7 @@ class AutoSaveCallback(Callback):
             raise
         if handler.distributed.is_main:
             with contextlib.suppress(OSError):  # only feeds the free-space warning
-                self._last_size = path.stat().st_size
+                self._last_size = checkpoint_size(path)
         if self.config.overwrite:
             for old in {previous[0], previous[3]}:
                 if old is not None:
@@ -252,7 +260,7 @@ class AutoSaveCallback(Callback):
         if not handler.distributed.is_main or previous.resolve() == new.resolve():
             return
         try:
-            previous.unlink(missing_ok=True)
+            remove_checkpoint_path(previous)
         except OSError as error:
             handler.logger.warning("overwrite: could not remove previous auto-save %s: %s",
                                    previous, error)

@@ -1,4 +1,8 @@
-"""Finding the newest valid checkpoint in a directory — by recorded epoch, never by file time."""
+"""Finding the newest valid checkpoint in a directory — by recorded epoch, never by file time.
+
+Candidates are ``*.pth`` files (ranked by their integrity record) and ``*.dcp`` sharded
+checkpoint directories (ranked by their manifest).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .integrity import IntegrityRecord, read_integrity_record, verify_file
+from .sharded import SHARDED_SUFFIX, manifest_record, verify_sharded
 from .writer import is_temp_file
 
 __all__ = ["CheckpointCandidate", "find_latest_valid", "list_checkpoints"]
@@ -29,17 +34,22 @@ class CheckpointCandidate:
 
 
 def list_checkpoints(directory: str | Path) -> list[CheckpointCandidate]:
-    """Every ``*.pth`` in ``directory`` (temp files excluded) with its integrity record read
-    from the file's tail, newest recorded epoch first; unreadable ones last, with the reason."""
+    """Every ``*.pth`` file and ``*.dcp`` directory in ``directory`` (temp files excluded) with
+    its integrity record (read from the file's tail or the manifest), newest recorded epoch
+    first; unreadable ones last, with the reason."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     candidates = []
-    for path in directory.glob(CHECKPOINT_GLOB):
-        if is_temp_file(path) or path.name.startswith(".") or not path.is_file():
+    for path in [*directory.glob(CHECKPOINT_GLOB), *directory.glob(f"*{SHARDED_SUFFIX}")]:
+        if is_temp_file(path) or path.name.startswith("."):
+            continue
+        sharded = path.suffix == SHARDED_SUFFIX
+        if not (path.is_dir() if sharded else path.is_file()):
             continue
         try:
-            candidates.append(CheckpointCandidate(path, read_integrity_record(path), None))
+            record = manifest_record(path) if sharded else read_integrity_record(path)
+            candidates.append(CheckpointCandidate(path, record, None))
         except (CheckpointError, OSError) as error:
             candidates.append(CheckpointCandidate(path, None, str(error)))
     return sorted(candidates, key=lambda c: (c.record is not None, c.order, c.path.name),
@@ -61,7 +71,10 @@ def find_latest_valid(directory: str | Path, logger: logging.Logger) -> Path | N
         if candidate.record is None:
             continue
         try:
-            verify_file(candidate.path)
+            if candidate.path.is_dir():
+                verify_sharded(candidate.path)
+            else:
+                verify_file(candidate.path)
         except (CheckpointError, OSError) as error:
             logger.warning("skipping %s: %s", candidate.path, error)
             continue

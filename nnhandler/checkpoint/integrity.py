@@ -27,7 +27,8 @@ try:  # ISA-L's CRC-32: the same values as zlib.crc32, 6-30x faster (PCLMUL/SIMD
 except ImportError:  # pragma: no cover - platforms without an isal wheel
     from zlib import crc32
 
-__all__ = ["ChecksummingWriter", "IntegrityRecord", "read_integrity_record", "verify_file"]
+__all__ = ["ChecksummingWriter", "IntegrityRecord", "crc32", "file_crc32", "read_integrity_record",
+           "verify_file"]
 
 MAGIC: Final = b"\nNNHANDLER-INTEGRITY\n"
 TAG: Final = b"NNHI"
@@ -141,12 +142,10 @@ def read_integrity_record(path: Path) -> IntegrityRecord:
     return record
 
 
-def verify_file(path: str | os.PathLike[str]) -> IntegrityRecord:
-    """Check the whole file against its CRC-32; raises :class:`CheckpointCorruptedError`."""
-    path = Path(path)
-    record = read_integrity_record(path)
-    remaining = int(record["covered_size"])
-    crc = 0
+def file_crc32(path: str | os.PathLike[str], limit: int | None = None) -> tuple[int, int]:
+    """``(bytes read, CRC-32)`` of the first ``limit`` bytes of ``path`` (all with ``None``)."""
+    remaining = os.stat(path).st_size if limit is None else limit
+    read = crc = 0
     with open(path, "rb", buffering=0) as file:
         buffer = bytearray(min(_CHUNK, max(remaining, 1)))
         view = memoryview(buffer)
@@ -155,8 +154,17 @@ def verify_file(path: str | os.PathLike[str]) -> IntegrityRecord:
             if not count:
                 break
             crc = crc32(view[:count], crc)
+            read += count
             remaining -= count
-    if remaining or crc != record["crc32"]:
+    return read, crc
+
+
+def verify_file(path: str | os.PathLike[str]) -> IntegrityRecord:
+    """Check the whole file against its CRC-32; raises :class:`CheckpointCorruptedError`."""
+    path = Path(path)
+    record = read_integrity_record(path)
+    size, crc = file_crc32(path, int(record["covered_size"]))
+    if size != record["covered_size"] or crc != record["crc32"]:
         raise CheckpointCorruptedError(
             f"{str(path)!r} is corrupted: CRC-32 of its content is {crc:08x}, the checkpoint "
             f"recorded {int(record['crc32']):08x}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -13,6 +14,7 @@ __all__ = [
     "atomic_write",
     "fsync_directory",
     "is_temp_file",
+    "remove_checkpoint_path",
     "remove_stale_temp_files",
     "temp_path_for",
 ]
@@ -47,8 +49,17 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def remove_checkpoint_path(path: Path) -> None:
+    """Remove a checkpoint: a file, or a sharded checkpoint's directory with its content."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_stale_temp_files(directory: Path) -> list[Path]:
-    """Remove temp files in ``directory`` whose writing process is gone; returns them.
+    """Remove temp files (and the temp directories of sharded saves) in ``directory`` whose
+    writing process is gone; returns them.
 
     A temp file of a process that is still alive (another job writing into the same folder)
     is left alone. On a filesystem shared between machines a pid says nothing about the other
@@ -62,7 +73,7 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
         if pid is not None and pid != os.getpid() and _process_alive(pid):
             continue
         try:
-            path.unlink()
+            remove_checkpoint_path(path)
         except FileNotFoundError:
             continue
         removed.append(path)

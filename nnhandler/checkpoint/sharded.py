@@ -1,0 +1,377 @@
+"""Sharded checkpoints: one directory per checkpoint, written by every rank, committed atomically.
+
+Layout of ``NAME.dcp/``::
+
+    .metadata          DCP's index of every tensor shard (written by rank 0)
+    __<rank>_<n>.distcp  each rank's shards of the model and optimizer tensors (DCP)
+    nnhandler.pth      the envelope (format, meta, every other state; rank 0), plus the plain,
+                       non-tensor part of the model and optimizer state
+    manifest.json      size and CRC-32 of every file above, epoch/step/time/logs, world size
+                       and the format version; itself guarded by a CRC-32 (written last)
+
+Every rank writes its shards into a hidden temp directory beside the final name (named like the
+temp files of :func:`~nnhandler.checkpoint.writer.atomic_write`, so the stale-temp cleanup
+removes one a crash left behind); the ranks checksum the files between them; rank 0 writes the
+envelope and the manifest, fsyncs, and renames the directory to its final name. An existing
+checkpoint of that name is swapped out atomically (``renameat2(RENAME_EXCHANGE)`` on Linux)
+and then removed. A crash therefore never leaves a partial directory under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import secrets
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
+
+from ..distributed import DistributedContext, all_gather_objects, run_on_rank_zero
+from ..errors import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointFormatError,
+    ConfigurationError,
+)
+from .envelope import Checkpoint, read_checkpoint, write_checkpoint
+from .integrity import IntegrityRecord, crc32, file_crc32
+from .writer import atomic_write, fsync_directory, remove_checkpoint_path, temp_path_for
+
+if TYPE_CHECKING:  # DCP is imported only when a sharded checkpoint is written or loaded
+    from .dcp_state import ShardedComponents
+
+__all__ = [
+    "ENVELOPE_FILE",
+    "MANIFEST_FILE",
+    "SHARDED_KEYS",
+    "SHARDED_SUFFIX",
+    "ShardedCheckpoint",
+    "checkpoint_size",
+    "describe_sharded",
+    "load_sharded_state",
+    "read_any_checkpoint",
+    "read_manifest",
+    "read_sharded_checkpoint",
+    "sharded_name",
+    "verify_sharded",
+    "write_sharded_checkpoint",
+]
+
+SHARDED_SUFFIX: Final = ".dcp"
+#: State keys whose tensors are written through DCP (the rest of their state is plain data
+#: kept in the envelope under the same key).
+SHARDED_KEYS: Final = frozenset({"model", "optimizer"})
+ENVELOPE_FILE: Final = "nnhandler.pth"
+MANIFEST_FILE: Final = "manifest.json"
+MANIFEST_FORMAT: Final = "nnhandler.sharded"
+MANIFEST_VERSION: Final = 1
+
+Envelope = Callable[[], tuple[dict[str, Any], dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class ShardedCheckpoint(Checkpoint):
+    """A sharded checkpoint as read from disk: ``path`` is its directory, ``state`` the
+    envelope's states (the model's and optimizer's tensors stay in the DCP files until
+    :func:`load_sharded_state`), ``manifest`` the checked manifest."""
+
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(self.manifest["files"])
+
+
+def sharded_name(file_name: str) -> str:
+    """A rendered auto-save file name (``….pth``) as a sharded checkpoint name (``….dcp``)."""
+    stem = file_name.removesuffix(".pth")
+    return stem if stem.endswith(SHARDED_SUFFIX) else stem + SHARDED_SUFFIX
+
+
+# -- writing -----------------------------------------------------------------------------------
+def write_sharded_checkpoint(path: Path, context: DistributedContext,
+                             components: ShardedComponents, envelope: Envelope) -> int:
+    """Write a sharded checkpoint directory at ``path``; every rank calls it (collective).
+
+    ``envelope()`` runs on rank 0 only and returns ``(state, meta)`` for ``nnhandler.pth``
+    without the model and optimizer. Returns the checkpoint's total size in bytes. An error on
+    any rank is raised on every rank, and the temp directory is removed.
+    """
+    from .dcp_state import save_tensors, split_tensors
+
+    _check_name(path)  # the same on every rank: no need to wait for rank 0
+    tensors: dict[str, Any] = {}
+    plain: dict[str, Any] = {}
+    for key, value in components.state_dict().items():
+        tensors[key], plain[key] = split_tensors(value, f"state[{key!r}]")
+    temp = Path(run_on_rank_zero(context, lambda: str(_prepare(path))))
+    try:
+        save_tensors(temp, tensors, context.enabled, name=path)
+        names = run_on_rank_zero(context, lambda: sorted(os.listdir(temp)))
+        checksums = _checksums(temp, names, context)
+        return run_on_rank_zero(
+            context, lambda: _commit(path, temp, checksums, plain, envelope, context.world_size))
+    except BaseException:
+        if context.is_main:
+            with contextlib.suppress(OSError):
+                remove_checkpoint_path(temp)
+        raise
+
+
+def _check_name(path: Path) -> None:
+    if path.suffix != SHARDED_SUFFIX:
+        raise ConfigurationError(
+            f"{str(path)!r}: this model holds DTensor parameters, so its checkpoint is a "
+            f"directory written through torch.distributed.checkpoint; give it a name ending "
+            f"in {SHARDED_SUFFIX!r}"
+        )
+
+
+def _prepare(path: Path) -> Path:
+    if os.path.lexists(path) and not _is_sharded_directory(path):
+        raise ConfigurationError(
+            f"{str(path)!r} exists and is not an nnhandler sharded checkpoint; refusing to "
+            "replace it"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = temp_path_for(path)
+    temp.mkdir()
+    return temp
+
+
+def _is_sharded_directory(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and (path / MANIFEST_FILE).is_file()
+
+
+def _checksums(directory: Path, names: Sequence[str],
+               context: DistributedContext) -> dict[str, tuple[int, int] | str]:
+    """``(size, CRC-32)`` of each file, or why it could not be read; the ranks share the work
+    (rank ``r`` reads every ``world_size``-th file) and every rank gets every result."""
+    mine: dict[str, tuple[int, int] | str] = {}
+    for index, name in enumerate(names):
+        if index % context.world_size != context.rank:
+            continue
+        try:
+            mine[name] = file_crc32(directory / name)
+        except OSError as error:
+            mine[name] = f"{type(error).__name__}: {error.strerror or error}"
+    merged: dict[str, tuple[int, int] | str] = {}
+    for part in all_gather_objects(context, mine):
+        merged.update(part)
+    return merged
+
+
+def _commit(path: Path, temp: Path, checksums: Mapping[str, tuple[int, int] | str],
+            plain: dict[str, Any], envelope: Envelope, world_size: int) -> int:
+    unreadable = {name: value for name, value in checksums.items() if isinstance(value, str)}
+    if unreadable:
+        raise CheckpointError(f"cannot read back the shards written to {str(temp)!r}: "
+                              f"{unreadable}")
+    state, meta = envelope()
+    clash = sorted(set(state) & set(plain))
+    if clash:
+        raise CheckpointError(f"state key(s) {clash} are written through DCP and the envelope")
+    write_checkpoint(temp / ENVELOPE_FILE, {**state, **plain}, meta)
+    files = {name: _entry(value) for name, value in checksums.items() if not isinstance(value, str)}
+    files[ENVELOPE_FILE] = _entry(file_crc32(temp / ENVELOPE_FILE))
+    body = {
+        "format": {"name": MANIFEST_FORMAT, "version": MANIFEST_VERSION},
+        "epoch": meta["epoch"],
+        "step": meta["step"],
+        "time": meta["time"],
+        "logs": meta["logs"],
+        "world_size": world_size,
+        "algorithm": "crc32",
+        "files": files,
+    }
+    text = json.dumps(body, allow_nan=True, separators=(",", ":"), sort_keys=True)
+    manifest = json.dumps({"body": text, "crc32": crc32(text.encode())}).encode()
+
+    def write_manifest(file: BinaryIO) -> None:
+        file.write(manifest)
+
+    atomic_write(temp / MANIFEST_FILE, write_manifest)
+    fsync_directory(temp)
+    _install(temp, path)
+    return sum(entry["size"] for entry in files.values()) + len(manifest)
+
+
+def _entry(checksum: tuple[int, int]) -> dict[str, int]:
+    return {"size": checksum[0], "crc32": checksum[1]}
+
+
+def _install(temp: Path, final: Path) -> None:
+    """Rename the complete ``temp`` directory to ``final``; an existing ``final`` is swapped out
+    atomically and then removed."""
+    if not os.path.lexists(final):
+        os.rename(temp, final)
+    elif _rename_exchange(temp, final):
+        with contextlib.suppress(OSError):  # left under the temp name: stale-temp cleanup
+            remove_checkpoint_path(temp)    # removes it at the next start
+    else:
+        # no atomic exchange here (not Linux, or the filesystem refuses it): move the old
+        # directory aside under a name no cleanup touches, so a crash between these two renames
+        # leaves it recoverable, then put the new one in place
+        aside = final.with_name(f".{final.name}.replaced-{secrets.token_hex(4)}")
+        os.rename(final, aside)
+        os.rename(temp, final)
+        with contextlib.suppress(OSError):
+            remove_checkpoint_path(aside)
+    fsync_directory(final.parent)
+
+
+_AT_FDCWD: Final = -100
+_RENAME_EXCHANGE: Final = 2
+
+
+def _rename_exchange(first: Path, second: Path) -> bool:
+    """Atomically swap two paths with Linux's ``renameat2(RENAME_EXCHANGE)``; ``False`` where
+    the platform or filesystem does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is None:
+        return False
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                         ctypes.c_uint]
+    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second),
+                _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+# -- reading -----------------------------------------------------------------------------------
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked manifest of the sharded checkpoint at ``path`` (one small file is read)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{str(path)!r} is not a sharded checkpoint directory")
+    file = path / MANIFEST_FILE
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointCorruptedError(
+            f"{str(path)!r} has no {MANIFEST_FILE}: not a complete nnhandler sharded checkpoint"
+        ) from None
+    try:
+        outer = json.loads(raw)
+        text, recorded = outer["body"], outer["crc32"]
+        if crc32(text.encode()) != recorded:
+            raise CheckpointCorruptedError(f"{str(file)!r} is corrupted: its CRC-32 does not "
+                                           "match its content")
+        body = json.loads(text)
+        name, version = body["format"]["name"], body["format"]["version"]
+    except CheckpointCorruptedError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointCorruptedError(f"{str(file)!r} is damaged: {error}") from error
+    if name != MANIFEST_FORMAT or type(version) is not int:
+        raise CheckpointFormatError(f"{str(file)!r} has format {name!r} version {version!r}, "
+                                    f"expected {MANIFEST_FORMAT!r}")
+    if version > MANIFEST_VERSION:
+        raise CheckpointFormatError(
+            f"{str(path)!r} has sharded format version {version}, newer than version "
+            f"{MANIFEST_VERSION} that this nnhandler reads; upgrade nnhandler to load it"
+        )
+    if not isinstance(body.get("files"), dict) or ENVELOPE_FILE not in body["files"]:
+        raise CheckpointCorruptedError(f"{str(file)!r} does not list {ENVELOPE_FILE}")
+    return dict(body)
+
+
+def manifest_record(path: Path) -> IntegrityRecord:
+    """The manifest's epoch, step, time and logs, as discovery ranks checkpoints by them."""
+    body = read_manifest(path)
+    return IntegrityRecord({key: body[key] for key in ("epoch", "step", "time", "logs")})
+
+
+def verify_sharded(path: str | os.PathLike[str],
+                   context: DistributedContext | None = None) -> dict[str, Any]:
+    """Check every file of the checkpoint against the manifest; returns the manifest.
+
+    With a distributed ``context`` this is collective: rank 0 reads the manifest, the ranks
+    share the reading, and every rank raises :class:`CheckpointCorruptedError` naming each
+    damaged or missing file.
+    """
+    path = Path(path)
+    context = context or DistributedContext.single()
+    body: dict[str, Any] = run_on_rank_zero(context, lambda: read_manifest(path))
+    names = sorted(body["files"])
+    checksums = _checksums(path, names, context)
+    problems = []
+    for name in names:
+        expected, found = body["files"][name], checksums[name]
+        if isinstance(found, str):
+            problems.append(f"{str(path / name)!r} cannot be read ({found})")
+        elif found != (expected["size"], expected["crc32"]):
+            problems.append(
+                f"{str(path / name)!r} is corrupted: {found[0]} bytes with CRC-32 "
+                f"{found[1]:08x}, the manifest recorded {expected['size']} bytes with "
+                f"{expected['crc32']:08x}"
+            )
+    if problems:
+        raise CheckpointCorruptedError("; ".join(problems))
+    return body
+
+
+def read_sharded_checkpoint(path: str | os.PathLike[str], map_location: Any = None, *,
+                            verify: bool = True,
+                            context: DistributedContext | None = None) -> ShardedCheckpoint:
+    """Read a sharded checkpoint's manifest and envelope (collective with a distributed
+    ``context``). With ``verify`` (the default) every file is first checked against the
+    manifest. The model and optimizer tensors are read by :func:`load_sharded_state`."""
+    path = Path(path)
+    context = context or DistributedContext.single()
+    body = (verify_sharded(path, context) if verify
+            else run_on_rank_zero(context, lambda: read_manifest(path)))
+    envelope = read_checkpoint(path / ENVELOPE_FILE, map_location, verify=False)
+    return ShardedCheckpoint(path=path, format_version=envelope.format_version,
+                             meta=envelope.meta, state=envelope.state, manifest=body)
+
+
+def read_any_checkpoint(path: str | os.PathLike[str], map_location: Any = None, *,
+                        verify: bool = True,
+                        context: DistributedContext | None = None) -> Checkpoint:
+    """A sharded checkpoint for a directory, else the single-file envelope."""
+    if Path(path).is_dir():
+        return read_sharded_checkpoint(path, map_location, verify=verify, context=context)
+    return read_checkpoint(path, map_location, verify=verify)
+
+
+def load_sharded_state(checkpoint: ShardedCheckpoint, components: ShardedComponents,
+                       context: DistributedContext) -> None:
+    """Load the model's (and optimizer's) tensors of ``checkpoint`` into ``components``
+    (collective), resharding to the current layout where it differs from the saved one."""
+    from .dcp_state import load_tensors, merge_tensors, split_tensors
+
+    target = components.load_target(checkpoint.state)
+    tensors = {key: split_tensors(value)[0] for key, value in target.items()}
+    load_tensors(checkpoint.path, tensors, context.enabled, files=checkpoint.files,
+                 strict=components.strict)
+    state = {key: merge_tensors(tensors[key], checkpoint.state.get(key, {})) for key in tensors}
+    try:
+        components.load_state_dict(state, checkpoint.state)
+    except Exception as error:
+        raise CheckpointError(f"the sharded state of {str(checkpoint.path)!r} does not fit this "
+                              f"model/optimizer: {error}") from error
+
+
+def describe_sharded(checkpoint: ShardedCheckpoint) -> dict[str, dict[str, int]]:
+    """Tensor count and bytes per DCP key (``model``, ``optimizer``), from the DCP metadata."""
+    from .dcp_state import describe_tensors
+
+    return describe_tensors(checkpoint.path, checkpoint.files)
+
+
+def checkpoint_size(path: Path) -> int:
+    """Bytes of a checkpoint file, or of every file in a sharded checkpoint directory."""
+    if path.is_dir():
+        return sum(entry.stat().st_size for entry in path.iterdir() if entry.is_file())
+    return path.stat().st_size

@@ -1,0 +1,113 @@
+"""Helpers for multi-process tests: bounded torchrun launches (test side) and the small pieces
+every worker script records results with (worker side).
+
+``tests/ddp_worker.py`` and ``tests/test_distributed.py`` still hold their own copies of some of
+these; they can import them from here instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from nnhandler import Callback, CheckpointError, NNHandler
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+
+#: launcher variables of an enclosing torchrun/SLURM job must not leak into the child launch
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID",
+                    "SLURM_NTASKS", "SLURM_LOCALID")
+
+
+# -- test side ---------------------------------------------------------------------------------
+def torchrun(ranks: int, script: Path, *arguments: str) -> list[str]:
+    """The command that runs ``script`` on ``ranks`` local processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={ranks}", str(script), *arguments]
+
+
+def run_bounded(command: list[str], cwd: Path, what: str, timeout_s: float) -> tuple[int, str]:
+    """Run ``command`` (stdout and stderr together) with this repository and ``tests/`` on the
+    path; a hang kills the whole process group (launcher and workers) and fails the test."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(TESTS_DIR), str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env.update({"OMP_NUM_THREADS": "1", "COLUMNS": "120"})
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env, cwd=cwd, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{what} hung (> {timeout_s} s):\n{output[-8000:]}")
+    return process.returncode, output
+
+
+# -- worker side -------------------------------------------------------------------------------
+class FailingState(Callback):
+    """A state provider whose ``state_dict`` raises on rank 0 only (while armed)."""
+
+    state_key = "failing_state"
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.armed and dist.get_rank() == 0:
+            raise RuntimeError("boom on rank 0")
+        return {"ok": 1}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def history_of(handler: NNHandler) -> dict[str, Any]:
+    """The handler's history as plain JSON data (a copy: the handler keeps appending)."""
+    history = {
+        "train_losses": handler.train_losses,
+        "val_losses": handler.val_losses,
+        "train_metrics": handler.train_metrics_history,
+        "val_metrics": handler.val_metrics_history,
+        "epoch": handler.epoch,
+        "global_step": handler.global_step,
+        "run_seed": handler.progress.run_seed,
+    }
+    copied: dict[str, Any] = json.loads(json.dumps(history))
+    return copied
+
+
+def error_record(error: BaseException) -> dict[str, Any]:
+    return {"type": type(error).__name__,
+            "is_checkpoint_error": isinstance(error, CheckpointError),
+            "message": str(error),
+            "traceback": traceback.format_exc()}
+
+
+def attempt(action: Callable[[], Any]) -> dict[str, Any]:
+    """``action()``'s error as a record (``{"type": None}`` when it raised nothing)."""
+    try:
+        action()
+    except Exception as error:
+        return error_record(error)
+    return {"type": None}
+
+
+def group_still_works() -> float:
+    """A collective after an error: proves the ranks are still in step (sum of rank + 1)."""
+    value = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(value)
+    return float(value.item())
