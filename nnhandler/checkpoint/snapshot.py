@@ -23,7 +23,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import nn
@@ -35,13 +35,14 @@ from .pickling import (
     StagedTensor,
     StorageRecord,
     StorageRef,
-    is_fast_tensor,
     mixed_dtypes_error,
     storage_type_of,
 )
 from .zipwriter import ALIGNMENT, host_view
 
 __all__ = ["Snapshot", "StagedTensor", "StagingBuffers"]
+
+_STRIDED: Final = torch.strided
 
 #: (storage index, dtype, shape, stride, offset, requires_grad, is_parameter, storage bytes,
 #: device): two saves with equal signatures for every tensor share a plan
@@ -84,7 +85,7 @@ class _Plan:
 class _Walk:
     """One pass over a state: copies containers, records every tensor's signature."""
 
-    __slots__ = ("exotic", "plan", "signatures", "sources", "storage_index")
+    __slots__ = ("plan", "signatures", "sources", "storage_index")
 
     def __init__(self, plan: _Plan | None) -> None:
         self.plan = plan
@@ -92,7 +93,6 @@ class _Walk:
         #: per storage index: (first tensor using it, its storage)
         self.sources: list[tuple[torch.Tensor, torch.UntypedStorage]] = []
         self.storage_index: dict[int, int] = {}
-        self.exotic = False
 
     @property
     def matched(self) -> bool:
@@ -120,9 +120,11 @@ class _Walk:
         elif kind is nn.Parameter and not value.__dict__:
             data, is_parameter = value.data, True
         else:
-            data, is_parameter = value, False
-        if not is_fast_tensor(data):
-            self.exotic = True
+            return _deep_copy(value)
+        # is_fast_tensor(data), inlined: this runs for every tensor of every save
+        if (data.layout is not _STRIDED or data.is_quantized or data.is_nested
+                or not (data.is_cpu or data.is_cuda) or data.is_conj() or data.is_neg()
+                or data.__dict__):
             return _deep_copy(value)
         storage = data.untyped_storage()
         index = self.storage_index.setdefault(storage._cdata, len(self.sources))
