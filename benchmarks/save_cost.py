@@ -1,6 +1,6 @@
 """Cost of a durable checkpoint write, and what an asynchronous auto-save blocks training for.
 
-    python benchmarks/save_cost.py [--rounds 5] [--sizes 10,200] [--dir DIR]
+    python benchmarks/save_cost.py [--rounds 5] [--sizes 10,200] [--dir DIR] [--threads N]
 
 For ~10 MB and ~200 MB of float32 state, as a few hundred large tensors and as 5,000 small
 ones, interleaved rounds time (medians printed):
@@ -170,7 +170,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sizes", default="10,200", help="megabytes, comma-separated")
     parser.add_argument("--dir", type=Path, default=None, help="where files go (a temp dir)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)

@@ -534,3 +534,12 @@ def test_async_save_comes_back_with_load_and_reconfigures() -> None:
     assert loaded.auto_save_callback.config.async_save is True
     again = loaded.auto_save(1, CK, name=NAME)  # reconfigured: back to synchronous
     assert again is loaded.auto_save_callback and again.config.async_save is False
+
+
+def test_run_on_rank_zero_can_keep_its_result_local() -> None:
+    """Snapshots are not broadcast: rank 0 keeps the very object, only the outcome travels."""
+    from nnhandler.distributed import DistributedContext, run_on_rank_zero
+
+    result = object()
+    single = DistributedContext.single()
+    assert run_on_rank_zero(single, lambda: result, share_result=False) is result

@@ -2,11 +2,12 @@
 
 :meth:`StagingBuffers.take` deep-copies the containers of a state (dicts, lists, tuples; numbers
 and strings are immutable and shared) and copies the data of every tensor storage into one host
-*arena* (pinned when a storage lives on CUDA), with one batched ``torch._foreach_copy_`` per
-device. In the copy each tensor becomes a :class:`StagedTensor`, which pickles exactly as the live
-tensor would (same storages and sharing, offsets, sizes, strides, dtype, ``requires_grad``, the
-live storage's location such as ``cuda:0``), so a file written from a snapshot holds the same
-content as a synchronous save of the same state.
+*arena* (pinned when a storage lives on CUDA): one batched ``torch._foreach_copy_`` for CPU
+storages, asynchronous copies on the current stream for CUDA ones. In the copy each tensor
+becomes a :class:`StagedTensor`, which pickles exactly as the live tensor would (same storages
+and sharing, offsets, sizes, strides, dtype, ``requires_grad``, the live storage's location such
+as ``cuda:0``), so a file written from a snapshot holds the same content as a synchronous save of
+the same state.
 
 The layout of a state (which storages, their sizes, every tensor's dtype, shape, stride and
 offset) is the same from one save to the next in a training run, so the arena, the copy
@@ -260,8 +261,8 @@ def _placeholder(signature: _Signature, ref: StorageRef) -> StagedTensor:
 def _copy_storages(
     plan: _Plan, sources: Sequence[tuple[torch.Tensor, torch.UntypedStorage]]
 ) -> tuple[Any, ...]:
-    """One batched copy per device into the arena; CUDA copies are asynchronous and an event
-    per device marks their end."""
+    """Copy every storage into the arena: one batched copy for CPU storages; CUDA copies are
+    asynchronous (pinned destinations) and an event per device marks their end."""
     by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for (tensor, storage), destination, whole in zip(sources, plan.destinations, plan.whole,
                                                      strict=True):
@@ -274,9 +275,10 @@ def _copy_storages(
         origins.append(source)
     events = []
     for device, (targets, origins) in by_device.items():
-        if device.type == "cuda":
+        if device.type == "cuda":  # device-to-host: one asynchronous copy each, in stream order
             with torch.cuda.device(device):
-                torch._foreach_copy_(targets, origins, non_blocking=True)
+                for target, origin in zip(targets, origins, strict=True):
+                    target.copy_(origin, non_blocking=True)
                 event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 event.record()
                 events.append(event)
