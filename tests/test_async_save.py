@@ -543,3 +543,26 @@ def test_run_on_rank_zero_can_keep_its_result_local() -> None:
     result = object()
     single = DistributedContext.single()
     assert run_on_rank_zero(single, lambda: result, share_result=False) is result
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype", "sharing", "count", "parameter"])
+def test_a_changed_layout_gets_a_new_plan_and_the_right_data(tmp_path: Path, change: str) -> None:
+    base = torch.arange(12.0)
+    before = {"a": base, "b": torch.ones(3), "c": torch.zeros(2)}
+    after = {
+        "shape": {"a": base.view(3, 4), "b": torch.ones(3), "c": torch.zeros(2)},
+        "dtype": {"a": base.double(), "b": torch.ones(3), "c": torch.zeros(2)},
+        "sharing": {"a": base, "b": base[1:4], "c": torch.zeros(2)},
+        "count": {"a": base, "b": torch.ones(3), "c": torch.zeros(2), "d": torch.full((2,), 5.0)},
+        "parameter": {"a": torch.nn.Parameter(base.clone()), "b": torch.ones(3),
+                      "c": torch.zeros(2)},
+    }[change]
+    meta = build_meta(epoch=1, step=1, logs={}, world_size=1)
+    staging = StagingBuffers()
+    staging.take(envelope_of(before, meta))
+    staging.take(envelope_of(before, meta))  # the plan is in use
+    snapshot = staging.take(envelope_of(after, meta))
+    write_envelope(tmp_path / "ck.pth", snapshot.value, snapshot.records)
+    loaded = load_envelope(tmp_path / "ck.pth")["state"]
+    assert_same(after, loaded)
+    assert storage_groups(loaded) == storage_groups(after)

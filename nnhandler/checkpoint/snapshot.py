@@ -84,12 +84,16 @@ class _Plan:
 
 
 class _Walk:
-    """One pass over a state: copies containers, records every tensor's signature."""
+    """One pass over a state: copies containers and, per tensor, either checks it against the
+    plan (``plan`` given: the copy gets the plan's placeholders) or records its signature
+    (``plan=None``: the material for a new plan)."""
 
-    __slots__ = ("plan", "signatures", "sources", "storage_index")
+    __slots__ = ("count", "plan", "recording", "signatures", "sources", "storage_index")
 
     def __init__(self, plan: _Plan | None) -> None:
         self.plan = plan
+        self.recording = plan is None
+        self.count = 0
         self.signatures: list[_Signature] = []
         #: per storage index: (first tensor using it, its storage)
         self.sources: list[tuple[torch.Tensor, torch.UntypedStorage]] = []
@@ -98,14 +102,23 @@ class _Walk:
     @property
     def matched(self) -> bool:
         """Every tensor matched the plan (each was compared as it was met)."""
-        return self.plan is not None and len(self.plan.signatures) == len(self.signatures)
+        return self.plan is not None and len(self.plan.signatures) == self.count
 
     def copy(self, value: Any) -> Any:
         kind = type(value)
         if kind in PLAIN_LEAF_TYPES:
             return value
-        if kind is dict:
-            return {key: self.copy(item) for key, item in value.items()}
+        if kind is dict:  # the bulk of every state: dicts of tensors, one call less per item
+            copied = {}
+            for key, item in value.items():
+                item_kind = type(item)
+                if item_kind is torch.Tensor:
+                    copied[key] = self.tensor(item)
+                elif item_kind in PLAIN_LEAF_TYPES:
+                    copied[key] = item
+                else:
+                    copied[key] = self.copy(item)
+            return copied
         if kind is list:
             return [self.copy(item) for item in value]
         if kind is tuple:
@@ -128,18 +141,29 @@ class _Walk:
                 or data.__dict__):
             return _deep_copy(value)
         storage = data.untyped_storage()
-        index = self.storage_index.setdefault(storage._cdata, len(self.sources))
-        if index == len(self.sources):
-            self.sources.append((data, storage))
-        signature = (index, data.dtype, data.shape, data.stride(), int(data.storage_offset()),
-                     value.requires_grad, is_parameter, storage.nbytes(), data.device)
-        position = len(self.signatures)
-        self.signatures.append(signature)
+        sources = self.sources
+        index = self.storage_index.setdefault(storage._cdata, len(sources))
+        if index == len(sources):
+            sources.append((data, storage))
+        position = self.count
+        self.count += 1
+        if self.recording:
+            self.signatures.append((index, data.dtype, data.shape, data.stride(),
+                                    int(data.storage_offset()), value.requires_grad,
+                                    is_parameter, storage.nbytes(), data.device))
+            return None
         plan = self.plan
-        if plan is not None:
-            if position < len(plan.signatures) and plan.signatures[position] == signature:
-                return plan.placeholders[position]
-            self.plan = None  # the layout changed: a new plan is made and the state walked again
+        if plan is not None:  # compared field by field: no tuple per tensor per save
+            if position < len(plan.signatures):
+                expected = plan.signatures[position]
+                if (expected[0] == index and expected[1] is data.dtype
+                        and expected[2] == data.shape and expected[3] == data.stride()
+                        and expected[4] == data.storage_offset()
+                        and expected[5] is value.requires_grad
+                        and expected[6] is is_parameter and expected[7] == storage.nbytes()
+                        and expected[8] == data.device):
+                    return plan.placeholders[position]
+            self.plan = None  # the layout changed: the state is walked again for a new plan
         return None
 
 
@@ -181,10 +205,13 @@ class StagingBuffers:
         Blocks only for the copies of CPU storages; device-to-host copies are queued on the
         current stream and :meth:`Snapshot.wait` waits for them.
         """
-        walk = _Walk(self._plan)
-        copied = walk.copy(value)
-        if not walk.matched:
-            self._plan = _make_plan(walk, self._plan.arena if self._plan is not None else None)
+        walk = _Walk(self._plan) if self._plan is not None else None
+        copied = walk.copy(value) if walk is not None else None
+        if walk is None or not walk.matched:  # first save, or the layout changed
+            recorded = _Walk(None)
+            recorded.copy(value)
+            self._plan = _make_plan(recorded,
+                                    self._plan.arena if self._plan is not None else None)
             walk = _Walk(self._plan)
             copied = walk.copy(value)
             if not walk.matched:  # cannot happen: the state was not changed in between
