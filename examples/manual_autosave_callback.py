@@ -4,7 +4,9 @@
 
 Each callback derives its ``state_key`` from its ``save_path`` and ``name``, so both live on one
 handler, both go into every checkpoint, and both come back on ``NNHandler.load`` with their
-bookkeeping: the resumed "latest" callback replaces the file its lineage wrote.
+bookkeeping: the resumed "latest" callback replaces the file its lineage wrote. The "latest"
+one saves every epoch, so it writes in the background (``async_save=True``): training pays only
+for a copy of the state into host memory, and ``train`` returns once the file is on disk.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def main() -> None:
     handler.set_train_loader(dataset(256, seed=0), batch_size=32, shuffle=True)
     handler.set_val_loader(dataset(64, seed=1), batch_size=64)
 
-    latest = AutoSaveCallback(interval=1, save_path=args.out, name="latest", overwrite=True)
+    latest = AutoSaveCallback(interval=1, save_path=args.out, name="latest", overwrite=True,
+                              async_save=True)
     every_two = AutoSaveCallback(interval=2, save_path=args.out / "history",
                                  name="regressor_ep{epoch:03d}_val{val_loss:.4f}")
     handler.add_callback(latest)

@@ -29,6 +29,7 @@ class AutoSaveConfig(_Strict):
     name: str = "model_epoch{epoch:02d}"
     overwrite: bool = False
     on_save_error: SaveErrorPolicy = "warn"
+    async_save: bool = False
 
     @field_validator("interval")
     @classmethod
@@ -63,6 +64,7 @@ class AutoSaveConfig(_Strict):
             "name": self.name,
             "overwrite": self.overwrite,
             "on_save_error": self.on_save_error,
+            "async_save": self.async_save,
         }
 
 

@@ -203,17 +203,23 @@ def all_gather_objects(context: DistributedContext, obj: T) -> list[T]:
     return gathered
 
 
-def run_on_rank_zero(context: DistributedContext, action: Callable[[], T]) -> T:
+def run_on_rank_zero(
+    context: DistributedContext, action: Callable[[], T], *, share_result: bool = True
+) -> T:
     """Run ``action`` on rank 0; every rank returns its result or raises its error.
 
     The other ranks wait in a broadcast that carries either the result or the error message, so
     a failure on rank 0 reaches every rank as an exception instead of a hang at a barrier.
+    With ``share_result=False`` only the outcome is broadcast: rank 0 returns the result, the
+    other ranks ``None`` (for results that are large or cannot be pickled).
     """
     outcome: tuple[bool, Any]
     error: BaseException | None = None
+    result: Any = None
     if context.is_main:
         try:
-            outcome = (True, action())
+            result = action()
+            outcome = (True, result if share_result else None)
         except BaseException as raised:  # KeyboardInterrupt too: the others must not hang
             error = raised
             outcome = (False, f"{type(raised).__name__}: {raised}")
@@ -225,4 +231,4 @@ def run_on_rank_zero(context: DistributedContext, action: Callable[[], T]) -> T:
     ok, payload = outcome
     if not ok:
         raise CheckpointError(f"rank 0 failed: {payload}")
-    return cast(T, payload)
+    return cast(T, payload if share_result or not context.is_main else result)

@@ -21,7 +21,7 @@ from .callbacks import AutoSaveCallback, Callback
 from .callbacks.autosave import AUTOSAVE_KEY_PREFIX
 from .checkpoint import Checkpoint, write_checkpoint
 from .checkpoint.discovery import find_latest_valid
-from .checkpoint.envelope import build_meta
+from .checkpoint.envelope import build_meta, ensure_plain, envelope_of
 from .checkpoint.refs import (
     NotReferenceableError,
     decode_value,
@@ -37,6 +37,7 @@ from .checkpoint.sharded import (
     read_any_checkpoint,
     write_sharded_checkpoint,
 )
+from .checkpoint.snapshot import Snapshot, StagingBuffers
 from .components import (
     ComponentState,
     History,
@@ -520,6 +521,7 @@ class NNHandler:
         name: str = "model_epoch{epoch:02d}",
         overwrite: bool = False,
         on_save_error: SaveErrorPolicy = "warn",
+        async_save: bool = False,
     ) -> AutoSaveCallback:
         """Configure (or reconfigure) this handler's one :class:`AutoSaveCallback`.
 
@@ -527,12 +529,14 @@ class NNHandler:
         instance (its record of the last file it wrote is kept).
         """
         if self._autosave is None:
-            callback = AutoSaveCallback(interval, save_path, name, overwrite, on_save_error)
+            callback = AutoSaveCallback(interval, save_path, name, overwrite, on_save_error,
+                                        async_save=async_save)
             self.add_callback(callback)
             self._autosave = callback
             return callback
         config = AutoSaveConfig(interval=interval, save_path=Path(save_path), name=name,
-                                overwrite=overwrite, on_save_error=on_save_error)
+                                overwrite=overwrite, on_save_error=on_save_error,
+                                async_save=async_save)
         callback = self._autosave
         old = callback.config
         self._registry.unregister(callback)
@@ -720,28 +724,23 @@ class NNHandler:
         path = Path(path)
         logs = dict(self._last_logs if logs is None else logs)
 
-        def build() -> dict[str, Any]:
-            return build_meta(epoch=self.progress.epoch, step=self.progress.step,
-                              logs={k: v for k, v in logs.items() if _plain_scalar(v)},
-                              world_size=self.distributed.world_size)
-
         def write() -> tuple[int, float]:
-            if path.is_dir():  # checked on rank 0 only: other ranks may not share its disk
-                raise ConfigurationError(f"save path {str(path)!r} is a directory")
+            _refuse_directory(path)  # checked on rank 0 only: other ranks may not share its disk
             if path.suffix == SHARDED_SUFFIX:
                 raise ConfigurationError(
                     f"save path {str(path)!r}: {SHARDED_SUFFIX!r} names a sharded checkpoint "
                     "directory, but this model has no DTensor parameters; use '.pth'")
             started = time.perf_counter()
             path.parent.mkdir(parents=True, exist_ok=True)
-            size = write_checkpoint(path, self._registry.collect(), build())
+            size = write_checkpoint(path, self._registry.collect(), self._checkpoint_meta(logs))
             return size, time.perf_counter() - started
 
         def write_sharded() -> tuple[int, float]:
             started = time.perf_counter()
             size = write_sharded_checkpoint(
                 path, self.distributed, self._sharded_components(with_optimizer=True),
-                lambda: (self._registry.collect(exclude=SHARDED_KEYS), build()))
+                lambda: (self._registry.collect(exclude=SHARDED_KEYS),
+                         self._checkpoint_meta(logs)))
             return size, time.perf_counter() - started
 
         with self._rng.gathered():
@@ -749,10 +748,38 @@ class NNHandler:
                 size, seconds = write_sharded()
             else:
                 size, seconds = run_on_rank_zero(self.distributed, write)
-        self.logger.info("saved checkpoint %s (%.1f MB, %.2f s)", path, size / 1e6, seconds)
-        self._dispatcher.fire(Event.CHECKPOINT_SAVED, handler=self, path=path,
-                              epoch=self.progress.epoch)
+        self._announce_saved(path, self.progress.epoch, size, seconds)
         return path
+
+    def _checkpoint_meta(self, logs: Mapping[str, Any]) -> dict[str, Any]:
+        return build_meta(epoch=self.progress.epoch, step=self.progress.step,
+                          logs={k: v for k, v in logs.items() if _plain_scalar(v)},
+                          world_size=self.distributed.world_size)
+
+    def _snapshot_checkpoint(self, path: Path, logs: Mapping[str, Any],
+                             staging: StagingBuffers) -> Snapshot | None:
+        """The complete checkpoint (as :meth:`save` would write it to ``path``) copied into
+        ``staging`` on rank 0, for a background write; ``None`` on the other ranks.
+
+        Collective like :meth:`save`: an error on rank 0 (a provider that raises, state that is
+        not plain data) is raised on every rank.
+        """
+        logs = dict(logs)
+
+        def take() -> Snapshot:
+            _refuse_directory(path)
+            state, meta = self._registry.collect(), self._checkpoint_meta(logs)
+            ensure_plain(state)
+            ensure_plain(meta, "meta")
+            return staging.take(envelope_of(state, meta))
+
+        with self._rng.gathered():
+            return run_on_rank_zero(self.distributed, take, share_result=False)
+
+    def _announce_saved(self, path: Path, epoch: int, size: int, seconds: float) -> None:
+        """Log a durable checkpoint and fire ``on_checkpoint_saved`` (on every rank)."""
+        self.logger.info("saved checkpoint %s (%.1f MB, %.2f s)", path, size / 1e6, seconds)
+        self._dispatcher.fire(Event.CHECKPOINT_SAVED, handler=self, path=path, epoch=epoch)
 
     def state_dict(self) -> dict[str, Any]:
         """``{state_key: state}`` of every provider: exactly what a checkpoint's ``state`` holds."""
@@ -1158,6 +1185,11 @@ def _resolve_fsdp_units(
                 "fsdp_units=[...])"
             ) from error
     return tuple(units)
+
+
+def _refuse_directory(path: Path) -> None:
+    if path.is_dir():
+        raise ConfigurationError(f"save path {str(path)!r} is a directory")
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

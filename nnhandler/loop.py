@@ -25,6 +25,12 @@ from .logging import TrainingProgress
 __all__ = ["EpochShuffleSampler", "LoopParts", "ShardSampler", "TrainingLoop", "move_to_device"]
 
 Metric = Callable[[Any, Any], Any]
+#: one reusable do-nothing context (nullcontext is reentrant), so batches allocate none
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _no_context() -> contextlib.nullcontext[None]:
+    return _NO_CONTEXT
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -128,21 +134,28 @@ class LoopParts:
 
 class _Totals:
     """Sample-weighted sums of loss and metrics for one pass, kept on the device until the end
-    of the epoch so that no batch forces a host sync for bookkeeping."""
+    of the epoch so that no batch forces a host sync for bookkeeping. A batch allocates
+    nothing here: each value is cast into a float64 scratch scalar (``copy_``) and added in
+    place (``add_`` with the batch size as ``alpha``)."""
+
+    __slots__ = ("_scratch", "count", "loss", "metric_sums", "metric_tensors", "names")
 
     def __init__(self, names: Sequence[str], device: torch.device) -> None:
         self.names = names
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self._scratch = torch.zeros((), dtype=torch.float64, device=device)
         self.metric_sums = [0.0 for _ in names]
-        self.metric_tensors = torch.zeros(len(names), dtype=torch.float64, device=device)
+        self.metric_tensors = [torch.zeros((), dtype=torch.float64, device=device)
+                               for _ in names]
         self.count = 0
 
     def add(self, loss: torch.Tensor, size: int, values: Sequence[Any]) -> None:
-        self.loss.add_(loss.detach(), alpha=size)  # in place: no allocation per batch
+        scratch = self._scratch
+        self.loss.add_(scratch.copy_(loss.detach()), alpha=size)
         self.count += size
         for i, value in enumerate(values):
             if isinstance(value, torch.Tensor):
-                self.metric_tensors[i] += value.detach().to(torch.float64) * size
+                self.metric_tensors[i].add_(scratch.copy_(value.detach()), alpha=size)
             else:
                 self.metric_sums[i] += float(value) * size
 
@@ -151,7 +164,8 @@ class _Totals:
         extra = torch.tensor(
             [float(self.count), *self.metric_sums], dtype=torch.float64, device=device
         )
-        extra[1:] += self.metric_tensors
+        if self.metric_tensors:
+            extra[1:] += torch.stack(self.metric_tensors)
         return torch.cat([self.loss.reshape(1), extra])
 
 
@@ -171,13 +185,13 @@ class TrainingLoop:
         self.p = parts
         self.show_progress = show_progress and parts.context.is_main
         self.metric_names = list(parts.metrics)
-        # without AMP one reusable null context: entering a disabled torch.autocast per batch
-        # costs microseconds that a tiny model notices
-        no_autocast = contextlib.nullcontext()
-        self.autocast: Callable[[], Any] = lambda: no_autocast
-        if parts.settings.use_amp:
-            dtype = torch.float16 if parts.device.type == "cuda" else torch.bfloat16
-            self.autocast = lambda: torch.autocast(parts.device.type, dtype=dtype)
+        self.autocast: Callable[[], Any]
+        if not parts.settings.use_amp:
+            self.autocast = _no_context  # entering a disabled torch.autocast still costs
+        elif parts.device.type == "cuda":
+            self.autocast = lambda: torch.autocast("cuda", dtype=torch.float16)
+        else:
+            self.autocast = lambda: torch.autocast(parts.device.type, dtype=torch.bfloat16)
         self.non_blocking = parts.device.type == "cuda"
 
     def run(self, start_epoch: int, end_epoch: int) -> dict[str, Any]:
@@ -242,7 +256,7 @@ class TrainingLoop:
             group_size = accumulation if batches is None else min(accumulation,
                                                                   batches - group_start)
             steps_now = (index + 1 - group_start) == group_size
-            sync = (contextlib.nullcontext() if steps_now or not is_ddp
+            sync = (_NO_CONTEXT if steps_now or not is_ddp
                     else cast(nn.parallel.DistributedDataParallel, p.model).no_sync())
             with sync:
                 with self.autocast():
@@ -280,9 +294,9 @@ class TrainingLoop:
         if p.scheduler is not None and p.scheduler_interval == "step":
             p.scheduler.step()
 
-    def _metric_values(self, output: Any, target: Any) -> list[Any]:
+    def _metric_values(self, output: Any, target: Any) -> Sequence[Any]:
         if not self.metric_names:
-            return []
+            return ()
         with torch.no_grad():
             return [metric(output, target) for metric in self.p.metrics.values()]
 

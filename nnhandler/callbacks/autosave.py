@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..checkpoint.background import BackgroundWriter
 from ..checkpoint.sharded import checkpoint_size, sharded_name
 from ..checkpoint.writer import remove_checkpoint_path, remove_stale_temp_files
 from ..config import AutoSaveConfig, SaveErrorPolicy
@@ -22,6 +25,19 @@ if TYPE_CHECKING:
 __all__ = ["AUTOSAVE_KEY_PREFIX", "AutoSaveCallback"]
 
 AUTOSAVE_KEY_PREFIX = "autosave:"
+
+#: (last_saved_path, last_saved_epoch, save_count, pending_removal) before a save
+_Bookkeeping = tuple[str | None, int | None, int, str | None]
+
+
+@dataclass(frozen=True)
+class _BackgroundSave:
+    """An auto-save being written in the background, and the bookkeeping to restore should the
+    write fail."""
+
+    path: Path
+    epoch: int
+    previous: _Bookkeeping
 
 
 class AutoSaveCallback(Callback):
@@ -49,6 +65,16 @@ class AutoSaveCallback(Callback):
             previous checkpoint stays intact, training goes on, the next scheduled save tries
             again, and the end of ``train`` reports how many saves failed. ``"raise"``: the
             error propagates and ends ``train``. Either way no partial file is left.
+        async_save: write in the background. Training pays only for a snapshot of the state
+            into host memory (pinned for CUDA tensors; the buffers are allocated once and
+            reused for every save of a ``train`` call); a writer thread then serialises,
+            checksums and writes the file under the same atomicity rules. At most one write is
+            in flight: the next save first waits for the previous one. A background failure is
+            reported at the next epoch end (or save, or the end of ``train``) and follows
+            ``on_save_error``. ``train`` returns only once every file it saved is durable (under
+            DDP every rank waits for rank 0's write); an exception or ``KeyboardInterrupt``
+            waits for the write in flight too, and so does interpreter exit (:meth:`flush`
+            waits by hand). ``on_checkpoint_saved`` fires when the file is durable.
 
     When ``train`` starts, rank 0 creates ``save_path``, checks that it can write there (an
     unwritable directory is a :class:`~nnhandler.ConfigurationError` before any epoch runs) and
@@ -73,10 +99,11 @@ class AutoSaveCallback(Callback):
         name: str = "model_epoch{epoch:02d}",
         overwrite: bool = False,
         on_save_error: SaveErrorPolicy = "warn",
+        async_save: bool = False,
     ) -> None:
         self.config = AutoSaveConfig(
             interval=interval, save_path=Path(save_path), name=name, overwrite=overwrite,
-            on_save_error=on_save_error,
+            on_save_error=on_save_error, async_save=async_save,
         )
         self.last_saved_path: str | None = None
         self.last_saved_epoch: int | None = None
@@ -89,6 +116,8 @@ class AutoSaveCallback(Callback):
         self._call_end_epoch = 0
         self._call_failures = 0
         self._last_size: int | None = None
+        self._writer: BackgroundWriter | None = None
+        self._in_flight: _BackgroundSave | None = None
 
     # -- configuration -------------------------------------------------------------------------
     @staticmethod
@@ -113,7 +142,8 @@ class AutoSaveCallback(Callback):
         c = self.config
         return (
             f"AutoSaveCallback(interval={c.interval!r}, save_path={str(c.save_path)!r}, "
-            f"name={c.name!r}, overwrite={c.overwrite!r}, on_save_error={c.on_save_error!r})"
+            f"name={c.name!r}, overwrite={c.overwrite!r}, on_save_error={c.on_save_error!r}, "
+            f"async_save={c.async_save!r})"
         )
 
     # -- schedule ------------------------------------------------------------------------------
@@ -130,6 +160,8 @@ class AutoSaveCallback(Callback):
     def on_train_begin(
         self, handler: NNHandler, start_epoch: int, end_epoch: int, **kwargs: Any
     ) -> None:
+        if self._in_flight is not None:  # a save_now() by hand before this call
+            self.flush(handler)
         self._call_start_epoch = start_epoch
         self._call_end_epoch = end_epoch
         self._call_failures = 0
@@ -158,6 +190,8 @@ class AutoSaveCallback(Callback):
     def on_epoch_end(
         self, handler: NNHandler, epoch: int, logs: dict[str, Any], **kwargs: Any
     ) -> None:
+        if self._in_flight is not None:  # a background write that has finished is reported now
+            self._settle(handler, wait=False)
         last_of_call = epoch >= self._call_end_epoch or handler.stop_requested
         if self.should_save(epoch, last_of_call=last_of_call):
             self.save_now(handler, epoch, logs)
@@ -171,6 +205,10 @@ class AutoSaveCallback(Callback):
             and self.last_saved_epoch != handler.epoch
         ):
             self.save_now(handler, handler.epoch, logs)
+        if self._in_flight is not None:
+            self.flush(handler)
+        if self._writer is not None:
+            self._writer.staging.release()
         if self._call_failures:
             handler.logger.error(
                 "%d auto-save(s) to %s failed during this train call (see the errors above); "
@@ -196,18 +234,24 @@ class AutoSaveCallback(Callback):
         try:
             return self._save(handler, epoch, logs)
         except Exception as error:
-            if self.config.on_save_error == "raise":
-                raise
-            self.failed_saves += 1
-            self._call_failures += 1
-            handler.logger.error(
-                "AUTO-SAVE FAILED at epoch %d (%s: %s); the previous checkpoint %s is intact and "
-                "training continues; the next scheduled save will try again",
-                epoch, type(error).__name__, error, self.last_saved_path,
-            )
+            self._save_failed(handler, epoch, error)
             return None
 
+    def _save_failed(self, handler: NNHandler, epoch: int, error: Exception) -> None:
+        """Apply ``on_save_error`` to the failed save of ``epoch``."""
+        if self.config.on_save_error == "raise":
+            raise error
+        self.failed_saves += 1
+        self._call_failures += 1
+        handler.logger.error(
+            "AUTO-SAVE FAILED at epoch %d (%s: %s); the previous checkpoint %s is intact and "
+            "training continues; the next scheduled save will try again",
+            epoch, type(error).__name__, error, self.last_saved_path,
+        )
+
     def _save(self, handler: NNHandler, epoch: int, logs: dict[str, Any]) -> Path:
+        if self._in_flight is not None:  # at most one write in flight
+            self.flush(handler)
         path, missing = self.path_for({**logs, "epoch": epoch},
                                       sharded=handler.sharded_checkpoints)
         if missing:
@@ -219,8 +263,8 @@ class AutoSaveCallback(Callback):
             )
         if handler.distributed.is_main:
             self._warn_if_disk_is_short(handler)
-        previous = (self.last_saved_path, self.last_saved_epoch, self.save_count,
-                    self.pending_removal)
+        previous: _Bookkeeping = (self.last_saved_path, self.last_saved_epoch, self.save_count,
+                                  self.pending_removal)
         # bookkeeping first, so the file records itself as this lineage's latest save (and,
         # with overwrite, the file a resumed run must still remove if we crash before that)
         self.last_saved_path, self.last_saved_epoch = str(path), epoch
@@ -228,6 +272,9 @@ class AutoSaveCallback(Callback):
         if self.config.overwrite and previous[0] is not None and previous[0] != str(path):
             self.pending_removal = previous[0]
         try:
+            if self.config.async_save:
+                self._save_in_background(handler, path, epoch, logs, previous)
+                return path
             handler.save(path, logs=logs)
         except BaseException:
             (self.last_saved_path, self.last_saved_epoch, self.save_count,
@@ -242,6 +289,89 @@ class AutoSaveCallback(Callback):
                     self._remove_previous(handler, Path(old), path)
             self.pending_removal = None
         return path
+
+    # -- background saving ---------------------------------------------------------------------
+    def _save_in_background(self, handler: NNHandler, path: Path, epoch: int,
+                            logs: dict[str, Any], previous: _Bookkeeping) -> None:
+        """Snapshot the state (collective) and hand it to the writer thread (rank 0)."""
+        if self._writer is None:
+            self._writer = BackgroundWriter()
+        snapshot = handler._snapshot_checkpoint(path, logs, self._writer.staging)
+        after_commit = None
+        if self.config.overwrite:
+            superseded = [Path(old) for old in {previous[0], previous[3]} if old is not None]
+            after_commit = functools.partial(self._remove_all, handler, superseded, path)
+        self._in_flight = _BackgroundSave(path, epoch, previous)
+        if snapshot is not None:  # rank 0
+            self._writer.submit(path, epoch, snapshot, after_commit)
+
+    def flush(self, handler: NNHandler) -> None:
+        """Wait for the background write in flight, if any, and report it as a save: on success
+        ``on_checkpoint_saved`` fires; a failure follows ``on_save_error``. Under DDP every rank
+        calls it (rank 0's outcome reaches every rank)."""
+        self._settle(handler, wait=True)
+
+    def _settle(self, handler: NNHandler, *, wait: bool) -> None:
+        """Report the background write once it is done (``wait=False``: only if it is)."""
+        pending = self._in_flight
+        if pending is None:
+            return
+        writer = self._writer
+
+        def collect() -> tuple[int, float] | None:
+            assert writer is not None
+            outcome = writer.wait() if wait else writer.poll()
+            if outcome is None:
+                return None
+            if outcome.error is not None:
+                raise outcome.error
+            return outcome.size, outcome.seconds
+
+        try:
+            result = run_on_rank_zero(handler.distributed, collect)
+        except Exception as error:
+            self._in_flight = None
+            (self.last_saved_path, self.last_saved_epoch, self.save_count,
+             self.pending_removal) = pending.previous
+            self._save_failed(handler, pending.epoch, error)
+            return
+        if result is None:
+            return
+        self._in_flight = None
+        self._last_size = result[0]
+        if self.config.overwrite:
+            self.pending_removal = None
+        handler._announce_saved(pending.path, pending.epoch, *result)
+
+    def on_exception(self, handler: NNHandler, exception: BaseException, **kwargs: Any) -> None:
+        """Training is failing: wait for the write in flight (rank 0, no collective — the other
+        ranks may be anywhere) and log its outcome; a failure is also noted on ``exception``."""
+        pending, self._in_flight = self._in_flight, None
+        if pending is None or self._writer is None:
+            return
+        outcome = self._writer.wait()
+        if outcome is None:  # not rank 0: the outcome is rank 0's to report
+            return
+        if outcome.error is None:
+            if self.config.overwrite:
+                self.pending_removal = None
+            handler.logger.info("saved checkpoint %s (%.1f MB, %.2f s) while training failed",
+                                outcome.path, outcome.size / 1e6, outcome.seconds)
+            return
+        (self.last_saved_path, self.last_saved_epoch, self.save_count,
+         self.pending_removal) = pending.previous
+        self.failed_saves += 1
+        self._call_failures += 1
+        error = outcome.error
+        handler.logger.error("AUTO-SAVE FAILED at epoch %d (%s: %s) in the background while "
+                             "training failed; the previous checkpoint %s is intact",
+                             pending.epoch, type(error).__name__, error, self.last_saved_path)
+        exception.add_note(f"the background auto-save of epoch {pending.epoch} to "
+                           f"{pending.path} failed too: {type(error).__name__}: {error}")
+
+    def _remove_all(self, handler: NNHandler, superseded: list[Path], new: Path) -> None:
+        for old in superseded:
+            self._remove_previous(handler, old, new)
 
     def _warn_if_disk_is_short(self, handler: NNHandler) -> None:
         expected = self._last_size or _estimated_size(handler)

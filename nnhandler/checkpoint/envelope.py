@@ -11,19 +11,30 @@ import os
 import pickle
 import platform
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import Any, Final
 
 import torch
 
 from ..errors import CheckpointError, CheckpointFormatError
-from .integrity import ChecksummingWriter, read_integrity_record, verify_file
+from .integrity import integrity_record, read_integrity_record, verify_file
 from .migrations import migrate
+from .pickling import StorageRecord, pickle_with_storages
 from .writer import atomic_write
+from .zipwriter import write_torch_zip
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Checkpoint", "read_checkpoint", "write_checkpoint"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "envelope_of",
+    "read_checkpoint",
+    "write_checkpoint",
+    "write_envelope",
+]
 
 FORMAT_NAME: Final = "nnhandler.checkpoint"
 FORMAT_VERSION: Final = 1
@@ -64,33 +75,57 @@ def build_meta(*, epoch: int, step: int, logs: dict[str, Any], world_size: int) 
     }
 
 
-_PLAIN_TYPES: Final = frozenset({bool, int, float, str, bytes, type(None), torch.dtype,
+#: immutable values a checkpoint may hold (shared, never copied, by snapshots)
+PLAIN_LEAF_TYPES: Final = frozenset({bool, int, float, str, bytes, type(None), torch.dtype,
                                  torch.Size, torch.device})
-_CONTAINER_TYPES: Final = frozenset({dict, OrderedDict, list, tuple})
+_KEY_TYPES: Final = frozenset({str, int, float, bool, type(None)})
+_MAPPINGS: Final = frozenset({dict, OrderedDict})
+_SEQUENCES: Final = frozenset({list, tuple})
+
+
+def _is_plain(value: Any) -> bool:
+    kind = type(value)
+    if kind in PLAIN_LEAF_TYPES or isinstance(value, torch.Tensor):
+        return True
+    if kind in _MAPPINGS:
+        return all(type(key) in _KEY_TYPES and _is_plain(item) for key, item in value.items())
+    if kind in _SEQUENCES:
+        return all(_is_plain(item) for item in value)
+    return False
 
 
 def ensure_plain(value: Any, where: str = "state") -> None:
     """Raise :class:`CheckpointError` naming the first value ``torch.load(weights_only=True)``
     would refuse, so that no unloadable file is ever written."""
+    if not _is_plain(value):  # the fast check; the path to the culprit is found only on failure
+        raise refusal(value, where)
+
+
+def refusal(value: Any, where: str) -> CheckpointError:
+    """The error naming the first value inside ``value`` that a checkpoint cannot hold."""
     kind = type(value)
-    if kind in _PLAIN_TYPES or isinstance(value, torch.Tensor):
-        return
-    if kind in (dict, OrderedDict):
+    if kind in _MAPPINGS:
         for key, item in value.items():
-            if type(key) not in (str, int, float, bool, type(None)):
-                raise CheckpointError(f"{where} has a key of type {type(key).__qualname__}: "
-                                      f"{key!r}; checkpoint keys must be str or numbers")
-            ensure_plain(item, f"{where}[{key!r}]")
-        return
-    if kind in (list, tuple):
+            if type(key) not in _KEY_TYPES:
+                return CheckpointError(f"{where} has a key of type {type(key).__qualname__}: "
+                                       f"{key!r}; checkpoint keys must be str or numbers")
+            if not _is_plain(item):
+                return refusal(item, f"{where}[{key!r}]")
+    elif kind in _SEQUENCES:
         for index, item in enumerate(value):
-            ensure_plain(item, f"{where}[{index}]")
-        return
-    raise CheckpointError(
+            if not _is_plain(item):
+                return refusal(item, f"{where}[{index}]")
+    return CheckpointError(
         f"{where} is a {kind.__module__}.{kind.__qualname__} ({value!r:.80}); checkpoints hold "
         "only tensors, numbers, strings, None and lists/tuples/dicts of them, so that they load "
         "with torch.load(weights_only=True). Convert it in the provider's state_dict()."
     )
+
+
+def envelope_of(state: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The object a checkpoint file holds."""
+    return {"format": {"name": FORMAT_NAME, "version": FORMAT_VERSION}, "meta": meta,
+            "state": state}
 
 
 def write_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any]) -> int:
@@ -101,32 +136,29 @@ def write_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any]) ->
     """
     ensure_plain(state)
     ensure_plain(meta, "meta")
-    envelope = {
-        "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
-        "meta": meta,
-        "state": state,
-    }
+    return write_envelope(path, envelope_of(state, meta))
+
+
+def write_envelope(
+    path: Path, envelope: dict[str, Any], staged: Sequence[StorageRecord] = ()
+) -> int:
+    """Write a checked envelope durably: pickled (before any file is touched), then the zip
+    with its integrity record through :func:`atomic_write`. ``staged`` are the storage records
+    of a snapshot's placeholders (see :mod:`.snapshot`). Returns the file size."""
+    meta = envelope["meta"]
     summary = {
-        "format_version": FORMAT_VERSION,
+        "format_version": envelope["format"]["version"],
         "epoch": meta["epoch"],
         "step": meta["step"],
         "time": meta["time"],
         "logs": meta["logs"],
     }
+    pickled, storages = pickle_with_storages(envelope, staged)
 
-    def write(file: BinaryIO) -> None:
-        writer = ChecksummingWriter(file)
-        try:
-            torch.save(envelope, writer)  # type: ignore[arg-type]  # a write-only file-like object
-        except RuntimeError:
-            # torch.save finishes the zip even while a write error propagates, and that fails
-            # too: surface the disk's own error (ENOSPC, EIO, EACCES …), not torch's
-            if writer.write_error is not None:
-                raise writer.write_error from None
-            raise
-        writer.finish(summary)
+    def comment(covered_size: int, crc: int) -> bytes:
+        return integrity_record(summary, covered_size, crc)
 
-    return atomic_write(path, write)
+    return atomic_write(path, lambda file: write_torch_zip(file, pickled, storages, comment))
 
 
 def read_checkpoint(

@@ -1,8 +1,9 @@
 """Whole-file integrity for checkpoints: a CRC-32 computed while the file is written.
 
-Layout: the checkpoint is a zip file (``torch.save``); its end-of-central-directory record ends
-in a 2-byte comment length, and the integrity record is stored as the zip *comment*, so the file
-stays a valid zip that ``torch.load(weights_only=True)`` opens. The record is::
+Layout: the checkpoint is a zip file in ``torch.save``'s format (:mod:`.zipwriter`); its
+end-of-central-directory record ends in a 2-byte comment length, and the integrity record is
+stored as the zip *comment*, so the file stays a valid zip that
+``torch.load(weights_only=True)`` opens. The record is::
 
     MAGIC  JSON  footer(json length: u32, crc32(MAGIC + JSON): u32, TAG)
 
@@ -18,86 +19,67 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import Any, Final
 
 from ..errors import CheckpointCorruptedError
 
 try:  # ISA-L's CRC-32: the same values as zlib.crc32, 6-30x faster (PCLMUL/SIMD)
-    from isal.isal_zlib import crc32
+    from isal.isal_zlib import crc32, crc32_combine
 except ImportError:  # pragma: no cover - platforms without an isal wheel
     from zlib import crc32
 
-__all__ = ["ChecksummingWriter", "IntegrityRecord", "crc32", "file_crc32", "read_integrity_record",
-           "verify_file"]
+    def crc32_combine(crc1: int, crc2: int, length2: int, /) -> int:
+        """CRC-32 of ``a + b`` from ``crc32(a)``, ``crc32(b)`` and ``len(b)`` (zlib's method:
+        multiply ``crc1`` by x^(8 * length2) modulo the CRC polynomial)."""
+        return _multiply(_x_power_8n(length2), crc1) ^ crc2
+
+    _POLY = 0xEDB88320
+
+    def _multiply(a: int, b: int) -> int:
+        product, m = 0, 1 << 31
+        while m:
+            if a & m:
+                product ^= b
+                if (a & (m - 1)) == 0:
+                    break
+            m >>= 1
+            b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+        return product
+
+    def _x_power_8n(n: int) -> int:
+        power, square = 1 << 31, 1 << 30  # x^0, then x^(2^k) for k = 0, 1, …; start at x^8
+        for _ in range(3):
+            square = _multiply(square, square)
+        while n:
+            if n & 1:
+                power = _multiply(square, power)
+            n >>= 1
+            square = _multiply(square, square)
+        return power
+
+__all__ = ["IntegrityRecord", "crc32", "crc32_combine", "file_crc32", "integrity_record",
+           "read_integrity_record", "verify_file"]
 
 MAGIC: Final = b"\nNNHANDLER-INTEGRITY\n"
 TAG: Final = b"NNHI"
 _FOOTER: Final = struct.Struct("<II4s")
-_EOCD_SIGNATURE: Final = b"PK\x05\x06"
 _EOCD_SIZE: Final = 22
 _CHUNK: Final = 16 * 1024 * 1024
 _MAX_RECORD: Final = 65535  # a zip comment's length is a u16
 
 
-class ChecksummingWriter:
-    """A write-only file wrapper that CRCs everything except the final 2 bytes as it goes.
-
-    The final 2 bytes of a zip written by ``torch.save`` are the (zero) comment length, which
-    :meth:`finish` replaces; holding them back keeps the checksum independent of that patch.
-    """
-
-    __slots__ = ("_crc", "_file", "_held", "_size", "_tail", "write_error")
-
-    def __init__(self, file: BinaryIO) -> None:
-        self._file = file
-        self._crc = 0
-        self._held = b""
-        self._size = 0
-        self._tail = b""
-        #: the first ``OSError`` of the underlying file (ENOSPC, EIO …); ``torch.save`` may hide
-        #: it behind a ``RuntimeError`` of its own, so the caller re-raises this one
-        self.write_error: OSError | None = None
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        try:
-            written = self._file.write(view)
-        except OSError as error:
-            if self.write_error is None:
-                self.write_error = error
-            raise
-        if len(view) >= 2:
-            self._crc = crc32(view[:-2], crc32(self._held, self._crc))
-            self._held = bytes(view[-2:])
-        else:
-            combined = self._held + bytes(view)
-            self._crc = crc32(combined[:-2], self._crc)
-            self._held = combined[-2:]
-        self._tail = (self._tail + bytes(view[-_EOCD_SIZE:]))[-_EOCD_SIZE:]
-        self._size += len(view)
-        return written if written is not None else len(view)
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def finish(self, metadata: dict[str, Any]) -> int:
-        """Append the integrity record as the zip comment; returns the final file size."""
-        tail_ok = len(self._tail) == _EOCD_SIZE and self._tail[:4] == _EOCD_SIGNATURE
-        if not tail_ok or self._held != b"\0\0":
-            raise ValueError("the written data does not end in a comment-less zip EOCD record")
-        payload = json.dumps(
-            {**metadata, "algorithm": "crc32", "covered_size": self._size - 2, "crc32": self._crc},
-            allow_nan=True, separators=(",", ":"), sort_keys=True,
-        ).encode()
-        head = MAGIC + payload
-        record = head + _FOOTER.pack(len(payload), crc32(head), TAG)
-        if len(record) > _MAX_RECORD:
-            raise ValueError(f"integrity record of {len(record)} bytes exceeds a zip comment")
-        self._file.seek(self._size - 2)
-        self._file.write(struct.pack("<H", len(record)))
-        self._file.seek(self._size)
-        self._file.write(record)
-        return self._size + len(record)
+def integrity_record(metadata: dict[str, Any], covered_size: int, crc: int) -> bytes:
+    """The record stored as the zip comment: ``metadata`` plus the CRC-32 of the first
+    ``covered_size`` bytes of the file (everything before the comment-length field)."""
+    payload = json.dumps(
+        {**metadata, "algorithm": "crc32", "covered_size": covered_size, "crc32": crc},
+        allow_nan=True, separators=(",", ":"), sort_keys=True,
+    ).encode()
+    head = MAGIC + payload
+    record = head + _FOOTER.pack(len(payload), crc32(head), TAG)
+    if len(record) > _MAX_RECORD:
+        raise ValueError(f"integrity record of {len(record)} bytes exceeds a zip comment")
+    return record
 
 
 class IntegrityRecord(dict[str, Any]):

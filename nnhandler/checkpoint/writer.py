@@ -94,7 +94,7 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> int:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> int:
     """Write ``path`` through ``write(file)`` so that it is either complete or absent.
 
     The data goes to a temp file beside ``path``, is flushed and fsynced, and is renamed over

@@ -1,0 +1,146 @@
+"""Writing snapshots in the background: one write in flight, waited for on demand and at exit.
+
+A :class:`BackgroundWriter` owns :class:`~.snapshot.StagingBuffers` and writes each
+:class:`~.snapshot.Snapshot` in its own (non-daemon) thread with :func:`~.envelope.write_envelope`
+— pickling, checksums, temp file, fsync, rename and directory fsync, exactly as a synchronous
+save. The caller takes the next snapshot only after :meth:`BackgroundWriter.wait` (the staging
+memory is reused), so at most one write is in flight.
+
+Nothing is lost at interpreter exit: Python joins non-daemon threads before it runs ``atexit``
+hooks, so a write in flight completes (even when its writer object is gone), and a hook then
+reports every write whose outcome nobody collected — a failure is logged as an error (logger
+``nnhandler``) and printed to stderr.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from .envelope import write_envelope
+from .snapshot import Snapshot, StagingBuffers
+
+__all__ = ["BackgroundWriter", "WriteOutcome"]
+
+_LOGGER: Final = logging.getLogger("nnhandler")
+#: submitted jobs whose outcome nobody has collected yet (reported at interpreter exit)
+_UNCOLLECTED: Final[set[_Job]] = set()
+_UNCOLLECTED_LOCK: Final = threading.Lock()
+
+
+@dataclass
+class WriteOutcome:
+    """What a background write did: the file's size and the seconds it took, or its error."""
+
+    path: Path
+    epoch: int
+    size: int = 0
+    seconds: float = 0.0
+    error: BaseException | None = None
+
+
+class _Job:
+    __slots__ = ("_after_commit", "_snapshot", "outcome", "thread")
+
+    def __init__(self, path: Path, epoch: int, snapshot: Snapshot,
+                 after_commit: Callable[[], None] | None) -> None:
+        self.outcome = WriteOutcome(path, epoch)
+        self._snapshot: Snapshot | None = snapshot
+        self._after_commit = after_commit
+        self.thread = threading.Thread(target=self._run, name="nnhandler-checkpoint-writer",
+                                       daemon=False)
+
+    def _run(self) -> None:
+        outcome = self.outcome
+        started = time.perf_counter()
+        snapshot = self._snapshot
+        assert snapshot is not None
+        try:
+            snapshot.wait()
+            outcome.path.parent.mkdir(parents=True, exist_ok=True)
+            outcome.size = write_envelope(outcome.path, snapshot.value, snapshot.records)
+            if self._after_commit is not None:
+                self._after_commit()
+        except BaseException as error:  # kept for the training thread, never lost
+            outcome.error = error
+        finally:
+            self._snapshot = None  # the staging memory may be reused once the job is done
+            outcome.seconds = time.perf_counter() - started
+
+
+class BackgroundWriter:
+    """Writes snapshots in a background thread, one at a time.
+
+    Use: :meth:`wait` (collects the previous write's outcome), then ``staging.take(state)``,
+    then :meth:`submit`. :meth:`poll` collects a finished write without blocking.
+    """
+
+    def __init__(self) -> None:
+        self.staging = StagingBuffers()
+        self._job: _Job | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        """A write was submitted and its outcome not collected yet (it may have finished)."""
+        return self._job is not None
+
+    def submit(self, path: Path, epoch: int, snapshot: Snapshot,
+               after_commit: Callable[[], None] | None = None) -> None:
+        """Start writing ``snapshot`` to ``path``; ``after_commit`` runs in the writer thread
+        once the file is durable (removing a superseded file, say)."""
+        if self._job is not None:
+            raise RuntimeError("a background write is still in flight: wait() for it first")
+        job = _Job(path, epoch, snapshot, after_commit)
+        self._job = job
+        with _UNCOLLECTED_LOCK:
+            _UNCOLLECTED.add(job)
+        job.thread.start()
+
+    def wait(self, timeout: float | None = None) -> WriteOutcome | None:
+        """Block until the write in flight is done and return its outcome (``None`` when there
+        is none, or when ``timeout`` ran out first)."""
+        job = self._job
+        if job is None:
+            return None
+        job.thread.join(timeout)
+        return self._collect()
+
+    def poll(self) -> WriteOutcome | None:
+        """The outcome of a finished write (collected once), else ``None``."""
+        return self._collect()
+
+    def _collect(self) -> WriteOutcome | None:
+        job = self._job
+        if job is None or job.thread.is_alive():
+            return None
+        self._job = None
+        with _UNCOLLECTED_LOCK:
+            _UNCOLLECTED.discard(job)
+        return job.outcome
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """Wait for every write nobody collected (Python has joined the non-daemon writer threads
+    already; the join is for safety) and report the failures among them."""
+    with _UNCOLLECTED_LOCK:
+        jobs = list(_UNCOLLECTED)
+        _UNCOLLECTED.clear()
+    for job in jobs:
+        job.thread.join()
+        outcome = job.outcome
+        if outcome.error is None:
+            continue
+        error = outcome.error
+        message = (f"nnhandler: the background write of the epoch-{outcome.epoch} checkpoint "
+                   f"{outcome.path} FAILED ({type(error).__name__}: {error}); the file was not "
+                   "written")
+        _LOGGER.error(message)
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,178 @@
+"""Worker for tests/test_async_distributed.py, launched under torchrun (2 ranks, gloo, CPU).
+
+    python -m torch.distributed.run --nproc_per_node=2 ... tests/async_ddp_worker.py SCENARIO DIR
+
+Scenarios (each writes ``result_rank<r>.json`` into DIR):
+
+* ``train`` — asynchronous auto-save every epoch (plus an ``overwrite=True`` one): records which
+  ranks wrote and removed files, the ``on_checkpoint_saved`` events each rank saw, and what
+  each rank finds on disk the moment ``train`` returns (before any barrier of its own).
+* ``errors`` — rank 0's background write of epoch 2 fails with ENOSPC: with
+  ``on_save_error="raise"`` both ranks raise (rank 1 a CheckpointError naming rank 0's error),
+  with ``"warn"`` both ranks train on and count the failure the same way.
+
+A watchdog dumps every thread's stack and exits if a scenario hangs.
+"""
+
+from __future__ import annotations
+
+import errno
+import faulthandler
+import json
+import os
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+faulthandler.dump_traceback_later(75, exit=True)  # well inside the test's 120 s limit
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from nnh_testing import TinyNet, mae, regression_dataset  # noqa: E402
+from torch import nn  # noqa: E402
+
+import nnhandler.checkpoint.background as background  # noqa: E402
+import nnhandler.checkpoint.writer as writer_module  # noqa: E402
+from nnhandler import AutoSaveCallback, Callback, CheckpointError, NNHandler  # noqa: E402
+from nnhandler.checkpoint.integrity import verify_file  # noqa: E402
+
+RANK = int(os.environ["RANK"])
+WORLD_SIZE = int(os.environ["WORLD_SIZE"])
+EPOCHS = 3
+
+# -- who writes and who removes checkpoints ----------------------------------------------------
+WRITES: list[dict[str, Any]] = []
+REMOVALS: list[dict[str, Any]] = []
+_original_write = background.write_envelope
+_original_unlink = os.unlink
+
+
+def _recording_write(path: Path, *args: Any, **kwargs: Any) -> int:
+    WRITES.append({"rank": RANK, "path": str(path),
+                   "thread": threading.current_thread().name})
+    return _original_write(path, *args, **kwargs)
+
+
+def _recording_unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+    if os.fspath(path).endswith(".pth"):
+        REMOVALS.append({"rank": RANK, "path": os.fspath(path)})
+    _original_unlink(path, *args, **kwargs)
+
+
+background.write_envelope = _recording_write
+os.unlink = _recording_unlink
+
+
+class SavedEvents(Callback):
+    def __init__(self) -> None:
+        self.events: list[list[Any]] = []
+
+    def on_checkpoint_saved(self, path: Path, epoch: int, **kwargs: Any) -> None:
+        self.events.append([str(path), epoch])
+
+
+def new_handler() -> NNHandler:
+    torch.manual_seed(0)
+    handler = NNHandler(TinyNet, device="cpu", logger_mode=NNHandler.LoggingMode.FILE,
+                        log_file=f"nnhandler_rank{RANK}.log")
+    handler.set_optimizer(torch.optim.Adam, lr=1e-2)
+    handler.set_loss_fn(nn.MSELoss)
+    handler.add_metric("mae", mae)
+    handler.set_train_loader(regression_dataset(48), batch_size=8, shuffle=True)
+    return handler
+
+
+def on_disk(directory: Path) -> dict[str, Any]:
+    """Every file in ``directory``: its recorded epoch if it verifies, else the error."""
+    found: dict[str, Any] = {}
+    for path in sorted(directory.iterdir()):
+        try:
+            found[path.name] = verify_file(path)["epoch"]
+        except Exception as error:
+            found[path.name] = f"{type(error).__name__}: {error}"
+    return found
+
+
+def scenario_train(workdir: Path) -> dict[str, Any]:
+    handler = new_handler()
+    events = SavedEvents()
+    handler.add_callback(events)
+    handler.auto_save(1, "ck", name="ep{epoch:03d}", async_save=True)
+    handler.add_callback(AutoSaveCallback(1, "ck", name="latest_ep{epoch:03d}", overwrite=True,
+                                          async_save=True))
+    handler.train(EPOCHS, seed=7, progress_bar=False)
+    seen_at_return = on_disk(workdir / "ck")  # no barrier of ours: train's own flush must do
+    threads = [t.name for t in threading.enumerate() if t.name.startswith("nnhandler")]
+    dist.barrier()
+    return {"writes": WRITES, "removals": REMOVALS, "events": events.events,
+            "on_disk_at_return": seen_at_return, "writer_threads_left": threads,
+            "weights": {k: v.tolist() for k, v in handler.module.state_dict().items()}}
+
+
+def fail_second_open_on_rank_zero() -> None:
+    opens = [0]
+    real_open = open
+
+    def fake_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        opens[0] += 1
+        if RANK == 0 and opens[0] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fsdecode(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    writer_module.open = fake_open  # type: ignore[attr-defined]
+
+
+def error_record(error: BaseException) -> dict[str, Any]:
+    return {"type": type(error).__name__, "is_checkpoint_error": isinstance(error, CheckpointError),
+            "message": str(error), "traceback": traceback.format_exc()}
+
+
+def scenario_errors(workdir: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for policy in ("raise", "warn"):
+        fail_second_open_on_rank_zero()
+        handler = new_handler()
+        callback = handler.auto_save(1, policy, name="ep{epoch:03d}", on_save_error=policy,
+                                     async_save=True)
+        outcome: dict[str, Any] = {"error": None}
+        try:
+            handler.train(EPOCHS + 1, seed=7, progress_bar=False)
+        except Exception as error:
+            outcome["error"] = error_record(error)
+        outcome.update({
+            "epoch": handler.epoch,
+            "failed_saves": callback.failed_saves,
+            "save_count": callback.save_count,
+            "last_saved_path": callback.last_saved_path,
+        })
+        value = torch.tensor([1.0])
+        dist.all_reduce(value)  # the ranks are still in step
+        outcome["group_still_works"] = value.item()
+        outcome["on_disk"] = on_disk(workdir / policy)
+        result[policy] = outcome
+    return result
+
+
+def main() -> None:
+    scenario, workdir = sys.argv[1], Path(sys.argv[2]).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)
+    try:
+        if scenario == "train":
+            result = scenario_train(workdir)
+        elif scenario == "errors":
+            result = scenario_errors(workdir)
+        else:
+            raise SystemExit(f"unknown scenario {scenario!r}")
+        result.update({"rank": RANK, "world_size": WORLD_SIZE})
+        (workdir / f"result_rank{RANK}.json").write_text(json.dumps(result, indent=1))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""The write path: nnhandler's own pickler and zip writer produce files that ``torch.load``
+(``weights_only=True``, ``mmap=True``) and ``zipfile`` read, holding exactly what was saved."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import nnhandler.checkpoint.zipwriter as zipwriter
+from nnhandler import CheckpointError
+from nnhandler.checkpoint import read_checkpoint
+from nnhandler.checkpoint.envelope import build_meta, write_checkpoint
+from nnhandler.checkpoint.integrity import crc32, crc32_combine, verify_file
+
+META = build_meta(epoch=3, step=7, logs={"loss": 0.25}, world_size=1)
+
+
+def save_and_load(path: Path, state: dict[str, Any], **load: Any) -> dict[str, Any]:
+    write_checkpoint(path, state, META)
+    envelope = torch.load(path, weights_only=True, **load)
+    assert envelope["meta"] == META
+    loaded: dict[str, Any] = envelope["state"]
+    return loaded
+
+
+def assert_same(saved: Any, loaded: Any, where: str = "state") -> None:
+    """Equal values, same container and tensor types, dtypes, strides and flags."""
+    assert type(loaded) is type(saved), where
+    if isinstance(saved, torch.Tensor):
+        assert loaded.dtype == saved.dtype and loaded.shape == saved.shape, where
+        assert loaded.stride() == saved.stride(), where
+        assert loaded.storage_offset() == saved.storage_offset(), where
+        assert loaded.requires_grad == saved.requires_grad, where
+        assert loaded.is_conj() == saved.is_conj(), where
+        assert torch.equal(loaded, saved), where
+    elif isinstance(saved, dict):
+        assert list(loaded) == list(saved), where
+        for key in saved:
+            assert_same(saved[key], loaded[key], f"{where}[{key!r}]")
+    elif isinstance(saved, (list, tuple)):
+        assert len(loaded) == len(saved), where
+        for index, (a, b) in enumerate(zip(saved, loaded, strict=True)):
+            assert_same(a, b, f"{where}[{index}]")
+    else:
+        assert loaded == saved, where
+
+
+def storage_groups(value: Any) -> list[list[int]]:
+    """Positions of tensors (in traversal order) grouped by the storage they share."""
+    tensors: list[torch.Tensor] = []
+
+    def walk(item: Any) -> None:
+        if isinstance(item, torch.Tensor):
+            tensors.append(item)
+        elif isinstance(item, dict):
+            for child in item.values():
+                walk(child)
+        elif isinstance(item, (list, tuple)):
+            for child in item:
+                walk(child)
+
+    walk(value)
+    groups: dict[int, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault(tensor.untyped_storage().data_ptr() or -1 - index, []).append(index)
+    return sorted(groups.values())
+
+
+def mixed_state() -> dict[str, Any]:
+    torch.manual_seed(0)
+    base = torch.randn(6, 8)
+    return {
+        "float": torch.randn(3, 4),
+        "views": [base, base[1:4, ::2], base.t()],  # one storage, three views
+        "bf16": torch.randn(5, dtype=torch.bfloat16),
+        "half": torch.randn(2, 2, dtype=torch.float16),
+        "bool": torch.tensor([True, False, True]),
+        "int8": torch.arange(-3, 3, dtype=torch.int8),
+        "int64": torch.arange(10),
+        "uint16": torch.arange(4, dtype=torch.int32).to(torch.uint16),  # rebuilt with v3
+        "complex": torch.randn(3, dtype=torch.complex64),
+        "conj": torch.randn(3, dtype=torch.complex64).conj(),  # torch's own reduction
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+        "grad": torch.ones(2, requires_grad=True),
+        "parameter": nn.Parameter(torch.randn(3)),
+        "frozen": nn.Parameter(torch.randn(2), requires_grad=False),
+        "ordered": OrderedDict(b=torch.ones(1), a=2),
+        "tuple": (1, "two", None, 3.5, torch.int32, torch.Size([2, 3]), torch.device("cpu")),
+        "bytes": b"\x00\x01",
+    }
+
+
+def test_every_kind_of_tensor_round_trips_exactly(tmp_path: Path) -> None:
+    state = mixed_state()
+    loaded = save_and_load(tmp_path / "ck.pth", state)
+    assert_same(state, loaded)
+    assert storage_groups(loaded) == storage_groups(state)  # views still share one storage
+    assert loaded["grad"]._backward_hooks is None  # what a fresh tensor has
+    loaded["grad"].register_hook(lambda grad: grad)  # and hooks still work on it
+
+
+def test_the_file_is_a_zip_like_torch_saves(tmp_path: Path) -> None:
+    path = tmp_path / "ck.pth"
+    write_checkpoint(path, mixed_state(), META)
+    buffer = io.BytesIO()
+    torch.save({"x": torch.ones(1)}, buffer)
+    torch_names = {n.split("/", 1)[1] for n in zipfile.ZipFile(buffer).namelist()}
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None  # every record's CRC-32 is right
+        names = archive.namelist()
+        ours = {n.split("/", 1)[1] for n in names if not n.startswith("archive/data/")}
+        assert ours == {n for n in torch_names if not n.startswith("data/")}
+        assert names[0] == "archive/data.pkl"
+        for info in archive.infolist():
+            assert info.compress_type == zipfile.ZIP_STORED
+            data_start = info.header_offset + 30 + len(info.filename) + _local_extra(path, info)
+            assert data_start % zipwriter.ALIGNMENT == 0, info.filename
+
+
+def _local_extra(path: Path, info: zipfile.ZipInfo) -> int:
+    with open(path, "rb") as file:
+        file.seek(info.header_offset + 28)
+        return int.from_bytes(file.read(2), "little")
+
+
+def test_mmap_loading_works(tmp_path: Path) -> None:
+    state = mixed_state()
+    loaded = save_and_load(tmp_path / "ck.pth", state, mmap=True)
+    assert_same(state, loaded)
+
+
+def test_a_checkpoint_of_torch_save_and_of_nnhandler_load_the_same(tmp_path: Path) -> None:
+    state = mixed_state()
+    torch.save(state, tmp_path / "torch.pth")
+    ours = save_and_load(tmp_path / "ours.pth", state)
+    assert_same(torch.load(tmp_path / "torch.pth", weights_only=True), ours)
+
+
+def test_one_storage_viewed_with_two_dtypes_is_refused_before_writing(tmp_path: Path) -> None:
+    base = torch.zeros(4)
+    state = {"a": base, "b": base.view(torch.int32)}
+    with pytest.raises(CheckpointError, match=r"same memory as torch.float32 and as torch.int32"):
+        write_checkpoint(tmp_path / "ck.pth", state, META)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_zip64_records_and_directory_are_read_by_torch_and_zipfile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints past 4 GiB or 65535 records need zip64 fields; lowering the limits makes a
+    small file use every one of them (sizes, offsets, the zip64 end records)."""
+    monkeypatch.setattr(zipwriter, "_ZIP64_LIMIT", 100)
+    monkeypatch.setattr(zipwriter, "_ZIP64_COUNT_LIMIT", 5)
+    state = {"big": torch.randn(1000), "small": [torch.ones(2) for _ in range(8)]}
+    path = tmp_path / "ck.pth"
+    loaded = save_and_load(path, state)
+    assert_same(state, loaded)
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+        big = archive.getinfo("archive/data/0")
+        assert big.file_size == 4000 and big.header_offset > 100
+    assert read_checkpoint(path).epoch == 3
+    data = path.read_bytes()
+    assert b"PK\x06\x06" in data and b"PK\x06\x07" in data
+
+
+def test_crc32_combine_fallback_matches_isal() -> None:
+    """Without ISA-L, zlib's CRC and a Python crc32_combine take over; same values."""
+    code = (
+        "import sys; sys.modules['isal'] = None; sys.modules['isal.isal_zlib'] = None\n"
+        "from nnhandler.checkpoint.integrity import crc32, crc32_combine\n"
+        "import zlib\n"
+        "assert crc32 is zlib.crc32\n"
+        "for a, b in [(b'', b'x'), (b'abc', b''), (b'hello ', b'world' * 999), "
+        "(bytes(range(256)) * 3, b'\\x00' * 70000)]:\n"
+        "    assert crc32_combine(crc32(a), crc32(b), len(b)) == crc32(a + b), (a[:5], len(b))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert crc32_combine(crc32(b"abc"), crc32(b"defg"), 4) == crc32(b"abcdefg")
+
+
+# -- property: random state dicts round-trip exactly --------------------------------------------
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
+          torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64]
+
+
+@st.composite
+def tensors(draw: st.DrawFn, pool: list[torch.Tensor]) -> torch.Tensor:
+    """A fresh tensor (often tiny or empty), or a view of one drawn before (shared storage,
+    non-contiguous, offset)."""
+    if pool and draw(st.booleans()):
+        base = draw(st.sampled_from(pool))
+        if base.dim() >= 1 and base.shape[0] > 1:
+            kind = draw(st.sampled_from(["slice", "step", "transpose", "same"]))
+            if kind == "slice":
+                return base[1:]
+            if kind == "step":
+                return base[::2]
+            if kind == "transpose" and base.dim() >= 2:
+                return base.transpose(0, 1)
+        return base
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(shape, generator=generator) * 50
+    tensor = values.to(dtype) if not dtype.is_complex else torch.complex(values, -values).to(dtype)
+    pool.append(tensor)
+    return tensor
+
+
+@st.composite
+def states(draw: st.DrawFn) -> dict[str, Any]:
+    pool: list[torch.Tensor] = []
+    leaves = st.one_of(tensors(pool), st.integers(-(2**40), 2**40), st.floats(allow_nan=False),
+                       st.text(max_size=5), st.none(), st.booleans())
+    tree = st.recursive(leaves, lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(st.text(max_size=4), children, max_size=4),
+    ), max_leaves=40)
+    many = st.lists(tensors(pool), min_size=0, max_size=60)
+    return {"tree": draw(tree), "many": draw(many)}
+
+
+@settings(max_examples=60)
+@given(state=states())
+def test_random_states_round_trip_exactly(tmp_path: Path, state: dict[str, Any]) -> None:
+    path = tmp_path / "ck.pth"
+    loaded = save_and_load(path, state)
+    assert_same(state, loaded)
+    assert storage_groups(loaded) == storage_groups(state)
+    verify_file(path)
