@@ -270,6 +270,8 @@ def scenario_reshard(workdir: Path, ref: Path) -> dict[str, Any]:
     reference = torch.load(ref / "reference_rank0.pt", weights_only=True)
     warnings_seen = WarningLog()
     logging.getLogger("nnhandler").addHandler(warnings_seen)
+    logging.captureWarnings(True)  # the world-size RuntimeWarning reaches every rank this way
+    logging.getLogger("py.warnings").addHandler(warnings_seen)
     handler = NNHandler.load(ref / "ck" / "ep004.dcp", logger_mode=NNHandler.LoggingMode.FILE,
                              log_file=f"nnhandler_rank{RANK}.log")
     result: dict[str, Any] = {

@@ -213,7 +213,7 @@ def test_load_on_three_ranks_reshards_with_a_warning(
         assert result["world_size_seen"] == 3 and result["sharded"] is True
         assert result["params_equal"] is True and result["optimizer_equal"] is True
         assert result["epoch"] == EPOCHS
-        assert any("written by 2 rank(s), resuming with 3" in w
+        assert any("written by 2 rank(s), this run has 3" in w
                    and "cannot equal an uninterrupted one exactly" in w
                    for w in result["warnings"]), result["warnings"]
         assert result["after_epoch"] == EPOCHS + 1
@@ -239,7 +239,7 @@ def test_load_in_one_process_gathers_the_shards(
     optimizer = flat_optimizer_state(get_optimizer_state_dict(handler.module, handler.optimizer))
     assert_same_tensors(optimizer, expected["optimizer"][EPOCHS])
     assert handler.epoch == EPOCHS and len(handler.train_losses) == EPOCHS
-    assert "written by 2 rank(s), resuming with 1" in caplog.text
+    assert "written by 2 rank(s), this run has 1" in caplog.text
 
     # it trains on as a plain model and writes plain checkpoints
     handler.set_train_loader(torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 1)))
