@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import platform
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Row", "interleaved_medians", "machine_line", "timed"]
+__all__ = ["Row", "interleaved_medians", "machine_line", "section_main", "timed"]
 
 
 @dataclass(frozen=True)
@@ -72,3 +73,13 @@ def machine_line() -> str:
     return (f"{platform.machine()} {platform.processor() or ''}".strip()
             + f", {cpus} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"python {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def section_main(doc: str, run: Callable[[int], list[Row]], default_rounds: int) -> None:
+    """The command line of one benchmark module: ``--rounds``, then its rows with ratios."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=default_rounds)
+    args = parser.parse_args()
+    print(machine_line())
+    for row in run(args.rounds):
+        print(f"{row.case:<62} {row.ratio:6.3f}x  {row.verdict}")

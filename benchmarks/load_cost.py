@@ -8,7 +8,6 @@ Both files sit in the page cache (as right after training), so this is CPU cost.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import nn
 
 from nnhandler import NNHandler
 
-from ._common import Row, interleaved_medians, machine_line
+from ._common import Row, interleaved_medians, section_main
 
 __all__ = ["WideMLP", "run"]
 
@@ -87,12 +86,7 @@ def run(rounds: int = 9) -> list[Row]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=9)
-    args = parser.parse_args()
-    print(machine_line())
-    for row in run(args.rounds):
-        print(f"{row.case:<50} {row.ratio:6.3f}x  {row.verdict}")
+    section_main(__doc__, run, default_rounds=9)
 
 
 if __name__ == "__main__":

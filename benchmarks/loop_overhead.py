@@ -11,7 +11,6 @@ which loop runs first; the table shows medians.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nnhandler import Callback, NNHandler
 
-from ._common import Row, interleaved_medians, machine_line
+from ._common import Row, interleaved_medians, section_main
 
 __all__ = ["MidMLP", "TinyMLP", "run"]
 
@@ -147,12 +146,7 @@ def run(rounds: int = 11) -> list[Row]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=11)
-    args = parser.parse_args()
-    print(machine_line())
-    for row in run(args.rounds):
-        print(f"{row.case:<62} {row.ratio:6.3f}x  {row.verdict}")
+    section_main(__doc__, run, default_rounds=11)
 
 
 if __name__ == "__main__":

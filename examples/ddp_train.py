@@ -16,42 +16,13 @@ run exactly. That is also what makes ``torchrun --max_restarts=N`` restart it sa
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
+from quickstart import SpiralNet, accuracy, two_spirals  # the same data and model (examples/)
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from nnhandler import AutoSaveCallback, Callback, NNHandler
-
-
-def two_spirals(n_per_class: int = 200, noise: float = 0.15, seed: int = 0) -> TensorDataset:
-    """A small two-class dataset of interleaved spirals (the same on every rank)."""
-    generator = torch.Generator().manual_seed(seed)
-    t = torch.linspace(0.25, 3 * math.pi, n_per_class)
-    points, labels = [], []
-    for label, phase in enumerate((0.0, math.pi)):
-        xy = torch.stack([t * torch.cos(t + phase), t * torch.sin(t + phase)], dim=1) / 3 * math.pi
-        points.append(xy + noise * torch.randn(xy.shape, generator=generator))
-        labels.append(torch.full((n_per_class,), label, dtype=torch.long))
-    return TensorDataset(torch.cat(points), torch.cat(labels))
-
-
-class SpiralNet(nn.Module):
-    def __init__(self, hidden: int = 64) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-            nn.Linear(hidden, 2),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
-
-
-def accuracy(output: torch.Tensor, target: torch.Tensor) -> float:
-    return (output.argmax(dim=1) == target).float().mean().item()
 
 
 def main() -> None:

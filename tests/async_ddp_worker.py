@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
-import json
 import os
-import sys
 import threading
 import traceback
 from pathlib import Path
@@ -30,6 +28,7 @@ faulthandler.dump_traceback_later(75, exit=True)  # well inside the test's 120 s
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from dist_testing import run_worker  # noqa: E402
 from nnh_testing import TinyNet, mae, regression_dataset  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -156,22 +155,11 @@ def scenario_errors(workdir: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    scenario, workdir = sys.argv[1], Path(sys.argv[2]).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    os.chdir(workdir)
-    try:
-        if scenario == "train":
-            result = scenario_train(workdir)
-        elif scenario == "errors":
-            result = scenario_errors(workdir)
-        else:
-            raise SystemExit(f"unknown scenario {scenario!r}")
-        result.update({"rank": RANK, "world_size": WORLD_SIZE})
-        (workdir / f"result_rank{RANK}.json").write_text(json.dumps(result, indent=1))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        faulthandler.cancel_dump_traceback_later()
+    run_worker({
+        "train": lambda workdir, _: scenario_train(workdir),
+        "errors": lambda workdir, _: scenario_errors(workdir),
+    }, RANK, WORLD_SIZE)
+
 
 
 if __name__ == "__main__":

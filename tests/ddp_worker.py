@@ -33,12 +33,9 @@ from __future__ import annotations
 import errno
 import faulthandler
 import importlib.util
-import json
 import math
 import os
-import sys
 import time
-import traceback
 import warnings
 from pathlib import Path
 from typing import IO, Any
@@ -47,6 +44,13 @@ faulthandler.dump_traceback_later(100, exit=True)  # well inside the test's 150 
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from dist_testing import (  # noqa: E402
+    FailingState,
+    error_record,
+    group_still_works,
+    history_of,
+    run_worker,
+)
 from nnh_testing import TinyNet, mae, regression_dataset  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -57,7 +61,6 @@ import nnhandler.handler as handler_mod  # noqa: E402
 from nnhandler import (  # noqa: E402
     AutoSaveCallback,
     Callback,
-    CheckpointError,
     CSVLogger,
     EarlyStopping,
     LearningRateMonitor,
@@ -190,23 +193,6 @@ class Recorder(Callback):
                                  for k, v in handler.module.state_dict().items()}
 
 
-class FailingState(Callback):
-    """A state provider whose ``state_dict`` raises on rank 0 only (while armed)."""
-
-    state_key = "failing_state"
-
-    def __init__(self) -> None:
-        self.armed = False
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.armed and dist.get_rank() == 0:
-            raise RuntimeError("boom on rank 0")
-        return {"ok": 1}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
 def attach_loaders(handler: NNHandler) -> None:
     handler.set_train_loader(regression_dataset(TRAIN_N), batch_size=BATCH, shuffle=True)
     handler.set_val_loader(regression_dataset(VAL_N, seed=1), batch_size=BATCH)
@@ -224,39 +210,11 @@ def new_handler(**arguments: Any) -> NNHandler:
     return handler
 
 
-def history_of(handler: NNHandler) -> dict[str, Any]:
-    history = {
-        "train_losses": handler.train_losses,
-        "val_losses": handler.val_losses,
-        "train_metrics": handler.train_metrics_history,
-        "val_metrics": handler.val_metrics_history,
-        "epoch": handler.epoch,
-        "global_step": handler.global_step,
-        "run_seed": handler.progress.run_seed,
-    }
-    copied: dict[str, Any] = json.loads(json.dumps(history))
-    return copied  # a copy: the handler keeps appending to its lists
-
-
 def context_of(handler: NNHandler) -> dict[str, Any]:
     ctx = handler.distributed
     return {"enabled": ctx.enabled, "rank": ctx.rank, "local_rank": ctx.local_rank,
             "world_size": ctx.world_size, "device": str(handler.device),
             "model_is_ddp": isinstance(handler.model, nn.parallel.DistributedDataParallel)}
-
-
-def error_record(error: BaseException) -> dict[str, Any]:
-    return {"type": type(error).__name__,
-            "is_checkpoint_error": isinstance(error, CheckpointError),
-            "message": str(error),
-            "traceback": traceback.format_exc()}
-
-
-def group_still_works() -> float:
-    """A collective after an error: proves the ranks are still in step."""
-    value = torch.tensor([float(dist.get_rank() + 1)])
-    dist.all_reduce(value)
-    return float(value.item())
 
 
 def list_tree(directory: Path) -> list[str]:
@@ -620,31 +578,19 @@ def scenario_callbacks(workdir: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    scenario, workdir = sys.argv[1], Path(sys.argv[2]).resolve()
-    refs = [Path(arg).resolve() for arg in sys.argv[3:]]
-    workdir.mkdir(parents=True, exist_ok=True)
-    os.chdir(workdir)
-    try:
-        if scenario == "train":
-            result = scenario_train(workdir)
-        elif scenario == "resume":
-            result = scenario_resume(workdir, refs[0], refs[1] if len(refs) > 1 else None)
-        elif scenario == "errors":
-            result = scenario_errors(workdir)
-        elif scenario == "nan":
-            result = scenario_nan(workdir)
-        elif scenario == "slurm":
-            result = scenario_slurm(workdir)
-        elif scenario == "callbacks":
-            result = scenario_callbacks(workdir)
-        else:
-            raise SystemExit(f"unknown scenario {scenario!r}")
-        result.update({"rank": RANK, "world_size": WORLD_SIZE})
-        (workdir / f"result_rank{RANK}.json").write_text(json.dumps(result, indent=1))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        faulthandler.cancel_dump_traceback_later()
+    def resume(workdir: Path, extra: list[str]) -> dict[str, Any]:
+        refs = [Path(arg).resolve() for arg in extra]
+        return scenario_resume(workdir, refs[0], refs[1] if len(refs) > 1 else None)
+
+    run_worker({
+        "train": lambda workdir, _: scenario_train(workdir),
+        "resume": resume,
+        "errors": lambda workdir, _: scenario_errors(workdir),
+        "nan": lambda workdir, _: scenario_nan(workdir),
+        "slurm": lambda workdir, _: scenario_slurm(workdir),
+        "callbacks": lambda workdir, _: scenario_callbacks(workdir),
+    }, RANK, WORLD_SIZE)
+
 
 
 if __name__ == "__main__":

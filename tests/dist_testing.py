@@ -7,6 +7,7 @@ these; they can import them from here instead.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -29,10 +30,20 @@ REPO_ROOT = TESTS_DIR.parent
 #: launcher variables of an enclosing torchrun/SLURM job must not leak into the child launch
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                     "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID",
-                    "SLURM_NTASKS", "SLURM_LOCALID")
+                    "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
 
 
 # -- test side ---------------------------------------------------------------------------------
+def child_environment() -> dict[str, str]:
+    """This process's environment without launcher variables, with this repository and
+    ``tests/`` on the path and one OpenMP thread per process."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(TESTS_DIR), str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env.update({"OMP_NUM_THREADS": "1", "COLUMNS": "120"})
+    return env
+
+
 def torchrun(ranks: int, script: Path, *arguments: str) -> list[str]:
     """The command that runs ``script`` on ``ranks`` local processes."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -42,12 +53,9 @@ def torchrun(ranks: int, script: Path, *arguments: str) -> list[str]:
 def run_bounded(command: list[str], cwd: Path, what: str, timeout_s: float) -> tuple[int, str]:
     """Run ``command`` (stdout and stderr together) with this repository and ``tests/`` on the
     path; a hang kills the whole process group (launcher and workers) and fails the test."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(TESTS_DIR), str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env.update({"OMP_NUM_THREADS": "1", "COLUMNS": "120"})
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=env, cwd=cwd, start_new_session=True)
+                               text=True, env=child_environment(), cwd=cwd,
+                               start_new_session=True)
     try:
         output, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -111,3 +119,28 @@ def group_still_works() -> float:
     value = torch.tensor([float(dist.get_rank() + 1)])
     dist.all_reduce(value)
     return float(value.item())
+
+
+Scenario = Callable[[Path, list[str]], dict[str, Any]]
+
+
+def run_worker(scenarios: dict[str, Scenario], rank: int, world_size: int,
+               before: Callable[[Path], None] | None = None) -> None:
+    """A worker's ``main``: ``argv = SCENARIO DIR [ARGS...]``. Runs the scenario inside DIR,
+    writes ``result_rank<r>.json`` there, and always tears the process group and the hang
+    watchdog down. ``before(DIR)`` runs first (e.g. creating the process group)."""
+    scenario, workdir, extra = sys.argv[1], Path(sys.argv[2]).resolve(), sys.argv[3:]
+    if scenario not in scenarios:
+        raise SystemExit(f"unknown scenario {scenario!r}; known: {sorted(scenarios)}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)
+    try:
+        if before is not None:
+            before(workdir)
+        result = scenarios[scenario](workdir, extra)
+        result.update({"rank": rank, "world_size": world_size})
+        (workdir / f"result_rank{rank}.json").write_text(json.dumps(result, indent=1))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()

@@ -9,15 +9,12 @@ Launched like tests/test_distributed.py: ``tests/async_ddp_worker.py`` under
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch.distributed as dist
+from dist_testing import run_bounded, torchrun
 
 pytestmark = [
     pytest.mark.distributed,
@@ -27,34 +24,18 @@ pytestmark = [
     ),
 ]
 
-TESTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = TESTS_DIR.parent
-WORKER = TESTS_DIR / "async_ddp_worker.py"
+WORKER = Path(__file__).resolve().parent / "async_ddp_worker.py"
 WORLD_SIZE = 2
 LAUNCH_TIMEOUT_S = 120
 EPOCHS = 3  # must match tests/async_ddp_worker.py
-_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                     "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID",
-                     "SLURM_NTASKS", "SLURM_LOCALID")
 
 
 def launch(scenario: str, workdir: Path) -> list[dict[str, Any]]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(TESTS_DIR), str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={WORLD_SIZE}", str(WORKER), scenario, str(workdir)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=env, cwd=workdir.parent, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"DDP scenario {scenario!r} hung (> {LAUNCH_TIMEOUT_S} s):\n{output[-8000:]}")
-    assert process.returncode == 0, (
-        f"DDP scenario {scenario!r} failed (exit {process.returncode}):\n{output[-8000:]}")
+    returncode, output = run_bounded(torchrun(WORLD_SIZE, WORKER, scenario, str(workdir)),
+                                     workdir.parent, f"DDP scenario {scenario!r}",
+                                     LAUNCH_TIMEOUT_S)
+    assert returncode == 0, (
+        f"DDP scenario {scenario!r} failed (exit {returncode}):\n{output[-8000:]}")
     results = [json.loads((workdir / f"result_rank{r}.json").read_text())
                for r in range(WORLD_SIZE)]
     assert [r["rank"] for r in results] == [0, 1]

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from dist_testing import LAUNCH_VARIABLES, child_environment
 from nnh_testing import attach_loaders, free_port
 
 from nnhandler import NNHandler, read_checkpoint
@@ -46,21 +47,6 @@ WORLD_SIZES = [2, 3]
 LAUNCH_TIMEOUT_S = 150
 # must match tests/ddp_worker.py
 TRAIN_N, VAL_N, EPOCHS, BATCH, ACCUMULATION = 61, 31, 4, 8, 3
-
-#: launcher variables of an enclosing torchrun/SLURM job must not leak into the child launch
-_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                     "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID",
-                     "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-
-
-def child_environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(TESTS_DIR), str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    )
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
 
 def run_bounded(commands: Sequence[tuple[list[str], dict[str, str]]], cwd: Path,
                 what: str) -> list[str]:
@@ -374,7 +360,7 @@ def test_resume_at_another_world_size_in_one_process(
 ) -> None:
     """A 2-rank checkpoint loaded by a plain single process: allowed, with a warning; the
     process continues saved rank 0's random streams."""
-    for name in _LAUNCH_VARIABLES:
+    for name in LAUNCH_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     source_dir, source = train_runs(2)
     path = source_dir / "ck" / "ep002.pth"
