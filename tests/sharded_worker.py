@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import errno
 import faulthandler
-import json
 import logging
 import os
 import shutil
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,13 @@ faulthandler.dump_traceback_later(150, exit=True)  # inside the test's limit
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from dist_testing import FailingState, attempt, group_still_works, history_of  # noqa: E402
+from dist_testing import (  # noqa: E402
+    FailingState,
+    attempt,
+    group_still_works,
+    history_of,
+    run_worker,
+)
 from nnh_testing import TinyNet, mae, regression_dataset  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.distributed.checkpoint.filesystem import FileSystemWriter  # noqa: E402
@@ -345,6 +349,12 @@ def scenario_errors(workdir: Path) -> dict[str, Any]:
         "equal": same(local_shards(back), saved),
         "table_rows": saved["param:table"].shape[0],
     }
+    # the background writer cannot write shards: refused before any epoch runs
+    own.set_loss_fn(nn.MSELoss)
+    attach_loaders(own)
+    own.auto_save(1, "async_ck", async_save=True)
+    result["own_dtensors_async"] = attempt(lambda: own.train(1, progress_bar=False))
+    result["own_dtensors_async_epoch"] = own.epoch
     # DDP cannot wrap such a model: a clear error, not a silent wrong wrapping
     result["own_dtensors_ddp"] = attempt(lambda: NNHandler(
         DTensorNet, device="cpu", logger_mode=NNHandler.LoggingMode.FILE,
@@ -400,34 +410,18 @@ def scenario_kill(workdir: Path, where: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    scenario, workdir = sys.argv[1], Path(sys.argv[2]).resolve()
-    extra = sys.argv[3] if len(sys.argv) > 3 else None
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "script").mkdir(exist_ok=True)
-    os.chdir(workdir)
-    dist.init_process_group("gloo")  # the handlers join it (creating one is tested elsewhere)
-    try:
-        if scenario == "train":
-            result = scenario_train(workdir)
-        elif scenario == "resume":
-            assert extra is not None
-            result = scenario_resume(workdir, Path(extra).resolve())
-        elif scenario == "reshard":
-            assert extra is not None
-            result = scenario_reshard(workdir, Path(extra).resolve())
-        elif scenario == "errors":
-            result = scenario_errors(workdir)
-        elif scenario == "kill":
-            assert extra is not None
-            result = scenario_kill(workdir, extra)
-        else:
-            raise SystemExit(f"unknown scenario {scenario!r}")
-        result.update({"rank": RANK, "world_size": WORLD_SIZE})
-        (workdir / f"result_rank{RANK}.json").write_text(json.dumps(result, indent=1))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        faulthandler.cancel_dump_traceback_later()
+    def prepare(workdir: Path) -> None:
+        (workdir / "script").mkdir(exist_ok=True)
+        dist.init_process_group("gloo")  # the handlers join it (creating one is tested elsewhere)
+
+    run_worker({
+        "train": lambda workdir, _: scenario_train(workdir),
+        "resume": lambda workdir, extra: scenario_resume(workdir, Path(extra[0]).resolve()),
+        "reshard": lambda workdir, extra: scenario_reshard(workdir, Path(extra[0]).resolve()),
+        "errors": lambda workdir, _: scenario_errors(workdir),
+        "kill": lambda workdir, extra: scenario_kill(workdir, extra[0]),
+    }, RANK, WORLD_SIZE, before=prepare)
+
 
 
 if __name__ == "__main__":

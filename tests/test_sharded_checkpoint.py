@@ -379,6 +379,9 @@ def test_failures_during_a_sharded_save_raise_everywhere_and_leave_nothing(
         # a model that places its own DTensors is saved and loaded the same way
         own = result["own_dtensors"]
         assert own == {"sharded": True, "parallelism": "none", "equal": True, "table_rows": 3}
+        assert result["own_dtensors_async"]["type"] == "ConfigurationError"
+        assert "async_save=True cannot write a sharded" in result["own_dtensors_async"]["message"]
+        assert result["own_dtensors_async_epoch"] == 0
         assert result["own_dtensors_ddp"]["type"] == "ConfigurationError"
         assert "DDP cannot wrap" in result["own_dtensors_ddp"]["message"]
         assert result["plain_into_fsdp"]["type"] == "CheckpointError"

@@ -162,6 +162,12 @@ class AutoSaveCallback(Callback):
     ) -> None:
         if self._in_flight is not None:  # a save_now() by hand before this call
             self.flush(handler)
+        if self.config.enabled and self.config.async_save and handler.sharded_checkpoints:
+            # the background writer stages one file on rank 0; DTensor shards live on every rank
+            raise ConfigurationError(
+                f"{self!r}: async_save=True cannot write a sharded checkpoint (the model holds "
+                "DTensor parameters, e.g. FSDP2); use async_save=False"
+            )
         self._call_start_epoch = start_epoch
         self._call_end_epoch = end_epoch
         self._call_failures = 0
