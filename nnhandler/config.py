@@ -10,10 +10,11 @@ from torch import nn
 
 from .naming import validate_template
 
-__all__ = ["AutoSaveConfig", "LoaderConfig", "ParallelConfig", "Parallelism", "SaveErrorPolicy",
-           "TrainSettings"]
+__all__ = ["AutoSaveConfig", "LoaderConfig", "MonitorMode", "ParallelConfig", "Parallelism",
+           "SaveErrorPolicy", "TrainSettings"]
 
 SaveErrorPolicy = Literal["warn", "raise"]
+MonitorMode = Literal["min", "max"]
 Parallelism = Literal["ddp", "fsdp", "none"]
 
 
@@ -30,6 +31,11 @@ class AutoSaveConfig(_Strict):
     overwrite: bool = False
     on_save_error: SaveErrorPolicy = "warn"
     async_save: bool = False
+    keep_last: Annotated[int, Field(ge=1)] | None = None
+    keep_best: Annotated[int, Field(ge=1)] | None = None
+    monitor: Annotated[str, Field(min_length=1)] | None = None
+    mode: MonitorMode = "min"
+    keep_every: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("interval")
     @classmethod
@@ -53,6 +59,33 @@ class AutoSaveConfig(_Strict):
     def _name_rule(cls, value: str) -> str:
         return validate_template(value)
 
+    @model_validator(mode="after")
+    def _retention_rules(self) -> AutoSaveConfig:
+        rules = self.retention_arguments()
+        if self.overwrite and rules:
+            given = ", ".join(f"{name}={value!r}" for name, value in rules.items())
+            raise ValueError(
+                f"overwrite=True cannot be combined with {given}: overwrite keeps only the "
+                "latest auto-save; use keep_last=1 instead of overwrite to combine it with "
+                "other keep_* rules"
+            )
+        if self.keep_best is not None and self.monitor is None:
+            raise ValueError(f"keep_best={self.keep_best} needs monitor=<a log key such as "
+                             "'val_loss'> to rank checkpoints by; monitor is None")
+        if self.monitor is not None and self.keep_best is None:
+            raise ValueError(f"monitor={self.monitor!r} is only used by keep_best, which is "
+                             "None: pass keep_best=K too (or drop monitor)")
+        if self.mode != "min" and self.keep_best is None:
+            raise ValueError(f"mode={self.mode!r} is only used by keep_best, which is None")
+        return self
+
+    def retention_arguments(self) -> dict[str, int]:
+        """The ``keep_*`` rules that are set (empty: every auto-save is kept)."""
+        return {name: value for name, value in (("keep_last", self.keep_last),
+                                                ("keep_best", self.keep_best),
+                                                ("keep_every", self.keep_every))
+                if value is not None}
+
     @property
     def enabled(self) -> bool:
         return bool(self.interval)
@@ -65,6 +98,11 @@ class AutoSaveConfig(_Strict):
             "overwrite": self.overwrite,
             "on_save_error": self.on_save_error,
             "async_save": self.async_save,
+            "keep_last": self.keep_last,
+            "keep_best": self.keep_best,
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "keep_every": self.keep_every,
         }
 
 

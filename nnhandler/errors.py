@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointCorruptedError",
     "CheckpointError",
     "CheckpointFormatError",
+    "CheckpointIndexError",
     "ConfigurationError",
     "DuplicateStateKeyError",
     "MissingDependencyError",
@@ -60,3 +61,8 @@ class CheckpointFormatError(CheckpointError):
 
 class UnresolvableReferenceError(CheckpointError):
     """A ``"module:QualName"`` reference in a checkpoint cannot be resolved to the expected kind."""
+
+
+class CheckpointIndexError(CheckpointError):
+    """The retention index of an auto-save directory (``nnhandler-index.json``) cannot be read:
+    missing permissions, damaged JSON, a wrong structure or a newer format version."""

@@ -50,6 +50,7 @@ from .components.callables import build_callable, describe_callable
 from .config import (
     AutoSaveConfig,
     LoaderConfig,
+    MonitorMode,
     ParallelConfig,
     Parallelism,
     SaveErrorPolicy,
@@ -522,21 +523,33 @@ class NNHandler:
         overwrite: bool = False,
         on_save_error: SaveErrorPolicy = "warn",
         async_save: bool = False,
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: MonitorMode = "min",
+        keep_every: int | None = None,
     ) -> AutoSaveCallback:
         """Configure (or reconfigure) this handler's one :class:`AutoSaveCallback`.
 
-        See :class:`AutoSaveCallback` for the rules. Calling it again reconfigures the same
-        instance (its record of the last file it wrote is kept).
+        See :class:`AutoSaveCallback` for the rules, retention (``keep_last``, ``keep_best``
+        with ``monitor`` and ``mode``, ``keep_every``) included. Calling it again reconfigures
+        the same instance (its record of the last file it wrote, and of the files it keeps, is
+        kept).
         """
         if self._autosave is None:
             callback = AutoSaveCallback(interval, save_path, name, overwrite, on_save_error,
-                                        async_save=async_save)
+                                        async_save=async_save, keep_last=keep_last,
+                                        keep_best=keep_best, monitor=monitor, mode=mode,
+                                        keep_every=keep_every)
             self.add_callback(callback)
             self._autosave = callback
             return callback
         config = AutoSaveConfig(interval=interval, save_path=Path(save_path), name=name,
                                 overwrite=overwrite, on_save_error=on_save_error,
-                                async_save=async_save)
+                                async_save=async_save, keep_last=keep_last,
+                                keep_best=keep_best, monitor=monitor, mode=mode,
+                                keep_every=keep_every)
         callback = self._autosave
         old = callback.config
         self._registry.unregister(callback)

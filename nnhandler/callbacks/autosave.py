@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoint.background import BackgroundWriter
+from ..checkpoint.retention import Retention, RetentionPlan, RetentionRules, lineage_of
 from ..checkpoint.sharded import checkpoint_size, sharded_name
 from ..checkpoint.writer import remove_checkpoint_path, remove_stale_temp_files
-from ..config import AutoSaveConfig, SaveErrorPolicy
+from ..config import AutoSaveConfig, MonitorMode, SaveErrorPolicy
 from ..distributed import run_on_rank_zero
 from ..errors import ConfigurationError
 from ..naming import MISSING_VALUE, render_name
@@ -38,6 +39,7 @@ class _BackgroundSave:
     path: Path
     epoch: int
     previous: _Bookkeeping
+    retention: RetentionPlan | None = None
 
 
 class AutoSaveCallback(Callback):
@@ -75,6 +77,23 @@ class AutoSaveCallback(Callback):
             DDP every rank waits for rank 0's write); an exception or ``KeyboardInterrupt``
             waits for the write in flight too, and so does interpreter exit (:meth:`flush`
             waits by hand). ``on_checkpoint_saved`` fires when the file is durable.
+        keep_last: keep the N auto-saves this callback wrote most recently.
+        keep_best: keep the K auto-saves with the best ``monitor`` value (required with it).
+            A value missing from an epoch's logs (an epoch that did not validate), NaN or
+            infinite is never best (a warning says so once); ties go to the earlier epoch.
+        monitor: the log key ``keep_best`` ranks by, e.g. ``"val_loss"``.
+        mode: ``"min"`` (default): lower is better; ``"max"``: higher is better.
+        keep_every: keep the auto-saves of epochs that are multiples of E forever.
+
+    Retention (``keep_last``, ``keep_best``, ``keep_every``; positive ints, combinable, not with
+    ``overwrite=True``): a file is kept when *any* rule keeps it, and the newest auto-save is
+    always kept. Without a ``keep_*`` rule every file is kept. After each save, once the new
+    file is durable, rank 0 records what is kept and why in ``save_path/nnhandler-index.json``
+    (atomically, one section per callback) and only then removes this callback's files that no
+    rule keeps. Only the callback's own files are ever removed: those it wrote, and those its
+    lineage (the run a resumed run continues) wrote, as the checkpoint and the index record
+    them; a file another callback's section lists, or that no record names, is never touched.
+    See :mod:`nnhandler.checkpoint.retention`.
 
     When ``train`` starts, rank 0 creates ``save_path``, checks that it can write there (an
     unwritable directory is a :class:`~nnhandler.ConfigurationError` before any epoch runs) and
@@ -83,7 +102,8 @@ class AutoSaveCallback(Callback):
 
     The callback is a :class:`~nnhandler.StateProvider`: its configuration and bookkeeping
     (which file it wrote last and, with ``overwrite``, which earlier file it has still to
-    remove) go into every checkpoint, so a resumed handler keeps saving by
+    remove; with retention, the files it keeps and those it has still to remove) go into every
+    checkpoint, so a resumed handler keeps saving by
     the same rules and ``overwrite`` removes the file its own lineage wrote. Its ``state_key``
     is derived from ``save_path`` and ``name``; two callbacks writing the same files are a
     :class:`~nnhandler.DuplicateStateKeyError`. Under DDP every rank runs it; rank 0 writes while
@@ -100,11 +120,19 @@ class AutoSaveCallback(Callback):
         overwrite: bool = False,
         on_save_error: SaveErrorPolicy = "warn",
         async_save: bool = False,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: MonitorMode = "min",
+        keep_every: int | None = None,
     ) -> None:
         self.config = AutoSaveConfig(
             interval=interval, save_path=Path(save_path), name=name, overwrite=overwrite,
-            on_save_error=on_save_error, async_save=async_save,
+            on_save_error=on_save_error, async_save=async_save, keep_last=keep_last,
+            keep_best=keep_best, monitor=monitor, mode=mode, keep_every=keep_every,
         )
+        #: which of its files the callback keeps and why (see :mod:`~..checkpoint.retention`)
+        self.retention = Retention()
         self.last_saved_path: str | None = None
         self.last_saved_epoch: int | None = None
         #: overwrite: the previous auto-save, recorded in the new file until it is removed, so a
@@ -136,14 +164,19 @@ class AutoSaveCallback(Callback):
 
     def reconfigure(self, config: AutoSaveConfig) -> None:
         """Apply a new configuration, keeping the bookkeeping of this instance's lineage."""
+        if self.key_for(config) != self.state_key:  # its files are not where it now writes
+            self.retention.forget_files()
         self.config = config
 
     def __repr__(self) -> str:
         c = self.config
+        rules = "".join(f", {name}={value!r}" for name, value in (
+            *c.retention_arguments().items(), ("monitor", c.monitor), ("mode", c.mode))
+            if value is not None and (name != "mode" or c.keep_best is not None))
         return (
             f"AutoSaveCallback(interval={c.interval!r}, save_path={str(c.save_path)!r}, "
             f"name={c.name!r}, overwrite={c.overwrite!r}, on_save_error={c.on_save_error!r}, "
-            f"async_save={c.async_save!r})"
+            f"async_save={c.async_save!r}{rules})"
         )
 
     # -- schedule ------------------------------------------------------------------------------
@@ -174,6 +207,7 @@ class AutoSaveCallback(Callback):
         if self.config.enabled:
             run_on_rank_zero(handler.distributed, lambda: self._prepare_directory(handler))
             self.pending_removal = None
+            self._resume_retention(handler)
 
     def _prepare_directory(self, handler: NNHandler) -> None:
         directory = self.config.save_path
@@ -233,7 +267,7 @@ class AutoSaveCallback(Callback):
         return self.config.save_path / file_name, missing
 
     def save_now(self, handler: NNHandler, epoch: int, logs: dict[str, Any]) -> Path | None:
-        """Write a checkpoint for ``epoch`` now, then apply the ``overwrite`` rule.
+        """Write a checkpoint for ``epoch`` now, then apply the ``overwrite`` or retention rules.
 
         Returns the path, or ``None`` when the save failed under ``on_save_error="warn"``.
         """
@@ -277,15 +311,19 @@ class AutoSaveCallback(Callback):
         self.save_count += 1
         if self.config.overwrite and previous[0] is not None and previous[0] != str(path):
             self.pending_removal = previous[0]
+        plan = self._plan_retention(handler, path, epoch, logs)
         try:
             if self.config.async_save:
-                self._save_in_background(handler, path, epoch, logs, previous)
+                self._save_in_background(handler, path, epoch, logs, previous, plan)
                 return path
             handler.save(path, logs=logs)
         except BaseException:
             (self.last_saved_path, self.last_saved_epoch, self.save_count,
              self.pending_removal) = previous
+            self._rollback_retention(plan)
             raise
+        if plan is not None and handler.distributed.is_main:
+            self._commit_retention(handler, plan)
         if handler.distributed.is_main:
             with contextlib.suppress(OSError):  # only feeds the free-space warning
                 self._last_size = checkpoint_size(path)
@@ -298,7 +336,8 @@ class AutoSaveCallback(Callback):
 
     # -- background saving ---------------------------------------------------------------------
     def _save_in_background(self, handler: NNHandler, path: Path, epoch: int,
-                            logs: dict[str, Any], previous: _Bookkeeping) -> None:
+                            logs: dict[str, Any], previous: _Bookkeeping,
+                            plan: RetentionPlan | None = None) -> None:
         """Snapshot the state (collective) and hand it to the writer thread (rank 0)."""
         if self._writer is None:
             self._writer = BackgroundWriter()
@@ -307,7 +346,9 @@ class AutoSaveCallback(Callback):
         if self.config.overwrite:
             superseded = [Path(old) for old in {previous[0], previous[3]} if old is not None]
             after_commit = functools.partial(self._remove_all, handler, superseded, path)
-        self._in_flight = _BackgroundSave(path, epoch, previous)
+        elif plan is not None:  # index, then removals: in the writer thread, once durable
+            after_commit = functools.partial(self._commit_retention, handler, plan)
+        self._in_flight = _BackgroundSave(path, epoch, previous, plan)
         if snapshot is not None:  # rank 0
             self._writer.submit(path, epoch, snapshot, after_commit)
 
@@ -339,6 +380,7 @@ class AutoSaveCallback(Callback):
             self._in_flight = None
             (self.last_saved_path, self.last_saved_epoch, self.save_count,
              self.pending_removal) = pending.previous
+            self._rollback_retention(pending.retention)
             self._save_failed(handler, pending.epoch, error)
             return
         if result is None:
@@ -366,6 +408,7 @@ class AutoSaveCallback(Callback):
             return
         (self.last_saved_path, self.last_saved_epoch, self.save_count,
          self.pending_removal) = pending.previous
+        self._rollback_retention(pending.retention)
         self.failed_saves += 1
         self._call_failures += 1
         error = outcome.error
@@ -374,6 +417,43 @@ class AutoSaveCallback(Callback):
                              pending.epoch, type(error).__name__, error, self.last_saved_path)
         exception.add_note(f"the background auto-save of epoch {pending.epoch} to "
                            f"{pending.path} failed too: {type(error).__name__}: {error}")
+
+    # -- retention -----------------------------------------------------------------------------
+    @property
+    def retention_rules(self) -> RetentionRules:
+        return RetentionRules.from_config(self.config)
+
+    def _resume_retention(self, handler: NNHandler) -> None:
+        """When ``train`` starts: rank 0 merges the restored bookkeeping with the index, every
+        rank takes the result, and rank 0 records it and finishes removals already decided."""
+        rules = self.retention_rules
+        if not rules.active:
+            return
+        directory, key = self.config.save_path, self.state_key
+        lineage = lineage_of(handler.progress.run_seed)
+        merged = run_on_rank_zero(
+            handler.distributed,
+            lambda: self.retention.resume(directory, key, lineage, handler.logger))
+        self.retention.state = merged
+        if handler.distributed.is_main and (merged.files or merged.removing):
+            self.retention.commit(merged, directory, key, rules, handler.logger)
+
+    def _plan_retention(self, handler: NNHandler, path: Path, epoch: int,
+                        logs: dict[str, Any]) -> RetentionPlan | None:
+        rules = self.retention_rules
+        if not rules.active:
+            return None
+        return self.retention.plan(rules, path.name, epoch, handler.global_step, logs,
+                                   lineage=lineage_of(handler.progress.run_seed),
+                                   is_main=handler.distributed.is_main, logger=handler.logger)
+
+    def _rollback_retention(self, plan: RetentionPlan | None) -> None:
+        if plan is not None:
+            self.retention.rollback(plan)
+
+    def _commit_retention(self, handler: NNHandler, plan: RetentionPlan) -> None:
+        self.retention.commit(plan.after, self.config.save_path, self.state_key,
+                              self.retention_rules, handler.logger)
 
     def _remove_all(self, handler: NNHandler, superseded: list[Path], new: Path) -> None:
         for old in superseded:
@@ -410,6 +490,7 @@ class AutoSaveCallback(Callback):
             "save_count": self.save_count,
             "failed_saves": self.failed_saves,
             "pending_removal": self.pending_removal,
+            "retention": self.retention.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -419,6 +500,8 @@ class AutoSaveCallback(Callback):
         self.save_count = int(state["save_count"])
         self.failed_saves = int(state.get("failed_saves", 0))
         self.pending_removal = state.get("pending_removal")
+        if "retention" in state:  # checkpoints written before retention existed have none
+            self.retention.load_state_dict(state["retention"])
 
 
 def _estimated_size(handler: NNHandler) -> int:

@@ -1,0 +1,346 @@
+"""Retention of auto-saves: which of a callback's checkpoints are kept, why, and when the rest
+are removed.
+
+Rules (``AutoSaveCallback(keep_last=, keep_best=, monitor=, mode=, keep_every=)``), combinable;
+a file is kept when *any* rule keeps it, and every reason is recorded:
+
+* ``keep_last=N``: the N files this callback wrote most recently (``"latest 1/N"`` …).
+* ``keep_best=K``: the K files with the best ``monitor`` value, the lowest for ``mode="min"``,
+  the highest for ``"max"`` (``"best val_loss=0.123 (rank 1/K)"``). A value that is missing
+  from the epoch's logs (an epoch that did not validate) or is NaN or infinite is never best.
+  Ties: the earlier epoch wins.
+* ``keep_every=E``: files of epochs that are multiples of E, forever (``"every E epochs"``).
+* The newest file is always kept (it is the resume point), with the reason ``"newest"`` when no
+  rule keeps it.
+
+The decision (:func:`decide`) is a pure function of the callback's files and the rules.
+:class:`Retention` holds the bookkeeping: the files the callback owns (its *lineage*: this run
+and the runs resumed from its checkpoints), the files decided for removal and the write order.
+It is part of the callback's state in every checkpoint and of the index
+(:mod:`.index`). A save updates it before the state is collected (so the checkpoint knows
+itself); rank 0 then writes the index once the checkpoint is durable, and only then removes the
+files no rule keeps. A file is removed only when it is this callback's own and no other
+callback's section of the index lists it as kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from ..errors import CheckpointIndexError
+from .index import IndexEntry, IndexSection, read_index, update_index
+from .sharded import SHARDED_SUFFIX
+from .writer import is_temp_file, remove_checkpoint_path
+
+if TYPE_CHECKING:
+    from ..config import AutoSaveConfig
+
+__all__ = ["Retention", "RetentionPlan", "RetentionRules", "RetentionState", "decide",
+           "monitored_value"]
+
+_CHECKPOINT_SUFFIXES: Final = (".pth", SHARDED_SUFFIX)
+
+
+@dataclass(frozen=True)
+class RetentionRules:
+    """The ``keep_*`` rules of one auto-save callback (all ``None``: every file is kept)."""
+
+    keep_last: int | None = None
+    keep_best: int | None = None
+    monitor: str | None = None
+    mode: str = "min"
+    keep_every: int | None = None
+
+    @classmethod
+    def from_config(cls, config: AutoSaveConfig) -> RetentionRules:
+        return cls(keep_last=config.keep_last, keep_best=config.keep_best,
+                   monitor=config.monitor, mode=config.mode, keep_every=config.keep_every)
+
+    @property
+    def active(self) -> bool:
+        """Whether any rule is set (otherwise nothing is tracked and nothing removed)."""
+        return any(rule is not None for rule in (self.keep_last, self.keep_best, self.keep_every))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"keep_last": self.keep_last, "keep_best": self.keep_best,
+                "monitor": self.monitor, "mode": self.mode, "keep_every": self.keep_every}
+
+
+def monitored_value(logs: Mapping[str, Any], monitor: str | None) -> float | None:
+    """``logs[monitor]`` as a float when it is a finite number, else ``None`` (never best)."""
+    if monitor is None:
+        return None
+    value = logs.get(monitor)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def decide(files: Sequence[IndexEntry], rules: RetentionRules) -> dict[str, tuple[str, ...]]:
+    """Why each kept file is kept (``name -> reasons``); a file missing from the result is to
+    be removed. ``files`` are one callback's own files with distinct names."""
+    if not files:
+        return {}
+    reasons: dict[str, list[str]] = {entry.name: [] for entry in files}
+    by_recency = sorted(files, key=lambda entry: entry.seq, reverse=True)
+    if rules.keep_last is not None:
+        for rank, entry in enumerate(by_recency[: rules.keep_last], start=1):
+            reasons[entry.name].append(f"latest {rank}/{rules.keep_last}")
+    if rules.keep_best is not None:
+        sign = 1.0 if rules.mode == "min" else -1.0
+        candidates = sorted((entry for entry in files if entry.value is not None),
+                            key=lambda entry: (sign * (entry.value or 0.0), entry.epoch,
+                                               entry.seq))
+        for rank, entry in enumerate(candidates[: rules.keep_best], start=1):
+            reasons[entry.name].append(
+                f"best {rules.monitor}={entry.value:.6g} (rank {rank}/{rules.keep_best})")
+    if rules.keep_every is not None:
+        for entry in files:
+            if entry.epoch > 0 and entry.epoch % rules.keep_every == 0:
+                reasons[entry.name].append(f"every {rules.keep_every} epochs")
+    newest = by_recency[0]
+    if not reasons[newest.name]:
+        reasons[newest.name].append("newest")
+    return {name: tuple(kept) for name, kept in reasons.items() if kept}
+
+
+@dataclass(frozen=True)
+class RetentionState:
+    """A callback's retention bookkeeping at one moment (immutable: replaced as a whole, so a
+    background writer thread and the training thread never see half an update).
+
+    ``files``: the kept own files with their reasons, ``removing``: own files decided for
+    removal and not yet known to be gone, ``next_seq``: the write order of the next save,
+    ``lineage``: the id shared by a run and every run resumed from its checkpoints (from the
+    run's seed, see :func:`lineage_of`; empty until the first ``train`` or save).
+    """
+
+    lineage: str = ""
+    files: tuple[IndexEntry, ...] = ()
+    removing: tuple[str, ...] = ()
+    next_seq: int = 1
+
+    def to_state(self) -> dict[str, Any]:
+        return {"lineage": self.lineage, "next_seq": self.next_seq,
+                "files": [entry.to_json() for entry in self.files],
+                "removing": list(self.removing)}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> RetentionState:
+        return cls(lineage=str(state["lineage"]), next_seq=int(state["next_seq"]),
+                   files=tuple(IndexEntry.from_json(entry) for entry in state["files"]),
+                   removing=tuple(str(name) for name in state["removing"]))
+
+    @classmethod
+    def from_section(cls, section: IndexSection) -> RetentionState:
+        return cls(lineage=section.lineage, files=section.checkpoints, removing=section.removing,
+                   next_seq=section.next_seq)
+
+    def section(self, rules: RetentionRules) -> IndexSection:
+        return IndexSection(lineage=self.lineage, rules=rules.to_json(), next_seq=self.next_seq,
+                            checkpoints=self.files, removing=self.removing)
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    """One save's change of the bookkeeping: ``before`` is restored if the save fails."""
+
+    before: RetentionState
+    after: RetentionState
+
+
+def lineage_of(run_seed: int | None) -> str:
+    """The lineage id of a run: its seed, which is drawn once per run (or given) and restored by
+    every resume. (Two fresh runs with the same seed are told apart by :attr:`Retention.
+    continuing`.) Without a seed yet, a random id."""
+    return f"seed:{run_seed}" if run_seed is not None else f"random:{secrets.token_hex(8)}"
+
+
+class Retention:
+    """The retention bookkeeping of one auto-save callback (see the module docstring).
+
+    Every rank keeps it (the decision depends only on the epoch logs, which are the same on
+    every rank); only rank 0 reads and writes the index and removes files, and its bookkeeping
+    is the one saved in checkpoints.
+    """
+
+    def __init__(self) -> None:
+        self.state = RetentionState()
+        #: the bookkeeping continues a lineage (restored from a checkpoint, or this instance has
+        #: saved): only then are the index's records of that lineage adopted as its own
+        self.continuing = False
+        self._noticed: set[str] = set()
+
+    # -- one save ------------------------------------------------------------------------------
+    def plan(self, rules: RetentionRules, name: str, epoch: int, step: int,
+             logs: Mapping[str, Any], *, lineage: str, is_main: bool,
+             logger: logging.Logger) -> RetentionPlan:
+        """Record the save of ``name`` (before its state is collected) and decide what is kept.
+        ``lineage`` is taken when the bookkeeping has none yet. Non-main ranks forget earlier
+        removals: removing files is rank 0's work."""
+        before = self.state
+        value = monitored_value(logs, rules.monitor)
+        if rules.keep_best is not None and value is None:
+            self._notice_not_a_candidate(rules.monitor, logs, epoch, logger)
+        new = IndexEntry(name=name, epoch=epoch, step=step, seq=before.next_seq, value=value)
+        files = [entry for entry in before.files if entry.name != name] + [new]
+        kept = decide(files, rules)
+        dropped = [entry.name for entry in files if entry.name not in kept]
+        removing = _unique(name for name in (*(before.removing if is_main else ()), *dropped)
+                           if name not in kept)
+        after = RetentionState(
+            lineage=before.lineage or lineage, next_seq=before.next_seq + 1, removing=removing,
+            files=tuple(replace(entry, reasons=kept[entry.name]) for entry in files
+                        if entry.name in kept))
+        self.state = after
+        self.continuing = True
+        return RetentionPlan(before, after)
+
+    def rollback(self, plan: RetentionPlan) -> None:
+        """The save of ``plan`` failed: its file does not exist, nothing was removed."""
+        self.state = plan.before
+
+    def commit(self, state: RetentionState, directory: Path, key: str, rules: RetentionRules,
+               logger: logging.Logger) -> None:
+        """Rank 0, once the checkpoint recorded in ``state`` is durable: write the index, then
+        remove the files ``state`` no longer keeps. Never raises: a failure is a warning, and a
+        file that could not be removed stays recorded for removal."""
+        try:
+            sections, problem = update_index(directory, key, state.section(rules))
+        except Exception as error:  # an I/O error must not cost the checkpoint just written
+            logger.warning("retention: could not write the index in %s (%s: %s); no file is "
+                           "removed until it is written", directory, type(error).__name__, error)
+            return
+        if problem is not None:
+            logger.warning("retention: %s; it was rebuilt from the bookkeeping of %s (other "
+                           "auto-savers' entries return at their next save; no file they "
+                           "listed is removed)", problem, key)
+        kept_by_others = {entry.name: other for other, section in sections.items()
+                          if other != key for entry in section.checkpoints}
+        failed = []
+        for name in state.removing:
+            if name in kept_by_others:
+                logger.warning("retention: not removing %s: the index lists it as kept by "
+                               "%s", directory / name, kept_by_others[name])
+                continue
+            if not _own_checkpoint_name(name):
+                logger.warning("retention: not removing %r: not a checkpoint name in %s",
+                               name, directory)
+                continue
+            try:
+                remove_checkpoint_path(directory / name)
+            except OSError as error:
+                logger.warning("retention: could not remove %s (%s); it is tried again after "
+                               "the next save", directory / name, error)
+                failed.append(name)
+            else:
+                logger.info("retention: removed %s (no keep rule holds it)", directory / name)
+        if tuple(failed) == state.removing:
+            return
+        final = replace(state, removing=tuple(failed))
+        try:  # the index stops listing what is gone (were this lost, a resume drops them)
+            update_index(directory, key, final.section(rules))
+        except Exception as error:
+            logger.warning("retention: could not update the index in %s after removing "
+                           "files (%s: %s)", directory, type(error).__name__, error)
+        if self.state is state:
+            self.state = final
+
+    # -- resuming ------------------------------------------------------------------------------
+    def resume(self, directory: Path, key: str, lineage: str,
+               logger: logging.Logger) -> RetentionState:
+        """Rank 0, when ``train`` starts: this lineage's files as the index and the restored
+        bookkeeping know them together, without files that no longer exist. ``lineage`` is
+        taken when the bookkeeping has none yet.
+
+        Where the two disagree about a file, the one written later (the higher write order)
+        wins. Files the index records for this lineage that the checkpoint does not know —
+        saves of an interrupted run after the checkpoint this run resumed from — stay this
+        callback's own files and follow the same rules. The section of a fresh run's key (an
+        earlier run into the same folder) or of another lineage is not adopted: its files are
+        never removed by this run.
+        """
+        state = self.state if self.state.lineage else replace(self.state, lineage=lineage)
+        section = None
+        try:
+            section = (read_index(directory) or {}).get(key)
+        except CheckpointIndexError as error:
+            logger.warning("retention: %s; it is rebuilt from the checkpointed bookkeeping at "
+                           "the next save, and no file only it listed is removed", error)
+        if section is not None and (not self.continuing or section.lineage != state.lineage):
+            if section.checkpoints or section.removing:
+                logger.warning(
+                    "retention: the index in %s records %d checkpoint(s) for %s from another "
+                    "run (not one this run continues); they are left alone and never removed "
+                    "by this run", directory, len(section.checkpoints), key)
+            section = None
+        if section is not None:
+            state = _merge(state, RetentionState.from_section(section))
+        return replace(
+            state,
+            files=tuple(entry for entry in state.files if _exists(directory / entry.name)),
+            removing=tuple(name for name in state.removing if _exists(directory / name)))
+
+    # -- state ---------------------------------------------------------------------------------
+    def forget_files(self) -> None:
+        """The callback now writes elsewhere: its earlier files are no longer in its folder."""
+        self.state = replace(self.state, files=(), removing=())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state.to_state()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.state = RetentionState.from_state(state)
+        self.continuing = True
+
+    def _notice_not_a_candidate(self, monitor: str | None, logs: Mapping[str, Any], epoch: int,
+                                logger: logging.Logger) -> None:
+        problem = "missing" if monitor not in logs else "not a finite number"
+        message = ("keep_best: monitor %r is %s in the epoch-%d logs (keys: %s); that "
+                   "checkpoint is not a best candidate")
+        arguments = (monitor, problem, epoch, ", ".join(sorted(logs)))
+        if problem in self._noticed:
+            logger.debug(message, *arguments)
+        else:
+            self._noticed.add(problem)
+            logger.warning(message + " (said once; later ones are logged at debug level)",
+                           *arguments)
+
+
+def _merge(first: RetentionState, second: RetentionState) -> RetentionState:
+    """Two records of one lineage; the later one (higher ``next_seq``) wins on each file."""
+    older, newer = (first, second) if second.next_seq > first.next_seq else (second, first)
+    kept = {entry.name: entry for entry in older.files}
+    removing = dict.fromkeys(older.removing)
+    for name in newer.removing:
+        kept.pop(name, None)
+        removing[name] = None
+    for entry in newer.files:
+        kept[entry.name] = entry
+        removing.pop(entry.name, None)
+    files = tuple(sorted(kept.values(), key=lambda entry: entry.seq))
+    next_seq = max(first.next_seq, second.next_seq, *(entry.seq + 1 for entry in files))
+    return RetentionState(lineage=newer.lineage, files=files, removing=tuple(removing),
+                          next_seq=next_seq)
+
+
+def _unique(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _own_checkpoint_name(name: str) -> bool:
+    """A plain checkpoint name directly in the folder (never a path, a hidden or temp file)."""
+    path = Path(name)
+    return (path.name == name and name not in ("", ".", "..") and not name.startswith(".")
+            and not is_temp_file(path) and name.endswith(_CHECKPOINT_SUFFIXES))
