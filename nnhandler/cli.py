@@ -1,5 +1,8 @@
-"""The ``nnhandler`` command: verify and inspect checkpoints.
+"""The ``nnhandler`` command: list, verify and inspect checkpoints.
 
+    nnhandler list DIR [--json] [--no-verify]  every checkpoint in DIR: epoch, step, metrics,
+                                    size, valid/corrupt, the one load_latest picks, and why
+                                    the retention index keeps each; exit 1 if any is corrupt
     nnhandler verify PATH...        exit status 0 only when every file verifies
     nnhandler inspect PATH [--json] epoch, logs, components (tensors, bytes), versions, config
 
@@ -10,16 +13,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from .checkpoint import Checkpoint
-from .checkpoint.sharded import ShardedCheckpoint, describe_sharded, read_any_checkpoint
+from .checkpoint.discovery import list_checkpoints, read_index_or_warn, verify_candidate
+from .checkpoint.index import INDEX_FILE, IndexSection
+from .checkpoint.sharded import (
+    ShardedCheckpoint,
+    checkpoint_size,
+    describe_sharded,
+    read_any_checkpoint,
+)
 from .errors import CheckpointError
 
 __all__ = ["main"]
@@ -113,10 +126,160 @@ def _verify(paths: Sequence[str], console: Console, as_json: bool) -> int:
     return 0 if all(result["ok"] for result in results) else 1
 
 
+#: log keys shown for every checkpoint by ``list`` (plus each monitored key of the index)
+LIST_METRICS = ("loss", "val_loss")
+
+
+def list_directory(directory: str | Path, *, verify: bool = True,
+                   logger: logging.Logger | None = None) -> list[dict[str, Any]]:
+    """One JSON-ready row per checkpoint in ``directory``, in the order ``load_latest`` ranks
+    them (newest first): ``name``, ``path``, ``epoch``, ``step``, ``time``, ``metrics``
+    (``loss``, ``val_loss`` and every key a retention rule monitors, where recorded),
+    ``size`` (bytes; a sharded directory's files summed), ``valid``, ``verified`` (whether
+    the whole content was checked; without ``verify`` only the integrity record is read),
+    ``problem``, ``latest`` (the one ``load_latest`` picks), ``in_index``, ``superseded``
+    (the index records it for removal) and ``kept_by`` (``[{"callback": state_key,
+    "reasons": [...]}]`` from the retention index)."""
+    directory = Path(directory)
+    index: Mapping[str, IndexSection] = read_index_or_warn(
+        directory, logger or logging.getLogger("nnhandler.cli")) or {}
+    monitors = [str(section.rules["monitor"]) for section in index.values()
+                if section.rules.get("monitor")]
+    keys = list(dict.fromkeys([*LIST_METRICS, *monitors]))
+    rows = []
+    for candidate in list_checkpoints(directory, index):
+        record, problem = candidate.record, candidate.problem
+        if record is not None and verify:
+            try:
+                record = verify_candidate(candidate.path)
+            except (CheckpointError, OSError) as error:
+                problem = str(error)
+        try:
+            size: int | None = checkpoint_size(candidate.path)
+        except OSError:
+            size = None
+        logs: dict[str, Any] = (record.get("logs") if record is not None else None) or {}
+        name = candidate.path.name
+        rows.append({
+            "name": name,
+            "path": str(candidate.path),
+            "epoch": None if record is None else record.get("epoch"),
+            "step": None if record is None else record.get("step"),
+            "time": None if record is None else record.get("time"),
+            "metrics": {key: logs[key] for key in keys if key in logs},
+            "size": size,
+            "valid": record is not None and problem is None,
+            "verified": verify and record is not None,
+            "problem": problem,
+            "latest": False,
+            "in_index": candidate.indexed,
+            "superseded": candidate.superseded,
+            "kept_by": [{"callback": key, "reasons": list(entry.reasons)}
+                        for key, section in sorted(index.items())
+                        for entry in section.checkpoints if entry.name == name],
+        })
+    for row in rows:  # ranked as load_latest ranks them: the first valid one is its pick
+        if row["valid"]:
+            row["latest"] = True
+            break
+    return rows
+
+
+def _kept_text(row: Mapping[str, Any]) -> str:
+    if row["kept_by"]:  # one reason a line
+        return "\n".join(reason for kept in row["kept_by"]
+                         for reason in kept["reasons"] or [kept["callback"]])
+    if row["superseded"]:
+        return "superseded: removal pending"
+    return "not in index"
+
+
+def _size_text(size: int | None) -> str:
+    if size is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def _print_listing(console: Console, directory: str, rows: list[dict[str, Any]],
+                   verify: bool) -> None:
+    if not rows:
+        console.print(f"no checkpoints in {directory}")
+        return
+    keys = list(dict.fromkeys(key for row in rows for key in row["metrics"]))
+    table = Table(title=f"{directory}  ({len(rows)} checkpoints)", box=box.SIMPLE_HEAD,
+                  caption="* = the one load_latest picks" + ("" if verify else
+                          "; --no-verify: only integrity records were read"))
+    table.add_column("", justify="center", no_wrap=True)
+    table.add_column("name", no_wrap=True, min_width=max(len(row["name"]) for row in rows))
+    for column in ("epoch", "step", *keys, "size"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("kept because", ratio=1)
+    for row in rows:
+        if not row["valid"]:
+            status = "[red]CORRUPT[/red]"
+        elif row["verified"]:
+            status = "[green]valid[/green]"
+        else:
+            status = "record ok"
+        metrics = [f"{row['metrics'][key]:.4g}" if isinstance(row["metrics"].get(key), float)
+                   else str(row["metrics"].get(key, "")) for key in keys]
+        table.add_row("*" if row["latest"] else "", row["name"],
+                      "" if row["epoch"] is None else str(row["epoch"]),
+                      "" if row["step"] is None else str(row["step"]), *metrics,
+                      _size_text(row["size"]), status, _kept_text(row))
+    console.print(table)
+    for row in rows:
+        if row["problem"]:
+            console.print(f"[red]{row['name']}[/red]: {row['problem']}")
+
+
+def _list(directory: str, console: Console, as_json: bool, verify: bool) -> int:
+    if not Path(directory).is_dir():
+        Console(stderr=True).print(f"[red]error:[/red] {directory!r} is not a directory")
+        return 1
+    errors = Console(stderr=True)
+    logger = logging.getLogger("nnhandler.cli")
+    handler = _ConsoleWarnings(errors)
+    logger.addHandler(handler)
+    try:
+        rows = list_directory(directory, verify=verify, logger=logger)
+    finally:
+        logger.removeHandler(handler)
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        if not (Path(directory) / INDEX_FILE).exists():
+            console.print(f"(no retention index {INDEX_FILE} in {directory})")
+        _print_listing(console, directory, rows, verify)
+    return 0 if all(row["valid"] for row in rows) else 1
+
+
+class _ConsoleWarnings(logging.Handler):
+    """Warnings while listing (an unreadable index) go to stderr, so ``--json`` stays clean."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(logging.WARNING)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.console.print(f"[yellow]warning:[/yellow] {record.getMessage()}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nnhandler",
-                                     description="Verify and inspect checkpoints.")
+                                     description="List, verify and inspect checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser(
+        "list", help="every checkpoint in a directory: epoch, metrics, size, valid/corrupt, "
+                     "the latest, why each is kept; exit 1 if any is corrupt")
+    listing.add_argument("directory")
+    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--no-verify", action="store_true",
+                         help="read only each checkpoint's integrity record (fast)")
     verify = commands.add_parser("verify",
                                  help="check checksums and format; exit 1 if any fails")
     verify.add_argument("paths", nargs="+")
@@ -127,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect.add_argument("--no-verify", action="store_true", help="skip the checksum check")
     args = parser.parse_args(argv)
     console = Console()
+    if args.command == "list":
+        return _list(args.directory, console, args.json, verify=not args.no_verify)
     if args.command == "verify":
         return _verify(args.paths, console, args.json)
     try:
