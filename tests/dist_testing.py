@@ -65,6 +65,28 @@ def run_bounded(command: list[str], cwd: Path, what: str, timeout_s: float) -> t
     return process.returncode, output
 
 
+#: marks of a test module that launches real multi-process runs over gloo
+DISTRIBUTED_MARKS = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with the gloo backend is not available"),
+]
+
+
+def launch_scenario(script: Path, scenario: str, workdir: Path, ranks: int,
+                    timeout_s: float) -> list[dict[str, Any]]:
+    """Run a worker ``script`` (see :func:`run_worker`) on ``ranks`` processes; it must succeed.
+    Returns each rank's ``result_rank<r>.json``, in rank order."""
+    returncode, output = run_bounded(torchrun(ranks, script, scenario, str(workdir)),
+                                     workdir.parent, f"DDP scenario {scenario!r}", timeout_s)
+    assert returncode == 0, (
+        f"DDP scenario {scenario!r} failed (exit {returncode}):\n{output[-8000:]}")
+    results = [json.loads((workdir / f"result_rank{r}.json").read_text())
+               for r in range(ranks)]
+    assert [r["rank"] for r in results] == list(range(ranks))
+    return results
+
+
 # -- worker side -------------------------------------------------------------------------------
 class FailingState(Callback):
     """A state provider whose ``state_dict`` raises on rank 0 only (while armed)."""

@@ -8,21 +8,13 @@ Launched like tests/test_distributed.py: ``tests/async_ddp_worker.py`` under
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch.distributed as dist
-from dist_testing import run_bounded, torchrun
+from dist_testing import DISTRIBUTED_MARKS, launch_scenario
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif(
-        not (dist.is_available() and dist.is_gloo_available()),
-        reason="torch.distributed with the gloo backend is not available",
-    ),
-]
+pytestmark = DISTRIBUTED_MARKS
 
 WORKER = Path(__file__).resolve().parent / "async_ddp_worker.py"
 WORLD_SIZE = 2
@@ -31,15 +23,7 @@ EPOCHS = 3  # must match tests/async_ddp_worker.py
 
 
 def launch(scenario: str, workdir: Path) -> list[dict[str, Any]]:
-    returncode, output = run_bounded(torchrun(WORLD_SIZE, WORKER, scenario, str(workdir)),
-                                     workdir.parent, f"DDP scenario {scenario!r}",
-                                     LAUNCH_TIMEOUT_S)
-    assert returncode == 0, (
-        f"DDP scenario {scenario!r} failed (exit {returncode}):\n{output[-8000:]}")
-    results = [json.loads((workdir / f"result_rank{r}.json").read_text())
-               for r in range(WORLD_SIZE)]
-    assert [r["rank"] for r in results] == [0, 1]
-    return results
+    return launch_scenario(WORKER, scenario, workdir, WORLD_SIZE, LAUNCH_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
