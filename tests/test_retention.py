@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 from nnh_testing import attach_loaders, make_handler
 
 import nnhandler.checkpoint.retention as retention_module
-from nnhandler import AutoSaveCallback, Callback, NNHandler
+import nnhandler.checkpoint.writer as writer_module
+from nnhandler import AutoSaveCallback, Callback, DuplicateStateKeyError, NNHandler
 from nnhandler.checkpoint.index import (
     INDEX_FILE,
     INDEX_FORMAT,
@@ -437,6 +438,30 @@ def test_a_removal_that_fails_is_a_warning_and_is_tried_again(
     assert index is not None and index[KEY].removing == ()
 
 
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_failed_save_removes_nothing_and_rolls_the_bookkeeping_back(
+    monkeypatch: pytest.MonkeyPatch, async_save: bool
+) -> None:
+    real_open = open
+
+    def no_space_for_ep002(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if ".ep002.pth" in os.fspath(file):
+            raise OSError(28, "No space left on device", os.fspath(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "open", no_space_for_ep002, raising=False)
+    handler = new_handler(keep_last=1, async_save=async_save)
+    callback = handler.auto_save_callback
+    assert callback is not None
+    train(handler, epochs=2)
+    assert callback.failed_saves == 1
+    assert files() == ep(1)
+    assert [entry.name for entry in callback.retention.state.files] == ep(1)
+    assert set(kept_reasons()) == set(ep(1))
+    train(handler, epochs=1)
+    assert files() == ep(3)
+
+
 def test_an_index_write_that_fails_removes_nothing_and_training_goes_on(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -619,6 +644,16 @@ def test_moving_the_save_path_forgets_the_old_folders_files() -> None:
     train(handler, epochs=2)
     assert files() == ep(2)
     assert files(Path("elsewhere")) == ep(4)
+
+
+def test_a_refused_reconfiguration_keeps_tracking_the_files() -> None:
+    handler = new_handler(keep_last=1)
+    handler.add_callback(AutoSaveCallback(None, "other", name=NAME))
+    train(handler, epochs=2)
+    with pytest.raises(DuplicateStateKeyError):
+        handler.auto_save(1, "other", name=NAME, keep_last=1)
+    train(handler, epochs=1)
+    assert files() == ep(3)
 
 
 # ============================================================================================

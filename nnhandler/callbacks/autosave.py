@@ -164,8 +164,6 @@ class AutoSaveCallback(Callback):
 
     def reconfigure(self, config: AutoSaveConfig) -> None:
         """Apply a new configuration, keeping the bookkeeping of this instance's lineage."""
-        if self.key_for(config) != self.state_key:  # its files are not where it now writes
-            self.retention.forget_files()
         self.config = config
 
     def __repr__(self) -> str:
@@ -430,6 +428,7 @@ class AutoSaveCallback(Callback):
         if not rules.active:
             return
         directory, key = self.config.save_path, self.state_key
+        self.retention.bind(key)
         lineage = lineage_of(handler.progress.run_seed)
         merged = run_on_rank_zero(
             handler.distributed,
@@ -443,6 +442,7 @@ class AutoSaveCallback(Callback):
         rules = self.retention_rules
         if not rules.active:
             return None
+        self.retention.bind(self.state_key)
         return self.retention.plan(rules, path.name, epoch, handler.global_step, logs,
                                    lineage=lineage_of(handler.progress.run_seed),
                                    is_main=handler.distributed.is_main, logger=handler.logger)
@@ -502,6 +502,7 @@ class AutoSaveCallback(Callback):
         self.pending_removal = state.get("pending_removal")
         if "retention" in state:  # checkpoints written before retention existed have none
             self.retention.load_state_dict(state["retention"])
+            self.retention.bind(self.state_key)
 
 
 def _estimated_size(handler: NNHandler) -> int:

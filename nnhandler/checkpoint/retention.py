@@ -176,7 +176,17 @@ class Retention:
         #: the bookkeeping continues a lineage (restored from a checkpoint, or this instance has
         #: saved): only then are the index's records of that lineage adopted as its own
         self.continuing = False
+        #: the state key (directory and name template) the recorded files belong to
+        self.key: str | None = None
         self._noticed: set[str] = set()
+
+    def bind(self, key: str) -> None:
+        """The files are written under ``key`` from now on. Files recorded under another key
+        (the callback was reconfigured to another folder or name) are no longer tracked: they
+        are left where they are, never removed."""
+        if self.key is not None and self.key != key:
+            self.state = replace(self.state, files=(), removing=())
+        self.key = key
 
     # -- one save ------------------------------------------------------------------------------
     def plan(self, rules: RetentionRules, name: str, epoch: int, step: int,
@@ -289,10 +299,6 @@ class Retention:
             removing=tuple(name for name in state.removing if _exists(directory / name)))
 
     # -- state ---------------------------------------------------------------------------------
-    def forget_files(self) -> None:
-        """The callback now writes elsewhere: its earlier files are no longer in its folder."""
-        self.state = replace(self.state, files=(), removing=())
-
     def state_dict(self) -> dict[str, Any]:
         return self.state.to_state()
 
