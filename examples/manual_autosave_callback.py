@@ -1,4 +1,5 @@
-"""Attach ``AutoSaveCallback``s by hand: a rolling "latest" file plus a file every N epochs.
+"""Attach ``AutoSaveCallback``s by hand: a rolling "latest" file, a file every N epochs, and the
+two best epochs by validation loss.
 
     python examples/manual_autosave_callback.py --out /tmp/manual --epochs 6
 
@@ -6,7 +7,10 @@ Each callback derives its ``state_key`` from its ``save_path`` and ``name``, so 
 handler, both go into every checkpoint, and both come back on ``NNHandler.load`` with their
 bookkeeping: the resumed "latest" callback replaces the file its lineage wrote. The "latest"
 one saves every epoch, so it writes in the background (``async_save=True``): training pays only
-for a copy of the state into host memory, and ``train`` returns once the file is on disk.
+for a copy of the state into host memory, and ``train`` returns once the file is on disk. The
+"best" one saves every epoch and keeps the two with the lowest ``val_loss`` (and the newest, the
+resume point); ``best/nnhandler-index.json`` says why each file is kept
+(``nnhandler list /tmp/manual/best`` shows it).
 """
 
 from __future__ import annotations
@@ -52,12 +56,18 @@ def main() -> None:
                               async_save=True)
     every_two = AutoSaveCallback(interval=2, save_path=args.out / "history",
                                  name="regressor_ep{epoch:03d}_val{val_loss:.4f}")
+    best = AutoSaveCallback(interval=1, save_path=args.out / "best",
+                            name="regressor_ep{epoch:03d}_val{val_loss:.4f}",
+                            keep_best=2, monitor="val_loss", mode="min")
     handler.add_callback(latest)
     handler.add_callback(every_two)
+    handler.add_callback(best)
     handler.train(epochs=args.epochs, seed=1, progress_bar=False)
 
     print("latest:", sorted(p.name for p in args.out.glob("*.pth")))
     print("history:", sorted(p.name for p in (args.out / "history").glob("*.pth")))
+    for entry in best.retention.state.files:
+        print(f"best: {entry.name} kept as {', '.join(entry.reasons)}")
 
     # Both callbacks come back with the handler; training on keeps both schedules.
     resumed = NNHandler.load(args.out / "latest.pth")

@@ -970,6 +970,10 @@ class NNHandler:
         "Newest" is the highest recorded epoch (then step, then save time), read from each
         file's integrity record — never the file's modification time. Damaged or truncated
         files are skipped with a warning that says why; temp files are never candidates.
+        Where ``save_path`` has a retention index (``nnhandler-index.json``, written by
+        auto-savers with ``keep_*`` rules), a checkpoint it lists wins over another of the same
+        epoch and step; checkpoints it does not list (saved by hand, or by an auto-saver
+        without rules) stay candidates, and an unreadable index is a warning.
         Under DDP rank 0 chooses and every rank loads the same file. Raises
         :class:`~nnhandler.NoCheckpointFoundError` when there is no valid checkpoint.
         ``load_arguments`` are those of :meth:`load`.

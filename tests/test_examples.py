@@ -66,6 +66,11 @@ def test_manual_autosave_callbacks_example(tmp_path: Path) -> None:
     assert history == ["regressor_ep002", "regressor_ep004", "regressor_ep006"]
     assert torch.load(out / "latest.pth", weights_only=True)["meta"]["epoch"] == 6
     assert "after resume: epoch 6" in stdout
+    # keep_best=2 on val_loss: the two best epochs and the newest, each with its reason
+    best = sorted(p.name for p in (out / "best").glob("*.pth"))
+    assert 2 <= len(best) <= 3 and any(name.startswith("regressor_ep006") for name in best)
+    assert (out / "best" / "nnhandler-index.json").exists()
+    assert stdout.count("kept as best val_loss=") == 2
 
 
 def test_custom_state_provider_example(tmp_path: Path) -> None:
