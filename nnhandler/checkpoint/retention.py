@@ -197,7 +197,7 @@ class Retention:
         removals: removing files is rank 0's work."""
         before = self.state
         value = monitored_value(logs, rules.monitor)
-        if rules.keep_best is not None and value is None:
+        if rules.keep_best is not None and value is None and is_main:
             self._notice_not_a_candidate(rules.monitor, logs, epoch, logger)
         new = IndexEntry(name=name, epoch=epoch, step=step, seq=before.next_seq, value=value)
         files = [entry for entry in before.files if entry.name != name] + [new]
