@@ -75,6 +75,19 @@ class AutoSaveCallback(Callback):
             DDP every rank waits for rank 0's write); an exception or ``KeyboardInterrupt``
             waits for the write in flight too, and so does interpreter exit (:meth:`flush`
             waits by hand). ``on_checkpoint_saved`` fires when the file is durable.
+        save_on_signal: ``True`` (SIGTERM and SIGUSR1) or a list of signal names/numbers
+            (``["SIGTERM", "SIGINT"]``): on such a signal the current step finishes, training
+            stops (under DDP every rank after the same step), an emergency checkpoint
+            ``preempted_ep{epoch:03d}_b{batches:05d}.pth`` is written synchronously into
+            ``save_path`` and ``train`` returns normally with ``handler.preempted == True``.
+            It records the position inside the epoch, so a resumed run continues from the next
+            batch exactly. Works with ``interval=None`` too (emergency checkpoints only). See
+            :mod:`nnhandler.preemption`.
+        save_on_exception: when an exception (``KeyboardInterrupt`` too) escapes an epoch's
+            batches or its validation, write ``exception_ep…_b….pth`` with the state as of the
+            last completed batch, then let the exception propagate unchanged (a failed
+            emergency save is a note on it). Single process only: under DDP it does nothing
+            (a warning says so when ``train`` starts).
 
     When ``train`` starts, rank 0 creates ``save_path``, checks that it can write there (an
     unwritable directory is a :class:`~nnhandler.ConfigurationError` before any epoch runs) and
@@ -100,10 +113,14 @@ class AutoSaveCallback(Callback):
         overwrite: bool = False,
         on_save_error: SaveErrorPolicy = "warn",
         async_save: bool = False,
+        save_on_signal: bool | list[str | int] | tuple[str | int, ...] = False,
+        save_on_exception: bool = False,
     ) -> None:
         self.config = AutoSaveConfig(
             interval=interval, save_path=Path(save_path), name=name, overwrite=overwrite,
             on_save_error=on_save_error, async_save=async_save,
+            save_on_signal=save_on_signal,  # type: ignore[arg-type]  # validated into names
+            save_on_exception=save_on_exception,
         )
         self.last_saved_path: str | None = None
         self.last_saved_epoch: int | None = None
@@ -143,7 +160,8 @@ class AutoSaveCallback(Callback):
         return (
             f"AutoSaveCallback(interval={c.interval!r}, save_path={str(c.save_path)!r}, "
             f"name={c.name!r}, overwrite={c.overwrite!r}, on_save_error={c.on_save_error!r}, "
-            f"async_save={c.async_save!r})"
+            f"async_save={c.async_save!r}, save_on_signal={c.save_on_signal!r}, "
+            f"save_on_exception={c.save_on_exception!r})"
         )
 
     # -- schedule ------------------------------------------------------------------------------
@@ -171,7 +189,7 @@ class AutoSaveCallback(Callback):
         self._call_start_epoch = start_epoch
         self._call_end_epoch = end_epoch
         self._call_failures = 0
-        if self.config.enabled:
+        if self.config.enabled or self.config.writes_emergency_checkpoints:
             run_on_rank_zero(handler.distributed, lambda: self._prepare_directory(handler))
             self.pending_removal = None
 
@@ -209,6 +227,7 @@ class AutoSaveCallback(Callback):
             self.config.interval == -1
             and ran_epochs
             and self.last_saved_epoch != handler.epoch
+            and not handler.stopped_mid_epoch  # the state is no longer that epoch's end
         ):
             self.save_now(handler, handler.epoch, logs)
         if self._in_flight is not None:
@@ -255,11 +274,16 @@ class AutoSaveCallback(Callback):
             epoch, type(error).__name__, error, self.last_saved_path,
         )
 
-    def _save(self, handler: NNHandler, epoch: int, logs: dict[str, Any]) -> Path:
+    def _save(self, handler: NNHandler, epoch: int, logs: dict[str, Any], *,
+              path: Path | None = None, synchronous: bool = False) -> Path:
+        """Save under this callback's bookkeeping: to the scheduled name for ``logs``, or to
+        ``path`` (emergency checkpoints); ``synchronous`` even with ``async_save``."""
         if self._in_flight is not None:  # at most one write in flight
             self.flush(handler)
-        path, missing = self.path_for({**logs, "epoch": epoch},
-                                      sharded=handler.sharded_checkpoints)
+        missing: tuple[str, ...] = ()
+        if path is None:
+            path, missing = self.path_for({**logs, "epoch": epoch},
+                                          sharded=handler.sharded_checkpoints)
         if missing:
             handler.logger.warning(
                 "auto-save name template %r: key(s) %s missing from the epoch-%d logs "
@@ -278,7 +302,7 @@ class AutoSaveCallback(Callback):
         if self.config.overwrite and previous[0] is not None and previous[0] != str(path):
             self.pending_removal = previous[0]
         try:
-            if self.config.async_save:
+            if self.config.async_save and not synchronous:
                 self._save_in_background(handler, path, epoch, logs, previous)
                 return path
             handler.save(path, logs=logs)
