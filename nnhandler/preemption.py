@@ -243,7 +243,12 @@ class PreemptionGuard:
         finally:
             self.flag.restore()
             self.watch.agreement = None
-            if self.flag.count > 1:
+            if self.flag.received and not self.watch.stopped_by:
+                handler.logger.warning(
+                    "%s arrived after the last point where training could stop (the end of "
+                    "the last epoch): train finished normally, without an emergency "
+                    "checkpoint", _signal_name(self.flag.received))
+            elif self.flag.count > 1:
                 handler.logger.warning("%d further signal(s) arrived after the first one and "
                                        "were ignored", self.flag.count - 1)
 

@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nnh_testing import assert_deep_equal, attach_loaders, make_handler, regression_dataset
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import nnhandler.checkpoint.background as background
 import nnhandler.handler as handler_module
@@ -670,3 +672,36 @@ def test_a_checkpoint_without_a_position_is_an_epoch_boundary(
         handler.resume_from("old.pth")
     assert not handler.stopped_mid_epoch and handler.epoch == 1
     assert not any("position" in r.getMessage() for r in caplog.records)
+
+
+def test_a_signal_after_the_last_epoch_is_reported_and_changes_nothing(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    class SignalAtTrainEnd(Callback):
+        def on_train_end(self, **kwargs: Any) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = build(Setup(), save_on_signal=True)
+    handler.add_callback(SignalAtTrainEnd())
+    with caplog.at_level(logging.WARNING, logger="nnhandler"):
+        handler.train(2, seed=0, progress_bar=False)
+    assert not handler.preempted and handler.epoch == 2
+    assert sorted(p.name for p in CK.iterdir()) == ["ep001.pth", "ep002.pth"]
+    assert any("SIGTERM arrived after the last point" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_watching_for_signals_and_exceptions_adds_no_tensor_work_to_a_single_process() -> None:
+    """The lean hot path: in one process, save_on_signal and save_on_exception add no torch
+    operation (no allocation, no collective) to training; only a flag is read per step."""
+    def aten_calls(**auto_save: Any) -> Counter[str]:
+        handler = make_handler(validation=False)
+        handler.auto_save(None, Path(str(len(auto_save))), **auto_save)
+        handler.train(1, seed=0, progress_bar=False)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as recorded:
+            handler.train(1, progress_bar=False)
+        return Counter(e.name for e in recorded.events() if e.name.startswith("aten::"))
+
+    plain = aten_calls()
+    watched = aten_calls(save_on_signal=True, save_on_exception=True)
+    assert watched == plain
