@@ -76,7 +76,7 @@ from .loop import (
     TrainingLoop,
 )
 from .plugins import discover_plugins
-from .preemption import PreemptionGuard, PreemptionReport
+from .preemption import IgnoreInWorkers, PreemptionGuard, PreemptionReport, watched_signals
 from .sharding import apply_fsdp, has_dtensor_parameters
 from .state import RestoreResult, StateProvider, StateRegistry
 
@@ -510,6 +510,9 @@ class NNHandler:
         extra = dict(spec.extra)
         if self.device.type == "cuda":
             extra.setdefault("pin_memory", True)
+        signals = watched_signals(self._callbacks)
+        if signals and extra.get("num_workers", 0):
+            extra["worker_init_fn"] = IgnoreInWorkers(signals, extra.get("worker_init_fn"))
         return DataLoader(spec.dataset, batch_size=spec.config.batch_size, sampler=sampler,
                           drop_last=spec.config.drop_last, **extra)
 

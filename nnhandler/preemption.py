@@ -26,7 +26,7 @@ import contextlib
 import signal
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -49,7 +49,8 @@ from .loop import (
 if TYPE_CHECKING:
     from .handler import NNHandler
 
-__all__ = ["PreemptionGuard", "PreemptionReport", "SignalFlag", "emergency_name"]
+__all__ = ["IgnoreInWorkers", "PreemptionGuard", "PreemptionReport", "SignalFlag",
+           "emergency_name", "watched_signals"]
 
 #: ``{reason}_ep{epoch:03d}_b{batches:05d}.pth``: the epoch a resume continues and how many of
 #: its batches ran before the stop (``b00000`` after a complete epoch)
@@ -78,6 +79,33 @@ class PreemptionReport:
     epoch: int
     batches: int
     paths: tuple[Path, ...]
+
+
+def watched_signals(callbacks: Iterable[object]) -> tuple[signal.Signals, ...]:
+    """The signals the auto-savers among ``callbacks`` stop training on (``save_on_signal``),
+    in order, each once."""
+    signals: list[signal.Signals] = []
+    for callback in callbacks:
+        if isinstance(callback, AutoSaveCallback):
+            signals.extend(s for s in callback.config.signals if s not in signals)
+    return tuple(signals)
+
+
+class IgnoreInWorkers:
+    """``worker_init_fn`` of the handler's DataLoaders while ``save_on_signal`` is on: worker
+    processes ignore the stop signals — the main process decides. (A scheduler signals every
+    process of a job step, and PyTorch's workers die of SIGTERM, which would end the epoch
+    with an error instead of a clean stop.) Then the user's own ``worker_init_fn`` runs."""
+
+    def __init__(self, signals: Iterable[int], then: Callable[[int], Any] | None) -> None:
+        self.signals = tuple(int(number) for number in signals)
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        for number in self.signals:
+            signal.signal(number, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)
 
 
 class SignalFlag:
@@ -188,10 +216,8 @@ class PreemptionGuard:
         self.handler = handler
         self.on_signal = [s for s in savers if s.config.save_on_signal]
         self.on_exception = [s for s in savers if s.config.save_on_exception]
-        signals: list[signal.Signals] = []
-        for saver in self.on_signal:
-            signals.extend(s for s in saver.config.signals if s not in signals)
-        self.flag = SignalFlag(tuple(signals))
+        signals = watched_signals(self.on_signal)
+        self.flag = SignalFlag(signals)
         self.watch = _SignalStopWatch(self.flag) if signals else None
 
     @classmethod

@@ -38,11 +38,11 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     from typing import Any
 
-    from nnh_testing import attach_loaders, make_handler
+    from nnh_testing import attach_loaders, make_handler, regression_dataset
 
     from nnhandler import Callback, NNHandler
 
-    mode = sys.argv[1]
+    mode, workers = sys.argv[1], int(sys.argv[2])
     SETTINGS: dict[str, Any] = {"ema_decay": 0.8, "gradient_accumulation_steps": 3,
                                 "seed": 21, "progress_bar": False}
 
@@ -61,6 +61,9 @@ CHILD = textwrap.dedent(
 
     def fresh() -> NNHandler:
         handler = make_handler(dropout=0.3)
+        # DataLoader workers forked while train runs inherit its signal handlers: a signal
+        # sent to the whole process group does not kill them
+        handler.set_train_loader(regression_dataset(64), num_workers=workers)
         handler.auto_save(1, "ck", name="ep{epoch:03d}", save_on_signal=True)
         return handler
 
@@ -90,20 +93,21 @@ CHILD = textwrap.dedent(
 )
 
 
-def start(script: Path, workdir: Path, mode: str) -> subprocess.Popen[str]:
+def start(script: Path, workdir: Path, mode: str, workers: int) -> subprocess.Popen[str]:
     workdir.mkdir(parents=True, exist_ok=True)
     path = [str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in path if p)}
-    return subprocess.Popen([sys.executable, str(script), mode], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(script), mode, str(workers)], cwd=workdir,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def finish(process: subprocess.Popen[str]) -> tuple[int, str]:
     try:
         out, err = process.communicate(timeout=CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
         out, err = process.communicate()
         pytest.fail(f"child {process.args!r} hung:\n{out}\n{err[-4000:]}")
     return process.returncode, f"{out}\n{err[-6000:]}"
@@ -124,16 +128,28 @@ def final_state(workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return envelope["state"], envelope["meta"]
 
 
+HOW = {
+    # id: (DataLoader workers, send to the whole process group — as SLURM signals a step)
+    "send-signal": (0, False),
+    "process-group-with-loader-workers": (2, True),
+}
+
+
+@pytest.mark.parametrize("how", list(HOW), ids=list(HOW))
 def test_sigterm_to_a_training_process_stops_it_cleanly_and_the_resume_is_exact(
-    tmp_path: Path
+    tmp_path: Path, how: str
 ) -> None:
+    workers, group = HOW[how]
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    reference = start(script, tmp_path / "reference", "full")
+    reference = start(script, tmp_path / "reference", "full", workers)
 
-    preempted = start(script, tmp_path / "preempted", "preempt")
+    preempted = start(script, tmp_path / "preempted", "preempt", workers)
     wait_for_line(preempted, "READY")
-    preempted.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(preempted.pid, signal.SIGTERM)  # the child leads its own session
+    else:
+        preempted.send_signal(signal.SIGTERM)
     (tmp_path / "preempted" / "signal-sent").touch()
     code, output = finish(preempted)
     assert code == PREEMPTED_EXIT, f"exit {code}:\n{output}"
@@ -148,7 +164,7 @@ def test_sigterm_to_a_training_process_stops_it_cleanly_and_the_resume_is_exact(
 
     code, output = finish(reference)
     assert code == 0, output
-    resumed = start(script, tmp_path / "preempted", "resume")
+    resumed = start(script, tmp_path / "preempted", "resume", workers)
     code, output = finish(resumed)
     assert code == 0, output
     assert "RESUMED AT 1 True" in output and "FINAL EPOCH 3" in output
