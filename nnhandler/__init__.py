@@ -28,6 +28,7 @@ from .events import Event
 from .handler import NNHandler
 from .logging import LoggingMode
 from .plugins import PluginRegistry, discover_plugins
+from .preemption import PreemptionReport
 from .state import RestoreResult, StateProvider
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "NoCheckpointFoundError",
     "PluginError",
     "PluginRegistry",
+    "PreemptionReport",
     "RestoreResult",
     "StateProvider",
     "TensorBoardLogger",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,6 +37,13 @@ class AutoSaveConfig(_Strict):
     monitor: Annotated[str, Field(min_length=1)] | None = None
     mode: MonitorMode = "min"
     keep_every: Annotated[int, Field(ge=1)] | None = None
+    save_on_signal: bool | tuple[str, ...] = False
+    save_on_exception: bool = False
+
+    @field_validator("save_on_signal", mode="before")
+    @classmethod
+    def _signal_rule(cls, value: Any) -> Any:
+        return _signal_names(value)
 
     @field_validator("interval")
     @classmethod
@@ -90,6 +98,19 @@ class AutoSaveConfig(_Strict):
     def enabled(self) -> bool:
         return bool(self.interval)
 
+    @property
+    def signals(self) -> tuple[signal.Signals, ...]:
+        """The signals that stop training with an emergency checkpoint (none when off)."""
+        if self.save_on_signal is True:
+            return DEFAULT_STOP_SIGNALS
+        if self.save_on_signal is False:
+            return ()
+        return tuple(signal.Signals[name] for name in self.save_on_signal)
+
+    @property
+    def writes_emergency_checkpoints(self) -> bool:
+        return bool(self.save_on_signal) or self.save_on_exception
+
     def to_state(self) -> dict[str, Any]:
         return {
             "interval": self.interval,
@@ -103,7 +124,54 @@ class AutoSaveConfig(_Strict):
             "monitor": self.monitor,
             "mode": self.mode,
             "keep_every": self.keep_every,
+            "save_on_signal": (self.save_on_signal if isinstance(self.save_on_signal, bool)
+                               else list(self.save_on_signal)),
+            "save_on_exception": self.save_on_exception,
         }
+
+
+#: ``save_on_signal=True``: SIGTERM (what schedulers and ``kill`` send) and SIGUSR1 (what a
+#: SLURM ``--signal=USR1@120`` sends) where the platform has it
+DEFAULT_STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal.Signals, name) for name in ("SIGTERM", "SIGUSR1")
+    if hasattr(signal.Signals, name))
+#: signals a process cannot catch
+_UNCATCHABLE = frozenset(name for name in ("SIGKILL", "SIGSTOP") if hasattr(signal.Signals, name))
+
+
+def _signal_names(value: Any) -> Any:
+    """``save_on_signal``: a bool passes on (strict validation follows); a list or tuple of
+    signal names (``"SIGTERM"``) or numbers becomes a tuple of unique names. Anything else,
+    an unknown or uncatchable signal, or an empty list is an error naming the value."""
+    if isinstance(value, str):
+        raise ValueError(f"save_on_signal={value!r}: pass True or a list of signals, e.g. "
+                         f"[{value!r}]")
+    if isinstance(value, bool) or not isinstance(value, (list, tuple)):
+        return value
+    if not value:
+        raise ValueError("save_on_signal=[] names no signal: use False (off), True (SIGTERM "
+                         "and SIGUSR1) or a list such as ['SIGTERM', 'SIGINT']")
+    names: list[str] = []
+    for item in value:
+        if type(item) is int:
+            try:
+                name = signal.Signals(item).name
+            except ValueError:
+                raise ValueError(f"save_on_signal: {item!r} is not a signal number on this "
+                                 "platform") from None
+        elif isinstance(item, str):
+            if item not in signal.Signals.__members__:
+                raise ValueError(f"save_on_signal: unknown signal name {item!r}; use names "
+                                 "such as 'SIGTERM', 'SIGUSR1', 'SIGINT'")
+            name = item
+        else:
+            raise ValueError(f"save_on_signal: {item!r} is neither a signal name nor a signal "
+                             "number")
+        if name in _UNCATCHABLE:
+            raise ValueError(f"save_on_signal: {name} cannot be caught by a process")
+        if name not in names:
+            names.append(name)
+    return tuple(names)
 
 
 class TrainSettings(_Strict):

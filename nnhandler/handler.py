@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from .callbacks import AutoSaveCallback, Callback
 from .callbacks.autosave import AUTOSAVE_KEY_PREFIX
@@ -40,6 +41,7 @@ from .checkpoint.sharded import (
 from .checkpoint.snapshot import Snapshot, StagingBuffers
 from .components import (
     ComponentState,
+    EpochPosition,
     History,
     ModelState,
     Progress,
@@ -67,8 +69,15 @@ from .errors import (
 from .events import Event, EventDispatcher, validate_hooks
 from .logging import LoggingMode as _LoggingMode
 from .logging import make_logger
-from .loop import EpochShuffleSampler, LoopParts, ShardSampler, TrainingLoop
+from .loop import (
+    EpochDistributedSampler,
+    EpochShuffleSampler,
+    LoopParts,
+    ShardSampler,
+    TrainingLoop,
+)
 from .plugins import discover_plugins
+from .preemption import IgnoreInWorkers, PreemptionGuard, PreemptionReport, watched_signals
 from .sharding import apply_fsdp, has_dtensor_parameters
 from .state import RestoreResult, StateProvider, StateRegistry
 
@@ -90,7 +99,9 @@ _LOGGER: Final = logging.getLogger("nnhandler")
 _SCHEDULER_INTERVALS: Final = ("epoch", "step")
 #: State keys of the handler's own components; everything else belongs to callbacks/plugins.
 _CORE_KEYS: Final = frozenset({"model", "optimizer", "scheduler", "grad_scaler", "ema",
-                               "history", "progress", "rng", "config"})
+                               "history", "progress", "rng", "config", "position"})
+#: core keys a checkpoint may lack without a warning (files written before they existed)
+_OPTIONAL_KEYS: Final = frozenset({"position"})
 
 
 class _LoaderSpec:
@@ -215,14 +226,17 @@ class NNHandler:
         self._dispatcher = EventDispatcher()
         self._stop_requested = False
         self._last_logs: dict[str, Any] = {}
+        self._preemption: PreemptionReport | None = None
+        self._preemption_group: Any = None  # the gloo group of the ranks' stop flags
 
         self.history_state = History()
         self.progress = Progress()
+        self._position = EpochPosition()
         self._rng = RNGState(self.distributed)
         self._registry = StateRegistry()
         self._model_state = ModelState(lambda: self._module)
-        for provider in (self._model_state, self.history_state, self.progress, self._rng,
-                         _ConfigState(self)):
+        for provider in (self._model_state, self.history_state, self.progress, self._position,
+                         self._rng, _ConfigState(self)):
             self._registry.register(provider)
         self._model_kwargs_unstored = self._check_model_kwargs()
 
@@ -328,6 +342,35 @@ class NNHandler:
     @property
     def stop_requested(self) -> bool:
         return self._stop_requested
+
+    @property
+    def preempted(self) -> bool:
+        """True after a ``train`` call that stopped on a signal (``save_on_signal``): its
+        emergency checkpoint is durable and ``train`` returned normally. A script exits with a
+        non-zero status then, so that its scheduler requeues the job. Reset by the next call.
+        """
+        return self._preemption is not None
+
+    @property
+    def preemption(self) -> PreemptionReport | None:
+        """What the last ``train`` call did when a signal stopped it (signal, where it stopped,
+        the checkpoints to resume from); ``None`` when it was not preempted."""
+        return self._preemption
+
+    @property
+    def stopped_mid_epoch(self) -> bool:
+        """True while the state lies inside an epoch: after a stop on a signal or an
+        exception with an emergency checkpoint, until a ``train`` call continues that epoch.
+        :meth:`save` then writes a checkpoint that continues the epoch too."""
+        return self._position.partial is not None
+
+    @property
+    def resumed_mid_epoch(self) -> bool:
+        """True while an epoch that an emergency checkpoint interrupted is being continued
+        (from ``on_train_begin`` to that epoch's ``on_epoch_end``). ``on_epoch_begin`` fires
+        again for it: a callback that records something there can check this to keep what it
+        recorded before the interruption (its state came back with the checkpoint)."""
+        return self._position.continuing_epoch is not None
 
     def request_stop(self) -> None:
         """Stop training after the current epoch (callable from any callback hook).
@@ -456,8 +499,9 @@ class NNHandler:
         ctx = self.distributed
         sampler: Any
         if which == "train" and ctx.enabled:
-            sampler = DistributedSampler(spec.dataset, num_replicas=ctx.world_size, rank=ctx.rank,
-                                         shuffle=spec.config.shuffle, seed=seed)
+            sampler = EpochDistributedSampler(spec.dataset, num_replicas=ctx.world_size,
+                                              rank=ctx.rank, shuffle=spec.config.shuffle,
+                                              seed=seed)
         elif which == "train":
             sampler = EpochShuffleSampler(length, seed, spec.config.shuffle)
         elif ctx.enabled:
@@ -467,6 +511,9 @@ class NNHandler:
         extra = dict(spec.extra)
         if self.device.type == "cuda":
             extra.setdefault("pin_memory", True)
+        signals = watched_signals(self._callbacks)
+        if signals and extra.get("num_workers", 0):
+            extra["worker_init_fn"] = IgnoreInWorkers(signals, extra.get("worker_init_fn"))
         return DataLoader(spec.dataset, batch_size=spec.config.batch_size, sampler=sampler,
                           drop_last=spec.config.drop_last, **extra)
 
@@ -523,6 +570,8 @@ class NNHandler:
         overwrite: bool = False,
         on_save_error: SaveErrorPolicy = "warn",
         async_save: bool = False,
+        save_on_signal: bool | list[str | int] | tuple[str | int, ...] = False,
+        save_on_exception: bool = False,
         *,
         keep_last: int | None = None,
         keep_best: int | None = None,
@@ -533,13 +582,15 @@ class NNHandler:
         """Configure (or reconfigure) this handler's one :class:`AutoSaveCallback`.
 
         See :class:`AutoSaveCallback` for the rules, retention (``keep_last``, ``keep_best``
-        with ``monitor`` and ``mode``, ``keep_every``) included. Calling it again reconfigures
-        the same instance (its record of the last file it wrote, and of the files it keeps, is
-        kept).
+        with ``monitor`` and ``mode``, ``keep_every``) and emergency checkpoints
+        (``save_on_signal`` / ``save_on_exception``, see :mod:`nnhandler.preemption`)
+        included. Calling it again reconfigures the same instance (its record of the last file
+        it wrote, and of the files it keeps, is kept).
         """
         if self._autosave is None:
             callback = AutoSaveCallback(interval, save_path, name, overwrite, on_save_error,
-                                        async_save=async_save, keep_last=keep_last,
+                                        async_save=async_save, save_on_signal=save_on_signal,
+                                        save_on_exception=save_on_exception, keep_last=keep_last,
                                         keep_best=keep_best, monitor=monitor, mode=mode,
                                         keep_every=keep_every)
             self.add_callback(callback)
@@ -547,7 +598,9 @@ class NNHandler:
             return callback
         config = AutoSaveConfig(interval=interval, save_path=Path(save_path), name=name,
                                 overwrite=overwrite, on_save_error=on_save_error,
-                                async_save=async_save, keep_last=keep_last,
+                                async_save=async_save,
+                                save_on_signal=save_on_signal,  # type: ignore[arg-type]
+                                save_on_exception=save_on_exception, keep_last=keep_last,
                                 keep_best=keep_best, monitor=monitor, mode=mode,
                                 keep_every=keep_every)
         callback = self._autosave
@@ -590,7 +643,15 @@ class NNHandler:
         the auto-save directory, if there is one, so a restartable script is one line:
         ``handler.train(until_epoch=E, resume="latest", seed=s)``. ``resume=path`` restores
         that file.
+
+        After an emergency checkpoint (``save_on_signal`` / ``save_on_exception`` of an
+        auto-saver) the state lies inside an epoch: the next call first finishes that epoch
+        from its next batch, with the same data order and the epoch's partial sums, so its
+        logs equal an uninterrupted run's; ``epochs=n`` counts that epoch as the first of the
+        ``n``, ``until_epoch`` needs nothing special. A call that a signal stops returns
+        normally (the logs of the last completed epoch) with :attr:`preempted` set.
         """
+        self._preemption = None
         if resume is not None:
             self._resume(resume)
         target = self._target_epoch(epochs, until_epoch)
@@ -622,11 +683,13 @@ class NNHandler:
         if target <= start:
             self.logger.info("already at epoch %d (target %d): nothing to train", start, target)
             return dict(self._last_logs)
+        guard = PreemptionGuard.for_train(self)
         run_seed = self._prepare_random_streams(seed)
         self._prepare_amp_and_ema(settings)
         assert self._optimizer is not None and self._loss_fn is not None
         train_loader = self._build_loader("train", run_seed)
         assert train_loader is not None
+        self._check_partial_epoch(train_loader, settings)
         parts = LoopParts(
             model=self._model, module=self._module, optimizer=self._optimizer,
             scheduler=self._scheduler,
@@ -636,20 +699,53 @@ class NNHandler:
             device=self.device, context=self.distributed, dispatcher=self._dispatcher,
             history=self.history_state, progress=self.progress, settings=settings, handler=self,
             lockstep_validation=self.distributed.enabled and self.sharded_checkpoints,
+            position=self._position,
+            stop_watch=guard.stop_watch if guard is not None else None,
+            record_failures=guard is not None and guard.records_failures,
         )
         self._stop_requested = False
-        self.logger.info("training epochs %d..%d on %s (world size %d)", start + 1, target,
-                         self.device, self.distributed.world_size)
-        try:
-            self._dispatcher.fire(Event.TRAIN_BEGIN, handler=self, start_epoch=start,
-                                  end_epoch=target)
-            logs = TrainingLoop(parts, progress_bar).run(start, target)
-            self._last_logs = logs
-            self._dispatcher.fire(Event.TRAIN_END, handler=self, logs=logs)
-        except BaseException as error:
-            self._dispatcher.fire(Event.EXCEPTION, handler=self, exception=error)
-            raise
+        partial = self._position.partial
+        self._position.continuing_epoch = None if partial is None else partial.epoch
+        self.logger.info("training epochs %d..%d on %s (world size %d)%s", start + 1, target,
+                         self.device, self.distributed.world_size,
+                         "" if partial is None else
+                         f"; epoch {partial.epoch} continues after its batch {partial.batches}")
+        loop = TrainingLoop(parts, progress_bar)
+        with guard.watching() if guard is not None else contextlib.nullcontext():
+            try:
+                self._dispatcher.fire(Event.TRAIN_BEGIN, handler=self, start_epoch=start,
+                                      end_epoch=target)
+                logs = loop.run(start, target)
+                if loop.stopped_at is not None:
+                    assert guard is not None
+                    self._preemption = guard.after_stop(loop.stopped_at)
+                if logs:
+                    self._last_logs = logs
+                logs = dict(self._last_logs)
+                self._dispatcher.fire(Event.TRAIN_END, handler=self, logs=logs)
+            except BaseException as error:
+                if guard is not None:
+                    guard.after_exception(error, loop.failure)
+                self._dispatcher.fire(Event.EXCEPTION, handler=self, exception=error)
+                raise
+            finally:
+                self._position.continuing_epoch = None
         return logs
+
+    def _check_partial_epoch(self, loader: DataLoader[Any], settings: TrainSettings) -> None:
+        """A partial epoch (from an emergency checkpoint) must be continued exactly as it
+        started: same world size, batch size, accumulation and metrics."""
+        partial = self._position.partial
+        if partial is None:
+            return
+        try:
+            batches: int | None = len(loader)
+        except TypeError:
+            batches = None
+        partial.check_resumable(
+            completed_epochs=self.progress.epoch, world_size=self.distributed.world_size,
+            batch_size=loader.batch_size, accumulation=settings.gradient_accumulation_steps,
+            metric_names=list(self._metrics), batches=batches)
 
     def _resume(self, resume: str | os.PathLike[str]) -> None:
         if resume != "latest":
@@ -1021,6 +1117,8 @@ class NNHandler:
         if sharded:
             restore_skip |= SHARDED_KEYS  # their tensors are in the DCP files: loaded below
         result = self._registry.restore(state, skip=frozenset(restore_skip))
+        if "position" not in state:  # written before positions were recorded: an epoch's end
+            self._position.load_state_dict({"partial": None})
         if sharded:
             assert isinstance(checkpoint, ShardedCheckpoint)
             components = self._sharded_components(with_optimizer="optimizer" not in skip)
@@ -1104,9 +1202,9 @@ class NNHandler:
             )
             self.logger.warning(message)
             warnings.warn(message, stacklevel=3)
-        if result.missing:
-            self.logger.warning("checkpoint has no state for %s; they start fresh",
-                                list(result.missing))
+        missing = [key for key in result.missing if key not in _OPTIONAL_KEYS]
+        if missing:
+            self.logger.warning("checkpoint has no state for %s; they start fresh", missing)
 
     def _warn_if_world_size_differs(self, checkpoint: Checkpoint) -> None:
         """Resuming at another world size is allowed, but it cannot be exact: say so."""

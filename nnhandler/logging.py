@@ -111,12 +111,14 @@ class TrainingProgress:
         if self._progress is not None:
             self._progress.stop()
 
-    def start_epoch(self, epoch: int, batches: int | None) -> None:
+    def start_epoch(self, epoch: int, batches: int | None, done: int = 0) -> None:
+        """A new batch row; ``done`` batches of the epoch ran before (a continued epoch)."""
         if self._progress is None:
             return
         if self._batches is not None:
             self._progress.remove_task(self._batches)
-        self._batches = self._progress.add_task(f"epoch {epoch}", total=batches, status="")
+        self._batches = self._progress.add_task(f"epoch {epoch}", total=batches,
+                                                completed=done, status="")
 
     def advance_batch(self) -> None:
         # rich redraws at most ten times a second, so batches are handed over in bunches:

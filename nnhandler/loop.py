@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from .components import History, Progress
+from .components import EpochPosition, History, PartialEpoch, Progress
 from .config import TrainSettings
-from .distributed import DistributedContext
+from .distributed import DistributedContext, all_gather_objects
 from .events import Event, EventDispatcher
 from .logging import TrainingProgress
 
-__all__ = ["EpochShuffleSampler", "LoopParts", "ShardSampler", "TrainingLoop", "move_to_device"]
+__all__ = ["EpochDistributedSampler", "EpochShuffleSampler", "FailurePoint", "LoopParts",
+           "ShardSampler", "StopWatch", "TrainingLoop", "move_to_device"]
 
 Metric = Callable[[Any, Any], Any]
 #: one reusable do-nothing context (nullcontext is reentrant), so batches allocate none
@@ -33,7 +35,21 @@ def _no_context() -> contextlib.nullcontext[None]:
     return _NO_CONTEXT
 
 
-class EpochShuffleSampler(Sampler[int]):
+class _StartsMidEpoch:
+    """A training sampler whose current epoch can start ``index`` positions in
+    (:meth:`start_at`), so that continuing an interrupted epoch never loads the samples it
+    already trained on; ``set_epoch`` starts the next epoch from its beginning again."""
+
+    _start = 0
+
+    def start_at(self, index: int) -> None:
+        self._start = index
+
+    def _from_start(self, indices: Iterator[int]) -> Iterator[int]:
+        return itertools.islice(indices, self._start, None) if self._start else indices
+
+
+class EpochShuffleSampler(_StartsMidEpoch, Sampler[int]):
     """A permutation that depends only on ``seed`` and the epoch set with :meth:`set_epoch`.
 
     Re-creating the loader after a resume therefore yields the same batches as the
@@ -44,17 +60,32 @@ class EpochShuffleSampler(Sampler[int]):
         self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self._start = epoch, 0
 
     def __iter__(self) -> Iterator[int]:
         if not self.shuffle:
-            return iter(range(self.length))
+            return self._from_start(iter(range(self.length)))
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        return self._from_start(iter(torch.randperm(self.length, generator=generator).tolist()))
 
     def __len__(self) -> int:
-        return self.length
+        return max(0, self.length - self._start)
+
+
+class EpochDistributedSampler(_StartsMidEpoch, DistributedSampler[Any]):
+    """``DistributedSampler`` (seed + epoch, padded equal shards) whose epoch can start
+    mid-way (:meth:`start_at`)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._start = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._from_start(super().__iter__())
+
+    def __len__(self) -> int:
+        return max(0, super().__len__() - self._start)
 
 
 class ShardSampler(Sampler[int]):
@@ -130,6 +161,50 @@ class LoopParts:
     #: the model's forward is a collective (FSDP2): every rank must run as many validation
     #: forward passes as the busiest one
     lockstep_validation: bool = False
+    #: the partial epoch to continue, and where a stop inside an epoch is recorded
+    position: EpochPosition | None = None
+    #: asked after every optimizer step whether to stop there (``save_on_signal``)
+    stop_watch: StopWatch | None = None
+    #: remember where an exception escaped an epoch (``save_on_exception``)
+    record_failures: bool = False
+
+
+class StopWatch(Protocol):
+    """Decides whether training stops now; every rank must get the same answer at the same
+    point (see :mod:`nnhandler.preemption`)."""
+
+    def at_step(self) -> bool:
+        """After an optimizer step (may answer for an earlier step under DDP)."""
+
+    def at_sync_point(self) -> bool:
+        """At the end of an epoch's batches and after its end: answers for everything so far."""
+
+
+#: FailurePoint.stage: between batches (after one completed, in its on_train_batch_end hooks)
+BETWEEN_BATCHES = "between batches"
+#: fetching a batch, its on_train_batch_begin hooks, forward pass and loss (no gradient yet)
+BEFORE_BACKWARD = "before backward"
+BACKWARD = "backward"  # the backward pass (and metrics of a batch without optimizer step)
+#: optimizer, EMA and per-step scheduler updates, and the metrics of the batch that stepped
+OPTIMIZER_STEP = "optimizer step"
+VALIDATION = "validation"  # every training batch of the epoch done
+
+
+@dataclass(frozen=True)
+class FailurePoint:
+    """Where an exception escaped an epoch: ``done`` batches of ``epoch`` had completed and the
+    failure came in ``stage`` (one of the constants above) of the next one."""
+
+    epoch: int
+    done: int
+    stage: str
+    totals: _Totals
+    accumulation: int
+    batch_size: int | None
+    #: batches in the epoch (None: the loader has no length)
+    batches: int | None
+    #: the torch random stream where the epoch's state is consistent (validation: before it)
+    torch_random_state: torch.Tensor | None = None
 
 
 class _Totals:
@@ -158,6 +233,20 @@ class _Totals:
                 self.metric_tensors[i].add_(scratch.copy_(value.detach()), alpha=size)
             else:
                 self.metric_sums[i] += float(value) * size
+
+    def export(self) -> dict[str, Any]:
+        """The exact running sums as checkpoint data (CPU tensors, floats, an int)."""
+        return {"loss": self.loss.detach().cpu().clone(), "count": self.count,
+                "metric_sums": list(self.metric_sums),
+                "metric_tensors": [t.detach().cpu().clone() for t in self.metric_tensors]}
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """Continue from sums written by :meth:`export`."""
+        self.loss.copy_(saved["loss"])
+        self.count = int(saved["count"])
+        self.metric_sums = [float(x) for x in saved["metric_sums"]]
+        for mine, theirs in zip(self.metric_tensors, saved["metric_tensors"], strict=True):
+            mine.copy_(theirs)
 
     def packed(self) -> torch.Tensor:
         device = self.loss.device
@@ -193,18 +282,40 @@ class TrainingLoop:
         else:
             self.autocast = lambda: torch.autocast(parts.device.type, dtype=torch.bfloat16)
         self.non_blocking = parts.device.type == "cuda"
+        #: where the stop watch stopped the loop: ``(epoch in progress, batches of it done)``
+        self.stopped_at: tuple[int, int] | None = None
+        #: where an exception escaped an epoch (with ``record_failures``)
+        self.failure: FailurePoint | None = None
 
     def run(self, start_epoch: int, end_epoch: int) -> dict[str, Any]:
+        """Train epochs ``start_epoch+1 .. end_epoch``; returns the last completed epoch's logs.
+
+        An epoch that an emergency checkpoint interrupted (``parts.position``) continues from
+        its next batch. When the stop watch says so, the loop stops after an optimizer step
+        (recording the partial epoch in ``parts.position``) or after an epoch; ``stopped_at``
+        is then ``(epoch in progress, batches of it done)`` — ``(E + 1, 0)`` after epoch E.
+        """
         p = self.p
         logs: dict[str, Any] = {}
+        self.stopped_at = self.failure = None
         with TrainingProgress(self.show_progress, start_epoch, end_epoch) as bar:
             for epoch in range(start_epoch + 1, end_epoch + 1):
                 p.dispatcher.fire(Event.EPOCH_BEGIN, handler=p.handler, epoch=epoch)
-                bar.start_epoch(epoch, _length(p.train_loader))
-                train_totals = self._train_epoch(epoch, bar)
+                trained = self._train_epoch(epoch, bar)
+                if trained is None:  # stopped inside the epoch
+                    break
+                train_totals, done = trained
                 val_totals = None
                 if p.val_loader is not None and epoch % p.settings.validate_every == 0:
-                    val_totals = self._validate(epoch)
+                    # the validation loader draws a random number when it starts: a checkpoint
+                    # of a failed validation must hold the streams from before, to draw it again
+                    before = torch.get_rng_state() if p.record_failures else None
+                    try:
+                        val_totals = self._validate(epoch)
+                    except BaseException:
+                        self._record_failure(epoch, done, VALIDATION, train_totals, done,
+                                             before)
+                        raise
                 logs = self._epoch_logs(epoch, train_totals, val_totals)
                 if val_totals is not None:
                     val_logs = {k: v for k, v in logs.items() if k.startswith("val_")}
@@ -216,8 +327,13 @@ class TrainingLoop:
                 p.dispatcher.fire(Event.EPOCH_END,
                                   before_writers=functools.partial(self._before_writers, logs),
                                   handler=p.handler, epoch=epoch, logs=logs)
+                if p.position is not None:
+                    p.position.continuing_epoch = None
                 bar.end_epoch(_status(logs))
                 if p.handler.stop_requested:
+                    break
+                if p.stop_watch is not None and p.stop_watch.at_sync_point():
+                    self.stopped_at = (epoch + 1, 0)
                     break
         return logs
 
@@ -234,46 +350,97 @@ class TrainingLoop:
         if self.p.context.enabled:
             self.p.handler._set_stop(self.p.context.broadcast_object(self.p.handler.stop_requested))
 
-    def _train_epoch(self, epoch: int, bar: TrainingProgress) -> _Totals:
+    def _train_epoch(self, epoch: int,
+                     bar: TrainingProgress) -> tuple[_Totals, int] | None:
+        """The epoch's training batches: ``(totals, batches done)``, or ``None`` when the stop
+        watch stopped the epoch (its position is then recorded)."""
         p = self.p
-        set_epoch = getattr(p.train_loader.sampler, "set_epoch", None)
+        loader = p.train_loader
+        set_epoch = getattr(loader.sampler, "set_epoch", None)
         if set_epoch is not None:
             set_epoch(epoch)
         p.model.train()
         totals = _Totals(self.metric_names, p.device)
         accumulation = p.settings.gradient_accumulation_steps
-        batches = _length(p.train_loader)
+        batches = _length(loader)
+        partial = p.position.take(epoch) if p.position is not None else None
+        start = 0 if partial is None else self._continue(partial, totals)
+        bar.start_epoch(epoch, batches, done=start)
         fire_begin = p.dispatcher.has_listeners(Event.TRAIN_BATCH_BEGIN)
         fire_end = p.dispatcher.has_listeners(Event.TRAIN_BATCH_END)
         clip = p.settings.gradient_clipping_norm
         is_ddp = isinstance(p.model, nn.parallel.DistributedDataParallel)
-        for index, batch in enumerate(p.train_loader):
-            if fire_begin:
-                p.dispatcher.fire(Event.TRAIN_BATCH_BEGIN, handler=p.handler, epoch=epoch,
-                                  batch_idx=index, batch=batch)
-            inputs, target = _split(move_to_device(batch, p.device, self.non_blocking))
-            group_start = index - index % accumulation
-            group_size = accumulation if batches is None else min(accumulation,
-                                                                  batches - group_start)
-            steps_now = (index + 1 - group_start) == group_size
-            sync = (_NO_CONTEXT if steps_now or not is_ddp
-                    else cast(nn.parallel.DistributedDataParallel, p.model).no_sync())
-            with sync:
-                with self.autocast():
-                    output = _forward(p.model, inputs)
-                    loss: torch.Tensor = p.loss_fn(output, target)
-                scaled = loss / group_size if group_size > 1 else loss
-                if p.scaler is not None:
-                    scaled = p.scaler.scale(scaled)
-                scaled.backward()  # type: ignore[no-untyped-call]
-            if steps_now:
-                self._optimizer_step(clip)
-            totals.add(loss, _batch_size(target), self._metric_values(output, target))
-            if fire_end:
-                p.dispatcher.fire(Event.TRAIN_BATCH_END, handler=p.handler, epoch=epoch,
-                                  batch_idx=index, batch=batch, loss=loss.detach())
-            bar.advance_batch()
-        return totals
+        stop_now = p.stop_watch.at_step if p.stop_watch is not None else None
+        done, stage = start, BEFORE_BACKWARD  # where an exception would find the epoch
+        try:
+            for index, batch in enumerate(_batches_from(loader, start), start):
+                if fire_begin:
+                    p.dispatcher.fire(Event.TRAIN_BATCH_BEGIN, handler=p.handler, epoch=epoch,
+                                      batch_idx=index, batch=batch)
+                inputs, target = _split(move_to_device(batch, p.device, self.non_blocking))
+                group_start = index - index % accumulation
+                group_size = accumulation if batches is None else min(accumulation,
+                                                                      batches - group_start)
+                steps_now = (index + 1 - group_start) == group_size
+                sync = (_NO_CONTEXT if steps_now or not is_ddp
+                        else cast(nn.parallel.DistributedDataParallel, p.model).no_sync())
+                with sync:
+                    with self.autocast():
+                        output = _forward(p.model, inputs)
+                        loss: torch.Tensor = p.loss_fn(output, target)
+                    scaled = loss / group_size if group_size > 1 else loss
+                    if p.scaler is not None:
+                        scaled = p.scaler.scale(scaled)
+                    stage = BACKWARD
+                    scaled.backward()  # type: ignore[no-untyped-call]
+                if steps_now:
+                    stage = OPTIMIZER_STEP
+                    self._optimizer_step(clip)
+                totals.add(loss, _batch_size(target), self._metric_values(output, target))
+                done, stage = index + 1, BETWEEN_BATCHES
+                if fire_end:
+                    p.dispatcher.fire(Event.TRAIN_BATCH_END, handler=p.handler, epoch=epoch,
+                                      batch_idx=index, batch=batch, loss=loss.detach())
+                bar.advance_batch()
+                if steps_now and stop_now is not None and stop_now():
+                    self._stop_inside(epoch, done, totals)
+                    return None
+                stage = BEFORE_BACKWARD
+        except BaseException:
+            self._record_failure(epoch, done, stage, totals, batches)
+            raise
+        if p.stop_watch is not None and p.stop_watch.at_sync_point():
+            self._stop_inside(epoch, done, totals)
+            return None
+        return totals, done
+
+    def _continue(self, partial: PartialEpoch, totals: _Totals) -> int:
+        """Take up ``partial``: its sums and pending gradients; returns the batches it did."""
+        totals.restore(partial.totals[self.p.context.rank])
+        partial.restore_pending_grads(self.p.module)
+        return partial.batches
+
+    def _stop_inside(self, epoch: int, done: int, totals: _Totals) -> None:
+        """Record the partial epoch (every rank's sums: a collective, which every rank reaches
+        at the same batch) so that a checkpoint written now continues it exactly."""
+        p = self.p
+        assert p.position is not None
+        p.position.partial = PartialEpoch(
+            epoch=epoch, batches=done, batch_size=_loader_batch_size(p.train_loader),
+            accumulation=p.settings.gradient_accumulation_steps,
+            metric_names=tuple(self.metric_names),
+            totals=tuple(all_gather_objects(p.context, totals.export())),
+            pending_grads=None, reason="signal")
+        self.stopped_at = (epoch, done)
+
+    def _record_failure(self, epoch: int, done: int, stage: str, totals: _Totals,
+                        batches: int | None, torch_random_state: torch.Tensor | None = None
+                        ) -> None:
+        if self.p.record_failures and self.failure is None:
+            self.failure = FailurePoint(epoch, done, stage, totals,
+                                        self.p.settings.gradient_accumulation_steps,
+                                        self.p.train_loader.batch_size, batches,
+                                        torch_random_state)
 
     def _optimizer_step(self, clip: float | None) -> None:
         p = self.p
@@ -392,6 +559,30 @@ class TrainingLoop:
                 p.scheduler.step(logs["val_loss"])
         else:
             p.scheduler.step()
+
+
+def _batches_from(loader: DataLoader[Any], start: int) -> Iterator[Any]:
+    """The loader's batches from batch ``start`` on. The sampler starts ``start`` batches in,
+    so skipped samples are never loaded; and the random number the DataLoader draws for its
+    worker seeds is given back, so the random streams continue exactly as they were saved in
+    the middle of the epoch (the uninterrupted run drew it before the epoch's first batch)."""
+    if start == 0:
+        return iter(loader)
+    start_at = getattr(loader.sampler, "start_at", None)
+    if start_at is None:
+        raise TypeError(f"cannot continue an epoch at batch {start}: the training loader's "
+                        f"sampler {type(loader.sampler).__qualname__} cannot start mid-epoch")
+    start_at(start * _loader_batch_size(loader))
+    random_state = torch.get_rng_state()
+    iterator = iter(loader)
+    torch.set_rng_state(random_state)
+    return iterator
+
+
+def _loader_batch_size(loader: DataLoader[Any]) -> int:
+    if loader.batch_size is None:
+        raise TypeError("the training loader has no batch_size (a batch_sampler)")
+    return loader.batch_size
 
 
 def _length(loader: DataLoader[Any]) -> int | None:

@@ -96,6 +96,24 @@ def assert_same_tensors(a: dict[str, Any], b: dict[str, Any]) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+def assert_deep_equal(a: Any, b: Any, where: str = "state") -> None:
+    """Bitwise: tensors by dtype, shape and content; floats by exact equality."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where}: tensors differ"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
+        for key in a:
+            assert_deep_equal(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths {len(a)} != {len(b)}"
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_deep_equal(x, y, f"{where}[{index}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (for a MASTER_PORT of a test's process group)."""
     with socket.socket() as probe:

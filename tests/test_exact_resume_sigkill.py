@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from nnh_testing import assert_deep_equal
 
 from nnhandler.checkpoint import read_checkpoint
 from nnhandler.checkpoint.integrity import verify_file
@@ -142,24 +143,6 @@ def finish(process: subprocess.Popen[str]) -> tuple[int, str]:
         out, err = process.communicate()
         pytest.fail(f"child {process.args!r} hung:\n{out}\n{err[-4000:]}")
     return process.returncode, f"{out}\n{err[-6000:]}"
-
-
-def assert_deep_equal(a: Any, b: Any, where: str = "state") -> None:
-    """Bitwise: tensors by dtype, shape and content; floats by exact equality."""
-    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where}: tensors differ"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
-        for key in a:
-            assert_deep_equal(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: lengths {len(a)} != {len(b)}"
-        for index, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_deep_equal(x, y, f"{where}[{index}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def load_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

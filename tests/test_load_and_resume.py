@@ -17,7 +17,14 @@ import torch
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from nnh_testing import TinyNet, attach_loaders, checkpoint_files, mae, make_handler
+from nnh_testing import (
+    TinyNet,
+    assert_deep_equal,
+    attach_loaders,
+    checkpoint_files,
+    mae,
+    make_handler,
+)
 from torch import nn
 
 from nnhandler import (
@@ -56,24 +63,6 @@ class EpochCounter(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.count = state["count"]
-
-
-def assert_deep_equal(a: Any, b: Any, where: str = "state") -> None:
-    """Exact equality of nested checkpoint data (tensors bitwise, dtypes included)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), (where, a.keys(), b)
-        for key in a:
-            assert_deep_equal(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for index, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_deep_equal(x, y, f"{where}[{index}]")
-    else:
-        assert type(a) is type(b) and a == b, (where, a, b)
 
 
 def trained_handler(epochs: int = 2, **train_kwargs: Any) -> NNHandler:

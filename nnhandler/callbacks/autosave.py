@@ -77,6 +77,19 @@ class AutoSaveCallback(Callback):
             DDP every rank waits for rank 0's write); an exception or ``KeyboardInterrupt``
             waits for the write in flight too, and so does interpreter exit (:meth:`flush`
             waits by hand). ``on_checkpoint_saved`` fires when the file is durable.
+        save_on_signal: ``True`` (SIGTERM and SIGUSR1) or a list of signal names/numbers
+            (``["SIGTERM", "SIGINT"]``): on such a signal the current step finishes, training
+            stops (under DDP every rank after the same step), an emergency checkpoint
+            ``preempted_ep{epoch:03d}_b{batches:05d}.pth`` is written synchronously into
+            ``save_path`` and ``train`` returns normally with ``handler.preempted == True``.
+            It records the position inside the epoch, so a resumed run continues from the next
+            batch exactly. Works with ``interval=None`` too (emergency checkpoints only). See
+            :mod:`nnhandler.preemption`.
+        save_on_exception: when an exception (``KeyboardInterrupt`` too) escapes an epoch's
+            batches or its validation, write ``exception_ep…_b….pth`` with the state as of the
+            last completed batch, then let the exception propagate unchanged (a failed
+            emergency save is a note on it). Single process only: under DDP it does nothing
+            (a warning says so when ``train`` starts).
         keep_last: keep the N auto-saves this callback wrote most recently.
         keep_best: keep the K auto-saves with the best ``monitor`` value (required with it).
             A value missing from an epoch's logs (an epoch that did not validate), NaN or
@@ -120,6 +133,8 @@ class AutoSaveCallback(Callback):
         overwrite: bool = False,
         on_save_error: SaveErrorPolicy = "warn",
         async_save: bool = False,
+        save_on_signal: bool | list[str | int] | tuple[str | int, ...] = False,
+        save_on_exception: bool = False,
         keep_last: int | None = None,
         keep_best: int | None = None,
         monitor: str | None = None,
@@ -128,7 +143,9 @@ class AutoSaveCallback(Callback):
     ) -> None:
         self.config = AutoSaveConfig(
             interval=interval, save_path=Path(save_path), name=name, overwrite=overwrite,
-            on_save_error=on_save_error, async_save=async_save, keep_last=keep_last,
+            on_save_error=on_save_error, async_save=async_save,
+            save_on_signal=save_on_signal,  # type: ignore[arg-type]  # validated into names
+            save_on_exception=save_on_exception, keep_last=keep_last,
             keep_best=keep_best, monitor=monitor, mode=mode, keep_every=keep_every,
         )
         #: which of its files the callback keeps and why (see :mod:`~..checkpoint.retention`)
@@ -174,7 +191,8 @@ class AutoSaveCallback(Callback):
         return (
             f"AutoSaveCallback(interval={c.interval!r}, save_path={str(c.save_path)!r}, "
             f"name={c.name!r}, overwrite={c.overwrite!r}, on_save_error={c.on_save_error!r}, "
-            f"async_save={c.async_save!r}{rules})"
+            f"async_save={c.async_save!r}, save_on_signal={c.save_on_signal!r}, "
+            f"save_on_exception={c.save_on_exception!r}{rules})"
         )
 
     # -- schedule ------------------------------------------------------------------------------
@@ -202,7 +220,7 @@ class AutoSaveCallback(Callback):
         self._call_start_epoch = start_epoch
         self._call_end_epoch = end_epoch
         self._call_failures = 0
-        if self.config.enabled:
+        if self.config.enabled or self.config.writes_emergency_checkpoints:
             run_on_rank_zero(handler.distributed, lambda: self._prepare_directory(handler))
             self.pending_removal = None
             self._resume_retention(handler)
@@ -241,6 +259,7 @@ class AutoSaveCallback(Callback):
             self.config.interval == -1
             and ran_epochs
             and self.last_saved_epoch != handler.epoch
+            and not handler.stopped_mid_epoch  # the state is no longer that epoch's end
         ):
             self.save_now(handler, handler.epoch, logs)
         if self._in_flight is not None:
@@ -287,11 +306,17 @@ class AutoSaveCallback(Callback):
             epoch, type(error).__name__, error, self.last_saved_path,
         )
 
-    def _save(self, handler: NNHandler, epoch: int, logs: dict[str, Any]) -> Path:
+    def _save(self, handler: NNHandler, epoch: int, logs: dict[str, Any], *,
+              path: Path | None = None, synchronous: bool = False) -> Path:
+        """Save under this callback's bookkeeping: to the scheduled name for ``logs``, or to
+        ``path`` (emergency checkpoints); ``synchronous`` even with ``async_save``."""
         if self._in_flight is not None:  # at most one write in flight
             self.flush(handler)
-        path, missing = self.path_for({**logs, "epoch": epoch},
-                                      sharded=handler.sharded_checkpoints)
+        missing: tuple[str, ...] = ()
+        emergency = path is not None
+        if path is None:
+            path, missing = self.path_for({**logs, "epoch": epoch},
+                                          sharded=handler.sharded_checkpoints)
         if missing:
             handler.logger.warning(
                 "auto-save name template %r: key(s) %s missing from the epoch-%d logs "
@@ -309,9 +334,9 @@ class AutoSaveCallback(Callback):
         self.save_count += 1
         if self.config.overwrite and previous[0] is not None and previous[0] != str(path):
             self.pending_removal = previous[0]
-        plan = self._plan_retention(handler, path, epoch, logs)
+        plan = self._plan_retention(handler, path, epoch, logs, partial=emergency)
         try:
-            if self.config.async_save:
+            if self.config.async_save and not synchronous:
                 self._save_in_background(handler, path, epoch, logs, previous, plan)
                 return path
             handler.save(path, logs=logs)
@@ -438,14 +463,15 @@ class AutoSaveCallback(Callback):
             self.retention.commit(merged, directory, key, rules, handler.logger)
 
     def _plan_retention(self, handler: NNHandler, path: Path, epoch: int,
-                        logs: dict[str, Any]) -> RetentionPlan | None:
+                        logs: dict[str, Any], *, partial: bool) -> RetentionPlan | None:
         rules = self.retention_rules
         if not rules.active:
             return None
         self.retention.bind(self.state_key)
         return self.retention.plan(rules, path.name, epoch, handler.global_step, logs,
                                    lineage=lineage_of(handler.progress.run_seed),
-                                   is_main=handler.distributed.is_main, logger=handler.logger)
+                                   is_main=handler.distributed.is_main, logger=handler.logger,
+                                   partial=partial)
 
     def _rollback_retention(self, plan: RetentionPlan | None) -> None:
         if plan is not None:

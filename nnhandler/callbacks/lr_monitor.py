@@ -29,7 +29,8 @@ class LearningRateMonitor(Callback):
     (``"ep{epoch:03d}_lr{lr:.1e}"``) and loggers registered *after* this callback.
 
     A :class:`~nnhandler.StateProvider` (``state_key`` ``"lr_monitor"``) holding the last logged
-    rates, so they survive a resume.
+    rates and those of the epoch in progress, so they survive a resume — also one that continues
+    an epoch from an emergency checkpoint (the epoch keeps the rates it started with).
     """
 
     state_key = "lr_monitor"
@@ -52,6 +53,8 @@ class LearningRateMonitor(Callback):
                 for name, group in zip(lr_log_names(len(groups)), groups, strict=True)}
 
     def on_epoch_begin(self, handler: NNHandler, **kwargs: Any) -> None:
+        if handler.resumed_mid_epoch and self._epoch_rates:
+            return  # the epoch started before the interruption, with the restored rates
         self._epoch_rates = self.current_rates(handler)
 
     def on_epoch_end(self, logs: dict[str, Any], **kwargs: Any) -> None:
@@ -60,7 +63,8 @@ class LearningRateMonitor(Callback):
 
     # -- StateProvider -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"last": dict(self.last)}
+        return {"last": dict(self.last), "epoch": dict(self._epoch_rates)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last = {str(k): float(v) for k, v in state["last"].items()}
+        self._epoch_rates = {str(k): float(v) for k, v in state.get("epoch", {}).items()}

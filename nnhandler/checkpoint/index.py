@@ -57,7 +57,9 @@ _LOCKS_GUARD: Final = threading.Lock()
 class IndexEntry:
     """One checkpoint a callback owns: its file name in the directory, the epoch and step it
     was written at, its place in the callback's write order (``seq``), the monitored value
-    (``None`` when missing or not finite) and why it is kept."""
+    (``None`` when missing or not finite) and why it is kept. ``partial``: an emergency
+    checkpoint written inside an epoch (preemption, exception): never ``keep_best`` or
+    ``keep_every`` material, only recent."""
 
     name: str
     epoch: int
@@ -65,10 +67,14 @@ class IndexEntry:
     seq: int
     value: float | None = None
     reasons: tuple[str, ...] = ()
+    partial: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "epoch": self.epoch, "step": self.step, "seq": self.seq,
+        data = {"name": self.name, "epoch": self.epoch, "step": self.step, "seq": self.seq,
                 "value": self.value, "reasons": list(self.reasons)}
+        if self.partial:
+            data["partial"] = True
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> IndexEntry:
@@ -80,9 +86,14 @@ class IndexEntry:
         reasons = data.get("reasons", [])
         if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
             raise TypeError(f"reasons of {data.get('name')!r} must be a list of strings")
+        partial = data.get("partial", False)
+        if type(partial) is not bool:
+            raise TypeError(f"partial of {data.get('name')!r} must be true or false, "
+                            f"not {partial!r}")
         return cls(name=_string(data["name"], "name"), epoch=_integer(data["epoch"], "epoch"),
                    step=_integer(data["step"], "step"), seq=_integer(data["seq"], "seq"),
-                   value=None if value is None else float(value), reasons=tuple(reasons))
+                   value=None if value is None else float(value), reasons=tuple(reasons),
+                   partial=partial)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,8 @@ def decide(files: Sequence[IndexEntry], rules: RetentionRules) -> dict[str, tupl
             reasons[entry.name].append(f"latest {rank}/{rules.keep_last}")
     if rules.keep_best is not None:
         sign = 1.0 if rules.mode == "min" else -1.0
-        candidates = sorted((entry for entry in files if entry.value is not None),
+        candidates = sorted((entry for entry in files
+                             if entry.value is not None and not entry.partial),
                             key=lambda entry: (sign * (entry.value or 0.0), entry.epoch,
                                                entry.seq))
         for rank, entry in enumerate(candidates[: rules.keep_best], start=1):
@@ -103,7 +104,7 @@ def decide(files: Sequence[IndexEntry], rules: RetentionRules) -> dict[str, tupl
                 f"best {rules.monitor}={entry.value:.6g} (rank {rank}/{rules.keep_best})")
     if rules.keep_every is not None:
         for entry in files:
-            if entry.epoch > 0 and entry.epoch % rules.keep_every == 0:
+            if entry.epoch > 0 and entry.epoch % rules.keep_every == 0 and not entry.partial:
                 reasons[entry.name].append(f"every {rules.keep_every} epochs")
     newest = by_recency[0]
     if not reasons[newest.name]:
@@ -191,15 +192,17 @@ class Retention:
     # -- one save ------------------------------------------------------------------------------
     def plan(self, rules: RetentionRules, name: str, epoch: int, step: int,
              logs: Mapping[str, Any], *, lineage: str, is_main: bool,
-             logger: logging.Logger) -> RetentionPlan:
+             logger: logging.Logger, partial: bool = False) -> RetentionPlan:
         """Record the save of ``name`` (before its state is collected) and decide what is kept.
         ``lineage`` is taken when the bookkeeping has none yet. Non-main ranks forget earlier
-        removals: removing files is rank 0's work."""
+        removals: removing files is rank 0's work. ``partial``: an emergency checkpoint from
+        inside an epoch (its logs are the last complete epoch's: no ``keep_best`` value)."""
         before = self.state
-        value = monitored_value(logs, rules.monitor)
-        if rules.keep_best is not None and value is None and is_main:
+        value = None if partial else monitored_value(logs, rules.monitor)
+        if rules.keep_best is not None and value is None and is_main and not partial:
             self._notice_not_a_candidate(rules.monitor, logs, epoch, logger)
-        new = IndexEntry(name=name, epoch=epoch, step=step, seq=before.next_seq, value=value)
+        new = IndexEntry(name=name, epoch=epoch, step=step, seq=before.next_seq, value=value,
+                         partial=partial)
         files = [entry for entry in before.files if entry.name != name] + [new]
         kept = decide(files, rules)
         dropped = [entry.name for entry in files if entry.name not in kept]
