@@ -66,6 +66,7 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
             entry["tensors"] += stats["tensors"]
             entry["bytes"] += stats["bytes"]
     config = checkpoint.state.get("config", {})
+    partial = (checkpoint.state.get("position") or {}).get("partial")
     return {
         "path": str(checkpoint.path),
         "layout": (f"sharded directory ({len(checkpoint.files) + 1} files)"  # + manifest
@@ -77,6 +78,11 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "world_size": checkpoint.meta.get("world_size"),
         "versions": checkpoint.meta.get("versions", {}),
         "logs": checkpoint.meta.get("logs", {}),
+        # an emergency checkpoint from inside an epoch: where a resumed run continues
+        "mid_epoch": None if partial is None else {
+            "epoch": partial["epoch"], "batches_done": partial["batches"],
+            "reason": partial["reason"],
+            "pending_gradients": partial["pending_grads"] is not None},
         "components": components,
         "config": {
             "model_class": config.get("model_class"),
@@ -96,6 +102,11 @@ def _print_inspection(console: Console, info: dict[str, Any]) -> None:
         summary.add_row(f"{name} version", str(version))
     for name, value in info["logs"].items():
         summary.add_row(f"logs.{name}", f"{value:.6g}" if isinstance(value, float) else str(value))
+    if info["mid_epoch"] is not None:
+        mid = info["mid_epoch"]
+        pending = ", pending gradients" if mid["pending_gradients"] else ""
+        summary.add_row("mid-epoch", f"epoch {mid['epoch']} after {mid['batches_done']} "
+                        f"batches ({mid['reason']}{pending})")
     for name, value in info["config"].items():
         summary.add_row(f"config.{name}", str(value))
     console.print(summary)

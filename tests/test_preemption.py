@@ -39,6 +39,7 @@ from nnhandler import (
 )
 from nnhandler.checkpoint import read_checkpoint, write_checkpoint
 from nnhandler.checkpoint.integrity import verify_file
+from nnhandler.cli import main as cli_main
 from nnhandler.config import AutoSaveConfig
 from nnhandler.preemption import emergency_name
 
@@ -727,3 +728,21 @@ def test_an_emergency_checkpoint_is_never_best_or_every_and_ages_out_as_the_run_
     resume(emergency)
     assert not emergency.exists()
     assert sorted(p.name for p in CK.glob("*.pth")) == [f"ep{e:03d}.pth" for e in (1, 2, 3)]
+
+
+def test_inspect_shows_where_an_emergency_checkpoint_continues(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    handler = build(Setup(accumulation=3), save_on_signal=True)
+    handler.add_callback(SendSignal(2, 3))
+    handler.train(EPOCHS, **train_settings(Setup(accumulation=3)))
+    emergency = CK / emergency_name("preempted", 2, 6)
+    capsys.readouterr()  # the training logs
+    assert cli_main(["inspect", str(emergency), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["mid_epoch"] == {"epoch": 2, "batches_done": 6, "reason": "signal",
+                                 "pending_gradients": False}
+    assert cli_main(["inspect", str(emergency)]) == 0
+    assert "epoch 2 after 6 batches (signal)" in capsys.readouterr().out
+    assert cli_main(["inspect", str(CK / "ep001.pth"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mid_epoch"] is None
