@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ def test_every_example_is_covered() -> None:
     assert {p.name for p in EXAMPLES} == {
         "quickstart.py", "manual_autosave_callback.py", "custom_state_provider.py",
         "ddp_train.py",  # run under torchrun by tests/test_distributed.py
-        "score_based_sde.py",
+        "score_based_sde.py", "preemptible_training.py",
         "fsdp_sharded.py",  # run under torchrun in tests/test_sharded_checkpoint.py
     }
 
@@ -99,3 +100,17 @@ def test_score_based_sde_example_trains_resumes_through_the_plugin_and_samples(
         f"score_ep{epoch:03d}.pth" for epoch in (10, 20, 30, 40, 50, 60)]
     state = torch.load(out / "score_ep060.pth", weights_only=True)["state"]["sde"]
     assert state["samples_drawn"] == 6 * 512  # sample_every=10 over 60 epochs, across the resume
+
+
+def test_preemptible_training_example_is_requeued_and_resumes_exactly(tmp_path: Path) -> None:
+    """A real SIGTERM mid-epoch to the training process, a requeue, an exact resume."""
+    out = tmp_path / "ck"
+    stdout = run_example(ROOT / "examples" / "preemptible_training.py", "--out", str(out),
+                         cwd=tmp_path)
+    # the signal reaches the worker a few batches after the line that triggered it
+    assert re.search(r"\[job attempt 1\] preempted; resume from preempted_ep00[34]_b\d{5}\.pth",
+                     stdout), stdout
+    assert "exit status 3: requeued" in stdout
+    assert "[job attempt 2] finished: epoch 6" in stdout
+    assert "files: ['ep005.pth', 'ep006.pth']" in stdout  # keep_last=2 aged the rest out
+    assert "preempted-and-resumed run equals the uninterrupted run: True" in stdout
