@@ -512,3 +512,27 @@ def test_free_space_warning_before_the_first_save_uses_an_estimate(
         train(handler, 1)
     assert len(space_warnings(caplog)) == (1 if warns else 0)
     assert (Path("new") / "ck" / "ep001.pth").exists()
+
+
+def test_interval_minus_one_tries_a_failed_last_save_once_more_at_the_end_of_train(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The save after the last epoch has no next scheduled save to retry it: the end of
+    ``train`` tries once more. A transient fault then costs no checkpoint; each failed attempt
+    is counted."""
+    handler = new_handler()
+    callback = handler.auto_save(-1, CK, name=NAME)
+    fault = inject(monkeypatch, errno.ENOSPC, "mid-write", {1})  # only the first attempt fails
+    with caplog.at_level(logging.ERROR, logger="nnhandler"):
+        train(handler, 3)
+    check_fault_landed(fault, {1})
+    assert listing(CK) == ["ep003.pth"] and verify_file(CK / "ep003.pth")["epoch"] == 3
+    assert callback.failed_saves == 1
+    errors = error_records(caplog, logging.ERROR)
+    assert "AUTO-SAVE FAILED at epoch 3" in errors[0]
+    assert "1 auto-save(s) to ck failed" in errors[1] and "ck/ep003.pth" in errors[1]
+
+    fault = inject(monkeypatch, errno.ENOSPC, "mid-write", {1, 2})  # both attempts fail
+    train(handler, 1)
+    check_fault_landed(fault, {1, 2})
+    assert listing(CK) == ["ep003.pth"] and callback.failed_saves == 3

@@ -65,7 +65,9 @@ class AutoSaveCallback(Callback):
         on_save_error: what a failed save (full disk, I/O or permission error, a provider
             whose ``state_dict`` raises) does. ``"warn"`` (default): the error is logged, the
             previous checkpoint stays intact, training goes on, the next scheduled save tries
-            again, and the end of ``train`` reports how many saves failed. ``"raise"``: the
+            again (with ``interval=-1``, whose save after the last epoch has no next one, the end
+            of ``train`` tries it once more; each failed attempt counts), and the end of
+            ``train`` reports how many saves failed. ``"raise"``: the
             error propagates and ends ``train``. Either way no partial file is left.
         async_save: write in the background. Training pays only for a snapshot of the state
             into host memory (pinned for CUDA tensors; the buffers are allocated once and
