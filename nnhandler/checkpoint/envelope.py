@@ -24,7 +24,7 @@ from .integrity import integrity_record, read_integrity_record, verify_file
 from .migrations import migrate
 from .pickling import StorageRecord, pickle_with_storages
 from .writer import atomic_write
-from .zipwriter import write_torch_zip
+from .zipwriter import WRITE_BUFFER, write_torch_zip
 
 __all__ = [
     "FORMAT_NAME",
@@ -158,7 +158,8 @@ def write_envelope(
     def comment(covered_size: int, crc: int) -> bytes:
         return integrity_record(summary, covered_size, crc)
 
-    return atomic_write(path, lambda file: write_torch_zip(file, pickled, storages, comment))
+    return atomic_write(path, lambda file: write_torch_zip(file, pickled, storages, comment),
+                        buffering=WRITE_BUFFER)
 
 
 def read_checkpoint(
