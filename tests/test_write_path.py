@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import pickletools
 import subprocess
 import sys
 import zipfile
@@ -53,7 +54,7 @@ def assert_same(saved: Any, loaded: Any, where: str = "state") -> None:
         for index, (a, b) in enumerate(zip(saved, loaded, strict=True)):
             assert_same(a, b, f"{where}[{index}]")
     else:
-        assert loaded == saved, where
+        assert same_or_both_nan(saved, loaded), where
 
 
 def storage_groups(value: Any) -> list[list[int]]:
@@ -223,17 +224,52 @@ def tensors(draw: st.DrawFn, pool: list[torch.Tensor]) -> torch.Tensor:
     return tensor
 
 
+#: leaves the C pickler writes (spliced into the emitter's stream), between plain values
+OTHER_LEAVES = st.sampled_from([b"\x00bytes", torch.float16, torch.Size([2, 3]),
+                                torch.device("cpu"), 2**2000, -(2**2030)])
+
+
+@st.composite
+def ordered_dicts(draw: st.DrawFn, children: st.SearchStrategy[Any]) -> OrderedDict[str, Any]:
+    """An OrderedDict, sometimes with a state dict's ``_metadata`` attribute."""
+    value = OrderedDict(draw(st.dictionaries(st.text(max_size=4), children, max_size=4)))
+    if draw(st.booleans()):
+        value._metadata = OrderedDict({"": {"version": draw(st.integers(0, 3))}})  # type: ignore[attr-defined]
+    return value
+
+
 @st.composite
 def states(draw: st.DrawFn) -> dict[str, Any]:
     pool: list[torch.Tensor] = []
-    leaves = st.one_of(tensors(pool), st.integers(-(2**40), 2**40), st.floats(allow_nan=False),
-                       st.text(max_size=5), st.none(), st.booleans())
+    keys = st.one_of(st.text(max_size=4), st.integers(-3, 300), st.booleans(), st.none(),
+                     st.floats(allow_nan=False))
+    leaves = st.one_of(tensors(pool), st.integers(-(2**70), 2**70), st.floats(),
+                       st.text(max_size=5), st.none(), st.booleans(), OTHER_LEAVES)
     tree = st.recursive(leaves, lambda children: st.one_of(
-        st.lists(children, max_size=4),
-        st.dictionaries(st.text(max_size=4), children, max_size=4),
+        st.lists(children, max_size=5),
+        st.tuples(children) | st.tuples(children, children, children, children, children),
+        st.lists(children, max_size=5).map(tuple),
+        st.dictionaries(keys, children, max_size=4),
+        ordered_dicts(children),
     ), max_leaves=40)
     many = st.lists(tensors(pool), min_size=0, max_size=60)
     return {"tree": draw(tree), "many": draw(many)}
+
+
+def same_or_both_nan(saved: Any, loaded: Any) -> bool:
+    return bool(saved == loaded or (saved != saved and loaded != loaded))
+
+
+def assert_same_metadata(saved: Any, loaded: Any) -> None:
+    """OrderedDict attributes (``_metadata``) arrive as they were, at any depth."""
+    if isinstance(saved, OrderedDict):
+        assert vars(loaded) == vars(saved)
+    if isinstance(saved, dict):
+        for key in saved:
+            assert_same_metadata(saved[key], loaded[key])
+    elif isinstance(saved, (list, tuple)):
+        for a, b in zip(saved, loaded, strict=True):
+            assert_same_metadata(a, b)
 
 
 @settings(max_examples=60)
@@ -242,5 +278,57 @@ def test_random_states_round_trip_exactly(tmp_path: Path, state: dict[str, Any])
     path = tmp_path / "ck.pth"
     loaded = save_and_load(path, state)
     assert_same(state, loaded)
+    assert_same_metadata(state, loaded)
     assert storage_groups(loaded) == storage_groups(state)
     verify_file(path)
+    # the full unpickler (an array memo, every opcode) reads the same, and the stream is a
+    # well-formed pickle: pickletools checks that every memo index is stored once, before use
+    assert_same(torch.load(path, weights_only=False)["state"], loaded)
+    with zipfile.ZipFile(path) as archive:
+        pickletools.dis(archive.read("archive/data.pkl"), out=io.StringIO())
+
+
+EDGE_VALUES = [float("nan"), float("inf"), -0.0, 1e308, 2**31, -(2**31) - 1, 2**63, -(2**63),
+               2**2038, -(2**2038), "\ud800 surrogate", "é∑😀"]
+
+
+@pytest.mark.parametrize("value", EDGE_VALUES, ids=lambda value: repr(value)[:24])
+def test_edge_values_round_trip(tmp_path: Path, value: Any) -> None:
+    loaded = save_and_load(tmp_path / "ck.pth", {"v": value, "t": torch.ones(1), "k": {value: 1}
+                                                  if value == value else {}})
+    assert same_or_both_nan(value, loaded["v"])
+    assert type(loaded["v"]) is type(value)
+    if isinstance(value, float) and value == 0:
+        assert str(loaded["v"]) == str(value)  # the sign of zero survives
+
+
+def test_a_module_state_dict_keeps_its_metadata(tmp_path: Path) -> None:
+    """``load_state_dict`` reads per-module versions from ``_metadata`` (BatchNorm's
+    ``num_batches_tracked`` migration, say); torch.save keeps it, so do we."""
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    state = model.state_dict()
+    loaded = save_and_load(tmp_path / "ck.pth", {"model": state})["model"]
+    assert vars(loaded) == vars(state) and "_metadata" in vars(loaded)
+    plain = torch.save(state, tmp_path / "plain.pth")
+    assert plain is None
+    assert vars(torch.load(tmp_path / "plain.pth", weights_only=True)) == vars(loaded)
+
+
+@pytest.mark.parametrize("where", ["value", "key"])
+def test_an_integer_too_long_for_weights_only_loading_is_refused(tmp_path: Path,
+                                                                  where: str) -> None:
+    huge = 2**3000
+    state = {"x": huge} if where == "value" else {"x": {huge: 1}}
+    with pytest.raises(CheckpointError, match="integer of 3001 bits; checkpoints hold integers "
+                                              "of up to 2039 bits"):
+        write_checkpoint(tmp_path / "ck.pth", state, META)
+    loaded = save_and_load(tmp_path / "ok.pth", {"x": 2**2030 - 1, "y": {-(2**2030): 1}})
+    assert loaded == {"x": 2**2030 - 1, "y": {-(2**2030): 1}}
+
+
+def test_an_ordered_dict_attribute_that_is_not_plain_data_is_refused(tmp_path: Path) -> None:
+    state = nn.Linear(2, 2).state_dict()
+    state.owner = object()  # type: ignore[attr-defined]
+    with pytest.raises(CheckpointError, match=r"state\['model'\]\.owner is a builtins.object"):
+        write_checkpoint(tmp_path / "ck.pth", {"model": state}, META)
+    assert not (tmp_path / "ck.pth").exists()

@@ -9,15 +9,16 @@ written by :mod:`.zipwriter` in large writes.
 The bulk of a checkpoint (dicts, ``OrderedDict`` state dicts with their ``_metadata``, lists,
 tuples, strings, numbers and plain strided CPU/CUDA tensors) is written by :class:`_Emitter`,
 which appends ready-made opcode bytes: per tensor a cached persistent id per storage and a cached
-tail per (offset, size, stride, ``requires_grad``), about a quarter of what ``pickle.Pickler``
-with a Python ``persistent_id`` and a reduction per tensor costs (the C pickler calls
-``persistent_id`` for every object it meets). Only the functions it rebuilds with are memoised,
-at memo indices ``0``-``3``. Everything else (``bytes``, ``torch.dtype``/``Size``/``device``,
+tail per (offset, size, stride, ``requires_grad``) — about half of what ``pickle.Pickler`` with a
+Python ``persistent_id`` and a reduction per tensor costs (the C pickler calls ``persistent_id``
+for every object it meets). The emitter memoises only the functions it rebuilds with, at memo
+indices ``0``-``3``. Everything else (``bytes``, ``torch.dtype``/``Size``/``device``,
 parameters, tensors that are not plain — quantized, sparse, nested, conjugate or negative views,
-tensors with Python attributes — and integers beyond 255 bytes) is pickled by the C pickler and
-spliced in without its ``PROTO`` header and ``STOP``; its memo starts at ``0`` again, so the
-emitter declares its functions anew after such a piece. Backward hooks are written as ``None``,
-the value a fresh tensor has (``torch.save`` writes an empty ``OrderedDict``).
+tensors with Python attributes — and integers beyond 255 bytes) is pickled by one C pickler per
+stream and spliced in without its ``PROTO`` header and ``STOP``; its memo is seeded so that its
+indices start after the emitter's, so every memo index is stored once (``pickletools.dis``
+accepts the stream). Backward hooks are written as ``None``, the value a fresh tensor has
+(``torch.save`` writes an empty ``OrderedDict``).
 
 Snapshots (:mod:`.snapshot`) put :class:`StagedTensor` placeholders in place of tensors: they
 carry their pickled form, and their storages (host copies) come pre-registered.
@@ -94,7 +95,7 @@ _I32: Final = struct.Struct("<i")
 _U16: Final = struct.Struct("<H")
 _F64: Final = struct.Struct(">d")
 #: integers up to this many bits fit LONG1 (255 bytes); longer ones go to the C pickler
-_LONG1_BITS: Final = 8 * 255 - 8
+_LONG1_BITS: Final = 8 * 255 - 1
 _SMALL_INTS: Final = tuple(BININT1 + bytes([value]) for value in range(256))
 #: tuples of up to three items close with one opcode, longer ones with MARK ... TUPLE
 _TUPLE_ENDS: Final = (EMPTY_TUPLE, TUPLE1, TUPLE2, TUPLE3)
@@ -114,6 +115,8 @@ _GLOBALS: Final = tuple(_global(obj) + _BINPUT + bytes([code]) for code, obj in 
     (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter, OrderedDict)))
 _GETS: Final = tuple(_BINGET + bytes([code]) for code in range(len(_GLOBALS)))
 _NOTHING_DECLARED: Final = (False,) * len(_GLOBALS)
+#: objects that hold the emitter's memo indices in the C pickler's memo (never pickled)
+_MEMO_SEATS: Final = tuple(object() for _ in _GLOBALS)
 
 
 def storage_type_of(dtype: torch.dtype) -> Any:
@@ -396,7 +399,7 @@ class _Emitter:
     def integer(self, value: int) -> None:
         if 0 <= value < 256:
             self.parts.append(_SMALL_INTS[value])
-        elif value.bit_length() < _LONG1_BITS:
+        elif value.bit_length() <= _LONG1_BITS:
             self.parts.append(_int(value))
         else:
             self.other(value)
@@ -502,20 +505,19 @@ class _Emitter:
         self.parts.append(_TUPLE_ENDS[len(value)] if len(value) < 4 else TUPLE)
 
     def other(self, value: Any) -> None:
-        """Anything else: pickled by the C pickler and spliced in (its memo reuses the
-        emitter's indices, so the emitter's functions are declared again afterwards)."""
-        if self._pickler is None:
-            self._buffer = io.BytesIO()
-            self._pickler = _Pickler(self._buffer, self.table)
-        buffer = self._buffer
-        assert buffer is not None
+        """Anything else: pickled by the C pickler and spliced in. One pickler serves the whole
+        stream, its memo seeded with placeholders for the emitter's indices, so its own memo
+        indices follow them and stay unique, and a piece may refer to what an earlier piece
+        memoised."""
+        pickler, buffer = self._pickler, self._buffer
+        if pickler is None or buffer is None:
+            buffer = self._buffer = io.BytesIO()
+            pickler = self._pickler = _Pickler(buffer, self.table)
+            pickler.memo = {id(seat): (code, seat) for code, seat in enumerate(_MEMO_SEATS)}
         buffer.seek(0)
         buffer.truncate()
-        self._pickler.clear_memo()
-        self._pickler.dump(value)
-        pickled = buffer.getvalue()
-        self.parts.append(pickled[2:-1])  # without PROTO 2 and STOP
-        self._declared = list(_NOTHING_DECLARED)
+        pickler.dump(value)
+        self.parts.append(buffer.getvalue()[2:-1])  # without PROTO 2 and STOP
 
 
 _DISPATCH: Final[dict[type, Callable[[_Emitter, Any], None]]] = {
