@@ -47,6 +47,9 @@ __all__ = ["LARGE_COUNT", "SIZES", "SMALL_COUNT", "Blob", "bench_directory", "ru
 LARGE_COUNT = 300
 SMALL_COUNT = 5000
 SIZES = (10, 200)
+#: rounds run before the timed ones: the first touch of fresh memory (the staging arena, the
+#: page cache of new files) is slow, on virtual machines very much so
+WARMUP = 3
 _FIXED_COST_BYTES = 4096
 
 
@@ -166,7 +169,7 @@ def run_save(rounds: int = 7, sizes: Sequence[float] = SIZES,
                 "torch.save": case.torch_save,
                 "nnhandler": case.nnhandler_save,
                 "raw": case.raw_write,
-            }, rounds, between=case.settle)
+            }, rounds, warmup=WARMUP, between=case.settle)
             rows.append(Row("save", f"{case.label}: durable NNHandler.save",
                             "torch.save + fsync", medians["torch.save"], medians["nnhandler"],
                             target=1.0))
@@ -192,7 +195,7 @@ def run_async(rounds: int = 7, sizes: Sequence[float] = SIZES,
                 "async": case.async_block,
                 "copy_": case.copy_floor,
             }
-            medians = interleaved_medians(actions, rounds, between=case.settle)
+            medians = interleaved_medians(actions, rounds, warmup=WARMUP, between=case.settle)
             rows.append(Row("async", f"{case.label}: training blocked by an async save",
                             "torch.save + fsync", medians["torch.save"], medians["async"],
                             target=0.10, stretch=0.06))

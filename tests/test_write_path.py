@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import pickletools
 import subprocess
 import sys
@@ -332,3 +334,93 @@ def test_an_ordered_dict_attribute_that_is_not_plain_data_is_refused(tmp_path: P
     with pytest.raises(CheckpointError, match=r"state\['model'\]\.owner is a builtins.object"):
         write_checkpoint(tmp_path / "ck.pth", {"model": state}, META)
     assert not (tmp_path / "ck.pth").exists()
+
+
+# -- large records: their aligned middle goes past the page cache (O_DIRECT) --------------------
+def large_state() -> dict[str, Any]:
+    """Records of 256 KB and more, of odd sizes, beside small ones and a view with an offset."""
+    torch.manual_seed(1)
+    base = torch.randn(300_001)
+    return {"a": torch.randn(70_000), "odd": torch.arange(1_048_579, dtype=torch.uint8),
+            "view": base[5:], "small": torch.ones(3), "half": torch.randn(200_000).half()}
+
+
+def o_direct_supported(directory: Path) -> bool:
+    probe = directory / "probe"
+    probe.write_bytes(b"")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | getattr(os, "O_DIRECT", 0)))
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+    return hasattr(os, "O_DIRECT")
+
+
+def counting_pwrite(monkeypatch: pytest.MonkeyPatch,
+                    fail: int | None = None) -> list[int]:
+    """Count the bytes written past the page cache; fail with errno ``fail`` instead."""
+    written: list[int] = []
+    real = os.pwrite
+
+    def pwrite(fd: int, data: Any, position: int) -> int:
+        if fail is not None:
+            raise OSError(fail, os.strerror(fail))
+        count = real(fd, data, position)
+        written.append(count)
+        return count
+
+    monkeypatch.setattr(zipwriter.os, "pwrite", pwrite)
+    return written
+
+
+def test_large_records_bypass_the_page_cache_and_read_back_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nnhandler.checkpoint.envelope import envelope_of, write_envelope
+    from nnhandler.checkpoint.snapshot import StagingBuffers
+
+    state = large_state()
+    written = counting_pwrite(monkeypatch)
+    loaded = save_and_load(tmp_path / "sync.pth", state)
+    assert_same(state, loaded)
+    snapshot = StagingBuffers().take(envelope_of(state, META))
+    write_envelope(tmp_path / "async.pth", snapshot.value, snapshot.records)
+    for name in ("sync.pth", "async.pth"):
+        verify_file(tmp_path / name)
+        assert_same(state, torch.load(tmp_path / name, weights_only=True, mmap=True)["state"])
+        with zipfile.ZipFile(tmp_path / name) as archive:
+            assert archive.testzip() is None
+    if o_direct_supported(tmp_path):  # four large records per file, block-aligned middles
+        assert len(written) == 8 and all(count % 4096 == 0 for count in written)
+
+
+@pytest.mark.parametrize("refusal", ["open", "pwrite"])
+def test_without_o_direct_large_records_go_through_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str) -> None:
+    if refusal == "open":
+        real_open = os.open
+
+        def no_direct(path: Any, flags: int, *args: Any) -> int:
+            if flags & getattr(os, "O_DIRECT", 0):
+                raise OSError(errno.EINVAL, "O_DIRECT not supported")
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(zipwriter.os, "open", no_direct)
+    else:
+        counting_pwrite(monkeypatch, fail=errno.EINVAL)
+    state = large_state()
+    assert_same(state, save_and_load(tmp_path / "ck.pth", state))
+    verify_file(tmp_path / "ck.pth")
+
+
+def test_a_failing_direct_write_fails_the_save_and_leaves_the_previous_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not o_direct_supported(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    path = tmp_path / "ck.pth"
+    write_checkpoint(path, {"old": torch.ones(2)}, META)
+    counting_pwrite(monkeypatch, fail=errno.ENOSPC)
+    with pytest.raises(OSError, match="No space left"):
+        write_checkpoint(path, large_state(), META)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
+    assert torch.equal(read_checkpoint(path).state["old"], torch.ones(2))

@@ -3,24 +3,24 @@
 :meth:`StagingBuffers.take` deep-copies the containers of a state (dicts, ``OrderedDict`` with
 its attributes such as a state dict's ``_metadata``, lists, tuples; numbers and strings are
 immutable and shared) and copies the data of every tensor storage into one host *arena* (pinned
-when a storage lives on CUDA): one batched ``torch._foreach_copy_`` for CPU storages,
-asynchronous copies on the current stream for CUDA ones. In the copy each tensor becomes a
-:class:`StagedTensor` that carries its pickled form, exactly as the live tensor pickles (same
-storages and sharing, offsets, sizes, strides, dtype, ``requires_grad``, the live storage's
-location such as ``cuda:0``), so a file written from a snapshot holds the same content as a
-synchronous save of the same state.
+when a storage lives on CUDA): one ``torch.cat`` for all CPU storages (each at a 64-byte aligned
+place, zero-filled gaps between them), asynchronous copies on the current stream for CUDA ones.
+In the copy each tensor becomes a :class:`StagedTensor` that carries its pickled form, exactly
+as the live tensor pickles (same storages and sharing, offsets, sizes, strides, dtype,
+``requires_grad``, the live storage's location such as ``cuda:0``), so a file written from a
+snapshot holds the same content as a synchronous save of the same state.
 
 The layout of a state (which storages, their sizes, every tensor's dtype, shape, stride and
 offset) is the same from one save to the next in a training run, so the arena, the copy sources
-and destinations and the placeholders are computed once (a *plan*) and reused for as long as the
-layout holds; the arena is reallocated only when a state needs more room than it has. The plan
-keeps the live storages it copies from (as flat byte views), so a storage met again is
-recognised by identity and the copy lists are reused as they are; a storage that is new but
-takes the place of a planned one of the same size with no other user (a freshly built RNG state,
-say) is swapped into the plan. Anything else that differs makes a new plan. The storages a plan
-holds are released by the next plan or by :meth:`StagingBuffers.release`. Tensors that are not
-plain strided CPU/CUDA tensors (quantized, sparse, nested, conjugate views, subclasses other
-than ``nn.Parameter``) are deep-copied on their own instead.
+and the placeholders are computed once (a *plan*) and reused for as long as the layout holds;
+the arena is reallocated only when a state needs more room than it has. The plan keeps the live
+storages it copies from (as flat byte views), so a storage met again is recognised by identity
+and the copy list is reused as it is; a storage that is new but takes the place of a planned one
+of the same size with no other user (a freshly built RNG state, say) is swapped into the plan.
+Anything else that differs makes a new plan. The storages a plan holds are released by the next
+plan or by :meth:`StagingBuffers.release`. Tensors that are not plain strided CPU/CUDA tensors
+(quantized, sparse, nested, conjugate views, subclasses other than ``nn.Parameter``) are
+deep-copied on their own instead.
 """
 
 from __future__ import annotations
@@ -50,8 +50,11 @@ from .zipwriter import host_view
 __all__ = ["Snapshot", "StagedTensor", "StagingBuffers"]
 
 _STRIDED: Final = torch.strided
-#: device storages start at multiples of this in the arena (cache lines)
+#: storages start at multiples of this in the arena (cache lines; what the zip writer needs to
+#: line a record up with file blocks)
 _ARENA_ALIGNMENT: Final = 64
+#: the gaps between CPU storages in the arena are copied from here
+_ZEROS: Final = torch.zeros(_ARENA_ALIGNMENT, dtype=torch.uint8)
 
 
 class _Signature(NamedTuple):
@@ -103,8 +106,8 @@ class _Plan:
     users: list[int]
     #: ``_cdata`` of every planned storage
     known: set[int]
-    #: the CPU storages' sources, in arena order, and the front of the arena they fill
-    #: back to back (one ``torch.cat``); the place of each CPU storage index in that list
+    #: the CPU storages' sources in arena order, with zero gaps between them, and the front of
+    #: the arena they fill (one ``torch.cat``); the place of each CPU storage index in that list
     host_sources: list[torch.Tensor]
     host_region: torch.Tensor | None
     host_position: dict[int, int]
@@ -290,17 +293,23 @@ def _alias(storage: torch.UntypedStorage) -> torch.Tensor:
 
 
 class _Layout:
-    """Where each storage goes in the arena: CPU storages back to back at the front (copied by
-    one ``torch.cat``), device storages after them at aligned offsets (pinned memory)."""
+    """Where each storage goes in the arena: CPU storages first, each at a multiple of
+    ``_ARENA_ALIGNMENT`` (the zip writer lines large ones up with file blocks), copied by one
+    ``torch.cat`` with zero-filled gaps between them; device storages after them (pinned
+    memory)."""
 
     def __init__(self, storages: list[torch.UntypedStorage]) -> None:
         self.on_host = [storage.device.type == "cpu" for storage in storages]
         self.offsets = [0] * len(storages)
+        #: per CPU storage: the gap (bytes) before it in the arena
+        self.gaps: dict[int, int] = {}
         total = 0
         for index, storage in enumerate(storages):
             if self.on_host[index]:
-                self.offsets[index] = total
-                total += storage.nbytes()
+                aligned = math.ceil(total / _ARENA_ALIGNMENT) * _ARENA_ALIGNMENT
+                self.gaps[index] = aligned - total
+                self.offsets[index] = aligned
+                total = aligned + storage.nbytes()
         self.host_total = total
         for index, storage in enumerate(storages):
             if not self.on_host[index]:
@@ -345,15 +354,20 @@ def _make_plan(walk: _Walk, layout: _Layout, arena: torch.Tensor | None) -> _Pla
             device_copies.append((index, arena[offset:offset + size]))
     placeholders = [_placeholder(signature, refs[signature.storage_index])
                     for signature in signatures]
-    host_indices = [index for index in range(len(storages)) if on_host[index]]
+    host_sources, host_position = [], {}
+    for index, gap in layout.gaps.items():
+        if gap:
+            host_sources.append(_ZEROS[:gap])
+        host_position[index] = len(host_sources)
+        host_sources.append(aliases[index])
     return _Plan(
         signatures, placeholders, arena, tuple(records), total, storages, aliases,
         cdatas=[storages[signature.storage_index]._cdata for signature in signatures],
         users=[len(users) for users in per_storage],
         known={storage._cdata for storage in storages},
-        host_sources=[aliases[index] for index in host_indices],
+        host_sources=host_sources,
         host_region=arena[:layout.host_total] if layout.host_total else None,
-        host_position={index: position for position, index in enumerate(host_indices)},
+        host_position=host_position,
         device_copies=device_copies,
     )
 
