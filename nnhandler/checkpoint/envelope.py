@@ -99,10 +99,21 @@ def _is_plain(value: Any) -> bool:
     if kind in PLAIN_LEAF_TYPES or isinstance(value, torch.Tensor):
         return True
     if kind in _MAPPINGS:
-        return (all(_is_plain_key(key) and _is_plain(item) for key, item in value.items())
-                and (kind is dict or not vars(value) or _is_plain(dict(vars(value)))))
+        for key, item in value.items():  # a loop, not all(): state dicts are long
+            if type(key) is not str and not _is_plain_key(key):
+                return False
+            if type(item) is not torch.Tensor and not _is_plain(item):
+                return False
+        return kind is dict or not vars(value) or _is_plain(dict(vars(value)))
     if kind in _SEQUENCES:
-        return all(_is_plain(item) for item in value)
+        for item in value:
+            item_kind = type(item)
+            if item_kind is torch.Tensor or (item_kind is int
+                                             and item.bit_length() <= MAX_INT_BITS):
+                continue
+            if not _is_plain(item):
+                return False
+        return True
     return False
 
 

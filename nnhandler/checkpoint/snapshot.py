@@ -3,8 +3,8 @@
 :meth:`StagingBuffers.take` deep-copies the containers of a state (dicts, ``OrderedDict`` with
 its attributes such as a state dict's ``_metadata``, lists, tuples; numbers and strings are
 immutable and shared) and copies the data of every tensor storage into one host *arena* (pinned
-when a storage lives on CUDA): one ``torch.cat`` for all CPU storages (each at a 64-byte aligned
-place, zero-filled gaps between them), asynchronous copies on the current stream for CUDA ones.
+when a storage lives on CUDA): one ``torch.cat`` for the small CPU storages, one batched copy
+for the large ones, asynchronous copies on the current stream for CUDA ones.
 In the copy each tensor becomes a :class:`StagedTensor` that carries its pickled form, exactly
 as the live tensor pickles (same storages and sharing, offsets, sizes, strides, dtype,
 ``requires_grad``, the live storage's location such as ``cuda:0``), so a file written from a
@@ -45,16 +45,14 @@ from .pickling import (
     storage_type_of,
     tensor_pieces,
 )
-from .zipwriter import host_view
+from .zipwriter import DIRECT_FROM, host_view
 
 __all__ = ["Snapshot", "StagedTensor", "StagingBuffers"]
 
 _STRIDED: Final = torch.strided
-#: storages start at multiples of this in the arena (cache lines; what the zip writer needs to
-#: line a record up with file blocks)
+#: large and device storages start at multiples of this in the arena (cache lines; what the
+#: zip writer needs to line a record up with file blocks)
 _ARENA_ALIGNMENT: Final = 64
-#: the gaps between CPU storages in the arena are copied from here
-_ZEROS: Final = torch.zeros(_ARENA_ALIGNMENT, dtype=torch.uint8)
 
 
 class _Signature(NamedTuple):
@@ -102,16 +100,22 @@ class _Plan:
     sources: list[torch.Tensor]
     #: per tensor position: the ``_cdata`` of the storage planned for it
     cdatas: list[int]
-    #: per storage: the number of tensor positions that use it
+    #: per tensor position: what a plain tensor there must show, as one tuple — (dtype,
+    #: shape, stride, offset, requires_grad, storage bytes, storage ``_cdata``); ``None``
+    #: where a parameter is planned
+    expected: list[tuple[Any, ...] | None]
+    #: per storage: the number of tensor positions that use it, and the first of them
     users: list[int]
+    first_user: list[int]
     #: ``_cdata`` of every planned storage
     known: set[int]
-    #: the CPU storages' sources in arena order, with zero gaps between them, and the front of
-    #: the arena they fill (one ``torch.cat``); the place of each CPU storage index in that list
-    host_sources: list[torch.Tensor]
-    host_region: torch.Tensor | None
-    host_position: dict[int, int]
-    #: storages on other devices: (storage index, destination in the arena)
+    #: the small CPU storages' sources in arena order and the front of the arena they fill
+    #: back to back (one ``torch.cat``); the place of each small storage index in that list
+    small_sources: list[torch.Tensor]
+    small_region: torch.Tensor | None
+    small_position: dict[int, int]
+    #: large CPU storages and storages on other devices: (storage index, destination)
+    large: list[tuple[int, torch.Tensor]]
     device_copies: list[tuple[int, torch.Tensor]]
 
 
@@ -149,7 +153,9 @@ class _Walk:
         if kind in PLAIN_LEAF_TYPES:
             return value
         if kind is dict or kind is OrderedDict:  # the bulk of every state: (ordered) dicts
-            copied = kind()
+            copied: dict[Any, Any] = kind()
+            if self.plan is not None and not self.failed:
+                return self._checked_mapping(value, copied)
             tensor, leaves = self.tensor, PLAIN_LEAF_TYPES
             for key, item in value.items():
                 item_kind = type(item)
@@ -169,6 +175,45 @@ class _Walk:
         if kind is tuple:
             return tuple(self.copy(item) for item in value)
         return self.tensor(value)  # ensure_plain let nothing else through
+
+    def _checked_mapping(self, value: dict[Any, Any], copied: dict[Any, Any]) -> Any:
+        """:meth:`copy` of a mapping while a plan is in use: the check of a plain tensor
+        against the plan inlined (one tuple comparison); anything else, and any tensor that
+        does not match at once, takes the general way (:meth:`tensor` may swap or fail)."""
+        plan = self.plan
+        assert plan is not None
+        expected, placeholders = plan.expected, plan.placeholders
+        count = len(expected)
+        position = self.position
+        leaves, strided = PLAIN_LEAF_TYPES, _STRIDED
+        for key, item in value.items():
+            item_kind = type(item)
+            if item_kind is torch.Tensor:
+                if (position < count and item.layout is strided and not item.is_quantized
+                        and not item.is_nested and (item.is_cpu or item.is_cuda)
+                        and not item.is_conj() and not item.is_neg() and not item.__dict__):
+                    storage = item.untyped_storage()
+                    if (item.dtype, item.shape, item.stride(), item.storage_offset(),
+                            item.requires_grad, storage.nbytes(),
+                            storage._cdata) == expected[position]:
+                        copied[key] = placeholders[position]
+                        position += 1
+                        continue
+                self.position = position
+                copied[key] = self.tensor(item)
+                position = self.position
+            elif item_kind in leaves:
+                copied[key] = item
+            else:
+                self.position = position
+                copied[key] = self.copy(item)
+                position = self.position
+        self.position = position
+        if type(value) is OrderedDict:
+            attributes = vars(value)
+            if attributes:  # a state dict's _metadata
+                vars(copied).update(self.copy(dict(attributes)))
+        return copied
 
     def tensor(self, value: torch.Tensor) -> Any:
         kind = type(value)
@@ -293,31 +338,29 @@ def _alias(storage: torch.UntypedStorage) -> torch.Tensor:
 
 
 class _Layout:
-    """Where each storage goes in the arena: CPU storages first, each at a multiple of
-    ``_ARENA_ALIGNMENT`` (the zip writer lines large ones up with file blocks), copied by one
-    ``torch.cat`` with zero-filled gaps between them; device storages after them (pinned
-    memory)."""
+    """Where each storage goes in the arena: small CPU storages back to back at the front (one
+    ``torch.cat``), then large CPU storages (:data:`~.zipwriter.DIRECT_FROM` bytes and more;
+    one batched copy) and device storages (pinned memory), each of these at a multiple of
+    ``_ARENA_ALIGNMENT``, so that the zip writer can line them up with file blocks."""
 
     def __init__(self, storages: list[torch.UntypedStorage]) -> None:
-        self.on_host = [storage.device.type == "cpu" for storage in storages]
+        sizes = [storage.nbytes() for storage in storages]
+        on_host = [storage.device.type == "cpu" for storage in storages]
+        self.small = [i for i, size in enumerate(sizes) if on_host[i] and size < DIRECT_FROM]
+        self.large = [i for i, size in enumerate(sizes) if on_host[i] and size >= DIRECT_FROM]
+        self.device = [i for i in range(len(storages)) if not on_host[i]]
         self.offsets = [0] * len(storages)
-        #: per CPU storage: the gap (bytes) before it in the arena
-        self.gaps: dict[int, int] = {}
         total = 0
-        for index, storage in enumerate(storages):
-            if self.on_host[index]:
-                aligned = math.ceil(total / _ARENA_ALIGNMENT) * _ARENA_ALIGNMENT
-                self.gaps[index] = aligned - total
-                self.offsets[index] = aligned
-                total = aligned + storage.nbytes()
-        self.host_total = total
-        for index, storage in enumerate(storages):
-            if not self.on_host[index]:
-                total = math.ceil(total / _ARENA_ALIGNMENT) * _ARENA_ALIGNMENT
-                self.offsets[index] = total
-                total += storage.nbytes()
+        for index in self.small:
+            self.offsets[index] = total
+            total += sizes[index]
+        self.small_total = total
+        for index in self.large + self.device:
+            total = math.ceil(total / _ARENA_ALIGNMENT) * _ARENA_ALIGNMENT
+            self.offsets[index] = total
+            total += sizes[index]
         self.total = total
-        self.pin = not all(self.on_host)
+        self.pin = bool(self.device)
 
     def fits(self, arena: torch.Tensor) -> bool:
         return arena.numel() >= self.total and (arena.is_pinned() or not self.pin)
@@ -330,14 +373,16 @@ def _make_plan(walk: _Walk, layout: _Layout, arena: torch.Tensor | None) -> _Pla
     signatures = walk.signatures
     storages = [storage for _, storage in sources]
     per_storage: list[list[_Signature]] = [[] for _ in sources]
-    for signature in signatures:
+    first_user = [0] * len(sources)
+    for position, signature in enumerate(signatures):
+        if not per_storage[signature.storage_index]:
+            first_user[signature.storage_index] = position
         per_storage[signature.storage_index].append(signature)
-    on_host, offsets, total = layout.on_host, layout.offsets, layout.total
+    offsets, total = layout.offsets, layout.total
     if arena is None:
         arena = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=layout.pin)
     arena_bytes, _ = host_view(arena.untyped_storage())
     records, refs, aliases = [], [], []
-    device_copies = []
     for index, (storage, offset) in enumerate(zip(storages, offsets, strict=True)):
         size = storage.nbytes()
         key = str(index)
@@ -350,26 +395,44 @@ def _make_plan(walk: _Walk, layout: _Layout, arena: torch.Tensor | None) -> _Pla
         refs.append(storage_ref(storage_type_of(dtype), key, location_tag(storage),
                                 size // element))
         aliases.append(_alias(storage))
-        if not on_host[index] and size:
-            device_copies.append((index, arena[offset:offset + size]))
     placeholders = [_placeholder(signature, refs[signature.storage_index])
                     for signature in signatures]
-    host_sources, host_position = [], {}
-    for index, gap in layout.gaps.items():
-        if gap:
-            host_sources.append(_ZEROS[:gap])
-        host_position[index] = len(host_sources)
-        host_sources.append(aliases[index])
+
+    def destination(index: int) -> torch.Tensor:
+        size = storages[index].nbytes()
+        return arena[offsets[index]:offsets[index] + size].view(_word(size))
+
     return _Plan(
         signatures, placeholders, arena, tuple(records), total, storages, aliases,
         cdatas=[storages[signature.storage_index]._cdata for signature in signatures],
+        expected=[_expected(signature, storages[signature.storage_index]._cdata)
+                  for signature in signatures],
         users=[len(users) for users in per_storage],
+        first_user=first_user,
         known={storage._cdata for storage in storages},
-        host_sources=host_sources,
-        host_region=arena[:layout.host_total] if layout.host_total else None,
-        host_position=host_position,
-        device_copies=device_copies,
+        small_sources=[aliases[index] for index in layout.small],
+        small_region=arena[:layout.small_total] if layout.small_total else None,
+        small_position={index: position for position, index in enumerate(layout.small)},
+        large=[(index, destination(index)) for index in layout.large],
+        device_copies=[(index, destination(index)) for index in layout.device
+                       if storages[index].nbytes()],
     )
+
+
+def _expected(signature: _Signature, cdata: int) -> tuple[Any, ...] | None:
+    if signature.is_parameter:
+        return None
+    return (signature.dtype, signature.shape, signature.stride, signature.offset,
+            signature.requires_grad, signature.storage_bytes, cdata)
+
+
+def _word(size: int) -> torch.dtype:
+    """The widest integer type whose size divides ``size``: a large copy as fewer, wider
+    elements."""
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        if size % dtype.itemsize == 0:
+            return dtype
+    return torch.uint8
 
 
 def _swap_storage(plan: _Plan, index: int, storage: torch.UntypedStorage) -> None:
@@ -378,12 +441,14 @@ def _swap_storage(plan: _Plan, index: int, storage: torch.UntypedStorage) -> Non
     old = plan.storages[index]
     plan.known.discard(old._cdata)
     plan.known.add(storage._cdata)
-    plan.cdatas = [storage._cdata if cdata == old._cdata else cdata for cdata in plan.cdatas]
+    user = plan.first_user[index]  # its only user
+    plan.cdatas[user] = storage._cdata
+    plan.expected[user] = _expected(plan.signatures[user], storage._cdata)
     plan.storages[index] = storage
     plan.sources[index] = _alias(storage)
-    position = plan.host_position.get(index)
+    position = plan.small_position.get(index)
     if position is not None:
-        plan.host_sources[position] = plan.sources[index]
+        plan.small_sources[position] = plan.sources[index]
 
 
 def _pickled_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -401,11 +466,22 @@ def _placeholder(signature: _Signature, ref: Any) -> StagedTensor:
 
 
 def _copy_storages(plan: _Plan) -> tuple[Any, ...]:
-    """Copy every storage into the arena: one ``torch.cat`` for the CPU storages (torch loops
-    over them in C++, where a copy per storage would cost a dispatch each); CUDA copies are
-    asynchronous (pinned destinations) and an event per device marks their end."""
-    if plan.host_region is not None:
-        torch.cat(plan.host_sources, out=plan.host_region)
+    """Copy every storage into the arena: the small CPU storages with one ``torch.cat`` (a
+    loop over them in C++; a copy per storage would cost a dispatch each), run on one thread
+    (torch's multi-threaded path for it took twice as long here), the large ones with one
+    batched copy (each spread over torch's threads); CUDA copies are asynchronous (pinned
+    destinations) and an event per device marks their end."""
+    if plan.small_region is not None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            torch.cat(plan.small_sources, out=plan.small_region)
+        finally:
+            torch.set_num_threads(threads)
+    if plan.large:
+        torch._foreach_copy_([destination for _, destination in plan.large],
+                             [plan.sources[index].view(destination.dtype)
+                              for index, destination in plan.large])
     by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     for index, destination in plan.device_copies:
         by_device.setdefault(plan.storages[index].device, []).append((index, destination))
@@ -413,7 +489,7 @@ def _copy_storages(plan: _Plan) -> tuple[Any, ...]:
     for device, copies in by_device.items():  # device-to-host: asynchronous, in stream order
         with torch.cuda.device(device):
             for index, destination in copies:
-                destination.copy_(plan.sources[index], non_blocking=True)
+                destination.copy_(plan.sources[index].view(destination.dtype), non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record()
             events.append(event)
