@@ -1,187 +1,224 @@
-"""Cost of a durable checkpoint write, and what an asynchronous auto-save blocks training for.
+"""Save cost: a durable synchronous save, and what an asynchronous one blocks training for.
 
-    python benchmarks/save_cost.py [--rounds 5] [--sizes 10,200] [--dir DIR] [--threads N]
+    python -m benchmarks.save_cost [--rounds 7] [--sizes 10,200] [--counts 300,5000] [--dir DIR]
 
-For ~10 MB and ~200 MB of float32 state, as a few hundred large tensors and as 5,000 small
-ones, interleaved rounds time (medians printed):
+For each state — ~10 MB and ~200 MB of float32 parameters, as a few hundred large tensors and
+as 5,000 small ones (a model whose parameters are exactly these tensors, plain SGD so the
+optimizer holds no tensors) — interleaved rounds time, medians reported:
 
-* ``nnhandler``: ``write_checkpoint`` — pickling, CRC-32 of every byte, temp file, fsync,
-  rename, directory fsync (what every synchronous auto-save does);
-* ``torch.save``: ``torch.save`` into a file, flush, fsync (no rename, no checksum of ours);
-* ``raw``: the tensors' bytes, prepared beforehand as one buffer, written with one ``write`` +
-  fsync; ``raw/tensor``: one ``write`` per tensor + fsync;
-* ``async block``: what ``AutoSaveCallback(async_save=True).save_now`` costs the training
+* section ``save``: ``NNHandler.save`` — collecting the state, pickling, a CRC-32 of every
+  byte, temp file, fsync, rename, directory fsync: what every synchronous auto-save does —
+  against ``torch.save({"model": ..., "optimizer": ...})`` of the same state dicts (collected
+  inside the timing too) into a file, flush, fsync; and its throughput (file bytes per second)
+  against a raw ``write`` + fsync of the same tensor bytes prepared beforehand as one buffer.
+  One more row isolates the fixed cost of durability on a 4 KB file: temp file, fsync, rename,
+  directory fsync against write + fsync.
+* section ``async``: what ``AutoSaveCallback(async_save=True).save_now`` costs the training
   thread (state collection, snapshot into the reused staging buffers; the background write is
-  waited for outside the timing); ``copy_``: a bare ``torch._foreach_copy_`` of the same
-  tensors into preallocated buffers, the floor of any snapshot.
+  waited for outside the timing) against the same ``torch.save`` + fsync; and a bare
+  ``torch._foreach_copy_`` of the tensors into preallocated buffers, the floor of any snapshot.
 
-Every file goes to a fresh name (old files are removed outside the timing). The machine may be
-shared: the figures are as noisy as it is; compare ratios from the same run.
+Every file goes to a fresh name; files are removed and the page cache is synced outside the
+timing. Files are written under ``--dir`` (default: a temp directory in the current one, so that
+the disk is the one the checkpoints of a run in this directory would go to).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
+import shutil
 import tempfile
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from nnhandler import AutoSaveCallback, NNHandler
-from nnhandler.checkpoint.envelope import build_meta, write_checkpoint
+from nnhandler.checkpoint.writer import atomic_write
 
-SMALL_COUNT = 5000
+from ._common import Row, fsynced, interleaved_medians, machine_line, print_rows
+
+__all__ = ["LARGE_COUNT", "SIZES", "SMALL_COUNT", "Blob", "bench_directory", "run_async",
+           "run_save"]
+
 LARGE_COUNT = 300
+SMALL_COUNT = 5000
+SIZES = (10, 200)
+#: rounds run before the timed ones: the first touch of fresh memory (the staging arena, the
+#: page cache of new files) is slow, on virtual machines very much so
+WARMUP = 3
+_FIXED_COST_BYTES = 4096
 
 
 class Blob(nn.Module):
-    """A model whose parameters are exactly the benchmark's tensors."""
+    """A model whose parameters are ``count`` float32 vectors totalling ``megabytes`` MiB."""
 
-    def __init__(self, megabytes: int = 10, count: int = LARGE_COUNT) -> None:
+    def __init__(self, megabytes: float = 10, count: int = LARGE_COUNT) -> None:
         super().__init__()
-        numel = megabytes * (1 << 20) // 4 // count
+        numel = max(1, int(megabytes * (1 << 20)) // 4 // count)
         self.tensors = nn.ParameterList(nn.Parameter(torch.randn(numel)) for _ in range(count))
 
 
-def timed(action: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
-
-
-def fsynced(path: Path, write: Callable[[Any], object]) -> None:
-    with open(path, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
+@contextmanager
+def bench_directory(directory: Path | None) -> Iterator[Path]:
+    """``directory`` (created), or a temp directory in the current one, removed afterwards."""
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        yield directory
+        return
+    with tempfile.TemporaryDirectory(prefix="nnhandler-bench-", dir=Path.cwd()) as made:
+        yield Path(made)
 
 
 class Case:
-    """One state (size, tensor count) and its contenders."""
+    """One state (size, tensor count) and its contenders; files go to ``directory``."""
 
-    def __init__(self, megabytes: int, count: int, directory: Path) -> None:
+    def __init__(self, megabytes: float, count: int, directory: Path) -> None:
         torch.manual_seed(0)
-        self.label = f"{megabytes} MB x {count}"
+        self.label = f"{megabytes:g} MB x {count} tensors"
         self.directory = directory
         self.handler = NNHandler(Blob, device="cpu", megabytes=megabytes, count=count,
-                                 logger_mode="file", log_file=directory / "bench.log")
-        self.handler.set_optimizer(torch.optim.SGD, lr=0.1)  # no optimizer state
+                                 logger_mode="file", log_file=directory / "bench.log",
+                                 use_distributed=False)
+        self.handler.set_optimizer(torch.optim.SGD, lr=0.1)
         self.callback = AutoSaveCallback(None, directory / "async", name="async_{epoch}",
                                          async_save=True)
         self.handler.add_callback(self.callback)
         self.tensors = [p.detach() for p in self.handler.module.parameters()]
-        self.state = {"model": self.handler.module.state_dict()}
         self.raw = b"".join(t.numpy().tobytes() for t in self.tensors)
         self.copies = [torch.empty_like(t) for t in self.tensors]
-        self.meta = build_meta(epoch=1, step=1, logs={}, world_size=1)
         self.counter = 0
-        self.sizes: dict[str, int] = {"raw": len(self.raw), "raw/tensor": len(self.raw)}
+        self.file_size = 0
 
     def fresh(self, stem: str) -> Path:
         self.counter += 1
         return self.directory / f"{stem}_{self.counter}.bin"
 
-    def contenders(self) -> dict[str, Callable[[], None]]:
-        return {
-            "nnhandler": self.nnhandler,
-            "torch.save": lambda: fsynced(self.fresh("torch"),
-                                          lambda f: torch.save(self.state, f)),
-            "raw": lambda: fsynced(self.fresh("raw"), lambda f: f.write(self.raw)),
-            "raw/tensor": lambda: fsynced(self.fresh("rawt"), self.write_each),
-            "async block": self.async_block,
-            "copy_": lambda: torch._foreach_copy_(self.copies, self.tensors),
-        }
+    def torch_save(self) -> None:
+        optimizer = self.handler.optimizer
+        assert optimizer is not None
+        fsynced(self.fresh("torch"), lambda file: torch.save(
+            {"model": self.handler.module.state_dict(), "optimizer": optimizer.state_dict()},
+            file))
 
-    def nnhandler(self) -> None:
-        path = self.fresh("ours")
-        self.sizes["nnhandler"] = write_checkpoint(path, self.state, self.meta)
+    def nnhandler_save(self) -> None:
+        path = self.handler.save(self.fresh("ours"))
+        self.file_size = path.stat().st_size
 
-    def write_each(self, file: Any) -> None:
-        for tensor in self.tensors:
-            file.write(memoryview(tensor.numpy()).cast("B"))
+    def raw_write(self) -> None:
+        fsynced(self.fresh("raw"), lambda file: file.write(self.raw))
 
     def async_block(self) -> None:
-        self.callback.save_now(self.handler, self.counter, {})
         self.counter += 1
+        self.callback.save_now(self.handler, self.counter, {})
+
+    def copy_floor(self) -> None:
+        torch._foreach_copy_(self.copies, self.tensors)
 
     def settle(self) -> None:
-        """Outside the timing: wait for the background write, remove every file."""
+        """Outside the timing: wait for the background write, remove every file (each was
+        fsynced by its writer: nothing of it is left for the next one to flush)."""
         self.callback.flush(self.handler)
         for path in [*self.directory.glob("*.bin"), *(self.directory / "async").glob("*")]:
             path.unlink()
-        os.sync()
 
 
-def run(sizes: list[int], rounds: int, directory: Path) -> list[tuple[str, dict[str, float],
-                                                                       dict[str, int]]]:
-    results = []
+def _states(sizes: Sequence[float], counts: Sequence[int],
+            directory: Path) -> Iterator[Case]:
     for megabytes in sizes:
-        for count in (LARGE_COUNT, SMALL_COUNT):
-            case = Case(megabytes, count, directory)
-            contenders = case.contenders()
-            times: dict[str, list[float]] = {name: [] for name in contenders}
-            for action in contenders.values():  # warm-up: page cache, allocator, staging
-                action()
-                case.settle()
-            for round_index in range(rounds):
-                names = list(contenders)
-                shift = round_index % len(names)
-                for name in names[shift:] + names[:shift]:
-                    times[name].append(timed(contenders[name]))
-                    case.settle()
-            results.append((case.label, {n: statistics.median(t) for n, t in times.items()},
-                            dict(case.sizes)))
+        for count in counts:
+            case_directory = directory / f"{megabytes:g}x{count}"
+            case_directory.mkdir(parents=True, exist_ok=True)
+            yield Case(megabytes, count, case_directory)
+            shutil.rmtree(case_directory, ignore_errors=True)
+
+
+def _fixed_cost(rounds: int, directory: Path) -> Row:
+    payload = os.urandom(_FIXED_COST_BYTES)
+    counter = iter(range(1 << 30))
+
+    def durable() -> None:
+        atomic_write(directory / f"durable_{next(counter)}.bin",
+                     lambda file: file.write(payload))
+
+    def plain() -> None:
+        fsynced(directory / f"plain_{next(counter)}.bin", lambda file: file.write(payload))
+
+    def remove() -> None:
+        for path in directory.glob("*.bin"):
+            path.unlink()
+
+    medians = interleaved_medians({"plain": plain, "durable": durable}, 3 * rounds,
+                                  between=remove)
+    return Row("save", "fixed cost of durability (temp file, rename, dir fsync), 4 KB file",
+               "write + fsync", medians["plain"] * 1e3, medians["durable"] * 1e3, unit="ms")
+
+
+def run_save(rounds: int = 7, sizes: Sequence[float] = SIZES,
+             counts: Sequence[int] = (LARGE_COUNT, SMALL_COUNT),
+             directory: Path | None = None) -> list[Row]:
+    """Section ``save``: durable ``NNHandler.save`` against ``torch.save`` + fsync, and its
+    throughput against a raw write + fsync."""
+    rows = []
+    with bench_directory(directory) as where:
+        for case in _states(sizes, counts, where):
+            medians = interleaved_medians({
+                "torch.save": case.torch_save,
+                "nnhandler": case.nnhandler_save,
+                "raw": case.raw_write,
+            }, rounds, warmup=WARMUP, between=case.settle)
+            rows.append(Row("save", f"{case.label}: durable NNHandler.save",
+                            "torch.save + fsync", medians["torch.save"], medians["nnhandler"],
+                            target=1.0))
+            ours_throughput = case.file_size / medians["nnhandler"] / 1e6
+            raw_throughput = len(case.raw) / medians["raw"] / 1e6
+            rows.append(Row("save", f"{case.label}: throughput", "raw write + fsync",
+                            raw_throughput, ours_throughput, unit="MB/s", target=0.8,
+                            direction="min"))
+        rows.append(_fixed_cost(rounds, where))
+    return rows
+
+
+def run_async(rounds: int = 7, sizes: Sequence[float] = SIZES,
+              counts: Sequence[int] = (LARGE_COUNT, SMALL_COUNT),
+              directory: Path | None = None) -> list[Row]:
+    """Section ``async``: what an asynchronous auto-save blocks the training thread for,
+    against ``torch.save`` + fsync (and the floor: a bare copy of the tensors)."""
+    rows = []
+    with bench_directory(directory) as where:
+        for case in _states(sizes, counts, where):
+            actions: dict[str, Callable[[], object]] = {
+                "torch.save": case.torch_save,
+                "async": case.async_block,
+                "copy_": case.copy_floor,
+            }
+            medians = interleaved_medians(actions, rounds, warmup=WARMUP, between=case.settle)
+            rows.append(Row("async", f"{case.label}: training blocked by an async save",
+                            "torch.save + fsync", medians["torch.save"], medians["async"],
+                            target=0.10, stretch=0.06))
+            rows.append(Row("async", f"{case.label}: bare copy_ of the tensors (floor)",
+                            "torch.save + fsync", medians["torch.save"], medians["copy_"]))
             case.callback.flush(case.handler)
-    return results
-
-
-def report(results: list[tuple[str, dict[str, float], dict[str, int]]], rounds: int) -> None:
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs; "
-          f"torch {torch.__version__}; python {platform.python_version()}; "
-          f"torch threads {torch.get_num_threads()}; {rounds} interleaved rounds, medians")
-    print("(a shared machine makes these noisy: compare the ratios of one run)")
-    header = (f"{'state':<16}{'nnhandler':>11}{'torch.save':>11}{'raw':>9}{'raw/tensor':>11}"
-              f"{'ours/torch':>11}{'thru/raw':>9}{'thru/rawT':>10}{'async blk':>10}"
-              f"{'blk/torch':>10}{'copy_':>8}")
-    print(header)
-    for label, median, sizes in results:
-        ours, plain = median["nnhandler"], median["torch.save"]
-        throughput = sizes["nnhandler"] / ours
-        print(f"{label:<16}{ours * 1e3:>9.1f}ms{plain * 1e3:>9.1f}ms{median['raw'] * 1e3:>7.1f}ms"
-              f"{median['raw/tensor'] * 1e3:>9.1f}ms{ours / plain:>10.2f}x"
-              f"{throughput / (sizes['raw'] / median['raw']):>8.2f}x"
-              f"{throughput / (sizes['raw/tensor'] / median['raw/tensor']):>9.2f}x"
-              f"{median['async block'] * 1e3:>8.1f}ms{median['async block'] / plain:>9.3f}x"
-              f"{median['copy_'] * 1e3:>6.1f}ms")
-    print("ours/torch: durable nnhandler save time / torch.save+fsync time (target <= 1.0); "
-          "thru/raw(T): nnhandler throughput / raw write throughput, one write (per tensor) "
-          "(target >= 0.8); blk/torch: async blocking / torch.save+fsync (target <= 0.10)")
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--sizes", default="10,200", help="megabytes, comma-separated")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)),
+                        help="megabytes, comma-separated")
+    parser.add_argument("--counts", default=f"{LARGE_COUNT},{SMALL_COUNT}",
+                        help="tensor counts, comma-separated")
     parser.add_argument("--dir", type=Path, default=None, help="where files go (a temp dir)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's own choice)")
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    sizes = [int(s) for s in args.sizes.split(",")]
-    if args.dir is not None:
-        args.dir.mkdir(parents=True, exist_ok=True)
-        report(run(sizes, args.rounds, args.dir), args.rounds)
-        return
-    with tempfile.TemporaryDirectory(dir=Path.cwd()) as directory:
-        report(run(sizes, args.rounds, Path(directory)), args.rounds)
+    sizes = [float(size) for size in args.sizes.split(",")]
+    counts = [int(count) for count in args.counts.split(",")]
+    print(machine_line())
+    print_rows(run_save(args.rounds, sizes, counts, args.dir))
+    print_rows(run_async(args.rounds, sizes, counts, args.dir))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
 from nnh_testing import make_handler
-from test_write_path import assert_same, storage_groups
+from test_write_path import assert_same, states, storage_groups
 
 import nnhandler.checkpoint.background as background
 import nnhandler.checkpoint.writer as writer_module
@@ -180,6 +181,8 @@ def test_a_snapshot_writes_exactly_what_a_sync_save_writes(tmp_path: Path) -> No
     from test_write_path import mixed_state
 
     state = mixed_state()
+    state["module"] = torch.nn.Sequential(torch.nn.Linear(2, 3),
+                                          torch.nn.BatchNorm1d(3)).state_dict()
     meta = build_meta(epoch=1, step=1, logs={"loss": 1.0}, world_size=1)
     envelope = envelope_of(state, meta)
     ensure_plain(envelope)
@@ -190,6 +193,99 @@ def test_a_snapshot_writes_exactly_what_a_sync_save_writes(tmp_path: Path) -> No
     sync, written_async = (load_envelope(tmp_path / n) for n in ("sync.pth", "async.pth"))
     assert_same(sync, written_async)
     assert storage_groups(written_async) == storage_groups(sync) == storage_groups(envelope)
+    assert vars(written_async["state"]["module"]) == vars(sync["state"]["module"]) == vars(
+        state["module"])  # the state dict's _metadata
+
+
+def write_both(directory: Path, staging: StagingBuffers, state: dict[str, Any]) -> tuple[
+        dict[str, Any], dict[str, Any]]:
+    """The envelopes of a snapshot of ``state`` and of a synchronous save of it, as loaded."""
+    envelope = envelope_of(state, build_meta(epoch=1, step=1, logs={}, world_size=1))
+    ensure_plain(envelope)
+    snapshot = staging.take(envelope)
+    write_envelope(directory / "async.pth", snapshot.value, snapshot.records)
+    write_envelope(directory / "sync.pth", envelope)
+    return load_envelope(directory / "sync.pth"), load_envelope(directory / "async.pth")
+
+
+@settings(max_examples=40, deadline=None)
+@given(state=states())
+def test_random_snapshots_write_what_sync_saves_write(tmp_path: Path,
+                                                       state: dict[str, Any]) -> None:
+    from test_write_path import assert_same_metadata
+
+    staging = StagingBuffers()
+    for _ in range(2):  # a new plan, then the same plan again after the tensors changed
+        sync, written_async = write_both(tmp_path, staging, state)
+        assert_same(sync, written_async)
+        assert_same_metadata(sync, written_async)
+        assert storage_groups(written_async) == storage_groups(sync)
+        for tensor in tensors_in(state):
+            if tensor.numel() and not tensor.is_conj() and tensor.dtype != torch.bool:
+                with torch.no_grad():
+                    tensor.add_(1)
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(
+        value, (list, tuple)) else []
+    return [tensor for item in items for tensor in tensors_in(item)]
+
+
+def test_a_fresh_tensor_in_the_place_of_an_unshared_one_keeps_the_plan(tmp_path: Path) -> None:
+    """A provider that builds a new tensor per save (an RNG state) does not cost a new plan;
+    the snapshot reads the new tensor."""
+    staging = StagingBuffers()
+    weights = torch.arange(6.0)
+    for step in range(3):
+        rng = torch.full((5,), step, dtype=torch.uint8)  # new storage, same layout
+        sync, written_async = write_both(tmp_path, staging, {"w": weights, "rng": rng})
+        plan = staging._plan
+        if step == 0:
+            first_plan = plan
+        assert plan is first_plan
+        assert_same(sync, written_async)
+        assert torch.equal(written_async["state"]["rng"], rng)
+
+
+@pytest.mark.parametrize("case", ["shared", "twice", "taken"])
+def test_a_fresh_tensor_that_changes_the_sharing_gets_a_new_plan(tmp_path: Path,
+                                                                   case: str) -> None:
+    base = torch.arange(8.0)
+    before = {"a": base, "b": base[2:], "c": torch.ones(3), "d": torch.zeros(3)}
+    fresh = torch.full((3,), 7.0)
+    after = {
+        "shared": {"a": torch.arange(8.0) + 1, "b": base[2:], "c": torch.ones(3),
+                   "d": torch.zeros(3)},  # a new storage where a shared one was planned
+        "twice": {"a": base, "b": base[2:], "c": fresh, "d": fresh},  # now one storage, twice
+        "taken": {"a": base, "b": base[2:], "c": before["d"], "d": before["d"]},
+    }[case]
+    staging = StagingBuffers()
+    write_both(tmp_path, staging, before)
+    first_plan = staging._plan
+    sync, written_async = write_both(tmp_path, staging, after)
+    assert staging._plan is not first_plan
+    assert_same(sync, written_async)
+    assert storage_groups(written_async) == storage_groups(sync) == storage_groups(after)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_writer_thread_runs_at_the_lowest_cpu_priority(gate: Gate) -> None:
+    handler = make_handler()
+    callback = handler.auto_save(None, CK, name=NAME, async_save=True)
+    callback.save_now(handler, 1, {})
+    gate.waiting.acquire()  # the writer thread is running (held at the gate)
+    writer = callback._writer
+    assert writer is not None and writer._job is not None
+    native_id = writer._job.thread.native_id
+    assert native_id is not None
+    assert os.getpriority(os.PRIO_PROCESS, native_id) == background.WRITER_NICE == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # training's own
+    gate.open()
+    callback.flush(handler)
+    verify_file(CK / "ep001.pth")
 
 
 def test_mutation_after_the_snapshot_does_not_reach_the_file(tmp_path: Path) -> None:

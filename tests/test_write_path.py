@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import pickletools
 import subprocess
 import sys
 import zipfile
@@ -53,7 +56,7 @@ def assert_same(saved: Any, loaded: Any, where: str = "state") -> None:
         for index, (a, b) in enumerate(zip(saved, loaded, strict=True)):
             assert_same(a, b, f"{where}[{index}]")
     else:
-        assert loaded == saved, where
+        assert same_or_both_nan(saved, loaded), where
 
 
 def storage_groups(value: Any) -> list[list[int]]:
@@ -223,17 +226,52 @@ def tensors(draw: st.DrawFn, pool: list[torch.Tensor]) -> torch.Tensor:
     return tensor
 
 
+#: leaves the C pickler writes (spliced into the emitter's stream), between plain values
+OTHER_LEAVES = st.sampled_from([b"\x00bytes", torch.float16, torch.Size([2, 3]),
+                                torch.device("cpu"), 2**2000, -(2**2030)])
+
+
+@st.composite
+def ordered_dicts(draw: st.DrawFn, children: st.SearchStrategy[Any]) -> OrderedDict[str, Any]:
+    """An OrderedDict, sometimes with a state dict's ``_metadata`` attribute."""
+    value = OrderedDict(draw(st.dictionaries(st.text(max_size=4), children, max_size=4)))
+    if draw(st.booleans()):
+        value._metadata = OrderedDict({"": {"version": draw(st.integers(0, 3))}})  # type: ignore[attr-defined]
+    return value
+
+
 @st.composite
 def states(draw: st.DrawFn) -> dict[str, Any]:
     pool: list[torch.Tensor] = []
-    leaves = st.one_of(tensors(pool), st.integers(-(2**40), 2**40), st.floats(allow_nan=False),
-                       st.text(max_size=5), st.none(), st.booleans())
+    keys = st.one_of(st.text(max_size=4), st.integers(-3, 300), st.booleans(), st.none(),
+                     st.floats(allow_nan=False))
+    leaves = st.one_of(tensors(pool), st.integers(-(2**70), 2**70), st.floats(),
+                       st.text(max_size=5), st.none(), st.booleans(), OTHER_LEAVES)
     tree = st.recursive(leaves, lambda children: st.one_of(
-        st.lists(children, max_size=4),
-        st.dictionaries(st.text(max_size=4), children, max_size=4),
+        st.lists(children, max_size=5),
+        st.tuples(children) | st.tuples(children, children, children, children, children),
+        st.lists(children, max_size=5).map(tuple),
+        st.dictionaries(keys, children, max_size=4),
+        ordered_dicts(children),
     ), max_leaves=40)
     many = st.lists(tensors(pool), min_size=0, max_size=60)
     return {"tree": draw(tree), "many": draw(many)}
+
+
+def same_or_both_nan(saved: Any, loaded: Any) -> bool:
+    return bool(saved == loaded or (saved != saved and loaded != loaded))
+
+
+def assert_same_metadata(saved: Any, loaded: Any) -> None:
+    """OrderedDict attributes (``_metadata``) arrive as they were, at any depth."""
+    if isinstance(saved, OrderedDict):
+        assert vars(loaded) == vars(saved)
+    if isinstance(saved, dict):
+        for key in saved:
+            assert_same_metadata(saved[key], loaded[key])
+    elif isinstance(saved, (list, tuple)):
+        for a, b in zip(saved, loaded, strict=True):
+            assert_same_metadata(a, b)
 
 
 @settings(max_examples=60)
@@ -242,5 +280,147 @@ def test_random_states_round_trip_exactly(tmp_path: Path, state: dict[str, Any])
     path = tmp_path / "ck.pth"
     loaded = save_and_load(path, state)
     assert_same(state, loaded)
+    assert_same_metadata(state, loaded)
     assert storage_groups(loaded) == storage_groups(state)
     verify_file(path)
+    # the full unpickler (an array memo, every opcode) reads the same, and the stream is a
+    # well-formed pickle: pickletools checks that every memo index is stored once, before use
+    assert_same(torch.load(path, weights_only=False)["state"], loaded)
+    with zipfile.ZipFile(path) as archive:
+        pickletools.dis(archive.read("archive/data.pkl"), out=io.StringIO())
+
+
+EDGE_VALUES = [float("nan"), float("inf"), -0.0, 1e308, 2**31, -(2**31) - 1, 2**63, -(2**63),
+               2**2038, -(2**2038), "\ud800 surrogate", "é∑😀"]
+
+
+@pytest.mark.parametrize("value", EDGE_VALUES, ids=lambda value: repr(value)[:24])
+def test_edge_values_round_trip(tmp_path: Path, value: Any) -> None:
+    loaded = save_and_load(tmp_path / "ck.pth", {"v": value, "t": torch.ones(1), "k": {value: 1}
+                                                  if value == value else {}})
+    assert same_or_both_nan(value, loaded["v"])
+    assert type(loaded["v"]) is type(value)
+    if isinstance(value, float) and value == 0:
+        assert str(loaded["v"]) == str(value)  # the sign of zero survives
+
+
+def test_a_module_state_dict_keeps_its_metadata(tmp_path: Path) -> None:
+    """``load_state_dict`` reads per-module versions from ``_metadata`` (BatchNorm's
+    ``num_batches_tracked`` migration, say); torch.save keeps it, so do we."""
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    state = model.state_dict()
+    loaded = save_and_load(tmp_path / "ck.pth", {"model": state})["model"]
+    assert vars(loaded) == vars(state) and "_metadata" in vars(loaded)
+    plain = torch.save(state, tmp_path / "plain.pth")
+    assert plain is None
+    assert vars(torch.load(tmp_path / "plain.pth", weights_only=True)) == vars(loaded)
+
+
+@pytest.mark.parametrize("where", ["value", "key"])
+def test_an_integer_too_long_for_weights_only_loading_is_refused(tmp_path: Path,
+                                                                  where: str) -> None:
+    huge = 2**3000
+    state = {"x": huge} if where == "value" else {"x": {huge: 1}}
+    with pytest.raises(CheckpointError, match="integer of 3001 bits; checkpoints hold integers "
+                                              "of up to 2039 bits"):
+        write_checkpoint(tmp_path / "ck.pth", state, META)
+    loaded = save_and_load(tmp_path / "ok.pth", {"x": 2**2030 - 1, "y": {-(2**2030): 1}})
+    assert loaded == {"x": 2**2030 - 1, "y": {-(2**2030): 1}}
+
+
+def test_an_ordered_dict_attribute_that_is_not_plain_data_is_refused(tmp_path: Path) -> None:
+    state = nn.Linear(2, 2).state_dict()
+    state.owner = object()  # type: ignore[attr-defined]
+    with pytest.raises(CheckpointError, match=r"state\['model'\]\.owner is a builtins.object"):
+        write_checkpoint(tmp_path / "ck.pth", {"model": state}, META)
+    assert not (tmp_path / "ck.pth").exists()
+
+
+# -- large records: their aligned middle goes past the page cache (O_DIRECT) --------------------
+def large_state() -> dict[str, Any]:
+    """Records of 256 KB and more, of odd sizes, beside small ones and a view with an offset."""
+    torch.manual_seed(1)
+    base = torch.randn(300_001)
+    return {"a": torch.randn(70_000), "odd": torch.arange(1_048_579, dtype=torch.uint8),
+            "view": base[5:], "small": torch.ones(3), "half": torch.randn(200_000).half()}
+
+
+def o_direct_supported(directory: Path) -> bool:
+    probe = directory / "probe"
+    probe.write_bytes(b"")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | getattr(os, "O_DIRECT", 0)))
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+    return hasattr(os, "O_DIRECT")
+
+
+def counting_pwrite(monkeypatch: pytest.MonkeyPatch,
+                    fail: int | None = None) -> list[int]:
+    """Count the bytes written past the page cache; fail with errno ``fail`` instead."""
+    written: list[int] = []
+    real = os.pwrite
+
+    def pwrite(fd: int, data: Any, position: int) -> int:
+        if fail is not None:
+            raise OSError(fail, os.strerror(fail))
+        count = real(fd, data, position)
+        written.append(count)
+        return count
+
+    monkeypatch.setattr(zipwriter.os, "pwrite", pwrite)
+    return written
+
+
+def test_large_records_bypass_the_page_cache_and_read_back_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nnhandler.checkpoint.envelope import envelope_of, write_envelope
+    from nnhandler.checkpoint.snapshot import StagingBuffers
+
+    state = large_state()
+    written = counting_pwrite(monkeypatch)
+    loaded = save_and_load(tmp_path / "sync.pth", state)
+    assert_same(state, loaded)
+    snapshot = StagingBuffers().take(envelope_of(state, META))
+    write_envelope(tmp_path / "async.pth", snapshot.value, snapshot.records)
+    for name in ("sync.pth", "async.pth"):
+        verify_file(tmp_path / name)
+        assert_same(state, torch.load(tmp_path / name, weights_only=True, mmap=True)["state"])
+        with zipfile.ZipFile(tmp_path / name) as archive:
+            assert archive.testzip() is None
+    if o_direct_supported(tmp_path):  # four large records per file, block-aligned middles
+        assert len(written) == 8 and all(count % 4096 == 0 for count in written)
+
+
+@pytest.mark.parametrize("refusal", ["open", "pwrite"])
+def test_without_o_direct_large_records_go_through_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str) -> None:
+    if refusal == "open":
+        real_open = os.open
+
+        def no_direct(path: Any, flags: int, *args: Any) -> int:
+            if flags & getattr(os, "O_DIRECT", 0):
+                raise OSError(errno.EINVAL, "O_DIRECT not supported")
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(zipwriter.os, "open", no_direct)
+    else:
+        counting_pwrite(monkeypatch, fail=errno.EINVAL)
+    state = large_state()
+    assert_same(state, save_and_load(tmp_path / "ck.pth", state))
+    verify_file(tmp_path / "ck.pth")
+
+
+def test_a_failing_direct_write_fails_the_save_and_leaves_the_previous_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not o_direct_supported(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    path = tmp_path / "ck.pth"
+    write_checkpoint(path, {"old": torch.ones(2)}, META)
+    counting_pwrite(monkeypatch, fail=errno.ENOSPC)
+    with pytest.raises(OSError, match="No space left"):
+        write_checkpoint(path, large_state(), META)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
+    assert torch.equal(read_checkpoint(path).state["old"], torch.ones(2))

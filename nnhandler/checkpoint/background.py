@@ -4,7 +4,9 @@ A :class:`BackgroundWriter` owns :class:`~.snapshot.StagingBuffers` and writes e
 :class:`~.snapshot.Snapshot` in its own (non-daemon) thread with :func:`~.envelope.write_envelope`
 — pickling, checksums, temp file, fsync, rename and directory fsync, exactly as a synchronous
 save. The caller takes the next snapshot only after :meth:`BackgroundWriter.wait` (the staging
-memory is reused), so at most one write is in flight.
+memory is reused), so at most one write is in flight. On Linux the writer thread runs at the
+lowest CPU priority (nice 19), so that on a busy machine training keeps the CPU and the write
+takes the time left over.
 
 Nothing is lost at interpreter exit: Python joins non-daemon threads before it runs ``atexit``
 hooks, so a write in flight completes (even when its writer object is gone), and a hook then
@@ -15,7 +17,9 @@ reports every write whose outcome nobody collected — a failure is logged as an
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -30,6 +34,8 @@ from .snapshot import Snapshot, StagingBuffers
 __all__ = ["BackgroundWriter", "WriteOutcome"]
 
 _LOGGER: Final = logging.getLogger("nnhandler")
+#: the nice value of writer threads (Linux): the lowest priority
+WRITER_NICE: Final = 19
 #: submitted jobs whose outcome nobody has collected yet (reported at interpreter exit)
 _UNCOLLECTED: Final[set[_Job]] = set()
 _UNCOLLECTED_LOCK: Final = threading.Lock()
@@ -46,18 +52,38 @@ class WriteOutcome:
     error: BaseException | None = None
 
 
+def _yield_cpu_to_training() -> None:
+    """Lower the calling thread's CPU priority (Linux: a thread's own nice value), so that the
+    training threads win the CPU while a write is pickled, checksummed and copied into the page
+    cache. The thread is the writer of one job and ends with it."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError):  # e.g. a seccomp profile that refuses setpriority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+
+
 class _Job:
-    __slots__ = ("_after_commit", "_snapshot", "outcome", "thread")
+    __slots__ = ("_after_commit", "_go", "_snapshot", "outcome", "thread")
 
     def __init__(self, path: Path, epoch: int, snapshot: Snapshot,
                  after_commit: Callable[[], None] | None) -> None:
         self.outcome = WriteOutcome(path, epoch)
         self._snapshot: Snapshot | None = snapshot
         self._after_commit = after_commit
+        self._go = threading.Event()
         self.thread = threading.Thread(target=self._run, name="nnhandler-checkpoint-writer",
                                        daemon=False)
 
+    def start(self) -> None:
+        """Start the writer. It waits for ``_go`` (set once ``Thread.start`` has returned): a
+        thread that ran Python right away would hold the GIL that ``Thread.start`` waits for,
+        for up to a switch interval (5 ms) of the training thread's time."""
+        self.thread.start()
+        self._go.set()
+
     def _run(self) -> None:
+        self._go.wait()
+        _yield_cpu_to_training()
         outcome = self.outcome
         started = time.perf_counter()
         snapshot = self._snapshot
@@ -101,7 +127,7 @@ class BackgroundWriter:
         self._job = job
         with _UNCOLLECTED_LOCK:
             _UNCOLLECTED.add(job)
-        job.thread.start()
+        job.start()
 
     def wait(self, timeout: float | None = None) -> WriteOutcome | None:
         """Block until the write in flight is done and return its outcome (``None`` when there

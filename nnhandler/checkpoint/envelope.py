@@ -24,7 +24,7 @@ from .integrity import integrity_record, read_integrity_record, verify_file
 from .migrations import migrate
 from .pickling import StorageRecord, pickle_with_storages
 from .writer import atomic_write
-from .zipwriter import write_torch_zip
+from .zipwriter import WRITE_BUFFER, write_torch_zip
 
 __all__ = [
     "FORMAT_NAME",
@@ -83,14 +83,37 @@ _MAPPINGS: Final = frozenset({dict, OrderedDict})
 _SEQUENCES: Final = frozenset({list, tuple})
 
 
+#: integers longer than this pickle as LONG4, which ``torch.load(weights_only=True)`` refuses
+MAX_INT_BITS: Final = 8 * 255 - 1
+
+
+def _is_plain_key(key: Any) -> bool:
+    kind = type(key)
+    return kind in _KEY_TYPES and (kind is not int or key.bit_length() <= MAX_INT_BITS)
+
+
 def _is_plain(value: Any) -> bool:
     kind = type(value)
+    if kind is int:
+        return bool(value.bit_length() <= MAX_INT_BITS)
     if kind in PLAIN_LEAF_TYPES or isinstance(value, torch.Tensor):
         return True
     if kind in _MAPPINGS:
-        return all(type(key) in _KEY_TYPES and _is_plain(item) for key, item in value.items())
+        for key, item in value.items():  # a loop, not all(): state dicts are long
+            if type(key) is not str and not _is_plain_key(key):
+                return False
+            if type(item) is not torch.Tensor and not _is_plain(item):
+                return False
+        return kind is dict or not vars(value) or _is_plain(dict(vars(value)))
     if kind in _SEQUENCES:
-        return all(_is_plain(item) for item in value)
+        for item in value:
+            item_kind = type(item)
+            if item_kind is torch.Tensor or (item_kind is int
+                                             and item.bit_length() <= MAX_INT_BITS):
+                continue
+            if not _is_plain(item):
+                return False
+        return True
     return False
 
 
@@ -109,12 +132,22 @@ def refusal(value: Any, where: str) -> CheckpointError:
             if type(key) not in _KEY_TYPES:
                 return CheckpointError(f"{where} has a key of type {type(key).__qualname__}: "
                                        f"{key!r}; checkpoint keys must be str or numbers")
+            if not _is_plain_key(key):
+                return refusal(key, f"{where} key")
             if not _is_plain(item):
                 return refusal(item, f"{where}[{key!r}]")
+        if kind is OrderedDict:  # its attributes are written too (a state dict's _metadata)
+            for name, item in vars(value).items():
+                if not _is_plain(item):
+                    return refusal(item, f"{where}.{name}")
     elif kind in _SEQUENCES:
         for index, item in enumerate(value):
             if not _is_plain(item):
                 return refusal(item, f"{where}[{index}]")
+    if kind is int:
+        return CheckpointError(
+            f"{where} is an integer of {value.bit_length()} bits; checkpoints hold integers of "
+            f"up to {MAX_INT_BITS} bits (torch.load(weights_only=True) refuses longer ones)")
     return CheckpointError(
         f"{where} is a {kind.__module__}.{kind.__qualname__} ({value!r:.80}); checkpoints hold "
         "only tensors, numbers, strings, None and lists/tuples/dicts of them, so that they load "
@@ -158,7 +191,8 @@ def write_envelope(
     def comment(covered_size: int, crc: int) -> bytes:
         return integrity_record(summary, covered_size, crc)
 
-    return atomic_write(path, lambda file: write_torch_zip(file, pickled, storages, comment))
+    return atomic_write(path, lambda file: write_torch_zip(file, pickled, storages, comment),
+                        buffering=WRITE_BUFFER)
 
 
 def read_checkpoint(

@@ -94,17 +94,18 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> int:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], buffering: int = -1) -> int:
     """Write ``path`` through ``write(file)`` so that it is either complete or absent.
 
     The data goes to a temp file beside ``path``, is flushed and fsynced, and is renamed over
     ``path`` (replacing an existing file atomically); the directory is fsynced so the rename
     survives a power cut. On any failure the temp file is removed and the previous ``path``, if
-    any, is untouched. Returns the number of bytes written.
+    any, is untouched. Returns the number of bytes written. ``buffering`` is ``open``'s (the
+    size of the file's write buffer; -1: Python's default).
     """
     temp = temp_path_for(path)
     try:
-        with open(temp, "xb") as file:
+        with open(temp, "xb", buffering=buffering) as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
