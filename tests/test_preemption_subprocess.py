@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from dist_testing import child_environment
 from nnh_testing import assert_deep_equal
 
 from nnhandler.checkpoint.integrity import verify_file
@@ -26,8 +27,6 @@ from nnhandler.checkpoint.writer import is_temp_file
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32",
                                 reason="needs POSIX signals")
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
 CHILD_TIMEOUT_S = 240  # a hang fails the test; a run takes a few seconds
 PREEMPTED_EXIT = 3
 
@@ -95,11 +94,9 @@ CHILD = textwrap.dedent(
 
 def start(script: Path, workdir: Path, mode: str, workers: int) -> subprocess.Popen[str]:
     workdir.mkdir(parents=True, exist_ok=True)
-    path = [str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     return subprocess.Popen([sys.executable, str(script), mode, str(workers)], cwd=workdir,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
