@@ -56,13 +56,24 @@ def run_bounded(command: list[str], cwd: Path, what: str, timeout_s: float) -> t
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=child_environment(), cwd=cwd,
                                start_new_session=True)
+    return communicate_bounded(process, what, timeout_s)
+
+
+def communicate_bounded(process: subprocess.Popen[str], what: str,
+                        timeout_s: float) -> tuple[int, str]:
+    """Wait for ``process`` (text pipes); (exit status, stdout + the tail of stderr). A hang
+    kills it — with its whole process group when it leads one (``start_new_session``: a
+    launcher and its workers) — and fails the test."""
     try:
-        output, _ = process.communicate(timeout=timeout_s)
+        out, err = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{what} hung (> {timeout_s} s):\n{output[-8000:]}")
-    return process.returncode, output
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"{what} hung (> {timeout_s} s):\n{out[-8000:]}\n{(err or '')[-4000:]}")
+    return process.returncode, out if err is None else f"{out}\n{err[-6000:]}"
 
 
 #: marks of a test module that launches real multi-process runs over gloo

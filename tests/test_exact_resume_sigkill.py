@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from dist_testing import communicate_bounded
 from nnh_testing import assert_deep_equal
 
 from nnhandler.checkpoint import read_checkpoint
@@ -136,13 +137,7 @@ class Child:
 
 
 def finish(process: subprocess.Popen[str]) -> tuple[int, str]:
-    try:
-        out, err = process.communicate(timeout=CHILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, err = process.communicate()
-        pytest.fail(f"child {process.args!r} hung:\n{out}\n{err[-4000:]}")
-    return process.returncode, f"{out}\n{err[-6000:]}"
+    return communicate_bounded(process, f"child {process.args!r}", CHILD_TIMEOUT_S)
 
 
 def load_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from dist_testing import child_environment
+from dist_testing import child_environment, communicate_bounded
 from nnh_testing import assert_deep_equal
 
 from nnhandler.checkpoint.integrity import verify_file
@@ -101,13 +101,7 @@ def start(script: Path, workdir: Path, mode: str, workers: int) -> subprocess.Po
 
 
 def finish(process: subprocess.Popen[str]) -> tuple[int, str]:
-    try:
-        out, err = process.communicate(timeout=CHILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        pytest.fail(f"child {process.args!r} hung:\n{out}\n{err[-4000:]}")
-    return process.returncode, f"{out}\n{err[-6000:]}"
+    return communicate_bounded(process, f"child {process.args!r}", CHILD_TIMEOUT_S)
 
 
 def wait_for_line(process: subprocess.Popen[str], expected: str) -> None:
