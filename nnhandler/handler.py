@@ -75,6 +75,7 @@ from .loop import (
     LoopParts,
     ShardSampler,
     TrainingLoop,
+    loader_length,
 )
 from .plugins import discover_plugins
 from .preemption import IgnoreInWorkers, PreemptionGuard, PreemptionReport, watched_signals
@@ -738,14 +739,10 @@ class NNHandler:
         partial = self._position.partial
         if partial is None:
             return
-        try:
-            batches: int | None = len(loader)
-        except TypeError:
-            batches = None
         partial.check_resumable(
             completed_epochs=self.progress.epoch, world_size=self.distributed.world_size,
             batch_size=loader.batch_size, accumulation=settings.gradient_accumulation_steps,
-            metric_names=list(self._metrics), batches=batches)
+            metric_names=list(self._metrics), batches=loader_length(loader))
 
     def _resume(self, resume: str | os.PathLike[str]) -> None:
         if resume != "latest":

@@ -24,7 +24,8 @@ from .events import Event, EventDispatcher
 from .logging import TrainingProgress
 
 __all__ = ["EpochDistributedSampler", "EpochShuffleSampler", "FailurePoint", "LoopParts",
-           "ShardSampler", "StopWatch", "TrainingLoop", "move_to_device"]
+           "ShardSampler", "StopWatch", "TrainingLoop", "loader_length",
+           "move_to_device"]
 
 Metric = Callable[[Any, Any], Any]
 #: one reusable do-nothing context (nullcontext is reentrant), so batches allocate none
@@ -362,7 +363,7 @@ class TrainingLoop:
         p.model.train()
         totals = _Totals(self.metric_names, p.device)
         accumulation = p.settings.gradient_accumulation_steps
-        batches = _length(loader)
+        batches = loader_length(loader)
         partial = p.position.take(epoch) if p.position is not None else None
         start = 0 if partial is None else self._continue(partial, totals)
         bar.start_epoch(epoch, batches, done=start)
@@ -585,7 +586,8 @@ def _loader_batch_size(loader: DataLoader[Any]) -> int:
     return loader.batch_size
 
 
-def _length(loader: DataLoader[Any]) -> int | None:
+def loader_length(loader: DataLoader[Any]) -> int | None:
+    """``len(loader)``, or ``None`` for an iterable dataset without a length."""
     try:
         return len(loader)
     except TypeError:  # an IterableDataset without __len__
