@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointFormatError",
     "CheckpointIndexError",
+    "CheckpointSchemaError",
     "ConfigurationError",
     "DuplicateStateKeyError",
     "MissingDependencyError",
@@ -57,6 +58,17 @@ class NoCheckpointFoundError(CheckpointError):
 
 class CheckpointFormatError(CheckpointError):
     """The file is not an nnhandler checkpoint, or one of an unsupported format version."""
+
+
+class CheckpointSchemaError(CheckpointFormatError):
+    """A value read from a checkpoint (its meta, integrity record, manifest, index, or a
+    component's state) does not match the declared schema. ``path`` is the file and ``field``
+    the dotted location of the first bad value (``"state['progress'].epoch"``)."""
+
+    def __init__(self, message: str, *, path: str | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.field = field
 
 
 class UnresolvableReferenceError(CheckpointError):

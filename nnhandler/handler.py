@@ -788,6 +788,7 @@ class NNHandler:
             new_seed = self.distributed.broadcast_object(secrets.randbits(63))
         seed_everything(new_seed)
         self.progress.run_seed = new_seed
+        self.progress.run_id = self.distributed.broadcast_object(secrets.token_hex(8))
         return new_seed
 
     def _prepare_amp_and_ema(self, settings: TrainSettings) -> None:

@@ -64,17 +64,26 @@ def is_plain(value: Any) -> bool:
 
 @dataclass
 class Progress:
-    """Absolute counters: completed epochs, optimizer steps, and the run's seed."""
+    """Absolute counters: completed epochs, optimizer steps, the run's seed and its id.
+
+    ``run_id`` is drawn once when a fresh run starts (``train`` on a handler with no run yet)
+    and restored by every resume: it names the run's *lineage*, which is how auto-save tells
+    its own files from another run's files of the same name (two fresh runs with one seed
+    still get different ids).
+    """
 
     state_key: str = "progress"
     epoch: int = 0
     step: int = 0
     run_seed: int | None = None
+    run_id: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "run_seed": self.run_seed}
+        return {"epoch": self.epoch, "step": self.step, "run_seed": self.run_seed,
+                "run_id": self.run_id}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.run_seed = None if state["run_seed"] is None else int(state["run_seed"])
+        self.run_id = state.get("run_id")  # files written before run ids existed have none

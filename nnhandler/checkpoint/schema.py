@@ -1,0 +1,62 @@
+"""The trust boundary: every value read back from a checkpoint is checked against a declared
+schema before anything acts on it.
+
+A checkpoint is data from an untrusted source. Each structure nnhandler reads back (the
+envelope's ``format`` and ``meta``, the integrity record, a sharded checkpoint's manifest, the
+retention index, the handler configuration and the state of every component nnhandler owns) has
+a pydantic model here or beside its owner, derived from :class:`Schema` (strict, frozen, no
+unknown fields). :func:`validate` turns a mismatch into a
+:class:`~nnhandler.CheckpointSchemaError` that names the file and the field, so a crafted or
+damaged file is refused with one clear error instead of a ``KeyError`` deep inside a restore.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import CheckpointSchemaError
+
+__all__ = ["Schema", "describe_location", "validate"]
+
+S = TypeVar("S", bound=BaseModel)
+
+
+class Schema(BaseModel):
+    """Base of every checkpoint schema: strict types, immutable, unknown fields refused."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
+def describe_location(location: tuple[int | str, ...]) -> str:
+    """A pydantic error location as ``a.b[0].c``."""
+    text = ""
+    for part in location:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def validate(schema: type[S], data: Any, *, where: str, path: str | None = None) -> S:
+    """``data`` as an instance of ``schema``; a :class:`~nnhandler.CheckpointSchemaError`
+    naming ``path`` (the file) and the field (``where`` plus the location inside it) when it
+    does not fit."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        inner = describe_location(tuple(first["loc"]))
+        field = f"{where}.{inner}" if inner else where
+        value = first.get("input")
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        source = f"{path!r}: " if path is not None else ""
+        raise CheckpointSchemaError(
+            f"{source}{field} is {shown}: {first['msg']} (the file does not match the "
+            "checkpoint schema; it was not written by this nnhandler, or it was altered)",
+            path=path, field=field,
+        ) from None
