@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from nnh_testing import make_handler
+from nnh_testing import assert_deep_equal, make_handler
 
 from nnhandler import (
     CheckpointCorruptedError,
@@ -49,22 +48,6 @@ def skip_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records
             if r.levelno == logging.WARNING and r.name.startswith("nnhandler")
             and r.getMessage().startswith("skipping")]
-
-
-def assert_deep_equal(a: Any, b: Any, where: str = "state") -> None:
-    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), f"{where}: tensors differ"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_deep_equal(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for index, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_deep_equal(x, y, f"{where}[{index}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 TRAINING_KEYS = ("model", "optimizer", "scheduler", "ema", "history", "progress", "rng")
