@@ -101,6 +101,17 @@ def assert_same_tensors(a: dict[str, Any], b: dict[str, Any]) -> None:
 RUN_IDENTITY_KEYS = frozenset({"run_id", "lineage"})
 
 
+def without_run_identity(value: Any) -> Any:
+    """``value`` with every dict key of :data:`RUN_IDENTITY_KEYS` removed (for comparing the
+    files of two runs that must be equal apart from which run wrote them)."""
+    if isinstance(value, dict):
+        return type(value)((k, without_run_identity(v)) for k, v in value.items()
+                           if k not in RUN_IDENTITY_KEYS)
+    if isinstance(value, list):
+        return [without_run_identity(item) for item in value]
+    return value
+
+
 def assert_deep_equal(a: Any, b: Any, where: str = "state") -> None:
     """Bitwise: tensors by dtype, shape and content; floats by exact equality. Dict keys in
     :data:`RUN_IDENTITY_KEYS` must be present on both sides; their values are not compared."""

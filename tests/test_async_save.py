@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 from hypothesis import given, settings
-from nnh_testing import make_handler
+from nnh_testing import make_handler, without_run_identity
 from test_write_path import assert_same, states, storage_groups
 
 import nnhandler.checkpoint.background as background
@@ -167,7 +167,8 @@ def test_async_files_equal_sync_files_of_the_same_run(tmp_path: Path,
     assert names == sorted(p.name for p in runs["async"].iterdir()) == [
         "ep001.pth", "ep002.pth", "ep003.pth"]
     for name in names:
-        sync, written_async = (load_envelope(runs[m] / name) for m in ("sync", "async"))
+        sync, written_async = (without_run_identity(load_envelope(runs[m] / name))
+                               for m in ("sync", "async"))
         for envelope in (sync, written_async):
             del envelope["meta"]["time"]
         config = written_async["state"]["autosave:ck/ep{epoch:03d}"]["config"]
