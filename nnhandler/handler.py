@@ -21,15 +21,18 @@ from torch.utils.data import DataLoader, Dataset
 from .callbacks import AutoSaveCallback, Callback
 from .callbacks.autosave import AUTOSAVE_KEY_PREFIX
 from .checkpoint import Checkpoint, write_checkpoint
+from .checkpoint.content import ConfigRecord, check_config
 from .checkpoint.discovery import find_latest_valid
 from .checkpoint.envelope import build_meta, ensure_plain, envelope_of
 from .checkpoint.refs import (
     NotReferenceableError,
-    decode_value,
+    Unrestored,
+    decode_arguments,
     encode_value,
     reference_of,
     resolve_class,
 )
+from .checkpoint.schema import validate
 from .checkpoint.sharded import (
     SHARDED_KEYS,
     SHARDED_SUFFIX,
@@ -61,6 +64,7 @@ from .config import (
 from .distributed import DistributedContext, run_on_rank_zero
 from .errors import (
     CheckpointError,
+    CheckpointSchemaError,
     ConfigurationError,
     DuplicateStateKeyError,
     NoCheckpointFoundError,
@@ -98,6 +102,8 @@ class _Unset:
 UNSET: Final = _Unset()
 _LOGGER: Final = logging.getLogger("nnhandler")
 _SCHEDULER_INTERVALS: Final = ("epoch", "step")
+_SCHEDULER_BASES: Final = (torch.optim.lr_scheduler.LRScheduler,
+                           torch.optim.lr_scheduler.ReduceLROnPlateau)
 #: State keys of the handler's own components; everything else belongs to callbacks/plugins.
 _CORE_KEYS: Final = frozenset({"model", "optimizer", "scheduler", "grad_scaler", "ema",
                                "history", "progress", "rng", "config", "position"})
@@ -133,7 +139,7 @@ class _ConfigState:
         return self._handler._config_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._handler._apply_settings_state(state)
+        self._handler._apply_settings_state(check_config(state, "<restored state>"))
 
 
 class NNHandler:
@@ -471,7 +477,8 @@ class NNHandler:
             raise TypeError(f"set_{which}_loader takes a Dataset, not a DataLoader; pass the "
                             "dataset and DataLoader keyword arguments")
         remembered = self._remembered_loader_args.get(which, {})
-        merged = {**remembered.get("config", {}), **self._decode_remembered(remembered), **kwargs}
+        merged = {**remembered.get("config", {}), **self._remembered_extra(which, kwargs),
+                  **kwargs}
         own = {k: merged.pop(k) for k in list(merged) if k in LoaderConfig.model_fields}
         config = LoaderConfig(**own)
         if "sampler" in merged or "batch_sampler" in merged:
@@ -483,14 +490,18 @@ class NNHandler:
         DataLoader(dataset, batch_size=config.batch_size, drop_last=config.drop_last, **merged)
         self._loaders[which] = _LoaderSpec(dataset, config, merged)
 
-    def _decode_remembered(self, remembered: Mapping[str, Any]) -> dict[str, Any]:
-        decoded = {}
-        for name, value in remembered.get("extra", {}).items():
-            try:
-                decoded[name] = decode_value(value)
-            except UnresolvableReferenceError as error:
-                self.logger.warning("remembered loader argument %r dropped: %s", name, error)
-        return decoded
+    def _remembered_extra(self, which: str, given: Mapping[str, Any]) -> dict[str, Any]:
+        """DataLoader arguments remembered from a loaded checkpoint. Function-valued ones
+        (``collate_fn``, ``worker_init_fn`` …) are never taken from a file: a warning names
+        each one the caller does not pass again."""
+        remembered = self._remembered_loader_args.get(which, {})
+        for item in remembered.get("unrestored", ()):
+            if item.name not in given:
+                self.logger.warning(
+                    "set_%s_loader: the checkpoint recorded %s=%s, which is not restored (%s); "
+                    "pass set_%s_loader(..., %s=...) again", which, item.name, item.reference,
+                    item.reason, which, item.name)
+        return dict(remembered.get("extra", {}))
 
     def _build_loader(self, which: str, seed: int) -> DataLoader[Any] | None:
         spec = self._loaders.get(which)
@@ -953,9 +964,18 @@ class NNHandler:
             "own_autosave": self._autosave.state_key if self._autosave is not None else None,
         }
 
-    def _apply_settings_state(self, state: Mapping[str, Any]) -> None:
-        self._settings = TrainSettings(**state["train_settings"])
-        self._remembered_loader_args = {k: dict(v) for k, v in state["loaders"].items()}
+    def _apply_settings_state(self, record: ConfigRecord, source: str = "") -> None:
+        """Take the recorded training defaults and loader arguments (validated: a recorded
+        loader configuration that does not fit is a CheckpointSchemaError)."""
+        loaders: dict[str, dict[str, Any]] = {}
+        for which, loader in record.loaders.items():
+            where = f"state['config'].loaders.{which}"
+            config = validate(LoaderConfig, loader.config, where=f"{where}.config", path=source)
+            extra, unrestored = decode_arguments(loader.extra, f"{where}.extra")
+            loaders[which] = {"config": config.model_dump(), "extra": extra,
+                              "unrestored": unrestored}
+        self._settings = record.train_settings
+        self._remembered_loader_args = loaders
 
     def _check_model_kwargs(self) -> set[str]:
         unstored = set()
@@ -995,6 +1015,7 @@ class NNHandler:
         use_distributed: bool | None = None,
         parallelism: Parallelism | None = None,
         fsdp_units: Iterable[type[nn.Module]] | None = None,
+        compile_model: bool | Mapping[str, Any] | None = None,
     ) -> NNHandler:
         """Rebuild a handler from a checkpoint, ready to resume with :meth:`train`.
 
@@ -1006,6 +1027,15 @@ class NNHandler:
         the providers of installed plugins (entry-point group ``nnhandler.plugins``, see
         :mod:`nnhandler.plugins`) for the state keys they claim. State without an owner is
         kept, written into later checkpoints and reported with a warning.
+        ``compile_model`` (default: as recorded) is the constructor's; pass it when the
+        recorded options name a function (a custom ``backend``), which a file never supplies.
+        What a checkpoint may make ``load`` do is limited (see README "Loading"): it resolves
+        classes only in modules already imported and only to the expected base class, never
+        imports a module or calls a function on the file's word, and everything it reads is
+        validated against a declared schema first (:class:`~nnhandler.CheckpointSchemaError`
+        names the file and the field otherwise). Arguments that are functions (a
+        ``LambdaLR``'s ``lr_lambda``, a ``collate_fn``) are never taken from the file: a
+        warning names each one and the call that supplies it again.
         ``strict`` demands that model weights match exactly. ``verify`` (default) checks the
         file's CRC-32 first and raises :class:`~nnhandler.CheckpointCorruptedError` on any damage;
         ``verify=False`` skips that for speed. Datasets are not saved: call
@@ -1023,32 +1053,40 @@ class NNHandler:
         checkpoint = read_any_checkpoint(path, map_location=map_device, verify=verify,
                                          context=context)
         state = checkpoint.state
-        config = state.get("config")
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{str(path)!r} has no handler configuration ('config')")
-        model_cls = model_class or _resolve_model_class(config, path)
-        kwargs = decode_value(config["model_kwargs"])
-        kwargs.update(model_kwargs or {})
-        absent = [n for n in config["model_kwargs_unstored"] if n not in kwargs]
-        if absent:
-            raise CheckpointError(f"model argument(s) {absent} could not be stored in "
-                                  f"{str(path)!r}; pass them as load(..., model_kwargs={{...}})")
-        recorded = config.get("parallelism", "ddp")
+        source = str(checkpoint.path)
+        config = check_config(state.get("config"), source)
+        model_cls = model_class or _resolve_model_class(config.model_class, path)
+        restored_kwargs, unrestored = decode_arguments(config.model_kwargs, "model argument")
+        kwargs = {**restored_kwargs, **(model_kwargs or {})}
+        _require_passed("model argument(s)", "model_kwargs={...}", path, kwargs,
+                        [*config.model_kwargs_unstored, *(u.name for u in unrestored)],
+                        unrestored)
+        compile_option: bool | Mapping[str, Any]
+        if compile_model is not None:
+            compile_option = compile_model
+        elif isinstance(config.compile_model, bool):
+            compile_option = config.compile_model
+        else:
+            options, unrestored = decode_arguments(config.compile_model, "compile_model")
+            _require_passed("torch.compile option(s)", "compile_model={...}", path, {},
+                            [u.name for u in unrestored], unrestored)
+            compile_option = options
+        recorded = config.parallelism
         chosen = recorded if parallelism is None else parallelism
         if fsdp_units is None:
-            fsdp_units = (_resolve_fsdp_units(config, path)
+            fsdp_units = (_resolve_fsdp_units(config.fsdp_units, path)
                           if chosen == "fsdp" and recorded == "fsdp" else ())
         handler = cls(model_cls, device=map_device, logger_mode=logger_mode, log_file=log_file,
                       use_distributed=context.enabled, model_kwargs=kwargs,
-                      compile_model=decode_value(config["compile_model"]),
+                      compile_model=compile_option,
                       parallelism=chosen, fsdp_units=fsdp_units)
         handler._model_state.strict = strict
-        handler._apply_settings_state(config)
+        handler._apply_settings_state(config, source)
         handler._restore_components(config)
         for callback in callbacks or ():
             handler.add_callback(callback)
         if not skip_callbacks:
-            handler._recreate_autosaves(state, config.get("own_autosave"))
+            handler._recreate_autosaves(state, config.own_autosave, source)
             handler._recreate_plugin_providers(state)
         skip = {key for key, flag in (("optimizer", skip_optimizer), ("scheduler", skip_scheduler),
                                        ("history", skip_history), ("ema", skip_ema)) if flag}
@@ -1091,10 +1129,8 @@ class NNHandler:
         """
         checkpoint = read_any_checkpoint(path, map_location=self.device, verify=verify,
                                          context=self.distributed)
-        config = checkpoint.state.get("config")
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{str(path)!r} has no handler configuration ('config')")
-        self._settings = TrainSettings(**config["train_settings"])
+        config = check_config(checkpoint.state.get("config"), str(checkpoint.path))
+        self._settings = config.train_settings
         self._apply_checkpoint(checkpoint, set())
 
     def _apply_checkpoint(self, checkpoint: Checkpoint, skip: set[str]) -> None:
@@ -1130,33 +1166,37 @@ class NNHandler:
         self._dispatcher.fire(Event.CHECKPOINT_LOADED, handler=self, path=checkpoint.path,
                               epoch=checkpoint.epoch)
 
-    def _restore_components(self, config: Mapping[str, Any]) -> None:
-        optimizer = config.get("optimizer")
-        if optimizer is not None:
+    def _restore_components(self, config: ConfigRecord) -> None:
+        """Re-create optimizer, scheduler, loss and metrics from the (validated) configuration.
+        What cannot come back (a class that does not resolve, a function-valued argument) is a
+        warning that says which setter to call; the component's saved state then waits
+        (pending) and is restored when the setter registers it."""
+        if config.optimizer is not None:
             try:
-                opt_cls = resolve_class(_require_reference(optimizer["class"], "optimizer"),
+                opt_cls = resolve_class(_require_reference(config.optimizer.cls, "optimizer"),
                                         torch.optim.Optimizer)
-                self.set_optimizer(opt_cls, **decode_value(optimizer["kwargs"]))
+                opt_kwargs = _restorable_arguments(config.optimizer.kwargs, opt_cls)
+                self.set_optimizer(opt_cls, **opt_kwargs)
             except UnresolvableReferenceError as error:
-                self.logger.warning("optimizer not restored (%s); call set_optimizer", error)
-        scheduler = config.get("scheduler")
-        if scheduler is not None and self._optimizer is not None:
+                self.logger.warning("optimizer not restored (%s); call set_optimizer: its saved "
+                                    "state is restored then", error)
+        if config.scheduler is not None and self._optimizer is not None:
             try:
-                sched_cls = resolve_class(_require_reference(scheduler["class"], "scheduler"),
-                                          object)
-                self.set_scheduler(sched_cls, interval=scheduler["interval"],
-                                   **decode_value(scheduler["kwargs"]))
+                sched_cls: type[Any] = resolve_class(
+                    _require_reference(config.scheduler.cls, "scheduler"), _SCHEDULER_BASES)
+                sched_kwargs = _restorable_arguments(config.scheduler.kwargs, sched_cls)
+                self.set_scheduler(sched_cls, interval=config.scheduler.interval, **sched_kwargs)
             except UnresolvableReferenceError as error:
-                self.logger.warning("scheduler not restored (%s); call set_scheduler", error)
-        trusted = frozenset({"torch", "__main__",
+                self.logger.warning("scheduler not restored (%s); call set_scheduler: its saved "
+                                    "state is restored then", error)
+        trusted = frozenset({"__main__", "torch.nn.functional",
                              type(self._module).__module__.split(".", 1)[0]})
-        loss = config.get("loss_fn")
-        if loss is not None:
+        if config.loss_fn is not None:
             try:
-                self._loss_fn = _to_device(build_callable(loss, trusted), self.device)
+                self._loss_fn = _to_device(build_callable(config.loss_fn, trusted), self.device)
             except UnresolvableReferenceError as error:
                 self.logger.warning("loss function not restored (%s); call set_loss_fn", error)
-        for name, spec in config.get("metrics", {}).items():
+        for name, spec in config.metrics.items():
             if spec is None:
                 self.logger.warning("metric %r was not recordable; call add_metric again", name)
                 continue
@@ -1164,15 +1204,28 @@ class NNHandler:
                 self._metrics[name] = _to_device(build_callable(spec, trusted), self.device)
             except UnresolvableReferenceError as error:
                 self.logger.warning("metric %r not restored (%s); call add_metric", name, error)
+        for which, remembered in self._remembered_loader_args.items():
+            for item in remembered["unrestored"]:
+                self.logger.warning(
+                    "%s loader argument %s=%s is not restored (%s); pass it to set_%s_loader "
+                    "again", which, item.name, item.reference, item.reason, which)
 
-    def _recreate_autosaves(self, state: Mapping[str, Any], own_key: str | None) -> None:
+    def _recreate_autosaves(self, state: Mapping[str, Any], own_key: str | None,
+                            source: str) -> None:
         """Bring back the file's auto-save callbacks that no passed callback replaces."""
         for key, value in state.items():
             if not key.startswith(AUTOSAVE_KEY_PREFIX):
                 continue
             owner = self._registry.get(key)
             if owner is None:
-                callback = AutoSaveCallback(**value["config"])
+                where = f"state[{key!r}]"
+                if not isinstance(value, dict):
+                    raise CheckpointSchemaError(
+                        f"{source!r}: {where} is {value!r:.80}, not a dict", path=source,
+                        field=where)
+                config = validate(AutoSaveConfig, value.get("config"), where=f"{where}.config",
+                                  path=source)
+                callback = AutoSaveCallback(**config.model_dump())
                 self.add_callback(callback)  # its bookkeeping is restored with the other states
                 owner = callback
             if key == own_key and isinstance(owner, AutoSaveCallback):
@@ -1267,6 +1320,35 @@ def _maybe_reference(cls: type[Any]) -> str | None:
         return None
 
 
+def _restorable_arguments(encoded: Mapping[str, Any], cls: type[Any]) -> dict[str, Any]:
+    """Constructor arguments of ``cls`` as a file may supply them; a function-valued one (a
+    ``LambdaLR``'s ``lr_lambda``) means the component is not re-created from the file."""
+    kwargs, unrestored = decode_arguments(encoded, f"{cls.__qualname__} argument")
+    if unrestored:
+        raise UnresolvableReferenceError(
+            f"{cls.__qualname__} argument(s) "
+            + ", ".join(f"{u.name}={u.reference}" for u in unrestored)
+            + " are functions or callables, which a checkpoint never supplies")
+    return kwargs
+
+
+def _require_passed(what: str, argument: str, path: str | os.PathLike[str],
+                    given: Mapping[str, Any], needed: Iterable[str],
+                    unrestored: Iterable[Unrestored]) -> None:
+    """Raise unless every name in ``needed`` is in ``given`` (what ``load`` cannot take from
+    the file), naming each one and the ``load`` argument that supplies it."""
+    absent = [name for name in needed if name not in given]
+    if not absent:
+        return
+    details = {u.name: u.reference for u in unrestored if u.name in absent}
+    named = ", ".join(f"{name} (recorded as {details[name]})" if name in details else name
+                      for name in absent)
+    raise CheckpointError(
+        f"{what} {named} of {str(path)!r} cannot be restored from the file (functions, "
+        f"lambdas and other callables never are); pass them: NNHandler.load({str(path)!r}, "
+        f"{argument})")
+
+
 def _require_reference(reference: str | None, what: str) -> str:
     if reference is None:
         raise UnresolvableReferenceError(f"the {what} class was local and was not recorded")
@@ -1274,9 +1356,8 @@ def _require_reference(reference: str | None, what: str) -> str:
 
 
 def _resolve_model_class(
-    config: Mapping[str, Any], path: str | os.PathLike[str]
+    reference: str | None, path: str | os.PathLike[str]
 ) -> type[nn.Module]:
-    reference = config.get("model_class")
     try:
         return resolve_class(_require_reference(reference, "model"), nn.Module)
     except UnresolvableReferenceError as error:
@@ -1286,10 +1367,10 @@ def _resolve_model_class(
 
 
 def _resolve_fsdp_units(
-    config: Mapping[str, Any], path: str | os.PathLike[str]
+    references: Iterable[str | None], path: str | os.PathLike[str]
 ) -> tuple[type[nn.Module], ...]:
     units = []
-    for reference in config.get("fsdp_units", []):
+    for reference in references:
         try:
             units.append(resolve_class(_require_reference(reference, "FSDP unit"), nn.Module))
         except UnresolvableReferenceError as error:

@@ -186,13 +186,13 @@ def test_an_older_format_version_goes_through_its_migration(tmp_path: Path) -> N
     @register_migration(from_version=FORMAT_VERSION - 1)
     def _lift(envelope: dict) -> dict:  # type: ignore[type-arg]
         calls.append(envelope["format"]["version"])
-        envelope["meta"]["migrated"] = True
+        envelope["meta"]["logs"]["migrated"] = True  # a field the current schema has
         return envelope
 
     try:
         checkpoint = read_checkpoint(path)
         assert calls == [FORMAT_VERSION - 1]
-        assert checkpoint.meta["migrated"] is True
+        assert checkpoint.meta["logs"]["migrated"] is True
         assert NNHandler.load(path).epoch == 0
     finally:
         unregister_migration(FORMAT_VERSION - 1)

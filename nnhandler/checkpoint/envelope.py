@@ -20,6 +20,7 @@ from typing import Any, Final
 import torch
 
 from ..errors import CheckpointError, CheckpointFormatError
+from .content import check_envelope
 from .integrity import integrity_record, read_integrity_record, verify_file
 from .migrations import migrate
 from .pickling import StorageRecord, pickle_with_storages
@@ -245,18 +246,20 @@ def _load_envelope(path: Path, map_location: Any) -> Any:
 
 
 def _unpack(path: Path, envelope: Any) -> Checkpoint:
+    """The envelope checked against the declared schema (:mod:`.content`) before anything
+    uses it; older format versions are migrated first, newer ones refused."""
+    where = str(path)
     if not isinstance(envelope, dict) or not isinstance(envelope.get("format"), dict):
-        raise CheckpointFormatError(f"{str(path)!r} is not an nnhandler checkpoint (no 'format')")
+        raise CheckpointFormatError(f"{where!r} is not an nnhandler checkpoint (no 'format')")
     fmt = envelope["format"]
     if fmt.get("name") != FORMAT_NAME:
         raise CheckpointFormatError(
-            f"{str(path)!r} has format {fmt.get('name')!r}, expected {FORMAT_NAME!r}"
+            f"{where!r} has format {fmt.get('name')!r:.80}, expected {FORMAT_NAME!r}"
         )
     version = fmt.get("version")
     if type(version) is not int:
-        raise CheckpointFormatError(f"{str(path)!r} has no valid format version: {version!r}")
-    envelope = migrate(envelope, version, FORMAT_VERSION, repr(str(path)))
-    meta, state = envelope.get("meta"), envelope.get("state")
-    if not isinstance(meta, dict) or not isinstance(state, dict) or "epoch" not in meta:
-        raise CheckpointFormatError(f"{str(path)!r} lacks the 'meta' or 'state' section")
-    return Checkpoint(path=path, format_version=version, meta=meta, state=state)
+        raise CheckpointFormatError(f"{where!r} has no valid format version: {version!r:.80}")
+    envelope = migrate(envelope, version, FORMAT_VERSION, repr(where))
+    record = check_envelope(envelope, where)
+    return Checkpoint(path=path, format_version=version, meta=record.meta.model_dump(),
+                      state=envelope["state"])

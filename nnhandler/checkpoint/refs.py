@@ -1,24 +1,48 @@
 """Classes and functions recorded as ``"package.module:QualName"`` strings, resolved on load.
 
-Resolving a reference imports the named module (as ``import`` would) and nothing else runs.
-A reference resolves only to a subclass of the expected base, or to a plain function where a
-function is expected, so a checkpoint cannot smuggle in an arbitrary callable.
+The trust rule (README "Loading", docs/architecture.md "Trust boundary"):
+
+* A reference read from a checkpoint is looked up only among the modules **already imported**
+  in this process (``sys.modules``): a file never makes nnhandler import anything, so no module
+  runs its import-time code on a file's word. Import your model's module before
+  ``NNHandler.load`` (a script that defines or imports the model has done so), or pass
+  ``model_class=``. The trade-off: a checkpoint of a class from a module nobody imported fails
+  with an error that says which module to import, instead of importing it.
+* The reference must be *canonical*: the object found must report exactly that module and
+  qualified name (``reference_of(obj) == reference``), so an attribute chain such as
+  ``"__main__:os.system"`` or ``"pkg:Class.__init__.__globals__"`` never reaches anything;
+  no part of the qualified name may be a dunder.
+* A class resolves only to a subclass of the base the caller expects (``nn.Module`` for a model,
+  ``Optimizer`` for an optimizer, …).
+* A function resolves only where a function *is* the recorded thing (a loss function or a
+  metric set by the user), only to a plain Python function (never a C builtin), and only from
+  the trusted packages the caller names (the script, the model's package,
+  ``torch.nn.functional``).
+* Function-valued or other callable-valued *arguments* (a scheduler's ``lr_lambda``, a loader's
+  ``collate_fn``/``worker_init_fn``, a compile ``backend``, anything else) are never resolved
+  from a file: :func:`decode_arguments` reports them as :class:`Unrestored` so the caller can
+  tell the user to pass them again. Inside arguments, class references resolve only to
+  ``nn.Module`` subclasses (e.g. ``activation=nn.GELU``).
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from ..errors import ConfigurationError, UnresolvableReferenceError
 
-__all__ = ["REF_KEY", "decode_value", "encode_value", "reference_of", "resolve_class",
-           "resolve_function"]
+__all__ = ["REF_KEY", "Unrestored", "decode_arguments", "encode_value", "reference_of",
+           "resolve_class", "resolve_function"]
 
 REF_KEY: Final = "__nnhandler_ref__"
-_DOTTED: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_DEVICE_REF: Final = "torch:device"
+_NAME: Final = r"[A-Za-z_][A-Za-z0-9_]*"
+_DOTTED: Final = re.compile(rf"^{_NAME}(\.{_NAME})*$")
 T = TypeVar("T")
 
 
@@ -40,50 +64,84 @@ def reference_of(obj: Any) -> str:
     return f"{module}:{qualname}"
 
 
-def _lookup(reference: str) -> Any:
+def _split(reference: Any) -> tuple[str, str]:
     if not isinstance(reference, str) or reference.count(":") != 1:
         raise UnresolvableReferenceError(f"malformed reference {reference!r}: want 'module:Name'")
     module_name, qualname = reference.split(":")
     if not _DOTTED.match(module_name) or not _DOTTED.match(qualname):
         raise UnresolvableReferenceError(f"malformed reference {reference!r}")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as error:
+    if any(part.startswith("__") for part in qualname.split(".")):
         raise UnresolvableReferenceError(
-            f"cannot import module {module_name!r} named by {reference!r}: {error}"
-        ) from error
+            f"reference {reference!r} names a dunder attribute; refusing it")
+    return module_name, qualname
+
+
+def check_reference(reference: Any) -> str:
+    """``reference`` if it is a well-formed ``"module:QualName"`` string (nothing is looked
+    up); else :class:`~nnhandler.UnresolvableReferenceError`."""
+    _split(reference)
+    return str(reference)
+
+
+def _lookup(reference: str) -> Any:
+    """The canonical object ``reference`` names, in an already imported module only."""
+    module_name, qualname = _split(reference)
+    module = sys.modules.get(module_name)
+    if module is None:
+        raise UnresolvableReferenceError(
+            f"{reference!r}: module {module_name!r} is not imported in this process; "
+            "nnhandler never imports a module on a checkpoint's word — import it before "
+            "loading (a script that defines or imports the class has done so), or pass the "
+            "class explicitly"
+        )
+    obj: Any = module
     for part in qualname.split("."):
         try:
-            obj = getattr(obj, part)
+            obj = inspect.getattr_static(obj, part)
         except AttributeError:
             raise UnresolvableReferenceError(
                 f"{reference!r}: module {module_name!r} has no attribute {qualname!r}"
             ) from None
-    return obj
-
-
-def resolve_class(reference: str, base: type[T]) -> type[T]:
-    """The class named by ``reference``, which must be a subclass of ``base``."""
-    obj = _lookup(reference)
-    if not (inspect.isclass(obj) and issubclass(obj, base)):
+    if isinstance(obj, (staticmethod, classmethod)):
+        obj = obj.__func__
+    try:
+        canonical = reference_of(obj)
+    except NotReferenceableError:
+        canonical = None
+    if canonical != reference:
         raise UnresolvableReferenceError(
-            f"{reference!r} resolves to {obj!r}, which is not a subclass of "
-            f"{base.__module__}.{base.__qualname__}; refusing to use it"
+            f"{reference!r} leads to {obj!r:.80}, which is not defined under that name "
+            f"(it reports {canonical!r}); refusing it"
         )
     return obj
 
 
-def resolve_function(reference: str, trusted_packages: frozenset[str]) -> Any:
-    """The Python function named by ``reference``, from one of ``trusted_packages`` only.
-
-    A function has no base class to check against, so a checkpoint could otherwise name
-    ``os.system``; functions are accepted only from the given top-level packages (the model's
-    own package, ``torch``, ``__main__``) and never as C builtins.
-    """
-    package = reference.split(":", 1)[0].split(".", 1)[0]
-    if package not in trusted_packages:
+def resolve_class(reference: str, base: type[T] | tuple[type[Any], ...]) -> type[T]:
+    """The class named by ``reference``, which must be a subclass of ``base`` (a class or a
+    tuple of classes)."""
+    obj = _lookup(reference)
+    if not (inspect.isclass(obj) and issubclass(obj, base)):
+        bases = base if isinstance(base, tuple) else (base,)
+        names = " or ".join(f"{b.__module__}.{b.__qualname__}" for b in bases)
         raise UnresolvableReferenceError(
-            f"{reference!r}: functions are restored only from {sorted(trusted_packages)}; "
+            f"{reference!r} resolves to {obj!r}, which is not a subclass of {names}; "
+            "refusing to use it"
+        )
+    return obj
+
+
+def resolve_function(reference: str, trusted: frozenset[str]) -> Any:
+    """The Python function named by ``reference``, from a trusted module only.
+
+    ``trusted`` holds top-level package names (``"__main__"``, the model's package) or full
+    module names (``"torch.nn.functional"``); the reference's module must be one of them or
+    inside one of the packages. C builtins (``os:_exit``) are never accepted.
+    """
+    module_name, _ = _split(reference)
+    package = module_name.split(".", 1)[0]
+    if package not in trusted and module_name not in trusted:
+        raise UnresolvableReferenceError(
+            f"{reference!r}: functions are restored only from {sorted(trusted)}; "
             "set it again after loading"
         )
     obj = _lookup(reference)
@@ -112,9 +170,11 @@ def encode_value(value: Any, where: str) -> Any:
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise NotReferenceableError(f"{where} is a dict with non-str keys: {value!r}")
+        if REF_KEY in value:
+            raise NotReferenceableError(f"{where} uses the reserved key {REF_KEY!r}")
         return {k: encode_value(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, torch.device):
-        return {REF_KEY: "torch:device", "args": str(value)}
+        return {REF_KEY: _DEVICE_REF, "args": str(value)}
     if inspect.isclass(value) or inspect.isfunction(value) or inspect.isbuiltin(value):
         return {REF_KEY: reference_of(value)}
     raise NotReferenceableError(
@@ -123,23 +183,79 @@ def encode_value(value: Any, where: str) -> Any:
     )
 
 
-def decode_value(value: Any) -> Any:
-    """Inverse of :func:`encode_value`; references resolve to classes or functions only."""
+@dataclass(frozen=True)
+class Unrestored:
+    """An argument a checkpoint recorded but never supplies on load (a function or another
+    callable): ``name`` is the argument, ``reference`` what the file named, ``reason`` why it
+    was not restored."""
+
+    name: str
+    reference: str
+    reason: str
+
+
+class _NotRestorable(Exception):
+    def __init__(self, reference: str, reason: str) -> None:
+        super().__init__(reason)
+        self.reference, self.reason = reference, reason
+
+
+def decode_arguments(encoded: Any, where: str) -> tuple[dict[str, Any], tuple[Unrestored, ...]]:
+    """Keyword arguments recorded by :func:`encode_value`, as far as a file may supply them.
+
+    Returns the arguments that were restored and, separately, those that were not (function
+    and other callable references, classes that are not ``nn.Module`` subclasses, references
+    that do not resolve): the caller tells the user to pass those again. Malformed data is an
+    :class:`~nnhandler.UnresolvableReferenceError` naming ``where``.
+    """
+    if not isinstance(encoded, Mapping) or not all(isinstance(k, str) for k in encoded):
+        raise UnresolvableReferenceError(f"{where}: recorded arguments must be a dict with str "
+                                         f"keys, got {encoded!r:.80}")
+    restored: dict[str, Any] = {}
+    unrestored: list[Unrestored] = []
+    for name, value in encoded.items():
+        try:
+            restored[name] = _decode(value, f"{where} {name!r}")
+        except _NotRestorable as refusal:
+            unrestored.append(Unrestored(name, refusal.reference, refusal.reason))
+    return restored, tuple(unrestored)
+
+
+def _decode(value: Any, where: str) -> Any:
     if isinstance(value, list):
-        return [decode_value(item) for item in value]
+        return [_decode(item, where) for item in value]
     if isinstance(value, tuple):
-        return tuple(decode_value(item) for item in value)
+        return tuple(_decode(item, where) for item in value)
     if isinstance(value, dict):
         if REF_KEY in value:
-            if value[REF_KEY] == "torch:device":
-                import torch
-
-                return torch.device(value["args"])
-            obj = _lookup(value[REF_KEY])
-            if not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)):
-                raise UnresolvableReferenceError(
-                    f"{value[REF_KEY]!r} is neither a class nor a function; refusing to use it"
-                )
-            return obj
-        return {k: decode_value(v) for k, v in value.items()}
+            return _decode_reference(value, where)
+        return {k: _decode(v, where) for k, v in value.items()}
     return value
+
+
+def _decode_reference(value: Mapping[str, Any], where: str) -> Any:
+    reference = value[REF_KEY]
+    if reference == _DEVICE_REF:
+        import torch
+
+        if set(value) != {REF_KEY, "args"} or not isinstance(value["args"], str):
+            raise UnresolvableReferenceError(f"{where}: malformed device record {value!r:.80}")
+        try:
+            return torch.device(value["args"])
+        except RuntimeError as error:
+            raise UnresolvableReferenceError(
+                f"{where}: {value['args']!r} is not a device: {error}") from None
+    if set(value) != {REF_KEY}:
+        raise UnresolvableReferenceError(f"{where}: malformed reference record {value!r:.80}")
+    check_reference(reference)
+    try:
+        obj = _lookup(reference)
+    except UnresolvableReferenceError as error:
+        raise _NotRestorable(reference, str(error)) from None
+    from torch import nn
+
+    if inspect.isclass(obj) and issubclass(obj, nn.Module):
+        return obj
+    kind = "a class" if inspect.isclass(obj) else "a function or other callable"
+    raise _NotRestorable(
+        reference, f"{reference!r} is {kind}; a checkpoint never supplies one as an argument")

@@ -9,20 +9,22 @@ lambda, a closure, a callable object — is not recorded; the user sets it again
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
 from ..checkpoint.refs import (
     NotReferenceableError,
-    decode_value,
+    decode_arguments,
     encode_value,
     reference_of,
     resolve_class,
     resolve_function,
 )
+from ..checkpoint.schema import Schema
+from ..errors import UnresolvableReferenceError
 
-__all__ = ["build_callable", "describe_callable"]
+__all__ = ["CallableSpec", "FunctionSpec", "ModuleSpec", "build_callable", "describe_callable"]
 
 
 def describe_callable(obj: Any, what: str) -> tuple[dict[str, Any] | None, str | None]:
@@ -58,15 +60,40 @@ def _describe_module(module: nn.Module, what: str) -> dict[str, Any]:
     }
 
 
-def build_callable(spec: dict[str, Any], trusted_packages: frozenset[str]) -> Any:
-    """The function or module a spec from :func:`describe_callable` describes.
+class FunctionSpec(Schema):
+    """A recorded module-level function (schema of what a checkpoint may hold)."""
 
-    Functions are resolved from ``trusted_packages`` only (see ``resolve_function``); modules
-    must be ``nn.Module`` subclasses.
+    kind: Literal["function"]
+    ref: str
+
+
+class ModuleSpec(Schema):
+    """A recorded ``nn.Module`` loss or metric: class, constructor arguments, buffers."""
+
+    kind: Literal["module"]
+    ref: str
+    kwargs: dict[str, Any]
+    state: dict[str, Any]
+
+
+CallableSpec = FunctionSpec | ModuleSpec
+
+
+def build_callable(spec: FunctionSpec | ModuleSpec, trusted: frozenset[str]) -> Any:
+    """The function or module a (validated) spec from :func:`describe_callable` describes.
+
+    Functions are resolved from ``trusted`` modules only (see ``resolve_function``); modules
+    must be ``nn.Module`` subclasses, and a constructor argument that is a function is never
+    taken from the file (:class:`~nnhandler.UnresolvableReferenceError` says which to pass).
     """
-    if spec["kind"] == "function":
-        return resolve_function(spec["ref"], trusted_packages)
-    cls = resolve_class(spec["ref"], nn.Module)
-    module = cls(**decode_value(spec["kwargs"]))
-    module.load_state_dict(spec["state"], strict=False)
+    if isinstance(spec, FunctionSpec):
+        return resolve_function(spec.ref, trusted)
+    cls = resolve_class(spec.ref, nn.Module)
+    kwargs, unrestored = decode_arguments(spec.kwargs, f"{cls.__qualname__} argument")
+    if unrestored:
+        raise UnresolvableReferenceError(
+            f"{cls.__qualname__} argument(s) {[u.name for u in unrestored]} name "
+            f"{[u.reference for u in unrestored]}; a checkpoint never supplies functions")
+    module = cls(**kwargs)
+    module.load_state_dict(spec.state, strict=False)
     return module
