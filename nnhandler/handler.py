@@ -32,7 +32,7 @@ from .checkpoint.refs import (
     reference_of,
     resolve_class,
 )
-from .checkpoint.schema import validate
+from .checkpoint.schema import relocate, validate
 from .checkpoint.sharded import (
     SHARDED_KEYS,
     SHARDED_SUFFIX,
@@ -1136,7 +1136,13 @@ class NNHandler:
     def _apply_checkpoint(self, checkpoint: Checkpoint, skip: set[str]) -> None:
         """Restore every state of ``checkpoint`` not in ``skip`` (random streams last)."""
         state = checkpoint.state
+        source = str(checkpoint.path)
         sharded = isinstance(checkpoint, ShardedCheckpoint)
+        if "rng" in state:  # restored last, checked first: nothing changes if it is bad
+            try:
+                self._rng.check_state(state["rng"])
+            except CheckpointSchemaError as error:
+                raise relocate(error, prefix="state['rng']", path=source) from None
         if not sharded and self.sharded_checkpoints and "model" in state:
             raise CheckpointError(
                 f"{str(checkpoint.path)!r} was written from an unsharded model and cannot be "
@@ -1150,7 +1156,7 @@ class NNHandler:
         restore_skip = skip | {"config", "rng"}  # the caller applied the config
         if sharded:
             restore_skip |= SHARDED_KEYS  # their tensors are in the DCP files: loaded below
-        result = self._registry.restore(state, skip=frozenset(restore_skip))
+        result = self._registry.restore(state, skip=frozenset(restore_skip), source=source)
         if "position" not in state:  # written before positions were recorded: an epoch's end
             self._position.load_state_dict({"partial": None})
         if sharded:

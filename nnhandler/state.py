@@ -6,7 +6,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import CheckpointError, DuplicateStateKeyError
+from .checkpoint.schema import relocate
+from .errors import CheckpointError, CheckpointSchemaError, DuplicateStateKeyError
 
 __all__ = ["RestoreResult", "StateProvider", "StateRegistry"]
 
@@ -19,7 +20,11 @@ class StateProvider(Protocol):
     ``state_dict()`` must be cheap and free of side effects: it may be called at any save, and it
     must return only tensors, numbers, strings, ``None`` and lists/tuples/dicts of those (the
     checkpoint opens with ``torch.load(weights_only=True)``). ``load_state_dict(state)`` receives
-    exactly what ``state_dict()`` returned. ``torch.nn.Module``-like objects, optimizers,
+    exactly what ``state_dict()`` returned. A provider may also define
+    ``check_state(state)``: it is called for every provider before any state of a checkpoint is
+    loaded (the file is untrusted data), and raises — typically a
+    :class:`~nnhandler.CheckpointSchemaError` from a pydantic schema — when ``state`` does not
+    fit, so a bad file changes nothing. ``torch.nn.Module``-like objects, optimizers,
     schedulers and ``GradScaler`` satisfy the two methods already; give them a ``state_key`` via a
     small wrapper (see ``nnhandler.components``).
     """
@@ -99,6 +104,7 @@ class StateRegistry:
                 f"{describe_owner(existing)}; give one of them a different state_key"
             )
         if key in self._pending:  # a state that does not fit leaves the provider unregistered
+            _check(provider, key, self._pending[key], None)
             _load_into(provider, key, self._pending[key])
             del self._pending[key]
             self._providers[key] = provider
@@ -122,15 +128,24 @@ class StateRegistry:
         return states
 
     def restore(
-        self, states: Mapping[str, Any], skip: frozenset[str] = frozenset()
+        self, states: Mapping[str, Any], skip: frozenset[str] = frozenset(),
+        source: str | None = None,
     ) -> RestoreResult:
-        """Load ``states`` into registered providers; keep the rest as pending."""
+        """Load ``states`` into registered providers; keep the rest as pending.
+
+        Every state is first checked (``check_state`` of its provider, where defined), so an
+        error leaves every provider as it was. ``source`` names the file in errors.
+        """
+        for key, state in states.items():
+            provider = self._providers.get(key)
+            if key not in skip and provider is not None:
+                _check(provider, key, state, source)
         restored, skipped, unmatched = [], [], []
         for key, state in states.items():
             if key in skip:
                 skipped.append(key)
             elif key in self._providers:
-                _load_into(self._providers[key], key, state)
+                _load_into(self._providers[key], key, state, source)
                 restored.append(key)
             else:
                 self._pending[key] = state
@@ -139,12 +154,33 @@ class StateRegistry:
         return RestoreResult(tuple(restored), tuple(skipped), tuple(unmatched), missing)
 
 
-def _load_into(provider: StateProvider, key: str, state: Any) -> None:
+def _check(provider: StateProvider, key: str, state: Any, source: str | None) -> None:
+    check = getattr(provider, "check_state", None)
+    if check is None:
+        return
+    try:
+        check(state)
+    except CheckpointSchemaError as error:
+        raise relocate(error, prefix=f"state[{key!r}]", path=source) from None
+    except CheckpointError:
+        raise
+    except Exception as error:
+        raise CheckpointError(_cannot_load(key, provider, source, error)) from error
+
+
+def _cannot_load(key: str, provider: StateProvider, source: str | None,
+                 error: BaseException) -> str:
+    origin = f" (from {source!r})" if source is not None else ""
+    return (f"checkpoint state {key!r} cannot be loaded into {describe_owner(provider)}{origin}: "
+            f"{error}")
+
+
+def _load_into(provider: StateProvider, key: str, state: Any, source: str | None = None) -> None:
     """``provider.load_state_dict(state)``; a state that does not fit is a CheckpointError
     naming the key and the owner (e.g. optimizer state for a different set of parameters)."""
     try:
         provider.load_state_dict(state)
+    except CheckpointSchemaError as error:
+        raise relocate(error, prefix=f"state[{key!r}]", path=source) from None
     except Exception as error:
-        raise CheckpointError(
-            f"checkpoint state {key!r} cannot be loaded into {describe_owner(provider)}: {error}"
-        ) from error
+        raise CheckpointError(_cannot_load(key, provider, source, error)) from error

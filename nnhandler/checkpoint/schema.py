@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import CheckpointSchemaError
 
-__all__ = ["Schema", "describe_location", "validate"]
+__all__ = ["Schema", "describe_location", "relocate", "schema_error", "validate"]
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -40,23 +40,47 @@ def describe_location(location: tuple[int | str, ...]) -> str:
     return text
 
 
+def _message(path: str | None, field: str, detail: str) -> str:
+    source = f"{path!r}: " if path is not None else ""
+    return (f"{source}{field} {detail} (the file does not match the checkpoint schema: it was "
+            "not written by this nnhandler version, or it was altered)")
+
+
+def schema_error(detail: str, *, field: str, path: str | None = None) -> CheckpointSchemaError:
+    """A :class:`~nnhandler.CheckpointSchemaError` for ``field`` (``detail`` says what is
+    wrong with it, e.g. ``"is 'abc': not an integer"``)."""
+    error = CheckpointSchemaError(_message(path, field, detail), path=path, field=field)
+    error.detail = detail  # type: ignore[attr-defined]
+    return error
+
+
+def relocate(error: CheckpointSchemaError, *, prefix: str,
+             path: str | None) -> CheckpointSchemaError:
+    """``error`` (raised for a value's own fields) as seen from the file: its field under
+    ``prefix`` (``"state['progress']"``) and the file named."""
+    inner = error.field or ""
+    if not inner:
+        field = prefix
+    elif inner.startswith((".", "[")):
+        field = prefix + inner
+    else:
+        field = f"{prefix}.{inner}"
+    detail = getattr(error, "detail", str(error))
+    return schema_error(detail, field=field, path=path if path is not None else error.path)
+
+
 def validate(schema: type[S], data: Any, *, where: str, path: str | None = None) -> S:
     """``data`` as an instance of ``schema``; a :class:`~nnhandler.CheckpointSchemaError`
     naming ``path`` (the file) and the field (``where`` plus the location inside it) when it
-    does not fit."""
+    does not fit. ``where`` may be ``""`` for a value whose location the caller adds later
+    (:func:`relocate`)."""
     try:
         return schema.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
         inner = describe_location(tuple(first["loc"]))
-        field = f"{where}.{inner}" if inner else where
-        value = first.get("input")
-        shown = repr(value)
+        field = f"{where}.{inner}" if inner and where else inner or where or "(value)"
+        shown = repr(first.get("input"))
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        source = f"{path!r}: " if path is not None else ""
-        raise CheckpointSchemaError(
-            f"{source}{field} is {shown}: {first['msg']} (the file does not match the "
-            "checkpoint schema; it was not written by this nnhandler, or it was altered)",
-            path=path, field=field,
-        ) from None
+        raise schema_error(f"is {shown}: {first['msg']}", field=field, path=path) from None

@@ -3,9 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from ..checkpoint.schema import Schema, validate
 
 __all__ = ["History", "Progress"]
+
+
+LogValue = bool | int | float | str | None
+
+
+class HistoryRecord(Schema):
+    """What a checkpoint's ``history`` state may hold."""
+
+    train_losses: list[float]
+    val_losses: list[float]
+    train_metrics: dict[str, list[float]]
+    val_metrics: dict[str, list[float]]
+    epoch_logs: list[dict[str, LogValue]]
+
+
+class ProgressRecord(Schema):
+    """What a checkpoint's ``progress`` state may hold."""
+
+    epoch: Annotated[int, Field(ge=0)]
+    step: Annotated[int, Field(ge=0)]
+    run_seed: Annotated[int, Field(ge=0, lt=2**63)] | None
+    run_id: Annotated[str, Field(pattern=r"^[0-9a-f]{1,64}$")] | None = None
 
 
 @dataclass
@@ -49,6 +75,10 @@ class History:
             "epoch_logs": [dict(logs) for logs in self.epoch_logs],
         }
 
+    @staticmethod
+    def check_state(state: Any) -> None:
+        validate(HistoryRecord, state, where="")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.train_losses = [float(x) for x in state["train_losses"]]
         self.val_losses = [float(x) for x in state["val_losses"]]
@@ -81,6 +111,10 @@ class Progress:
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "run_seed": self.run_seed,
                 "run_id": self.run_id}
+
+    @staticmethod
+    def check_state(state: Any) -> None:
+        validate(ProgressRecord, state, where="")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])

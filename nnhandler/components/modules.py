@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ComponentState", "ModelState", "unwrap_model"]
+from ..checkpoint.schema import schema_error
+
+__all__ = ["ComponentState", "ModelState", "check_module_state", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -20,6 +22,30 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = inner
         else:
             return model
+
+
+def check_module_state(module: nn.Module, state: Any, *, strict: bool = True) -> None:
+    """Raise a :class:`~nnhandler.CheckpointSchemaError` unless ``state`` is a state dict that
+    ``module.load_state_dict`` takes whole: tensors under the module's keys, with its shapes
+    (all keys, with ``strict``). ``load_state_dict`` itself copies what fits before it
+    complains, so a bad file would otherwise leave a half-loaded model."""
+    if not isinstance(state, dict):
+        raise schema_error(f"is a {type(state).__name__}, not a state dict", field="")
+    own = module.state_dict()
+    if strict:
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise schema_error(f"does not fit {type(module).__qualname__}: missing keys "
+                               f"{missing[:5]}, unexpected keys {unexpected[:5]}", field="")
+    for key, tensor in state.items():
+        expected = own.get(key)
+        if expected is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise schema_error(f"is a {type(tensor).__name__}, not a tensor", field=f"[{key!r}]")
+        if tensor.shape != expected.shape:
+            raise schema_error(f"has shape {tuple(tensor.shape)}; {type(module).__qualname__} "
+                               f"expects {tuple(expected.shape)}", field=f"[{key!r}]")
 
 
 class ComponentState:
@@ -38,6 +64,14 @@ class ComponentState:
     def state_dict(self) -> Any:
         return self._get().state_dict()
 
+    def check_state(self, state: Any) -> None:
+        """A state dict (a dict); a module's (EMA) must fit its keys and shapes."""
+        target = self._get()
+        if isinstance(target, nn.Module):
+            check_module_state(target, state)
+        elif not isinstance(state, dict):
+            raise schema_error(f"is a {type(state).__name__}, not a state dict", field="")
+
     def load_state_dict(self, state: Any) -> None:
         self._get().load_state_dict(state)
 
@@ -54,6 +88,9 @@ class ModelState(ComponentState):
     def state_dict(self) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = unwrap_model(self._get()).state_dict()
         return state
+
+    def check_state(self, state: Any) -> None:
+        check_module_state(unwrap_model(self._get()), state, strict=self.strict)
 
     def load_state_dict(self, state: Any) -> None:
         unwrap_model(self._get()).load_state_dict(state, strict=self.strict)
