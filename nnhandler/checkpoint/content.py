@@ -16,12 +16,12 @@ from pydantic import Field
 
 from ..components.callables import FunctionSpec, ModuleSpec
 from ..config import TrainSettings
-from ..errors import CheckpointFormatError, UnresolvableReferenceError
+from ..errors import CheckpointFormatError, CheckpointSchemaError, UnresolvableReferenceError
 from .refs import check_reference
 from .schema import Schema, validate
 
 __all__ = ["ConfigRecord", "EnvelopeRecord", "FormatRecord", "MetaRecord", "check_config",
-           "check_envelope", "check_references"]
+           "check_contents", "check_envelope", "check_references"]
 
 NonNegative = Annotated[int, Field(ge=0)]
 LogValue = bool | int | float | str | None
@@ -124,3 +124,24 @@ def check_references(config: ConfigRecord, path: str) -> None:
         except UnresolvableReferenceError as error:
             raise UnresolvableReferenceError(
                 f"{path!r}: state['config'].{field}: {error}") from None
+
+
+def check_contents(state: Any, path: str) -> None:
+    """What :meth:`NNHandler.load` would refuse, found without building anything: the
+    configuration and its references, and the schemas of the handler's own components
+    (history, progress, random streams). Model and optimizer tensors are checked against the
+    live model only when loading. Raises a :class:`~nnhandler.CheckpointError` subclass."""
+    from ..components.history import History, Progress
+    from ..components.rng import RNGState
+    from .schema import relocate
+
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(f"{path!r}: its state is not a dict")
+    check_references(check_config(state.get("config"), path), path)
+    for key, check in (("history", History.check_state), ("progress", Progress.check_state),
+                       ("rng", RNGState.check_state)):
+        if key in state:
+            try:
+                check(state[key])
+            except CheckpointSchemaError as error:
+                raise relocate(error, prefix=f"state[{key!r}]", path=path) from None

@@ -1,27 +1,46 @@
 """Finding the newest valid checkpoint in a directory — by recorded epoch, never by file time.
 
 Candidates are ``*.pth`` files (ranked by their integrity record) and ``*.dcp`` sharded
-checkpoint directories (ranked by their manifest). Where the directory has a retention index
-(:mod:`.index`), a checkpoint it lists as kept wins over another of the same epoch and step.
-Checkpoints the index does not list stay candidates: a save by hand or by an auto-saver
-without ``keep_*`` rules in the same directory is never passed over for an older indexed one.
+checkpoint directories (ranked by their manifest); exported weights files (``export()``) are
+not checkpoints and never candidates. A candidate is *valid* only when it would load: its
+checksums match, its format version is one this nnhandler reads, and its content fits the
+declared schema (:func:`check_candidate`, shared by ``load_latest``, ``train(resume="latest")``
+and ``nnhandler list``/``verify``). A file that vanishes while the directory is read (another
+job's retention removed it) is skipped, never reported as damaged.
+
+Where the directory has a retention index (:mod:`.index`), a checkpoint it lists as kept wins
+over another of the same epoch and step. Checkpoints the index does not list stay candidates:
+a save by hand or by an auto-saver without ``keep_*`` rules in the same directory is never
+passed over for an older indexed one.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, CheckpointIndexError
+from .content import check_contents
+from .envelope import FORMAT_VERSION, read_checkpoint
 from .index import IndexSection, read_index
 from .integrity import IntegrityRecord, read_integrity_record, verify_file
-from .sharded import SHARDED_SUFFIX, manifest_record, verify_sharded
+from .migrations import readable_version_problem
+from .sharded import ENVELOPE_FILE, SHARDED_SUFFIX, manifest_record, verify_sharded
 from .writer import is_temp_file
 
-__all__ = ["CheckpointCandidate", "find_latest_valid", "list_checkpoints", "read_index_or_warn",
-           "verify_candidate"]
+__all__ = [
+    "CheckpointCandidate",
+    "check_candidate",
+    "find_latest_valid",
+    "first_valid",
+    "list_checkpoints",
+    "read_index_or_warn",
+    "vanished",
+    "verify_candidate",
+]
 
 CHECKPOINT_GLOB = "*.pth"
 
@@ -82,18 +101,69 @@ def list_checkpoints(directory: str | Path,
                  "superseded": path.name in removing and path.name not in kept}
         try:
             record = manifest_record(path) if sharded else read_integrity_record(path)
-            candidates.append(CheckpointCandidate(path, record, None, **marks))
         except (CheckpointError, OSError) as error:
+            if vanished(path, error):
+                continue
             candidates.append(CheckpointCandidate(path, None, str(error), **marks))
+            continue
+        if record.get("kind", "checkpoint") != "checkpoint":
+            continue  # an export() weights file beside the checkpoints
+        problem = _version_problem(path, record)
+        candidates.append(CheckpointCandidate(path, None if problem else record, problem,
+                                              **marks))
     return sorted(candidates, key=lambda c: c.rank, reverse=True)
 
 
+def vanished(path: Path, error: BaseException) -> bool:
+    """Whether ``error`` only means that ``path`` was removed while it was being read."""
+    return isinstance(error, FileNotFoundError) or not os.path.lexists(path)
+
+
+def _version_problem(path: Path, record: IntegrityRecord) -> str | None:
+    """Why a file of this format version would not load (``None`` when it would)."""
+    version = record.get("format_version")
+    if version is None:  # a sharded checkpoint's manifest: its envelope says, when checked
+        return None
+    return readable_version_problem(int(version), FORMAT_VERSION, repr(str(path)))
+
+
 def verify_candidate(path: Path) -> IntegrityRecord:
-    """Check a checkpoint file or sharded directory completely; returns its record."""
+    """Check a checkpoint file or sharded directory's checksums completely; returns its
+    record. (:func:`check_candidate` also checks that it would load.)"""
     if path.is_dir():
         verify_sharded(path)
         return manifest_record(path)
     return verify_file(path)
+
+
+def check_candidate(path: Path) -> IntegrityRecord:
+    """Whether ``path`` would load: every checksum, the format version, and the content
+    against the declared schema (tensors are mapped, not read). Returns its record; raises a
+    :class:`~nnhandler.CheckpointError` subclass (or ``OSError``) saying what is wrong."""
+    record = verify_candidate(path)
+    envelope = path / ENVELOPE_FILE if path.is_dir() else path
+    checkpoint = read_checkpoint(envelope, map_location="cpu", verify=False, mmap=True)
+    check_contents(checkpoint.state, str(path))
+    return record
+
+
+def first_valid(candidates: Iterable[CheckpointCandidate],
+                check: Callable[[Path], object] = check_candidate,
+                on_problem: Callable[[CheckpointCandidate, str], None] | None = None,
+                ) -> CheckpointCandidate | None:
+    """The first candidate (in ranking order) that passes ``check``; files that vanish are
+    skipped silently, other failures go to ``on_problem``."""
+    for candidate in candidates:
+        if candidate.record is None:
+            continue
+        try:
+            check(candidate.path)
+        except (CheckpointError, OSError) as error:
+            if not vanished(candidate.path, error) and on_problem is not None:
+                on_problem(candidate, str(error))
+            continue
+        return candidate
+    return None
 
 
 def find_latest_valid(directory: str | Path, logger: logging.Logger) -> Path | None:
@@ -109,13 +179,6 @@ def find_latest_valid(directory: str | Path, logger: logging.Logger) -> Path | N
         # newest file, damaged): name each one even when an older valid file is chosen
         if candidate.record is None:
             logger.warning("skipping %s: %s", candidate.path, candidate.problem)
-    for candidate in candidates:
-        if candidate.record is None:
-            continue
-        try:
-            verify_candidate(candidate.path)
-        except (CheckpointError, OSError) as error:
-            logger.warning("skipping %s: %s", candidate.path, error)
-            continue
-        return candidate.path
-    return None
+    chosen = first_valid(candidates, on_problem=lambda candidate, problem: logger.warning(
+        "skipping %s: %s", candidate.path, problem))
+    return None if chosen is None else chosen.path

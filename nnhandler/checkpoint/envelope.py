@@ -197,14 +197,16 @@ def write_envelope(
 
 
 def read_checkpoint(
-    path: str | os.PathLike[str], map_location: Any = None, *, verify: bool = True
+    path: str | os.PathLike[str], map_location: Any = None, *, verify: bool = True,
+    mmap: bool = False,
 ) -> Checkpoint:
     """Read and check an envelope; never executes code from the file.
 
     With ``verify`` (the default) the integrity record at the file's end is checked first (a
     truncated file fails here), then the whole file is checked against its CRC-32 while
     ``torch.load(weights_only=True)`` reads it; any damage raises
-    :class:`CheckpointCorruptedError` and no data is returned.
+    :class:`CheckpointCorruptedError` and no data is returned. ``mmap`` maps the tensors'
+    storages instead of reading them (for checking what a file holds without loading it).
     """
     path = Path(path)
     if not path.is_file():
@@ -216,7 +218,7 @@ def read_checkpoint(
         read_integrity_record(path)
     verification = _start_verification(path) if verify else None
     try:
-        envelope = _load_envelope(path, map_location)
+        envelope = _load_envelope(path, map_location, mmap)
     except CheckpointError:
         if verification is not None:
             verification.result()  # damage explains the failure: report it as such
@@ -233,9 +235,9 @@ def _start_verification(path: Path) -> Future[Any]:
     return future
 
 
-def _load_envelope(path: Path, map_location: Any) -> Any:
+def _load_envelope(path: Path, map_location: Any, mmap: bool = False) -> Any:
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise CheckpointFormatError(
             f"{str(path)!r} holds objects other than tensors and plain data and was refused "

@@ -19,9 +19,12 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import Field
 
 from ..errors import CheckpointCorruptedError
+from .schema import Schema, schema_error, validate
 
 try:  # ISA-L's CRC-32: the same values as zlib.crc32, 6-30x faster (PCLMUL/SIMD)
     from isal.isal_zlib import crc32, crc32_combine
@@ -82,8 +85,25 @@ def integrity_record(metadata: dict[str, Any], covered_size: int, crc: int) -> b
     return record
 
 
+class IntegrityRecordSchema(Schema):
+    """What the JSON of an integrity record may hold (checked before any value is used)."""
+
+    algorithm: Literal["crc32"]
+    covered_size: Annotated[int, Field(ge=0)]
+    crc32: Annotated[int, Field(ge=0, lt=2**32)]
+    #: ``"export"``: the weights file of ``NNHandler.export`` (not a checkpoint)
+    kind: Literal["checkpoint", "export"] = "checkpoint"
+    format_version: Annotated[int, Field(ge=0)] | None = None
+    epoch: Annotated[int, Field(ge=0)] | None = None
+    step: Annotated[int, Field(ge=0)] | None = None
+    time: str | None = None
+    logs: dict[str, bool | int | float | str | None] = {}
+    lineage: str | None = None
+
+
 class IntegrityRecord(dict[str, Any]):
-    """The JSON of a checkpoint's integrity record (epoch, step, logs, crc32, covered_size)."""
+    """The JSON of a checkpoint's integrity record (epoch, step, logs, crc32, covered_size),
+    validated against :class:`IntegrityRecordSchema` when read from a file."""
 
     @property
     def epoch(self) -> int:
@@ -113,13 +133,20 @@ def read_integrity_record(path: Path) -> IntegrityRecord:
     if comment_length != record_length:
         raise CheckpointCorruptedError(f"{str(path)!r}: the zip comment length is damaged")
     try:
-        record = IntegrityRecord(json.loads(head[len(MAGIC):]))
+        data = json.loads(head[len(MAGIC):])
     except ValueError as error:  # cannot happen with a matching CRC unless written wrongly
         raise CheckpointCorruptedError(f"{str(path)!r}: unreadable integrity record") from error
-    if record.get("covered_size") != size - record_length - 2:
+    validate(IntegrityRecordSchema, data, where="integrity record", path=str(path))
+    record = IntegrityRecord(data)
+    if record.get("kind", "checkpoint") == "checkpoint":
+        for key in ("format_version", "epoch", "step"):
+            if record.get(key) is None:
+                raise schema_error("is missing (a checkpoint's record names it)",
+                                   field=f"integrity record.{key}", path=str(path))
+    if record["covered_size"] != size - record_length - 2:
         raise CheckpointCorruptedError(
             f"{str(path)!r}: the file is {size} bytes, its record expects "
-            f"{record.get('covered_size', 0) + record_length + 2} (truncated or extended)"
+            f"{record['covered_size'] + record_length + 2} (truncated or extended)"
         )
     return record
 

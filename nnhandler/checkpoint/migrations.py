@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import CheckpointFormatError
 
-__all__ = ["migrate", "register_migration", "unregister_migration"]
+__all__ = ["migrate", "readable_version_problem", "register_migration", "unregister_migration"]
 
 Envelope = dict[str, Any]
 _MIGRATIONS: dict[int, Callable[[Envelope], Envelope]] = {}
@@ -43,21 +43,26 @@ def unregister_migration(from_version: int) -> None:
     _MIGRATIONS.pop(from_version, None)
 
 
+def readable_version_problem(version: int, target: int, where: str) -> str | None:
+    """Why a file of format ``version`` cannot be read by a reader of ``target`` (``None``
+    when it can: the same version, or an older one with a migration for every step)."""
+    if version > target:
+        return (f"{where} has checkpoint format version {version}, newer than version "
+                f"{target} that this nnhandler reads; upgrade nnhandler to load it")
+    for step in range(version, target):
+        if step not in _MIGRATIONS:
+            return (f"{where} has checkpoint format version {version}; no migration to "
+                    f"version {step + 1} is registered (this nnhandler writes version {target})")
+    return None
+
+
 def migrate(envelope: Envelope, version: int, target: int, where: str) -> Envelope:
     """``envelope`` (of format ``version``) lifted to ``target``."""
-    if version > target:
-        raise CheckpointFormatError(
-            f"{where} has checkpoint format version {version}, newer than version {target} that "
-            "this nnhandler reads; upgrade nnhandler to load it"
-        )
+    problem = readable_version_problem(version, target, where)
+    if problem is not None:
+        raise CheckpointFormatError(problem)
     while version < target:
-        step = _MIGRATIONS.get(version)
-        if step is None:
-            raise CheckpointFormatError(
-                f"{where} has checkpoint format version {version}; no migration to version "
-                f"{version + 1} is registered (this nnhandler writes version {target})"
-            )
-        envelope = step(envelope)
+        envelope = _MIGRATIONS[version](envelope)
         version += 1
         envelope["format"] = {**envelope.get("format", {}), "version": version}
     return envelope

@@ -24,12 +24,15 @@ import ctypes
 import errno
 import json
 import os
+import re
 import secrets
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Final
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Final, Literal
+
+from pydantic import AfterValidator, Field
 
 from ..distributed import DistributedContext, all_gather_objects, run_on_rank_zero
 from ..errors import (
@@ -40,6 +43,7 @@ from ..errors import (
 )
 from .envelope import Checkpoint, read_checkpoint, write_checkpoint
 from .integrity import IntegrityRecord, crc32, file_crc32
+from .schema import Schema, validate
 from .writer import atomic_write, fsync_directory, remove_checkpoint_path, temp_path_for
 
 if TYPE_CHECKING:  # DCP is imported only when a sharded checkpoint is written or loaded
@@ -264,7 +268,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         outer = json.loads(raw)
         text, recorded = outer["body"], outer["crc32"]
-        if crc32(text.encode()) != recorded:
+        if not isinstance(text, str) or crc32(text.encode()) != recorded:
             raise CheckpointCorruptedError(f"{str(file)!r} is corrupted: its CRC-32 does not "
                                            "match its content")
         body = json.loads(text)
@@ -274,16 +278,49 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointCorruptedError(f"{str(file)!r} is damaged: {error}") from error
     if name != MANIFEST_FORMAT or type(version) is not int:
-        raise CheckpointFormatError(f"{str(file)!r} has format {name!r} version {version!r}, "
-                                    f"expected {MANIFEST_FORMAT!r}")
+        raise CheckpointFormatError(f"{str(file)!r} has format {name!r:.80} version "
+                                    f"{version!r:.80}, expected {MANIFEST_FORMAT!r}")
     if version > MANIFEST_VERSION:
         raise CheckpointFormatError(
             f"{str(path)!r} has sharded format version {version}, newer than version "
             f"{MANIFEST_VERSION} that this nnhandler reads; upgrade nnhandler to load it"
         )
-    if not isinstance(body.get("files"), dict) or ENVELOPE_FILE not in body["files"]:
+    checked = validate(ManifestBody, body, where="manifest", path=str(file))
+    if ENVELOPE_FILE not in checked.files:
         raise CheckpointCorruptedError(f"{str(file)!r} does not list {ENVELOPE_FILE}")
     return dict(body)
+
+
+def _shard_name(name: str) -> str:
+    """A file of the directory: a plain name, never a path, ``.`` or ``..``."""
+    if name in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,200}", name):
+        raise ValueError(f"{name!r} is not a plain file name inside the checkpoint directory")
+    return name
+
+
+class ManifestFile(Schema):
+    size: Annotated[int, Field(ge=0)]
+    crc32: Annotated[int, Field(ge=0, lt=2**32)]
+
+
+class ManifestFormat(Schema):
+    name: str
+    version: int
+
+
+class ManifestBody(Schema):
+    """What a sharded checkpoint's ``manifest.json`` body may hold. File names are plain names
+    inside the directory (no separators, no ``..``): verification reads only those."""
+
+    format: ManifestFormat
+    epoch: Annotated[int, Field(ge=0)]
+    step: Annotated[int, Field(ge=0)]
+    time: str
+    logs: dict[str, bool | int | float | str | None]
+    world_size: Annotated[int, Field(ge=1)]
+    algorithm: Literal["crc32"]
+    files: dict[Annotated[str, AfterValidator(_shard_name)], ManifestFile]
+    lineage: str | None = None
 
 
 def manifest_record(path: Path) -> IntegrityRecord:
