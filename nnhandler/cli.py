@@ -3,7 +3,8 @@
     nnhandler list DIR [--json] [--no-verify]  every checkpoint in DIR: epoch, step, metrics,
                                     size, valid/corrupt, the one load_latest picks, and why
                                     the retention index keeps each; exit 1 if any is corrupt
-    nnhandler verify PATH...        exit status 0 only when every file verifies
+    nnhandler verify PATH...        exit status 0 only when every file verifies and would load
+                                    (an export() weights file is recognised as such)
     nnhandler inspect PATH [--json] epoch, logs, components (tensors, bytes), versions, config
 
 PATH may be a checkpoint file (``.pth``) or a sharded checkpoint directory (``.dcp``).
@@ -14,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,15 +28,22 @@ from rich.console import Console
 from rich.table import Table
 
 from .checkpoint import Checkpoint
-from .checkpoint.discovery import list_checkpoints, read_index_or_warn, verify_candidate
+from .checkpoint.discovery import (
+    check_candidate,
+    first_valid,
+    list_checkpoints,
+    read_index_or_warn,
+    vanished,
+)
 from .checkpoint.index import INDEX_FILE, IndexSection
+from .checkpoint.integrity import read_integrity_record, verify_file
 from .checkpoint.sharded import (
     ShardedCheckpoint,
     checkpoint_size,
     describe_sharded,
     read_any_checkpoint,
 )
-from .errors import CheckpointError
+from .errors import CheckpointCorruptedError, CheckpointError
 
 __all__ = ["main"]
 
@@ -118,22 +128,79 @@ def _print_inspection(console: Console, info: dict[str, Any]) -> None:
     console.print(components)
 
 
+#: ``verify`` statuses: what the file is and whether it passed
+_VERIFY_LABELS = {
+    "checkpoint": "[green]OK[/green]      ",
+    "export": "[green]OK[/green]      ",
+    "corrupt": "[red]CORRUPT[/red] ",
+    "invalid": "[red]INVALID[/red] ",
+    "not-a-checkpoint": "[yellow]NOT NNH[/yellow] ",
+    "missing": "[red]MISSING[/red] ",
+}
+
+
+def verify_path(path: str) -> dict[str, Any]:
+    """What ``nnhandler verify`` reports for one path, JSON-ready: ``path``, ``ok``, ``kind``
+    (``checkpoint``, ``export`` — weights written by ``NNHandler.export`` —, ``corrupt``,
+    ``invalid`` — checksums match but it would not load —, ``not-a-checkpoint`` — e.g. a plain
+    ``torch.save`` file, which carries no checksum —, ``missing``) and ``epoch`` or
+    ``error``. Never raises for a bad file."""
+    target = Path(path)
+    try:
+        if not os.path.lexists(target):
+            return {"path": path, "ok": False, "kind": "missing",
+                    "error": "no such file or directory"}
+        if target.is_file():
+            try:
+                record = read_integrity_record(target)
+            except CheckpointCorruptedError as error:
+                plain = _plain_torch_file(target)
+                if plain is None:
+                    raise
+                return {"path": path, "ok": False, "kind": "not-a-checkpoint",
+                        "error": f"{plain}: not an nnhandler checkpoint and it carries no "
+                                 f"checksum, so it cannot be verified ({error})"}
+            if record.get("kind") == "export":
+                verify_file(target)
+                return {"path": path, "ok": True, "kind": "export",
+                        "detail": "model weights written by NNHandler.export(); CRC-32 matches"}
+        record = check_candidate(target)
+        return {"path": path, "ok": True, "kind": "checkpoint", "epoch": record["epoch"]}
+    except CheckpointCorruptedError as error:
+        return {"path": path, "ok": False, "kind": "corrupt", "error": str(error)}
+    except (CheckpointError, OSError) as error:
+        return {"path": path, "ok": False, "kind": "invalid", "error": str(error)}
+    except Exception as error:  # a file that breaks a reader in a way nobody foresaw
+        return {"path": path, "ok": False, "kind": "invalid",
+                "error": f"cannot read it ({type(error).__name__}: {error})"}
+
+
+def _plain_torch_file(path: Path) -> str | None:
+    """A description when ``path`` looks like a file of plain ``torch.save`` (a zip with a
+    ``data.pkl`` record), else ``None``. Nothing is unpickled."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    if any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        return "a plain PyTorch file (torch.save, or export() of nnhandler before 0.2)"
+    return None
+
+
 def _verify(paths: Sequence[str], console: Console, as_json: bool) -> int:
-    results = []
-    for path in paths:
-        try:
-            checkpoint = read_any_checkpoint(path, map_location="cpu", verify=True)
-            results.append({"path": path, "ok": True, "epoch": checkpoint.epoch})
-        except CheckpointError as error:
-            results.append({"path": path, "ok": False, "error": str(error)})
+    results = [verify_path(path) for path in paths]
     if as_json:
         print(json.dumps(results, indent=2))
     else:
         for result in results:
-            if result["ok"]:
-                console.print(f"[green]OK[/green]       {result['path']} (epoch {result['epoch']})")
+            label = _VERIFY_LABELS[result["kind"]]
+            if result["kind"] == "checkpoint":
+                console.print(f"{label}{result['path']} (epoch {result['epoch']})")
+            elif result["kind"] == "export":
+                console.print(f"{label}{result['path']} ({result['detail']})")
             else:
-                console.print(f"[red]CORRUPT[/red]  {result['path']}: {result['error']}")
+                console.print(f"{label}{result['path']}: {result['error']}")
     return 0 if all(result["ok"] for result in results) else 1
 
 
@@ -158,12 +225,15 @@ def list_directory(directory: str | Path, *, verify: bool = True,
                 if section.rules.get("monitor")]
     keys = list(dict.fromkeys([*LIST_METRICS, *monitors]))
     rows = []
-    for candidate in list_checkpoints(directory, index):
+    candidates = list_checkpoints(directory, index)
+    for candidate in candidates:
         record, problem = candidate.record, candidate.problem
         if record is not None and verify:
             try:
-                record = verify_candidate(candidate.path)
+                record = check_candidate(candidate.path)
             except (CheckpointError, OSError) as error:
+                if vanished(candidate.path, error):
+                    continue  # removed while we read it (another job's retention)
                 problem = str(error)
         try:
             size: int | None = checkpoint_size(candidate.path)
@@ -189,10 +259,15 @@ def list_directory(directory: str | Path, *, verify: bool = True,
                         for key, section in sorted(index.items())
                         for entry in section.checkpoints if entry.name == name],
         })
-    for row in rows:  # ranked as load_latest ranks them: the first valid one is its pick
-        if row["valid"]:
-            row["latest"] = True
-            break
+    # the one load_latest picks: ranked as it ranks them, the first that would load (with
+    # --no-verify this checks candidates until one passes, exactly as load_latest does)
+    if verify:
+        chosen = next((row["path"] for row in rows if row["valid"]), None)
+    else:
+        pick = first_valid(candidates)
+        chosen = None if pick is None else str(pick.path)
+    for row in rows:
+        row["latest"] = row["path"] == chosen
     return rows
 
 
@@ -220,7 +295,8 @@ def _print_listing(console: Console, directory: str, rows: list[dict[str, Any]],
         console.print(f"no checkpoints in {directory}")
         return
     keys = list(dict.fromkeys(key for row in rows for key in row["metrics"]))
-    table = Table(title=f"{directory}  ({len(rows)} checkpoints)", box=box.SIMPLE_HEAD,
+    count = f"{len(rows)} checkpoint" + ("" if len(rows) == 1 else "s")
+    table = Table(title=f"{directory}  ({count})", box=box.SIMPLE_HEAD,
                   caption="* = the one load_latest picks" + ("" if verify else
                           "; --no-verify: only integrity records were read"))
     table.add_column("", justify="center", no_wrap=True)
@@ -308,10 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         checkpoint = read_any_checkpoint(args.path, map_location="cpu",
                                          verify=not args.no_verify)
-    except CheckpointError as error:
+        info = describe(checkpoint)
+    except (CheckpointError, OSError) as error:
         Console(stderr=True).print(f"[red]error:[/red] {error}")
         return 1
-    info = describe(checkpoint)
+    except Exception as error:  # never a traceback for a bad file
+        Console(stderr=True).print(f"[red]error:[/red] cannot inspect {args.path!r}: "
+                                   f"{type(error).__name__}: {error}")
+        return 1
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:

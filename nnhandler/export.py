@@ -3,7 +3,9 @@
 ``torch.load(path, weights_only=True)`` gives ``{parameter/buffer name: tensor}`` on the CPU,
 ready for ``model.load_state_dict(...)`` on the user's own model — no nnhandler needed, no
 wrapper prefixes (``module.`` of DDP or of the EMA's ``AveragedModel``, ``_orig_mod.`` of
-``torch.compile``), no EMA bookkeeping (``n_averaged``).
+``torch.compile``), no EMA bookkeeping (``n_averaged``). The file also carries nnhandler's
+integrity record, of kind ``"export"``: ``nnhandler verify`` checks its CRC-32 and says what it
+is, and ``load_latest`` never takes it for a checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint.writer import atomic_write
+from .checkpoint.envelope import write_with_record
 from .components import unwrap_model
 from .distributed import run_on_rank_zero
 from .errors import ConfigurationError
@@ -52,7 +54,7 @@ def export_weights(handler: NNHandler, path: str | os.PathLike[str], ema: bool =
 
     def write() -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, lambda file: torch.save(weights, file))
+        write_with_record(target, weights, {"kind": "export"})
 
     run_on_rank_zero(handler.distributed, write)
     return target

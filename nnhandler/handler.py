@@ -102,6 +102,8 @@ class _Unset:
 UNSET: Final = _Unset()
 _LOGGER: Final = logging.getLogger("nnhandler")
 _SCHEDULER_INTERVALS: Final = ("epoch", "step")
+#: load_latest: how often a chosen file may vanish (another job pruning) before it gives up
+_CHOICES_BEFORE_GIVING_UP: Final = 5
 _SCHEDULER_BASES: Final = (torch.optim.lr_scheduler.LRScheduler,
                            torch.optim.lr_scheduler.ReduceLROnPlateau)
 #: State keys of the handler's own components; everything else belongs to callbacks/plugins.
@@ -1112,12 +1114,22 @@ class NNHandler:
         """
         context = DistributedContext.setup(load_arguments.get("use_distributed"),
                                            _parse_device(load_arguments.get("device")))
-        found = find_latest_valid(Path(save_path), _LOGGER) if context.is_main else None
-        latest = context.broadcast_object(str(found) if found is not None else None)
-        if latest is None:
-            raise NoCheckpointFoundError(f"no valid checkpoint in {str(save_path)!r}")
         load_arguments.setdefault("verify", False)  # verified while choosing it
-        return cls.load(latest, **load_arguments)
+        for _attempt in range(_CHOICES_BEFORE_GIVING_UP):
+            found = find_latest_valid(Path(save_path), _LOGGER) if context.is_main else None
+            latest = context.broadcast_object(str(found) if found is not None else None)
+            if latest is None:
+                break
+            try:
+                return cls.load(latest, **load_arguments)
+            except CheckpointError:
+                # another job's retention may remove the chosen file before we open it; in
+                # one process that is seen here alone, so choose again (under DDP the ranks
+                # could disagree about it: the error stands)
+                if context.enabled or os.path.lexists(latest):
+                    raise
+                _LOGGER.info("%s was removed while it was being loaded; choosing again", latest)
+        raise NoCheckpointFoundError(f"no valid checkpoint in {str(save_path)!r}")
 
     def resume_from(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
         """Restore this configured handler's state from a checkpoint, in place.

@@ -35,6 +35,7 @@ __all__ = [
     "read_checkpoint",
     "write_checkpoint",
     "write_envelope",
+    "write_with_record",
 ]
 
 FORMAT_NAME: Final = "nnhandler.checkpoint"
@@ -187,7 +188,16 @@ def write_envelope(
         "time": meta["time"],
         "logs": meta["logs"],
     }
-    pickled, storages = pickle_with_storages(envelope, staged)
+    return write_with_record(path, envelope, summary, staged)
+
+
+def write_with_record(path: Path, payload: Any, summary: dict[str, Any],
+                      staged: Sequence[StorageRecord] = ()) -> int:
+    """Write ``payload`` (tensors and plain data) as a torch zip file that
+    ``torch.load(weights_only=True)`` opens, with an integrity record holding ``summary``,
+    durably through :func:`atomic_write`; pickled before any file is touched. Returns the
+    file size."""
+    pickled, storages = pickle_with_storages(payload, staged)
 
     def comment(covered_size: int, crc: int) -> bytes:
         return integrity_record(summary, covered_size, crc)
