@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CheckpointError, CheckpointIndexError
+from ..errors import CheckpointError, CheckpointFormatError, CheckpointIndexError
 from .content import check_contents
 from .envelope import FORMAT_VERSION, read_checkpoint
 from .index import IndexSection, read_index
@@ -144,6 +144,12 @@ def check_candidate(path: Path) -> IntegrityRecord:
     envelope = path / ENVELOPE_FILE if path.is_dir() else path
     checkpoint = read_checkpoint(envelope, map_location="cpu", verify=False, mmap=True)
     check_contents(checkpoint.state, str(path))
+    # a directory is ranked by the records and loaded by the envelope: they must agree
+    for key in ("epoch", "step"):
+        if record.get(key) != checkpoint.meta[key]:
+            raise CheckpointFormatError(
+                f"{str(path)!r}: its integrity record says {key} {record.get(key)!r}, its "
+                f"content {checkpoint.meta[key]!r}; it was altered")
     return record
 
 
