@@ -52,11 +52,15 @@ from .components.callables import build_callable, describe_callable
 from .config import (
     AutoSaveConfig,
     LoaderConfig,
+    LoadOptions,
     MonitorMode,
     ParallelConfig,
     Parallelism,
+    ResumeCall,
     SaveErrorPolicy,
+    TrainCall,
     TrainSettings,
+    validate_call,
 )
 from .distributed import DistributedContext, run_on_rank_zero
 from .errors import (
@@ -473,14 +477,15 @@ class NNHandler:
         remembered = self._remembered_loader_args.get(which, {})
         merged = {**remembered.get("config", {}), **self._decode_remembered(remembered), **kwargs}
         own = {k: merged.pop(k) for k in list(merged) if k in LoaderConfig.model_fields}
-        config = LoaderConfig(**own)
+        config = validate_call(LoaderConfig, f"set_{which}_loader", own)
         if "sampler" in merged or "batch_sampler" in merged:
             raise ConfigurationError(
                 f"set_{which}_loader: nnhandler provides the sampler (its shuffle order depends "
                 "only on the seed and the epoch, which exact resume needs); use shuffle=True/False"
             )
         # fail now, naming the bad argument, rather than at the start of train()
-        DataLoader(dataset, batch_size=config.batch_size, drop_last=config.drop_last, **merged)
+        DataLoader(dataset, batch_size=config.batch_size, drop_last=config.drop_last,
+                   **config.dataloader_arguments(), **merged)
         self._loaders[which] = _LoaderSpec(dataset, config, merged)
 
     def _decode_remembered(self, remembered: Mapping[str, Any]) -> dict[str, Any]:
@@ -509,7 +514,7 @@ class NNHandler:
             sampler = ShardSampler(length, ctx.rank, ctx.world_size)
         else:
             sampler = None
-        extra = dict(spec.extra)
+        extra = {**spec.config.dataloader_arguments(), **spec.extra}
         if self.device.type == "cuda":
             extra.setdefault("pin_memory", True)
         signals = watched_signals(self._callbacks)
@@ -652,10 +657,6 @@ class NNHandler:
         ``n``, ``until_epoch`` needs nothing special. A call that a signal stops returns
         normally (the logs of the last completed epoch) with :attr:`preempted` set.
         """
-        self._preemption = None
-        if resume is not None:
-            self._resume(resume)
-        target = self._target_epoch(epochs, until_epoch)
         changes = {
             name: value for name, value in {
                 "validate_every": validate_every,
@@ -666,31 +667,35 @@ class NNHandler:
                 "seed": seed,
             }.items() if value is not UNSET
         }
-        if not isinstance(progress_bar, bool):
-            raise TypeError(f"progress_bar must be a bool, got {progress_bar!r}")
-        settings = TrainSettings(**{**self._settings.model_dump(), **changes})
-        missing = [what for what, absent in (
-            ("an optimizer (set_optimizer)", self._optimizer is None),
-            ("a loss function (set_loss_fn)", self._loss_fn is None),
-            ("a training dataset (set_train_loader)", "train" not in self._loaders),
-        ) if absent]
-        if missing:
-            raise ConfigurationError("cannot train without " + ", ".join(missing))
-        if settings.ema_decay > 0 and self.sharded_checkpoints:
-            raise ConfigurationError(f"ema_decay={settings.ema_decay} is not supported for a "
-                                     "model with DTensor parameters (FSDP2); use ema_decay=0")
-        self._settings = settings
+        # every argument is checked before anything changes (a resume included): a rejected
+        # call leaves the handler exactly as it was
+        call = validate_call(TrainCall, "train", {"epochs": epochs, "until_epoch": until_epoch,
+                                                  "progress_bar": progress_bar,
+                                                  "resume": resume})
+        validate_call(TrainSettings, "train", changes)
+        self._check_trainable()
+        settings = self._settings_with(changes)
+        if call.resume is not None:
+            self._check_resume_argument(call.resume)
+            self._resume(call.resume)
+            settings = self._settings_with(changes)  # the restored defaults under the call's
+        target = self._target_epoch(call.epochs, call.until_epoch)
         start = self.progress.epoch
+        guard = None
+        if target > start:
+            self._check_partial_epoch(settings)
+            guard = PreemptionGuard.for_train(self)
+        # from here on the call changes the handler
+        self._preemption = None
+        self._settings = settings
         if target <= start:
             self.logger.info("already at epoch %d (target %d): nothing to train", start, target)
             return dict(self._last_logs)
-        guard = PreemptionGuard.for_train(self)
         run_seed = self._prepare_random_streams(seed)
         self._prepare_amp_and_ema(settings)
         assert self._optimizer is not None and self._loss_fn is not None
         train_loader = self._build_loader("train", run_seed)
         assert train_loader is not None
-        self._check_partial_epoch(train_loader, settings)
         parts = LoopParts(
             model=self._model, module=self._module, optimizer=self._optimizer,
             scheduler=self._scheduler,
@@ -711,7 +716,7 @@ class NNHandler:
                          self.device, self.distributed.world_size,
                          "" if partial is None else
                          f"; epoch {partial.epoch} continues after its batch {partial.batches}")
-        loop = TrainingLoop(parts, progress_bar)
+        loop = TrainingLoop(parts, call.progress_bar)
         with guard.watching() if guard is not None else contextlib.nullcontext():
             try:
                 self._dispatcher.fire(Event.TRAIN_BEGIN, handler=self, start_epoch=start,
@@ -733,24 +738,49 @@ class NNHandler:
                 self._position.continuing_epoch = None
         return logs
 
-    def _check_partial_epoch(self, loader: DataLoader[Any], settings: TrainSettings) -> None:
+    def _check_trainable(self) -> None:
+        missing = [what for what, absent in (
+            ("an optimizer (set_optimizer)", self._optimizer is None),
+            ("a loss function (set_loss_fn)", self._loss_fn is None),
+            ("a training dataset (set_train_loader)", "train" not in self._loaders),
+        ) if absent]
+        if missing:
+            raise ConfigurationError("cannot train without " + ", ".join(missing))
+
+    def _settings_with(self, changes: Mapping[str, Any]) -> TrainSettings:
+        """The handler's training defaults with a call's explicit ``changes`` (checked)."""
+        settings = validate_call(TrainSettings, "train",
+                                 {**self._settings.model_dump(), **changes})
+        if settings.ema_decay > 0 and self.sharded_checkpoints:
+            raise ConfigurationError(f"ema_decay={settings.ema_decay} is not supported for a "
+                                     "model with DTensor parameters (FSDP2); use ema_decay=0")
+        return settings
+
+    def _check_partial_epoch(self, settings: TrainSettings) -> None:
         """A partial epoch (from an emergency checkpoint) must be continued exactly as it
-        started: same world size, batch size, accumulation and metrics."""
+        started: same world size, batch size, accumulation and metrics. Checked before the
+        call changes anything, on a loader built for the check alone (its length and batch
+        size do not depend on the seed)."""
         partial = self._position.partial
         if partial is None:
             return
+        loader = self._build_loader("train", self.progress.run_seed or 0)
+        assert loader is not None
         partial.check_resumable(
             completed_epochs=self.progress.epoch, world_size=self.distributed.world_size,
             batch_size=loader.batch_size, accumulation=settings.gradient_accumulation_steps,
             metric_names=list(self._metrics), batches=loader_length(loader))
 
+    def _check_resume_argument(self, resume: str | os.PathLike[str]) -> None:
+        if resume == "latest" and self._autosave is None:
+            raise ConfigurationError("train(resume='latest') looks in the auto-save directory; "
+                                     "call auto_save(...) first or pass resume=<path>")
+
     def _resume(self, resume: str | os.PathLike[str]) -> None:
         if resume != "latest":
             self.resume_from(resume)
             return
-        if self._autosave is None:
-            raise ConfigurationError("train(resume='latest') looks in the auto-save directory; "
-                                     "call auto_save(...) first or pass resume=<path>")
+        assert self._autosave is not None  # _check_resume_argument
         directory = self._autosave.config.save_path
         found = find_latest_valid(directory, self.logger) if self.distributed.is_main else None
         latest = self.distributed.broadcast_object(str(found) if found is not None else None)
@@ -761,15 +791,11 @@ class NNHandler:
         self.resume_from(latest, verify=False)  # verified while choosing it
 
     def _target_epoch(self, epochs: int | None, until_epoch: int | None) -> int:
-        if (epochs is None) == (until_epoch is None):
-            raise ConfigurationError("pass exactly one of epochs (additional epochs) or "
-                                     f"until_epoch (absolute); got epochs={epochs!r}, "
-                                     f"until_epoch={until_epoch!r}")
-        value = epochs if epochs is not None else until_epoch
-        name = "epochs" if epochs is not None else "until_epoch"
-        if type(value) is not int or value < 0:
-            raise ConfigurationError(f"{name} must be a non-negative int, got {value!r}")
-        return self.progress.epoch + value if epochs is not None else value
+        """The absolute epoch a call trains to (its arguments checked by :class:`TrainCall`)."""
+        if epochs is not None:
+            return self.progress.epoch + epochs
+        assert until_epoch is not None
+        return until_epoch
 
     def _prepare_random_streams(self, seed: int | _Unset | None) -> int:
         current = self.progress.run_seed
@@ -1018,6 +1044,15 @@ class NNHandler:
         warning that the run cannot then equal an uninterrupted one exactly. In one process,
         ``parallelism="none"`` reads a sharded checkpoint into a plain model.
         """
+        options = validate_call(LoadOptions, "NNHandler.load", {
+            "skip_optimizer": skip_optimizer, "skip_scheduler": skip_scheduler,
+            "skip_history": skip_history, "skip_ema": skip_ema, "skip_callbacks": skip_callbacks,
+            "callbacks": callbacks, "model_class": model_class, "model_kwargs": model_kwargs,
+            "strict": strict, "verify": verify, "logger_mode": logger_mode, "log_file": log_file,
+            "use_distributed": use_distributed, "parallelism": parallelism,
+            "fsdp_units": fsdp_units})
+        callbacks, fsdp_units = options.callbacks, options.fsdp_units  # iterables read once
+        _check_checkpoint_path(path, "NNHandler.load")
         context = DistributedContext.setup(use_distributed, _parse_device(device))
         map_device = _resolve_device(device, context)
         checkpoint = read_any_checkpoint(path, map_location=map_device, verify=verify,
@@ -1072,6 +1107,11 @@ class NNHandler:
         :class:`~nnhandler.NoCheckpointFoundError` when there is no valid checkpoint.
         ``load_arguments`` are those of :meth:`load`.
         """
+        options = validate_call(LoadOptions, "NNHandler.load_latest", load_arguments)
+        for name in ("callbacks", "fsdp_units"):  # iterables are read once
+            if name in load_arguments:
+                load_arguments[name] = getattr(options, name)
+        _check_checkpoint_path(save_path, "NNHandler.load_latest")
         context = DistributedContext.setup(load_arguments.get("use_distributed"),
                                            _parse_device(load_arguments.get("device")))
         found = find_latest_valid(Path(save_path), _LOGGER) if context.is_main else None
@@ -1089,6 +1129,7 @@ class NNHandler:
         matching ``state_key``) takes the checkpoint's state, and the training defaults become
         the checkpoint's. The handler's own configuration (model, setters, loaders) stays.
         """
+        validate_call(ResumeCall, "resume_from", {"path": path, "verify": verify})
         checkpoint = read_any_checkpoint(path, map_location=self.device, verify=verify,
                                          context=self.distributed)
         config = checkpoint.state.get("config")
@@ -1227,14 +1268,74 @@ class NNHandler:
 
 # ---------------------------------------------------------------------- helpers ---------------
 def _parse_device(device: str | torch.device | None) -> torch.device | None:
-    if device is None or isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str):
+    """``device`` as a ``torch.device`` that this machine has (``None`` stays ``None``: each
+    rank's own device). Anything else is an error naming the device and what is available,
+    raised before anything is read or created."""
+    if device is None:
+        return None
+    if isinstance(device, torch.device):
+        parsed = device
+    elif isinstance(device, str):
+        try:
+            parsed = torch.device(device)
+        except RuntimeError as error:
+            raise ConfigurationError(f"unknown device {device!r}: {error} (available here: "
+                                     f"{', '.join(_available_devices())})") from None
+    else:
         raise TypeError(f"device must be a str, torch.device or None, got {device!r}")
-    try:
-        return torch.device(device)
-    except RuntimeError as error:
-        raise ConfigurationError(f"unknown device {device!r}: {error}") from None
+    _check_device_available(parsed, str(device))
+    return parsed
+
+
+def _check_device_available(device: torch.device, given: str) -> None:
+    available = f"available here: {', '.join(_available_devices())}"
+    kind = device.type
+    if kind == "cpu":
+        if device.index not in (None, 0):
+            raise ConfigurationError(f"device {given!r}: there is one CPU device, 'cpu' (or "
+                                     f"'cpu:0'); {available}")
+    elif kind == "meta":
+        raise ConfigurationError(f"device {given!r} holds no data (tensors without storage): "
+                                 f"a handler trains and loads on a real device; {available}")
+    elif kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigurationError(f"device {given!r} requested but CUDA is not available "
+                                     f"({available})")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigurationError(f"device {given!r}: only {count} CUDA device(s) visible "
+                                     f"({available})")
+    elif kind in ("mps", "xpu"):
+        if not _backend_available(kind):
+            raise ConfigurationError(f"device {given!r}: the {kind} backend is not available "
+                                     f"in this PyTorch build or on this machine ({available})")
+        if kind == "mps" and device.index not in (None, 0):
+            raise ConfigurationError(f"device {given!r}: there is one MPS device, 'mps'; "
+                                     f"{available}")
+        if kind == "xpu" and device.index is not None and device.index >= torch.xpu.device_count():
+            raise ConfigurationError(f"device {given!r}: only {torch.xpu.device_count()} XPU "
+                                     f"device(s) visible ({available})")
+    else:
+        raise ConfigurationError(f"device {given!r} is not supported (cpu, cuda, mps, xpu); "
+                                 f"{available}")
+
+
+def _backend_available(kind: str) -> bool:
+    if kind == "mps":
+        return bool(torch.backends.mps.is_available())
+    xpu = getattr(torch, "xpu", None)
+    return xpu is not None and bool(xpu.is_available())
+
+
+def _available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if _backend_available("mps"):
+        devices.append("mps")
+    if _backend_available("xpu"):
+        devices += [f"xpu:{index}" for index in range(torch.xpu.device_count())]
+    return devices
 
 
 def _resolve_device(device: str | torch.device | None,
@@ -1242,17 +1343,16 @@ def _resolve_device(device: str | torch.device | None,
     parsed = _parse_device(device)
     if parsed is None:
         return context.default_device()
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigurationError(f"device {device!r} requested but CUDA is not available")
-        if parsed.index is None:
-            parsed = torch.device("cuda", context.cuda_index())
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ConfigurationError(f"device {device!r}: only {torch.cuda.device_count()} "
-                                     "CUDA device(s) visible")
-    elif parsed.type not in ("cpu", "mps", "xpu", "meta"):
-        raise ConfigurationError(f"device {device!r} is not supported (cpu, cuda, mps, xpu)")
+    if parsed.type == "cuda" and parsed.index is None:
+        parsed = torch.device("cuda", context.cuda_index())
+        _check_device_available(parsed, f"{device} (this rank's {parsed})")
     return parsed
+
+
+def _check_checkpoint_path(path: Any, call: str) -> None:
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ConfigurationError(f"{call}: the path must be a non-empty str or os.PathLike, "
+                                 f"got {path!r}")
 
 
 def _encode_arguments(arguments: Mapping[str, Any], what: str) -> None:
