@@ -226,6 +226,9 @@ class LoaderConfig(_Strict):
             raise ValueError(f"prefetch_factor={self.prefetch_factor} needs num_workers > 0 "
                              f"(it counts batches per worker); num_workers is "
                              f"{self.num_workers!r}")
+        if workers == 0 and self.timeout:
+            raise ValueError(f"timeout={self.timeout} needs num_workers > 0 (it bounds the wait "
+                             f"for a worker's batch); num_workers is {self.num_workers!r}")
         return self
 
     def dataloader_arguments(self) -> dict[str, Any]:
