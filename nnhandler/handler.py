@@ -49,6 +49,7 @@ from .components import (
     seed_everything,
 )
 from .components.callables import build_callable, describe_callable
+from .components.position import dataset_size, learning_rates_of
 from .config import (
     AutoSaveConfig,
     LoaderConfig,
@@ -389,27 +390,47 @@ class NNHandler:
 
     # ------------------------------------------------------------------ setters --------------
     def set_optimizer(self, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> None:
-        """Create ``optimizer_class(model parameters, **kwargs)``; replaces any previous one."""
+        """Create ``optimizer_class(model parameters, **kwargs)``; replaces any previous one
+        (and re-creates the scheduler on it).
+
+        After :meth:`load` / :meth:`resume_from` restored the optimizer, replacing it drops its
+        state (moments, step counts) and the scheduler's, with a warning: the restored
+        optimizer needs no new call, and ``load(..., skip_optimizer=True)`` starts it fresh
+        on purpose.
+        """
         if not (inspect.isclass(optimizer_class)
                 and issubclass(optimizer_class, torch.optim.Optimizer)):
             raise TypeError(
                 f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}"
             )
         _encode_arguments(kwargs, f"{optimizer_class.__qualname__} argument")
-        self._optimizer = optimizer_class(self._module.parameters(), **kwargs)
+        optimizer = optimizer_class(self._module.parameters(), **kwargs)
+        dropped = [what for what in (self._restored_description("optimizer"),
+                                     self._restored_description("scheduler")) if what]
+        if dropped:
+            self._warn(
+                f"set_optimizer({optimizer_class.__qualname__}) replaces the optimizer restored "
+                f"from the checkpoint: {' and '.join(dropped)} are dropped (the scheduler is "
+                "re-created on the new optimizer). To keep them, do not call set_optimizer "
+                "after load/resume_from: the optimizer is restored as it was; to start it "
+                "fresh on purpose, load with skip_optimizer=True (and skip_scheduler=True)")
+        self._optimizer = optimizer
         self._optimizer_spec = (optimizer_class, dict(kwargs))
+        self._mark_fresh("optimizer")
         if "optimizer" not in self._registry:
             self._registry.register(ComponentState("optimizer", lambda: self._optimizer))
         if self._scheduler_spec is not None:
             scheduler_class, scheduler_kwargs, interval = self._scheduler_spec
-            self.set_scheduler(scheduler_class, interval=interval, **scheduler_kwargs)
+            self._create_scheduler(scheduler_class, interval, scheduler_kwargs)
 
     def set_scheduler(self, scheduler_class: type[Any], interval: str = "epoch",
                       **kwargs: Any) -> None:
         """Create ``scheduler_class(optimizer, **kwargs)``.
 
         ``interval="epoch"`` steps once per epoch (``ReduceLROnPlateau`` with the epoch's
-        ``val_loss``, on epochs that validate); ``"step"`` once per optimizer step.
+        ``val_loss``, on epochs that validate); ``"step"`` once per optimizer step. Replacing
+        a scheduler that :meth:`load` / :meth:`resume_from` restored drops its state, with a
+        warning (``load(..., skip_scheduler=True)`` starts it fresh on purpose).
         """
         if self._optimizer is None:
             raise ConfigurationError("set_optimizer must be called before set_scheduler")
@@ -425,10 +446,47 @@ class NNHandler:
         if interval == "step" and issubclass(scheduler_class, plateau):
             raise ConfigurationError("ReduceLROnPlateau needs val_loss: use interval='epoch'")
         _encode_arguments(kwargs, f"{scheduler_class.__qualname__} argument")
+        dropped = self._restored_description("scheduler")
+        self._create_scheduler(scheduler_class, interval, kwargs)
+        if dropped:
+            self._warn(
+                f"set_scheduler({scheduler_class.__qualname__}) replaces the scheduler restored "
+                f"from the checkpoint: {dropped} is dropped. To keep it, do not call "
+                "set_scheduler after load/resume_from: the scheduler is restored as it was; to "
+                "start it fresh on purpose, load with skip_scheduler=True")
+
+    def _create_scheduler(self, scheduler_class: type[Any], interval: str,
+                          kwargs: Mapping[str, Any]) -> None:
         self._scheduler = scheduler_class(self._optimizer, **kwargs)
         self._scheduler_spec = (scheduler_class, dict(kwargs), interval)
+        self._mark_fresh("scheduler")
         if "scheduler" not in self._registry:
             self._registry.register(ComponentState("scheduler", lambda: self._scheduler))
+
+    def _restored_description(self, key: str) -> str | None:
+        """What replacing the optimizer/scheduler would drop, if a checkpoint restored it."""
+        provider = self._registry.get(key)
+        if not (isinstance(provider, ComponentState) and provider.restored):
+            return None
+        if key == "optimizer" and self._optimizer is not None:
+            tracked = len(self._optimizer.state)
+            return (f"its state (moments, step counts: {tracked} parameter tensor(s)) and "
+                    "its hyper-parameters from the file")
+        if key == "scheduler" and self._scheduler is not None:
+            position = getattr(self._scheduler, "last_epoch", None)
+            return (f"the scheduler's state ({type(self._scheduler).__qualname__}"
+                    + (f", last_epoch={position}" if position is not None else "") + ")")
+        return None
+
+    def _mark_fresh(self, key: str) -> None:
+        provider = self._registry.get(key)
+        if isinstance(provider, ComponentState):
+            provider.restored = False
+
+    def _warn(self, message: str) -> None:
+        """A warning in the log and as a Python warning (catchable, e.g. in tests)."""
+        self.logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def set_loss_fn(self, loss_fn: Callable[[Any, Any], torch.Tensor] | type[nn.Module],
                     **kwargs: Any) -> None:
@@ -681,13 +739,15 @@ class NNHandler:
             settings = self._settings_with(changes)  # the restored defaults under the call's
         target = self._target_epoch(call.epochs, call.until_epoch)
         start = self.progress.epoch
-        guard = None
+        guard, partial_changes = None, []
         if target > start:
-            self._check_partial_epoch(settings)
+            partial_changes = self._check_partial_epoch(settings)
             guard = PreemptionGuard.for_train(self)
         # from here on the call changes the handler
+        self._warn_about_resume_changes(changes, partial_changes)
         self._preemption = None
         self._settings = settings
+        self._position.restored = False
         if target <= start:
             self.logger.info("already at epoch %d (target %d): nothing to train", start, target)
             return dict(self._last_logs)
@@ -756,20 +816,49 @@ class NNHandler:
                                      "model with DTensor parameters (FSDP2); use ema_decay=0")
         return settings
 
-    def _check_partial_epoch(self, settings: TrainSettings) -> None:
+    def _check_partial_epoch(self, settings: TrainSettings) -> list[str]:
         """A partial epoch (from an emergency checkpoint) must be continued exactly as it
         started: same world size, batch size, accumulation and metrics. Checked before the
         call changes anything, on a loader built for the check alone (its length and batch
-        size do not depend on the seed)."""
+        size do not depend on the seed). Returns what differs without preventing the
+        continuation (dataset length, learning rates), for the warning."""
         partial = self._position.partial
         if partial is None:
-            return
+            return []
         loader = self._build_loader("train", self.progress.run_seed or 0)
-        assert loader is not None
+        assert loader is not None and self._optimizer is not None
+        batches = loader_length(loader)
         partial.check_resumable(
             completed_epochs=self.progress.epoch, world_size=self.distributed.world_size,
             batch_size=loader.batch_size, accumulation=settings.gradient_accumulation_steps,
-            metric_names=list(self._metrics), batches=loader_length(loader))
+            metric_names=list(self._metrics), batches=batches)
+        return partial.changes(samples=dataset_size(self._loaders["train"].dataset),
+                               batches_per_epoch=batches,
+                               learning_rates=learning_rates_of(self._optimizer))
+
+    def _warn_about_resume_changes(self, changes: Mapping[str, Any],
+                                   partial_changes: list[str]) -> None:
+        """A call that resumes a checkpoint (the first after a restore, or one that continues
+        an interrupted epoch) and changes what the checkpoint recorded gets one warning: the
+        run cannot equal an uninterrupted one. ``seed`` has its own warning."""
+        partial = self._position.partial
+        if not (self._position.restored or partial is not None):
+            return
+        recorded = self._settings
+        notes = [f"{name} {getattr(recorded, name)!r} -> {value!r} (leave {name} unset: it "
+                 "defaults to the recorded value)"
+                 for name, value in changes.items()
+                 if name != "seed" and getattr(recorded, name) != value]
+        notes += partial_changes
+        if not notes:
+            return
+        if partial is not None:
+            what = (f"continues epoch {partial.epoch} of an emergency checkpoint (after its "
+                    f"batch {partial.batches}) with")
+        else:
+            what = "resumes a checkpoint with"
+        self._warn(f"train: this call {what} other settings than the checkpoint recorded: "
+                   f"{'; '.join(notes)}. The resumed run will not equal an uninterrupted one")
 
     def _check_resume_argument(self, resume: str | os.PathLike[str]) -> None:
         if resume == "latest" and self._autosave is None:
@@ -1128,6 +1217,11 @@ class NNHandler:
         (model, optimizer, scheduler, EMA, history, progress, random streams, callbacks with a
         matching ``state_key``) takes the checkpoint's state, and the training defaults become
         the checkpoint's. The handler's own configuration (model, setters, loaders) stays.
+
+        The optimizer takes the file's hyper-parameters too (``Optimizer.load_state_dict``
+        replaces every param group's ``lr``, ``weight_decay``, ``betas`` …): where the
+        checkpoint's run was configured with other values than this handler's
+        ``set_optimizer`` call, a warning names each one, before and after.
         """
         validate_call(ResumeCall, "resume_from", {"path": path, "verify": verify})
         checkpoint = read_any_checkpoint(path, map_location=self.device, verify=verify,
@@ -1135,8 +1229,43 @@ class NNHandler:
         config = checkpoint.state.get("config")
         if not isinstance(config, dict):
             raise CheckpointError(f"{str(path)!r} has no handler configuration ('config')")
+        if "optimizer" in checkpoint.state:
+            replaced = self._replaced_optimizer_settings(config.get("optimizer"))
+            if replaced:
+                self._warn(
+                    f"resume_from({str(path)!r}): the checkpoint's optimizer settings replace "
+                    f"this handler's ({'; '.join(replaced)}): Optimizer.load_state_dict takes "
+                    "the file's param groups. To train with this handler's values, set them "
+                    "after resuming (handler.optimizer.param_groups), or restore with "
+                    "NNHandler.load(..., skip_optimizer=True) to start the optimizer fresh")
         self._settings = TrainSettings(**config["train_settings"])
         self._apply_checkpoint(checkpoint, set())
+
+    def _replaced_optimizer_settings(self, recorded: Any) -> list[str]:
+        """``"name before -> after"`` for each optimizer hyper-parameter that the checkpoint's
+        run configured differently from this handler (the values ``set_optimizer`` got, or the
+        class's defaults). Configured values, not the current ones: a scheduler moves ``lr``
+        (and some ``momentum``) during a run, which a resume must continue, not report."""
+        if self._optimizer is None or self._optimizer_spec is None:
+            return []
+        if not isinstance(recorded, Mapping) or not isinstance(recorded.get("kwargs"), Mapping):
+            return []
+        optimizer_class, ours = self._optimizer_spec
+        theirs = recorded["kwargs"]
+        notes = []
+        reference = _maybe_reference(optimizer_class)
+        if isinstance(recorded.get("class"), str) and recorded["class"] != reference:
+            notes.append(f"optimizer class {reference} -> {recorded['class']}")
+        configured = self._optimizer.defaults  # set_optimizer's values over the class defaults
+        class_defaults = _signature_defaults(optimizer_class)
+        for name in sorted(set(ours) | set(theirs)):
+            if name not in configured:
+                continue
+            before = configured[name]
+            after = theirs[name] if name in theirs else class_defaults.get(name, before)
+            if not _same_setting(before, after):
+                notes.append(f"{name} {before!r} -> {after!r}")
+        return notes
 
     def _apply_checkpoint(self, checkpoint: Checkpoint, skip: set[str]) -> None:
         """Restore every state of ``checkpoint`` not in ``skip`` (random streams last)."""
@@ -1353,6 +1482,30 @@ def _check_checkpoint_path(path: Any, call: str) -> None:
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ConfigurationError(f"{call}: the path must be a non-empty str or os.PathLike, "
                                  f"got {path!r}")
+
+
+def _signature_defaults(cls: type[Any]) -> dict[str, Any]:
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {name: parameter.default for name, parameter in parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal hyper-parameter values: numbers by value (0 == 0.0, a 1-element tensor as its
+    number), sequences element by element (a tuple read back as a list is the same)."""
+    if isinstance(a, torch.Tensor) and a.numel() == 1:
+        a = a.item()
+    if isinstance(b, torch.Tensor) and b.numel() == 1:
+        b = b.item()
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.shape == b.shape and bool(torch.equal(a, b)))
+    return bool(a == b)
 
 
 def _encode_arguments(arguments: Mapping[str, Any], what: str) -> None:
