@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from torch import nn
 
+from .errors import ConfigurationError
+from .logging import LoggingMode
 from .naming import validate_template
 
-__all__ = ["AutoSaveConfig", "LoaderConfig", "MonitorMode", "ParallelConfig", "Parallelism",
-           "SaveErrorPolicy", "TrainSettings"]
+__all__ = ["AutoSaveConfig", "LoadOptions", "LoaderConfig", "MonitorMode", "ParallelConfig",
+           "Parallelism", "ResumeCall", "SaveErrorPolicy", "TrainCall", "TrainSettings",
+           "validate_call"]
 
 SaveErrorPolicy = Literal["warn", "raise"]
 MonitorMode = Literal["min", "max"]
@@ -186,14 +199,47 @@ class TrainSettings(_Strict):
 
 
 class LoaderConfig(_Strict):
-    """Arguments of ``set_train_loader`` / ``set_val_loader`` that nnhandler interprets itself.
+    """Arguments of ``set_train_loader`` / ``set_val_loader`` that nnhandler checks itself.
 
-    Other keyword arguments go to ``torch.utils.data.DataLoader`` unchanged.
+    ``batch_size``, ``shuffle`` and ``drop_last`` nnhandler interprets (it provides the
+    sampler). The ``DataLoader`` arguments below are checked here (``None``: not given, the
+    ``DataLoader`` default applies) and passed on; any other keyword argument goes to
+    ``torch.utils.data.DataLoader`` unchanged, which names one it does not know.
     """
 
     batch_size: Annotated[int, Field(ge=1)] = 1
     shuffle: bool = False
     drop_last: bool = False
+    num_workers: Annotated[int, Field(ge=0)] | None = None
+    pin_memory: bool | None = None
+    persistent_workers: bool | None = None
+    prefetch_factor: Annotated[int, Field(ge=1)] | None = None
+    timeout: Annotated[float, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _workers_rules(self) -> LoaderConfig:
+        workers = self.num_workers or 0
+        if workers == 0 and self.persistent_workers:
+            raise ValueError("persistent_workers=True needs num_workers > 0 (worker processes "
+                             f"to keep); num_workers is {self.num_workers!r}")
+        if workers == 0 and self.prefetch_factor is not None:
+            raise ValueError(f"prefetch_factor={self.prefetch_factor} needs num_workers > 0 "
+                             f"(it counts batches per worker); num_workers is "
+                             f"{self.num_workers!r}")
+        if workers == 0 and self.timeout:
+            raise ValueError(f"timeout={self.timeout} needs num_workers > 0 (it bounds the wait "
+                             f"for a worker's batch); num_workers is {self.num_workers!r}")
+        return self
+
+    def dataloader_arguments(self) -> dict[str, Any]:
+        """The checked ``DataLoader`` arguments that were given (``batch_size``, ``shuffle``
+        and ``drop_last`` excluded: nnhandler applies those through its sampler)."""
+        return {name: getattr(self, name) for name in _DATALOADER_FIELDS
+                if getattr(self, name) is not None}
+
+
+_DATALOADER_FIELDS = ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor",
+                      "timeout")
 
 
 class ParallelConfig(_Strict):
@@ -218,3 +264,201 @@ class ParallelConfig(_Strict):
             raise ValueError(f"fsdp_units={self.fsdp_units!r} given with "
                              f"parallelism={self.parallelism!r}; they apply only to 'fsdp'")
         return self
+
+
+# ---------------------------------------------------------------------- call arguments ---------
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_call(model: type[M], call: str, arguments: Mapping[str, Any]) -> M:
+    """``arguments`` of ``call`` as an instance of ``model``, or a
+    :class:`~nnhandler.ConfigurationError` naming the call, each bad argument and its value.
+
+    Used at the start of every public call, before it changes anything (a rejected call leaves
+    the handler exactly as it was). The pydantic error is kept as the ``__cause__``.
+    """
+    try:
+        return model.model_validate(dict(arguments))
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            location = item["loc"]
+            name = ".".join(str(part) for part in location)
+            if len(location) == 1 and location[0] in arguments:
+                value = arguments[str(location[0])]
+            else:
+                value = item.get("input")
+            message = item["msg"].removeprefix("Value error, ")
+            if item["type"] == "extra_forbidden":
+                message = (f"unknown argument (accepted: "
+                           f"{', '.join(sorted(model.model_fields))})")
+            problems.append(f"{call}({name}={value!r}): {message}" if location
+                            else f"{call}: {message}")
+        raise ConfigurationError("; ".join(problems)) from error
+
+
+def _non_negative_int(name: str, value: Any) -> Any:
+    if value is not None and (type(value) is not int or value < 0):
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+def _path_like(name: str, value: Any, *, optional: bool = False) -> Any:
+    if optional and value is None:
+        return value
+    if not isinstance(value, (str, os.PathLike)) or isinstance(value, bytes):
+        allowed = "a str, an os.PathLike or None" if optional else "a str or an os.PathLike"
+        raise ValueError(f"{name} must be {allowed}, got {type(value).__qualname__}")
+    if not os.fspath(value):
+        raise ValueError(f"{name} must not be empty")
+    return value
+
+
+def _module_class(name: str, value: Any) -> Any:
+    if not (inspect.isclass(value) and issubclass(value, nn.Module)):
+        raise ValueError(f"{name} must be an nn.Module subclass, got {value!r}")
+    return value
+
+
+class TrainCall(_Strict):
+    """The arguments of :meth:`NNHandler.train` besides its training settings (those are a
+    :class:`TrainSettings` of the explicitly passed values)."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid",
+                              arbitrary_types_allowed=True)
+
+    epochs: int | None = None
+    until_epoch: int | None = None
+    progress_bar: bool = True
+    resume: Any = None
+
+    @field_validator("epochs", "until_epoch", mode="before")
+    @classmethod
+    def _epoch_counts(cls, value: Any, info: Any) -> Any:
+        return _non_negative_int(info.field_name, value)
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_rule(cls, value: Any) -> Any:
+        return _path_like("resume", value, optional=True)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> TrainCall:
+        if (self.epochs is None) == (self.until_epoch is None):
+            raise ValueError("pass exactly one of epochs (additional epochs) or until_epoch "
+                             f"(absolute); got epochs={self.epochs!r}, "
+                             f"until_epoch={self.until_epoch!r}")
+        return self
+
+
+class ResumeCall(_Strict):
+    """The arguments of :meth:`NNHandler.resume_from`."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid",
+                              arbitrary_types_allowed=True)
+
+    path: Any
+    verify: bool = True
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_rule(cls, value: Any) -> Any:
+        return _path_like("path", value)
+
+
+class LoadOptions(_Strict):
+    """The keyword arguments of :meth:`NNHandler.load` (and of ``load_latest``) besides
+    ``device``, checked before any file is read. ``callbacks`` and ``fsdp_units`` become
+    tuples."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid",
+                              arbitrary_types_allowed=True)
+
+    skip_optimizer: bool = False
+    skip_scheduler: bool = False
+    skip_history: bool = False
+    skip_ema: bool = False
+    skip_callbacks: bool = False
+    callbacks: tuple[Any, ...] | None = None
+    model_class: Any = None
+    model_kwargs: Any = None
+    strict: bool = True
+    verify: bool = True
+    logger_mode: Any = LoggingMode.CONSOLE
+    log_file: Any = "nnhandler.log"
+    use_distributed: bool | None = None
+    parallelism: Parallelism | None = None
+    fsdp_units: tuple[Any, ...] | None = None
+    compile_model: bool | dict[str, Any] | None = None
+    # ``device`` is checked by the handler (availability included); it is accepted here so
+    # that load_latest can check all of its keyword arguments at once
+    device: Any = None
+
+    @field_validator("callbacks", mode="before")
+    @classmethod
+    def _callbacks_rule(cls, value: Any) -> Any:
+        from .callbacks.base import Callback
+
+        if value is None:
+            return value
+        if isinstance(value, Callback):
+            raise ValueError("callbacks must be a list of Callback instances, got a single "
+                             f"callback {value!r}: pass [{type(value).__qualname__}(...)]")
+        if isinstance(value, (str, bytes, Mapping)) or not _iterable(value):
+            raise ValueError("callbacks must be None or a list of Callback instances, got "
+                             f"{value!r}")
+        items = tuple(value)
+        for index, item in enumerate(items):
+            if not isinstance(item, Callback):
+                raise ValueError(f"callbacks[{index}] = {item!r} is not an nnhandler.Callback")
+        return items
+
+    @field_validator("model_class", mode="before")
+    @classmethod
+    def _model_class_rule(cls, value: Any) -> Any:
+        return None if value is None else _module_class("model_class", value)
+
+    @field_validator("model_kwargs", mode="before")
+    @classmethod
+    def _model_kwargs_rule(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"model_kwargs must be None or a mapping with str keys, got "
+                             f"{value!r}")
+        return dict(value)
+
+    @field_validator("logger_mode", mode="before")
+    @classmethod
+    def _logger_mode_rule(cls, value: Any) -> Any:
+        if isinstance(value, LoggingMode):
+            return value
+        if isinstance(value, str) and value in {mode.value for mode in LoggingMode}:
+            return value
+        choices = ", ".join(f"NNHandler.LoggingMode.{mode.name}" for mode in LoggingMode)
+        raise ValueError(f"logger_mode must be one of {choices} (or their values "
+                         f"{[mode.value for mode in LoggingMode]}), got {value!r}")
+
+    @field_validator("log_file", mode="before")
+    @classmethod
+    def _log_file_rule(cls, value: Any) -> Any:
+        return _path_like("log_file", value)
+
+    @field_validator("fsdp_units", mode="before")
+    @classmethod
+    def _fsdp_units_rule(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, (str, bytes)) or inspect.isclass(value) or not _iterable(value):
+            raise ValueError(f"fsdp_units must be None or a list of nn.Module subclasses, got "
+                             f"{value!r}")
+        return tuple(_module_class(f"fsdp_units[{index}]", unit)
+                     for index, unit in enumerate(value))
+
+
+def _iterable(value: Any) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True

@@ -52,14 +52,19 @@ from .components import (
     seed_everything,
 )
 from .components.callables import build_callable, describe_callable
+from .components.position import dataset_size, learning_rates_of
 from .config import (
     AutoSaveConfig,
     LoaderConfig,
+    LoadOptions,
     MonitorMode,
     ParallelConfig,
     Parallelism,
+    ResumeCall,
     SaveErrorPolicy,
+    TrainCall,
     TrainSettings,
+    validate_call,
 )
 from .distributed import DistributedContext, run_on_rank_zero
 from .errors import (
@@ -393,27 +398,47 @@ class NNHandler:
 
     # ------------------------------------------------------------------ setters --------------
     def set_optimizer(self, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> None:
-        """Create ``optimizer_class(model parameters, **kwargs)``; replaces any previous one."""
+        """Create ``optimizer_class(model parameters, **kwargs)``; replaces any previous one
+        (and re-creates the scheduler on it).
+
+        After :meth:`load` / :meth:`resume_from` restored the optimizer, replacing it drops its
+        state (moments, step counts) and the scheduler's, with a warning: the restored
+        optimizer needs no new call, and ``load(..., skip_optimizer=True)`` starts it fresh
+        on purpose.
+        """
         if not (inspect.isclass(optimizer_class)
                 and issubclass(optimizer_class, torch.optim.Optimizer)):
             raise TypeError(
                 f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}"
             )
         _encode_arguments(kwargs, f"{optimizer_class.__qualname__} argument")
-        self._optimizer = optimizer_class(self._module.parameters(), **kwargs)
+        optimizer = optimizer_class(self._module.parameters(), **kwargs)
+        dropped = [what for what in (self._restored_description("optimizer"),
+                                     self._restored_description("scheduler")) if what]
+        if dropped:
+            self._warn(
+                f"set_optimizer({optimizer_class.__qualname__}) replaces the optimizer restored "
+                f"from the checkpoint: {' and '.join(dropped)} are dropped (the scheduler is "
+                "re-created on the new optimizer). To keep them, do not call set_optimizer "
+                "after load/resume_from: the optimizer is restored as it was; to start it "
+                "fresh on purpose, load with skip_optimizer=True (and skip_scheduler=True)")
+        self._optimizer = optimizer
         self._optimizer_spec = (optimizer_class, dict(kwargs))
+        self._mark_fresh("optimizer")
         if "optimizer" not in self._registry:
             self._registry.register(ComponentState("optimizer", lambda: self._optimizer))
         if self._scheduler_spec is not None:
             scheduler_class, scheduler_kwargs, interval = self._scheduler_spec
-            self.set_scheduler(scheduler_class, interval=interval, **scheduler_kwargs)
+            self._create_scheduler(scheduler_class, interval, scheduler_kwargs)
 
     def set_scheduler(self, scheduler_class: type[Any], interval: str = "epoch",
                       **kwargs: Any) -> None:
         """Create ``scheduler_class(optimizer, **kwargs)``.
 
         ``interval="epoch"`` steps once per epoch (``ReduceLROnPlateau`` with the epoch's
-        ``val_loss``, on epochs that validate); ``"step"`` once per optimizer step.
+        ``val_loss``, on epochs that validate); ``"step"`` once per optimizer step. Replacing
+        a scheduler that :meth:`load` / :meth:`resume_from` restored drops its state, with a
+        warning (``load(..., skip_scheduler=True)`` starts it fresh on purpose).
         """
         if self._optimizer is None:
             raise ConfigurationError("set_optimizer must be called before set_scheduler")
@@ -429,10 +454,47 @@ class NNHandler:
         if interval == "step" and issubclass(scheduler_class, plateau):
             raise ConfigurationError("ReduceLROnPlateau needs val_loss: use interval='epoch'")
         _encode_arguments(kwargs, f"{scheduler_class.__qualname__} argument")
+        dropped = self._restored_description("scheduler")
+        self._create_scheduler(scheduler_class, interval, kwargs)
+        if dropped:
+            self._warn(
+                f"set_scheduler({scheduler_class.__qualname__}) replaces the scheduler restored "
+                f"from the checkpoint: {dropped} is dropped. To keep it, do not call "
+                "set_scheduler after load/resume_from: the scheduler is restored as it was; to "
+                "start it fresh on purpose, load with skip_scheduler=True")
+
+    def _create_scheduler(self, scheduler_class: type[Any], interval: str,
+                          kwargs: Mapping[str, Any]) -> None:
         self._scheduler = scheduler_class(self._optimizer, **kwargs)
         self._scheduler_spec = (scheduler_class, dict(kwargs), interval)
+        self._mark_fresh("scheduler")
         if "scheduler" not in self._registry:
             self._registry.register(ComponentState("scheduler", lambda: self._scheduler))
+
+    def _restored_description(self, key: str) -> str | None:
+        """What replacing the optimizer/scheduler would drop, if a checkpoint restored it."""
+        provider = self._registry.get(key)
+        if not (isinstance(provider, ComponentState) and provider.restored):
+            return None
+        if key == "optimizer" and self._optimizer is not None:
+            tracked = len(self._optimizer.state)
+            return (f"its state (moments, step counts: {tracked} parameter tensor(s)) and "
+                    "its hyper-parameters from the file")
+        if key == "scheduler" and self._scheduler is not None:
+            position = getattr(self._scheduler, "last_epoch", None)
+            return (f"the scheduler's state ({type(self._scheduler).__qualname__}"
+                    + (f", last_epoch={position}" if position is not None else "") + ")")
+        return None
+
+    def _mark_fresh(self, key: str) -> None:
+        provider = self._registry.get(key)
+        if isinstance(provider, ComponentState):
+            provider.restored = False
+
+    def _warn(self, message: str) -> None:
+        """A warning in the log and as a Python warning (catchable, e.g. in tests)."""
+        self.logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def set_loss_fn(self, loss_fn: Callable[[Any, Any], torch.Tensor] | type[nn.Module],
                     **kwargs: Any) -> None:
@@ -482,14 +544,15 @@ class NNHandler:
         merged = {**remembered.get("config", {}), **self._remembered_extra(which, kwargs),
                   **kwargs}
         own = {k: merged.pop(k) for k in list(merged) if k in LoaderConfig.model_fields}
-        config = LoaderConfig(**own)
+        config = validate_call(LoaderConfig, f"set_{which}_loader", own)
         if "sampler" in merged or "batch_sampler" in merged:
             raise ConfigurationError(
                 f"set_{which}_loader: nnhandler provides the sampler (its shuffle order depends "
                 "only on the seed and the epoch, which exact resume needs); use shuffle=True/False"
             )
         # fail now, naming the bad argument, rather than at the start of train()
-        DataLoader(dataset, batch_size=config.batch_size, drop_last=config.drop_last, **merged)
+        DataLoader(dataset, batch_size=config.batch_size, drop_last=config.drop_last,
+                   **config.dataloader_arguments(), **merged)
         self._loaders[which] = _LoaderSpec(dataset, config, merged)
 
     def _remembered_extra(self, which: str, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -522,7 +585,7 @@ class NNHandler:
             sampler = ShardSampler(length, ctx.rank, ctx.world_size)
         else:
             sampler = None
-        extra = dict(spec.extra)
+        extra = {**spec.config.dataloader_arguments(), **spec.extra}
         if self.device.type == "cuda":
             extra.setdefault("pin_memory", True)
         signals = watched_signals(self._callbacks)
@@ -665,10 +728,6 @@ class NNHandler:
         ``n``, ``until_epoch`` needs nothing special. A call that a signal stops returns
         normally (the logs of the last completed epoch) with :attr:`preempted` set.
         """
-        self._preemption = None
-        if resume is not None:
-            self._resume(resume)
-        target = self._target_epoch(epochs, until_epoch)
         changes = {
             name: value for name, value in {
                 "validate_every": validate_every,
@@ -679,31 +738,37 @@ class NNHandler:
                 "seed": seed,
             }.items() if value is not UNSET
         }
-        if not isinstance(progress_bar, bool):
-            raise TypeError(f"progress_bar must be a bool, got {progress_bar!r}")
-        settings = TrainSettings(**{**self._settings.model_dump(), **changes})
-        missing = [what for what, absent in (
-            ("an optimizer (set_optimizer)", self._optimizer is None),
-            ("a loss function (set_loss_fn)", self._loss_fn is None),
-            ("a training dataset (set_train_loader)", "train" not in self._loaders),
-        ) if absent]
-        if missing:
-            raise ConfigurationError("cannot train without " + ", ".join(missing))
-        if settings.ema_decay > 0 and self.sharded_checkpoints:
-            raise ConfigurationError(f"ema_decay={settings.ema_decay} is not supported for a "
-                                     "model with DTensor parameters (FSDP2); use ema_decay=0")
-        self._settings = settings
+        # every argument is checked before anything changes (a resume included): a rejected
+        # call leaves the handler exactly as it was
+        call = validate_call(TrainCall, "train", {"epochs": epochs, "until_epoch": until_epoch,
+                                                  "progress_bar": progress_bar,
+                                                  "resume": resume})
+        validate_call(TrainSettings, "train", changes)
+        self._check_trainable()
+        settings = self._settings_with(changes)
+        if call.resume is not None:
+            self._check_resume_argument(call.resume)
+            self._resume(call.resume)
+            settings = self._settings_with(changes)  # the restored defaults under the call's
+        target = self._target_epoch(call.epochs, call.until_epoch)
         start = self.progress.epoch
+        guard, partial_changes = None, []
+        if target > start:
+            partial_changes = self._check_partial_epoch(settings)
+            guard = PreemptionGuard.for_train(self)
+        # from here on the call changes the handler
+        self._warn_about_resume_changes(changes, partial_changes)
+        self._preemption = None
+        self._settings = settings
+        self._position.restored = False
         if target <= start:
             self.logger.info("already at epoch %d (target %d): nothing to train", start, target)
             return dict(self._last_logs)
-        guard = PreemptionGuard.for_train(self)
         run_seed = self._prepare_random_streams(seed)
         self._prepare_amp_and_ema(settings)
         assert self._optimizer is not None and self._loss_fn is not None
         train_loader = self._build_loader("train", run_seed)
         assert train_loader is not None
-        self._check_partial_epoch(train_loader, settings)
         parts = LoopParts(
             model=self._model, module=self._module, optimizer=self._optimizer,
             scheduler=self._scheduler,
@@ -724,7 +789,7 @@ class NNHandler:
                          self.device, self.distributed.world_size,
                          "" if partial is None else
                          f"; epoch {partial.epoch} continues after its batch {partial.batches}")
-        loop = TrainingLoop(parts, progress_bar)
+        loop = TrainingLoop(parts, call.progress_bar)
         with guard.watching() if guard is not None else contextlib.nullcontext():
             try:
                 self._dispatcher.fire(Event.TRAIN_BEGIN, handler=self, start_epoch=start,
@@ -746,24 +811,78 @@ class NNHandler:
                 self._position.continuing_epoch = None
         return logs
 
-    def _check_partial_epoch(self, loader: DataLoader[Any], settings: TrainSettings) -> None:
+    def _check_trainable(self) -> None:
+        missing = [what for what, absent in (
+            ("an optimizer (set_optimizer)", self._optimizer is None),
+            ("a loss function (set_loss_fn)", self._loss_fn is None),
+            ("a training dataset (set_train_loader)", "train" not in self._loaders),
+        ) if absent]
+        if missing:
+            raise ConfigurationError("cannot train without " + ", ".join(missing))
+
+    def _settings_with(self, changes: Mapping[str, Any]) -> TrainSettings:
+        """The handler's training defaults with a call's explicit ``changes`` (checked)."""
+        settings = validate_call(TrainSettings, "train",
+                                 {**self._settings.model_dump(), **changes})
+        if settings.ema_decay > 0 and self.sharded_checkpoints:
+            raise ConfigurationError(f"ema_decay={settings.ema_decay} is not supported for a "
+                                     "model with DTensor parameters (FSDP2); use ema_decay=0")
+        return settings
+
+    def _check_partial_epoch(self, settings: TrainSettings) -> list[str]:
         """A partial epoch (from an emergency checkpoint) must be continued exactly as it
-        started: same world size, batch size, accumulation and metrics."""
+        started: same world size, batch size, accumulation and metrics. Checked before the
+        call changes anything, on a loader built for the check alone (its length and batch
+        size do not depend on the seed). Returns what differs without preventing the
+        continuation (dataset length, learning rates), for the warning."""
         partial = self._position.partial
         if partial is None:
-            return
+            return []
+        loader = self._build_loader("train", self.progress.run_seed or 0)
+        assert loader is not None and self._optimizer is not None
+        batches = loader_length(loader)
         partial.check_resumable(
             completed_epochs=self.progress.epoch, world_size=self.distributed.world_size,
             batch_size=loader.batch_size, accumulation=settings.gradient_accumulation_steps,
-            metric_names=list(self._metrics), batches=loader_length(loader))
+            metric_names=list(self._metrics), batches=batches)
+        return partial.changes(samples=dataset_size(self._loaders["train"].dataset),
+                               batches_per_epoch=batches,
+                               learning_rates=learning_rates_of(self._optimizer))
+
+    def _warn_about_resume_changes(self, changes: Mapping[str, Any],
+                                   partial_changes: list[str]) -> None:
+        """A call that resumes a checkpoint (the first after a restore, or one that continues
+        an interrupted epoch) and changes what the checkpoint recorded gets one warning: the
+        run cannot equal an uninterrupted one. ``seed`` has its own warning."""
+        partial = self._position.partial
+        if not (self._position.restored or partial is not None):
+            return
+        recorded = self._settings
+        notes = [f"{name} {getattr(recorded, name)!r} -> {value!r} (leave {name} unset: it "
+                 "defaults to the recorded value)"
+                 for name, value in changes.items()
+                 if name != "seed" and getattr(recorded, name) != value]
+        notes += partial_changes
+        if not notes:
+            return
+        if partial is not None:
+            what = (f"continues epoch {partial.epoch} of an emergency checkpoint (after its "
+                    f"batch {partial.batches}) with")
+        else:
+            what = "resumes a checkpoint with"
+        self._warn(f"train: this call {what} other settings than the checkpoint recorded: "
+                   f"{'; '.join(notes)}. The resumed run will not equal an uninterrupted one")
+
+    def _check_resume_argument(self, resume: str | os.PathLike[str]) -> None:
+        if resume == "latest" and self._autosave is None:
+            raise ConfigurationError("train(resume='latest') looks in the auto-save directory; "
+                                     "call auto_save(...) first or pass resume=<path>")
 
     def _resume(self, resume: str | os.PathLike[str]) -> None:
         if resume != "latest":
             self.resume_from(resume)
             return
-        if self._autosave is None:
-            raise ConfigurationError("train(resume='latest') looks in the auto-save directory; "
-                                     "call auto_save(...) first or pass resume=<path>")
+        assert self._autosave is not None  # _check_resume_argument
         directory = self._autosave.config.save_path
         found = find_latest_valid(directory, self.logger) if self.distributed.is_main else None
         latest = self.distributed.broadcast_object(str(found) if found is not None else None)
@@ -774,15 +893,11 @@ class NNHandler:
         self.resume_from(latest, verify=False)  # verified while choosing it
 
     def _target_epoch(self, epochs: int | None, until_epoch: int | None) -> int:
-        if (epochs is None) == (until_epoch is None):
-            raise ConfigurationError("pass exactly one of epochs (additional epochs) or "
-                                     f"until_epoch (absolute); got epochs={epochs!r}, "
-                                     f"until_epoch={until_epoch!r}")
-        value = epochs if epochs is not None else until_epoch
-        name = "epochs" if epochs is not None else "until_epoch"
-        if type(value) is not int or value < 0:
-            raise ConfigurationError(f"{name} must be a non-negative int, got {value!r}")
-        return self.progress.epoch + value if epochs is not None else value
+        """The absolute epoch a call trains to (its arguments checked by :class:`TrainCall`)."""
+        if epochs is not None:
+            return self.progress.epoch + epochs
+        assert until_epoch is not None
+        return until_epoch
 
     def _prepare_random_streams(self, seed: int | _Unset | None) -> int:
         current = self.progress.run_seed
@@ -1050,6 +1165,15 @@ class NNHandler:
         warning that the run cannot then equal an uninterrupted one exactly. In one process,
         ``parallelism="none"`` reads a sharded checkpoint into a plain model.
         """
+        options = validate_call(LoadOptions, "NNHandler.load", {
+            "skip_optimizer": skip_optimizer, "skip_scheduler": skip_scheduler,
+            "skip_history": skip_history, "skip_ema": skip_ema, "skip_callbacks": skip_callbacks,
+            "callbacks": callbacks, "model_class": model_class, "model_kwargs": model_kwargs,
+            "strict": strict, "verify": verify, "logger_mode": logger_mode, "log_file": log_file,
+            "use_distributed": use_distributed, "parallelism": parallelism,
+            "fsdp_units": fsdp_units, "compile_model": compile_model})
+        callbacks, fsdp_units = options.callbacks, options.fsdp_units  # iterables read once
+        _check_checkpoint_path(path, "NNHandler.load")
         context = DistributedContext.setup(use_distributed, _parse_device(device))
         map_device = _resolve_device(device, context)
         checkpoint = read_any_checkpoint(path, map_location=map_device, verify=verify,
@@ -1069,10 +1193,11 @@ class NNHandler:
         elif isinstance(config.compile_model, bool):
             compile_option = config.compile_model
         else:
-            options, unrestored = decode_arguments(config.compile_model, "compile_model")
+            compile_options, unrestored = decode_arguments(config.compile_model,
+                                                           "compile_model")
             _require_passed("torch.compile option(s)", "compile_model={...}", path, {},
                             [u.name for u in unrestored], unrestored)
-            compile_option = options
+            compile_option = compile_options
         recorded = config.parallelism
         chosen = recorded if parallelism is None else parallelism
         if fsdp_units is None:
@@ -1112,6 +1237,11 @@ class NNHandler:
         :class:`~nnhandler.NoCheckpointFoundError` when there is no valid checkpoint.
         ``load_arguments`` are those of :meth:`load`.
         """
+        options = validate_call(LoadOptions, "NNHandler.load_latest", load_arguments)
+        for name in ("callbacks", "fsdp_units"):  # iterables are read once
+            if name in load_arguments:
+                load_arguments[name] = getattr(options, name)
+        _check_checkpoint_path(save_path, "NNHandler.load_latest")
         context = DistributedContext.setup(load_arguments.get("use_distributed"),
                                            _parse_device(load_arguments.get("device")))
         load_arguments.setdefault("verify", False)  # verified while choosing it
@@ -1138,12 +1268,59 @@ class NNHandler:
         (model, optimizer, scheduler, EMA, history, progress, random streams, callbacks with a
         matching ``state_key``) takes the checkpoint's state, and the training defaults become
         the checkpoint's. The handler's own configuration (model, setters, loaders) stays.
+
+        The optimizer takes the file's hyper-parameters too (``Optimizer.load_state_dict``
+        replaces every param group's ``lr``, ``weight_decay``, ``betas`` …): where the
+        checkpoint's run was configured with other values than this handler's
+        ``set_optimizer`` call, a warning names each one, before and after.
         """
+        validate_call(ResumeCall, "resume_from", {"path": path, "verify": verify})
         checkpoint = read_any_checkpoint(path, map_location=self.device, verify=verify,
                                          context=self.distributed)
         config = check_config(checkpoint.state.get("config"), str(checkpoint.path))
+        if "optimizer" in checkpoint.state and config.optimizer is not None:
+            replaced = self._replaced_optimizer_settings(
+                config.optimizer.model_dump(by_alias=True))
+            if replaced:
+                self._warn(
+                    f"resume_from({str(path)!r}): the checkpoint's optimizer settings replace "
+                    f"this handler's ({'; '.join(replaced)}): Optimizer.load_state_dict takes "
+                    "the file's param groups. To train with this handler's values, set them "
+                    "after resuming (handler.optimizer.param_groups), or restore with "
+                    "NNHandler.load(..., skip_optimizer=True) to start the optimizer fresh")
+        previous = self._settings
         self._settings = config.train_settings
-        self._apply_checkpoint(checkpoint, set())
+        try:
+            self._apply_checkpoint(checkpoint, set())
+        except BaseException:  # every state is checked before any is applied: nothing changed
+            self._settings = previous
+            raise
+
+    def _replaced_optimizer_settings(self, recorded: Any) -> list[str]:
+        """``"name before -> after"`` for each optimizer hyper-parameter that the checkpoint's
+        run configured differently from this handler (the values ``set_optimizer`` got, or the
+        class's defaults). Configured values, not the current ones: a scheduler moves ``lr``
+        (and some ``momentum``) during a run, which a resume must continue, not report."""
+        if self._optimizer is None or self._optimizer_spec is None:
+            return []
+        if not isinstance(recorded, Mapping) or not isinstance(recorded.get("kwargs"), Mapping):
+            return []
+        optimizer_class, ours = self._optimizer_spec
+        theirs = recorded["kwargs"]
+        notes = []
+        reference = _maybe_reference(optimizer_class)
+        if isinstance(recorded.get("class"), str) and recorded["class"] != reference:
+            notes.append(f"optimizer class {reference} -> {recorded['class']}")
+        configured = self._optimizer.defaults  # set_optimizer's values over the class defaults
+        class_defaults = _signature_defaults(optimizer_class)
+        for name in sorted(set(ours) | set(theirs)):
+            if name not in configured:
+                continue
+            before = configured[name]
+            after = theirs[name] if name in theirs else class_defaults.get(name, before)
+            if not _same_setting(before, after):
+                notes.append(f"{name} {before!r} -> {after!r}")
+        return notes
 
     def _apply_checkpoint(self, checkpoint: Checkpoint, skip: set[str]) -> None:
         """Restore every state of ``checkpoint`` not in ``skip`` (random streams last)."""
@@ -1298,14 +1475,74 @@ class NNHandler:
 
 # ---------------------------------------------------------------------- helpers ---------------
 def _parse_device(device: str | torch.device | None) -> torch.device | None:
-    if device is None or isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str):
+    """``device`` as a ``torch.device`` that this machine has (``None`` stays ``None``: each
+    rank's own device). Anything else is an error naming the device and what is available,
+    raised before anything is read or created."""
+    if device is None:
+        return None
+    if isinstance(device, torch.device):
+        parsed = device
+    elif isinstance(device, str):
+        try:
+            parsed = torch.device(device)
+        except RuntimeError as error:
+            raise ConfigurationError(f"unknown device {device!r}: {error} (available here: "
+                                     f"{', '.join(_available_devices())})") from None
+    else:
         raise TypeError(f"device must be a str, torch.device or None, got {device!r}")
-    try:
-        return torch.device(device)
-    except RuntimeError as error:
-        raise ConfigurationError(f"unknown device {device!r}: {error}") from None
+    _check_device_available(parsed, str(device))
+    return parsed
+
+
+def _check_device_available(device: torch.device, given: str) -> None:
+    available = f"available here: {', '.join(_available_devices())}"
+    kind = device.type
+    if kind == "cpu":
+        if device.index not in (None, 0):
+            raise ConfigurationError(f"device {given!r}: there is one CPU device, 'cpu' (or "
+                                     f"'cpu:0'); {available}")
+    elif kind == "meta":
+        raise ConfigurationError(f"device {given!r} holds no data (tensors without storage): "
+                                 f"a handler trains and loads on a real device; {available}")
+    elif kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigurationError(f"device {given!r} requested but CUDA is not available "
+                                     f"({available})")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigurationError(f"device {given!r}: only {count} CUDA device(s) visible "
+                                     f"({available})")
+    elif kind in ("mps", "xpu"):
+        if not _backend_available(kind):
+            raise ConfigurationError(f"device {given!r}: the {kind} backend is not available "
+                                     f"in this PyTorch build or on this machine ({available})")
+        if kind == "mps" and device.index not in (None, 0):
+            raise ConfigurationError(f"device {given!r}: there is one MPS device, 'mps'; "
+                                     f"{available}")
+        if kind == "xpu" and device.index is not None and device.index >= torch.xpu.device_count():
+            raise ConfigurationError(f"device {given!r}: only {torch.xpu.device_count()} XPU "
+                                     f"device(s) visible ({available})")
+    else:
+        raise ConfigurationError(f"device {given!r} is not supported (cpu, cuda, mps, xpu); "
+                                 f"{available}")
+
+
+def _backend_available(kind: str) -> bool:
+    if kind == "mps":
+        return bool(torch.backends.mps.is_available())
+    xpu = getattr(torch, "xpu", None)
+    return xpu is not None and bool(xpu.is_available())
+
+
+def _available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if _backend_available("mps"):
+        devices.append("mps")
+    if _backend_available("xpu"):
+        devices += [f"xpu:{index}" for index in range(torch.xpu.device_count())]
+    return devices
 
 
 def _resolve_device(device: str | torch.device | None,
@@ -1313,17 +1550,40 @@ def _resolve_device(device: str | torch.device | None,
     parsed = _parse_device(device)
     if parsed is None:
         return context.default_device()
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigurationError(f"device {device!r} requested but CUDA is not available")
-        if parsed.index is None:
-            parsed = torch.device("cuda", context.cuda_index())
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ConfigurationError(f"device {device!r}: only {torch.cuda.device_count()} "
-                                     "CUDA device(s) visible")
-    elif parsed.type not in ("cpu", "mps", "xpu", "meta"):
-        raise ConfigurationError(f"device {device!r} is not supported (cpu, cuda, mps, xpu)")
+    if parsed.type == "cuda" and parsed.index is None:
+        parsed = torch.device("cuda", context.cuda_index())
+        _check_device_available(parsed, f"{device} (this rank's {parsed})")
     return parsed
+
+
+def _check_checkpoint_path(path: Any, call: str) -> None:
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ConfigurationError(f"{call}: the path must be a non-empty str or os.PathLike, "
+                                 f"got {path!r}")
+
+
+def _signature_defaults(cls: type[Any]) -> dict[str, Any]:
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {name: parameter.default for name, parameter in parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal hyper-parameter values: numbers by value (0 == 0.0, a 1-element tensor as its
+    number), sequences element by element (a tuple read back as a list is the same)."""
+    if isinstance(a, torch.Tensor) and a.numel() == 1:
+        a = a.item()
+    if isinstance(b, torch.Tensor) and b.numel() == 1:
+        b = b.item()
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.shape == b.shape and bool(torch.equal(a, b)))
+    return bool(a == b)
 
 
 def _encode_arguments(arguments: Mapping[str, Any], what: str) -> None:

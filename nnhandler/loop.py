@@ -18,6 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .components import EpochPosition, History, PartialEpoch, Progress
+from .components.position import dataset_size, learning_rates_of
 from .config import TrainSettings
 from .distributed import DistributedContext, all_gather_objects
 from .events import Event, EventDispatcher
@@ -206,6 +207,10 @@ class FailurePoint:
     batches: int | None
     #: the torch random stream where the epoch's state is consistent (validation: before it)
     torch_random_state: torch.Tensor | None = None
+    #: the training dataset's length (None: it has none)
+    samples: int | None = None
+    #: the optimizer's learning rate per param group
+    learning_rates: tuple[float, ...] | None = None
 
 
 class _Totals:
@@ -431,7 +436,9 @@ class TrainingLoop:
             accumulation=p.settings.gradient_accumulation_steps,
             metric_names=tuple(self.metric_names),
             totals=tuple(all_gather_objects(p.context, totals.export())),
-            pending_grads=None, reason="signal")
+            pending_grads=None, reason="signal", samples=dataset_size(p.train_loader.dataset),
+            batches_per_epoch=loader_length(p.train_loader),
+            learning_rates=learning_rates_of(p.optimizer))
         self.stopped_at = (epoch, done)
 
     def _record_failure(self, epoch: int, done: int, stage: str, totals: _Totals,
@@ -441,7 +448,9 @@ class TrainingLoop:
             self.failure = FailurePoint(epoch, done, stage, totals,
                                         self.p.settings.gradient_accumulation_steps,
                                         self.p.train_loader.batch_size, batches,
-                                        torch_random_state)
+                                        torch_random_state,
+                                        samples=dataset_size(self.p.train_loader.dataset),
+                                        learning_rates=learning_rates_of(self.p.optimizer))
 
     def _optimizer_step(self, clip: float | None) -> None:
         p = self.p

@@ -380,7 +380,8 @@ class PreemptionGuard:
             accumulation=failure.accumulation, metric_names=tuple(handler.metrics),
             totals=(failure.totals.export(),),
             pending_grads=pending_grads_of(handler.module) if pending else None,
-            reason="exception")
+            reason="exception", samples=failure.samples, batches_per_epoch=failure.batches,
+            learning_rates=failure.learning_rates)
         return partial, failure.stage in (BETWEEN_BATCHES, VALIDATION)
 
     # -- writing -------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def test_set_scheduler_before_set_optimizer_is_an_error() -> None:
         (lambda h: h.train(1, ema_decay=1.0), ValueError, "ema_decay"),
         (lambda h: h.train(1, gradient_clipping_norm=-1.0), ValueError,
          "gradient_clipping_norm"),
-        (lambda h: h.train(1, progress_bar="yes"), TypeError, "progress_bar"),
+        (lambda h: h.train(1, progress_bar="yes"), ConfigurationError, "progress_bar='yes'"),
         (lambda h: h.train(), ConfigurationError, "exactly one of epochs"),
         (lambda h: h.train(1, until_epoch=2), ConfigurationError, "exactly one of epochs"),
         (lambda h: h.train(-1), ConfigurationError, "non-negative int"),

@@ -61,6 +61,8 @@ def relocate(error: CheckpointSchemaError, *, prefix: str,
     inner = error.field or ""
     if not inner:
         field = prefix
+    elif inner.startswith(prefix):  # the owner already named its place in the file
+        field = inner
     elif inner.startswith((".", "[")):
         field = prefix + inner
     else:

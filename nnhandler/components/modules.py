@@ -52,14 +52,16 @@ class ComponentState:
     """Provides the state of whatever ``get()`` currently returns (optimizer, scheduler …).
 
     Looking the object up at every call means a component replaced by a setter is still the one
-    saved and restored.
+    saved and restored. ``restored`` is True once a checkpoint's state was loaded into the
+    current object; the setter that replaces the object resets it.
     """
 
-    __slots__ = ("_get", "state_key")
+    __slots__ = ("_get", "restored", "state_key")
 
     def __init__(self, state_key: str, get: Callable[[], Any]) -> None:
         self.state_key = state_key
         self._get = get
+        self.restored = False
 
     def state_dict(self) -> Any:
         return self._get().state_dict()
@@ -74,6 +76,7 @@ class ComponentState:
 
     def load_state_dict(self, state: Any) -> None:
         self._get().load_state_dict(state)
+        self.restored = True
 
 
 class ModelState(ComponentState):
