@@ -339,7 +339,7 @@ class AutoSaveCallback(Callback):
             handler.logger.warning(
                 "auto-save name template %r gave a file name of %d bytes for epoch %d, longer "
                 "than names in %s may be (%d bytes); saving as %s (its start and a hash of the "
-                "full name %r)", self.config.name, len(rendered.clipped_from.encode()), epoch,
+                "full name %.300r)", self.config.name, len(rendered.clipped_from.encode()), epoch,
                 self.config.save_path, name_limit(self.config.save_path), path.name,
                 rendered.clipped_from,
             )
