@@ -132,7 +132,7 @@ def test_wrong_types_are_rejected(configure: Configure, name: Any, overwrite: An
 @pytest.mark.parametrize(
     "name",
     ["latest", "ckpt_ep{epoch:03d}_valloss{val_loss:.4f}", "m{epoch:d}_{val_mae:.2e}",
-     "{epoch!r}", "e{epoch:>5}", "x.pth", "v1.2_{epoch}"],
+     "{epoch!s}", "e{epoch:>5}", "x.pth", "v1.2_{epoch}"],
     ids=["fixed", "design-example", "metric", "conversion", "align", "pth", "single-dot"],
 )
 def test_valid_template_is_accepted(configure: Configure, name: str) -> None:

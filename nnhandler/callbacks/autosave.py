@@ -17,7 +17,7 @@ from ..checkpoint.writer import remove_checkpoint_path, remove_stale_temp_files
 from ..config import AutoSaveConfig, MonitorMode, SaveErrorPolicy
 from ..distributed import run_on_rank_zero
 from ..errors import ConfigurationError
-from ..naming import MISSING_VALUE, render_name
+from ..naming import MISSING_VALUE, RenderedName, name_limit, render_name
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -57,8 +57,16 @@ class AutoSaveCallback(Callback):
             ``.pth`` is appended unless present. For a model with DTensor parameters (FSDP2)
             the checkpoint is a directory and its name ends in ``.dcp`` instead of ``.pth``.
             A key missing at save time is written as
-            ``NA`` and a warning is logged: the checkpoint is saved anyway. Directory parts
-            and ``..`` are rejected; formatted values are sanitised to stay in ``save_path``.
+            ``NA`` and a warning is logged: the checkpoint is saved anyway. Rejected when
+            configured (``ValueError`` naming the template and why): directory parts and
+            ``..``, control characters, ``!r``/``!a`` conversions, the ``c`` presentation type
+            and templates that can render more than
+            :data:`~nnhandler.naming.MAX_NAME_BYTES` (225) UTF-8 bytes with ordinary values
+            (``{epoch:0300d}``, a 260-character literal). Formatted values are sanitised
+            (separators, ``:`` and control characters become ``_``) to stay in ``save_path``;
+            a name still too long for the filesystem (a long string a callback logged) is
+            clipped to ``<start>~<8 hex of its SHA-1>.pth`` with a warning, so no save fails
+            over its name.
         overwrite: keep only the latest auto-save. The new file is completely written before
             the previous one is removed; with a fixed name the new file atomically replaces the
             old one.
@@ -238,6 +246,7 @@ class AutoSaveCallback(Callback):
             raise ConfigurationError(
                 f"auto-save cannot write to save_path {str(directory)!r}: {error}"
             ) from error
+        name_limit(directory)  # a filesystem too short for checkpoint names fails here
         for stale in remove_stale_temp_files(directory):
             handler.logger.warning("removed temp file %s left by an interrupted save", stale)
         pending = self.pending_removal
@@ -277,13 +286,13 @@ class AutoSaveCallback(Callback):
 
     # -- saving --------------------------------------------------------------------------------
     def path_for(self, logs: dict[str, Any], *,
-                 sharded: bool = False) -> tuple[Path, tuple[str, ...]]:
-        """Where the checkpoint for ``logs`` goes, and the template keys missing from them.
-        ``sharded``: the name of a sharded checkpoint directory (``….dcp``)."""
-        file_name, missing = render_name(self.config.name, logs)
-        if sharded:
-            file_name = sharded_name(file_name)
-        return self.config.save_path / file_name, missing
+                 sharded: bool = False) -> tuple[Path, RenderedName]:
+        """Where the checkpoint for ``logs`` goes, and the rendered name (with the template
+        keys missing from the logs and, for a name clipped to the filesystem's limit, the full
+        name). ``sharded``: the name of a sharded checkpoint directory (``….dcp``)."""
+        rendered = render_name(self.config.name, logs, limit=name_limit(self.config.save_path))
+        file_name = sharded_name(rendered.name) if sharded else rendered.name
+        return self.config.save_path / file_name, rendered
 
     def save_now(self, handler: NNHandler, epoch: int, logs: dict[str, Any]) -> Path | None:
         """Write a checkpoint for ``epoch`` now, then apply the ``overwrite`` or retention rules.
@@ -314,17 +323,25 @@ class AutoSaveCallback(Callback):
         ``path`` (emergency checkpoints); ``synchronous`` even with ``async_save``."""
         if self._in_flight is not None:  # at most one write in flight
             self.flush(handler)
-        missing: tuple[str, ...] = ()
+        rendered = RenderedName("", ())
         emergency = path is not None
         if path is None:
-            path, missing = self.path_for({**logs, "epoch": epoch},
-                                          sharded=handler.sharded_checkpoints)
-        if missing:
+            path, rendered = self.path_for({**logs, "epoch": epoch},
+                                           sharded=handler.sharded_checkpoints)
+        if rendered.missing:
             handler.logger.warning(
                 "auto-save name template %r: key(s) %s missing from the epoch-%d logs "
                 "(available: %s); saving as %s with %s in their place",
-                self.config.name, ", ".join(missing), epoch, ", ".join(sorted(logs)),
+                self.config.name, ", ".join(rendered.missing), epoch, ", ".join(sorted(logs)),
                 path.name, MISSING_VALUE,
+            )
+        if rendered.clipped_from is not None:
+            handler.logger.warning(
+                "auto-save name template %r gave a file name of %d bytes for epoch %d, longer "
+                "than names in %s may be (%d bytes); saving as %s (its start and a hash of the "
+                "full name %.300r)", self.config.name, len(rendered.clipped_from.encode()), epoch,
+                self.config.save_path, name_limit(self.config.save_path), path.name,
+                rendered.clipped_from,
             )
         if handler.distributed.is_main:
             self._warn_if_disk_is_short(handler)

@@ -25,6 +25,7 @@ from .integrity import integrity_record, read_integrity_record, verify_file
 from .migrations import migrate
 from .pickling import StorageRecord, pickle_with_storages
 from .writer import atomic_write
+from .ziplayout import check_zip_layout
 from .zipwriter import WRITE_BUFFER, write_torch_zip
 
 __all__ = [
@@ -215,8 +216,12 @@ def read_checkpoint(
     With ``verify`` (the default) the integrity record at the file's end is checked first (a
     truncated file fails here), then the whole file is checked against its CRC-32 while
     ``torch.load(weights_only=True)`` reads it; any damage raises
-    :class:`CheckpointCorruptedError` and no data is returned. ``mmap`` maps the tensors'
-    storages instead of reading them (for checking what a file holds without loading it).
+    :class:`CheckpointCorruptedError` and no data is returned. Before ``torch.load`` opens it,
+    verified or not, the zip's central directory is checked (:mod:`.ziplayout`): compressed
+    records, records beyond the file or overlapping each other are a
+    :class:`CheckpointFormatError` (or, where the CRC fails too, corruption) and nothing is
+    inflated. ``mmap`` maps the tensors' storages instead of reading them (for checking what a
+    file holds without loading it).
     """
     path = Path(path)
     if not path.is_file():
@@ -228,6 +233,7 @@ def read_checkpoint(
         read_integrity_record(path)
     verification = _start_verification(path) if verify else None
     try:
+        check_zip_layout(path)  # nothing is inflated or allocated on a hostile layout's word
         envelope = _load_envelope(path, map_location, mmap)
     except CheckpointError:
         if verification is not None:
