@@ -40,13 +40,13 @@ from nnhandler import (
 from nnhandler.checkpoint.dcp_state import merge_tensors, split_tensors
 from nnhandler.checkpoint.discovery import list_checkpoints
 from nnhandler.checkpoint.integrity import crc32
+from nnhandler.checkpoint.removal import remove_stale_temp_files
 from nnhandler.checkpoint.sharded import (
     MANIFEST_FILE,
     read_manifest,
     read_sharded_checkpoint,
     verify_sharded,
 )
-from nnhandler.checkpoint.removal import remove_stale_temp_files
 from nnhandler.cli import main as cli_main
 
 WORKER = TESTS_DIR / "sharded_worker.py"
