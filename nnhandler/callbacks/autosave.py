@@ -76,6 +76,10 @@ class AutoSaveCallback(Callback):
             A key missing at save time is written as
             ``NA`` and a warning is logged: the checkpoint is saved anyway. Directory parts
             and ``..`` are rejected; formatted values are sanitised to stay in ``save_path``.
+            A rendered name that exists and is not this run's checkpoint (another run's, one
+            recording no lineage, or no checkpoint at all) is never replaced: the save goes to
+            ``<stem>-v<N>.pth`` (the smallest free or own N ≥ 1) with one warning per
+            callback; a file of this run's own lineage is replaced atomically.
         overwrite: keep only the latest auto-save. The new file is completely written before
             the previous one is removed; with a fixed name the new file atomically replaces the
             old one.
@@ -125,7 +129,11 @@ class AutoSaveCallback(Callback):
     rule keeps. Only the callback's own files are ever removed: those it wrote, and those its
     lineage (the run a resumed run continues) wrote, as the checkpoint and the index record
     them; a file another callback's section lists, or that no record names, is never touched.
-    See :mod:`nnhandler.checkpoint.retention`.
+    See :mod:`nnhandler.checkpoint.retention`. Every removal (retention, ``overwrite``,
+    pending removals recorded in a checkpoint or the index, stale temp files) is confined by
+    :mod:`nnhandler.checkpoint.removal`: directly inside the current ``save_path``, no
+    symlink, one of this callback's names, and a file whose own record names this run's
+    lineage; anything else is dropped from the bookkeeping with a warning, never removed.
 
     When ``train`` starts, rank 0 creates ``save_path``, checks that it can write there (an
     unwritable directory is a :class:`~nnhandler.ConfigurationError` before any epoch runs) and
