@@ -916,7 +916,8 @@ class NNHandler:
             new_seed = self.distributed.broadcast_object(secrets.randbits(63))
         seed_everything(new_seed)
         self.progress.run_seed = new_seed
-        self.progress.run_id = self.distributed.broadcast_object(secrets.token_hex(8))
+        if not continuing:  # a re-seeded run stays the lineage that wrote its files
+            self.progress.run_id = self.distributed.broadcast_object(secrets.token_hex(8))
         return new_seed
 
     def _prepare_amp_and_ema(self, settings: TrainSettings) -> None:
@@ -989,7 +990,8 @@ class NNHandler:
     def _checkpoint_meta(self, logs: Mapping[str, Any]) -> dict[str, Any]:
         return build_meta(epoch=self.progress.epoch, step=self.progress.step,
                           logs={k: v for k, v in logs.items() if _plain_scalar(v)},
-                          world_size=self.distributed.world_size)
+                          world_size=self.distributed.world_size,
+                          lineage=self.progress.lineage)
 
     def _snapshot_checkpoint(self, path: Path, logs: Mapping[str, Any],
                              staging: StagingBuffers) -> Snapshot | None:

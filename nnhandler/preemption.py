@@ -404,9 +404,9 @@ class PreemptionGuard:
             if quiet or saver.config.on_save_error == "raise":
                 raise
             saver.failed_saves += 1
-            handler.logger.error("EMERGENCY CHECKPOINT FAILED (%s: %s); the newest checkpoint "
-                                 "of %s is %s", type(error).__name__, error,
-                                 saver.config.save_path, saver.last_saved_path)
+            handler.logger.error("EMERGENCY CHECKPOINT FAILED (%s: %s) in %s; %s",
+                                 type(error).__name__, error, saver.config.save_path,
+                                 saver.previous_checkpoint_note())
             return None
 
 

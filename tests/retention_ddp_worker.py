@@ -32,7 +32,7 @@ from nnh_testing import TinyNet, mae, regression_dataset  # noqa: E402
 from torch import nn  # noqa: E402
 
 import nnhandler.checkpoint.index as index_module  # noqa: E402
-import nnhandler.checkpoint.retention as retention_module  # noqa: E402
+import nnhandler.checkpoint.removal as removal_module  # noqa: E402
 from nnhandler import AutoSaveCallback, NNHandler  # noqa: E402
 from nnhandler.checkpoint.index import INDEX_FILE  # noqa: E402
 from nnhandler.checkpoint.sharded import checkpoint_size  # noqa: E402
@@ -46,7 +46,7 @@ SEED = 7
 INDEX_WRITES: list[dict[str, Any]] = []
 REMOVALS: list[dict[str, Any]] = []
 _atomic_write = index_module.atomic_write
-_remove = retention_module.remove_checkpoint_path
+_remove = removal_module.remove_checkpoint_path
 
 
 def _recording_atomic_write(path: Path, *args: Any, **kwargs: Any) -> int:
@@ -62,7 +62,7 @@ def _recording_remove(path: Path) -> None:
 
 
 index_module.atomic_write = _recording_atomic_write  # type: ignore[assignment]
-retention_module.remove_checkpoint_path = _recording_remove  # type: ignore[assignment]
+removal_module.remove_checkpoint_path = _recording_remove  # type: ignore[assignment]
 
 
 def attach_loaders(handler: NNHandler) -> None:

@@ -27,6 +27,7 @@ from nnhandler import (
     NNHandler,
     read_checkpoint,
 )
+from nnhandler.components.history import Progress
 from nnhandler.distributed import DistributedContext
 
 N = 16  # tiny dataset: 2 training batches of 8, one validation batch
@@ -331,12 +332,14 @@ def test_save_path_and_its_parents_are_created() -> None:
     assert checkpoint_files(directory) == ["ep001.pth"]
 
 
-def test_existing_file_with_the_same_name_is_replaced_atomically(
+def test_existing_file_of_this_run_with_the_same_name_is_replaced_atomically(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """(Another run's file of that name is never replaced: see test_crafted_removals.py.)"""
     directory = Path("ck")
-    directory.mkdir()
-    (directory / "latest.pth").write_bytes(b"stale, not a checkpoint")
+    handler = new_handler()
+    handler.auto_save(1, directory, name="latest")
+    train(handler, 1)
     replaced: list[tuple[Path, Path]] = []
     real_replace = os.replace
 
@@ -345,10 +348,9 @@ def test_existing_file_with_the_same_name_is_replaced_atomically(
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", recording_replace)
-    handler = new_handler()
-    handler.auto_save(1, directory, name="latest")
     train(handler, 1)
-    assert read_checkpoint(directory / "latest.pth").epoch == 1
+    assert read_checkpoint(directory / "latest.pth").epoch == 2
+    assert checkpoint_files(directory) == ["latest.pth"]
     # one rename of a temp file beside the target over the target, no remove-then-write
     ((source, target),) = replaced
     assert target == directory / "latest.pth"
@@ -627,6 +629,7 @@ class _StubHandler:
         self.distributed = DistributedContext.single()
         self.module = torch.nn.Linear(4, 1)  # sizes the first free-space check
         self.sharded_checkpoints = False  # plain .pth names
+        self.progress = Progress(run_id="stub")  # the lineage the callback's records name
 
     def save(self, path: Path, logs: dict[str, Any]) -> Path:
         self.saved.append((self.epoch, path))

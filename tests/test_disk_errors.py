@@ -366,7 +366,7 @@ def test_warn_policy_report_is_per_train_call(
     with caplog.at_level(logging.ERROR, logger="nnhandler"):
         train(handler, 1)
     assert "1 auto-save(s) to ck failed during this train call" in caplog.text
-    assert "the last successful one is None" in caplog.text
+    assert "no auto-save has succeeded yet" in caplog.text
     assert listing(CK) == []
     fault.clear()
     caplog.clear()

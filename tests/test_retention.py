@@ -28,9 +28,11 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from nnh_testing import attach_loaders, make_handler
 
+import nnhandler.checkpoint.removal as removal_module
 import nnhandler.checkpoint.retention as retention_module
 import nnhandler.checkpoint.writer as writer_module
 from nnhandler import AutoSaveCallback, Callback, DuplicateStateKeyError, NNHandler
+from nnhandler.checkpoint.envelope import build_meta, write_checkpoint
 from nnhandler.checkpoint.index import (
     INDEX_FILE,
     INDEX_FORMAT,
@@ -40,7 +42,8 @@ from nnhandler.checkpoint.index import (
     read_index,
     update_index,
 )
-from nnhandler.checkpoint.integrity import verify_file
+from nnhandler.checkpoint.integrity import crc32, verify_file
+from nnhandler.checkpoint.removal import RemovalGuard
 from nnhandler.checkpoint.retention import Retention, RetentionRules, decide
 from nnhandler.errors import CheckpointIndexError
 
@@ -136,7 +139,7 @@ def removals(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Removal]]:
     """Every file retention removes, with what held at that moment: does the newest checkpoint
     of the run verify, and does the index on disk list it as kept?"""
     found: list[Removal] = []
-    real_remove = retention_module.remove_checkpoint_path
+    real_remove = removal_module.remove_checkpoint_path
 
     def observe(path: Path) -> None:
         newest = max((p for p in path.parent.glob("*.pth") if p != path),
@@ -152,7 +155,7 @@ def removals(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Removal]]:
         found.append(Removal(path.name, threading.current_thread().name, verifies, listed))
         real_remove(path)
 
-    monkeypatch.setattr(retention_module, "remove_checkpoint_path", observe)
+    monkeypatch.setattr(removal_module, "remove_checkpoint_path", observe)
     yield found
 
 
@@ -365,13 +368,14 @@ def test_saves_on_disk_keep_exactly_the_reference_set(
             else:
                 (directory / other).write_bytes(b"foreign")
         retention = Retention()
+        guard = RemovalGuard(directory, "ep{epoch:04d}", "run:1", logger)
         saves = as_saves(steps)
         for count, save in enumerate(saves, start=1):
             logs = {} if save.value is None else {"m": save.value}
             plan = retention.plan(rules, save.name, save.epoch, save.epoch * 2, logs,
-                                  lineage="seed:1", is_main=True, logger=logger)
-            (directory / save.name).write_bytes(b"checkpoint")  # "durable" before the commit
-            retention.commit(plan.after, directory, "k", rules, logger)
+                                  lineage="run:1", is_main=True, logger=logger)
+            own_checkpoint(directory / save.name, "run:1")  # "durable" before the commit
+            retention.commit(plan.after, guard, "k", rules)
             expected = reference(saves[:count], rules)
             assert set(files(directory)) == expected | set(foreign)
             assert {entry.name for entry in retention.state.files} == expected
@@ -408,7 +412,8 @@ def test_the_index_has_a_format_version_and_one_section_per_callback() -> None:
     section = document["callbacks"][KEY]
     assert section["rules"] == {"keep_last": 1, "keep_best": None, "monitor": None,
                                 "mode": "min", "keep_every": None}
-    assert section["lineage"] == f"seed:{SEED}"
+    assert section["lineage"] == handler.progress.lineage
+    assert section["lineage"].startswith("run:")  # the run's id, not its (shared) seed
     assert [c["name"] for c in section["checkpoints"]] == ep(3) and section["removing"] == []
     assert section["checkpoints"][0]["epoch"] == 3 and section["checkpoints"][0]["step"] == 6
 
@@ -416,7 +421,7 @@ def test_the_index_has_a_format_version_and_one_section_per_callback() -> None:
 def test_a_removal_that_fails_is_a_warning_and_is_tried_again(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    real_remove = retention_module.remove_checkpoint_path
+    real_remove = removal_module.remove_checkpoint_path
     refused = {"ep001.pth"}
 
     def refuse_once(path: Path) -> None:
@@ -425,7 +430,7 @@ def test_a_removal_that_fails_is_a_warning_and_is_tried_again(
             raise PermissionError(13, "Permission denied", str(path))
         real_remove(path)
 
-    monkeypatch.setattr(retention_module, "remove_checkpoint_path", refuse_once)
+    monkeypatch.setattr(removal_module, "remove_checkpoint_path", refuse_once)
     handler = new_handler(keep_last=1)
     train(handler, epochs=2)
     assert files() == ep(1, 2)
@@ -500,20 +505,37 @@ def test_a_corrupt_index_is_a_warning_and_is_rebuilt(
     assert files() == sorted([*ep(5), "every_ep002.pth", "every_ep004.pth", "every_ep005.pth"])
 
 
+def own_checkpoint(path: Path, lineage: str, epoch: int = 1) -> None:
+    """A small real checkpoint (valid CRC) whose records name ``lineage``."""
+    write_checkpoint(path, {}, build_meta(epoch=epoch, step=epoch, logs={}, world_size=1,
+                                          lineage=lineage))
+
+
+def write_manifest(directory: Path, lineage: str) -> None:
+    """A minimal sharded-checkpoint manifest (valid CRC) that records ``lineage``."""
+    body = json.dumps({"format": {"name": "nnhandler.sharded", "version": 1},
+                       "lineage": lineage, "files": {"nnhandler.pth": {}}})
+    outer = {"body": body, "crc32": crc32(body.encode())}
+    (directory / "manifest.json").write_text(json.dumps(outer))
+
+
 def test_removal_handles_sharded_checkpoint_directories(tmp_path: Path) -> None:
     logger = logging.getLogger("nnhandler.test")
     retention, rules = Retention(), RetentionRules(keep_last=1)
+    guard = RemovalGuard(tmp_path, NAME, "run:1", logger)
     for epoch in (1, 2):
         name = f"ep{epoch:03d}.dcp"
-        plan = retention.plan(rules, name, epoch, epoch, {}, lineage="seed:1", is_main=True,
+        plan = retention.plan(rules, name, epoch, epoch, {}, lineage="run:1", is_main=True,
                               logger=logger)
         (tmp_path / name).mkdir()
-        (tmp_path / name / "manifest.json").write_text("{}")
-        retention.commit(plan.after, tmp_path, "k", rules, logger)
+        write_manifest(tmp_path / name, "run:1")
+        retention.commit(plan.after, guard, "k", rules)
     assert files(tmp_path) == ["ep002.dcp"]
 
 
-def test_names_that_are_not_plain_checkpoint_names_are_never_removed(tmp_path: Path) -> None:
+def test_names_that_are_not_plain_checkpoint_names_are_never_removed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """An index edited by hand cannot make a callback remove files outside its folder."""
     logger = logging.getLogger("nnhandler.test")
     (tmp_path / "ck").mkdir()
@@ -522,14 +544,17 @@ def test_names_that_are_not_plain_checkpoint_names_are_never_removed(tmp_path: P
     for name in ("notes.txt", ".hidden.pth"):
         (tmp_path / "ck" / name).write_bytes(b"precious")
     retention, rules = Retention(), RetentionRules(keep_last=1)
-    retention.load_state_dict({"lineage": "seed:1", "next_seq": 5, "files": [],
+    retention.load_state_dict({"lineage": "run:1", "next_seq": 5, "files": [],
                                "removing": ["../outside.pth", "notes.txt", ".hidden.pth"]})
-    plan = retention.plan(rules, "ep005.pth", 5, 5, {}, lineage="seed:1", is_main=True,
+    plan = retention.plan(rules, "ep005.pth", 5, 5, {}, lineage="run:1", is_main=True,
                           logger=logger)
     (tmp_path / "ck" / "ep005.pth").write_bytes(b"checkpoint")
-    retention.commit(plan.after, tmp_path / "ck", "k", rules, logger)
+    retention.commit(plan.after, RemovalGuard(tmp_path / "ck", NAME, "run:1", logger), "k",
+                     rules)
     assert outside.exists() and files(tmp_path / "ck") == [".hidden.pth", "ep005.pth",
                                                            "notes.txt"]
+    for name in ("../outside.pth", "notes.txt", ".hidden.pth"):
+        assert warnings_with(caplog, repr(name))
 
 
 # ============================================================================================
@@ -593,7 +618,7 @@ def test_removals_decided_before_a_crash_are_finished_when_the_resumed_run_start
     def refuse(path: Path) -> None:
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(retention_module, "remove_checkpoint_path", refuse)
+    monkeypatch.setattr(removal_module, "remove_checkpoint_path", refuse)
     train(new_handler(keep_last=1), epochs=3)
     assert files() == ep(1, 2, 3)
     monkeypatch.undo()
@@ -819,10 +844,11 @@ def test_read_index_names_what_is_wrong(tmp_path: Path) -> None:
     document = json.loads((tmp_path / INDEX_FILE).read_text())
     document["callbacks"]["k"]["checkpoints"][0]["epoch"] = "one"
     (tmp_path / INDEX_FILE).write_text(json.dumps(document))
-    with pytest.raises(CheckpointIndexError, match="epoch must be an integer"):
+    with pytest.raises(CheckpointIndexError,
+                       match=r"callbacks\['k'\]\.checkpoints\[0\]\.epoch is 'one'"):
         read_index(tmp_path)
     sections, problem = update_index(tmp_path, "k", section)  # rebuilt, saying why
-    assert problem is not None and "epoch must be an integer" in problem
+    assert problem is not None and "checkpoints[0].epoch is 'one'" in problem
     assert read_index(tmp_path) == {"k": section}
 
 

@@ -54,11 +54,13 @@ def test_only_rank_zero_writes_the_index_and_removes(train_results: list[dict[st
 
 def test_every_rank_keeps_the_same_bookkeeping(train_results: list[dict[str, Any]]) -> None:
     rank0, rank1 = train_results
+    lineages = set()
     for phase in ("first", "resumed"):
         assert rank0[phase]["bookkeeping"] == rank1[phase]["bookkeeping"], phase
         assert rank0[phase]["history"] == rank1[phase]["history"], phase
-        lineages = {keeper["lineage"] for keeper in rank0[phase]["bookkeeping"].values()}
-        assert lineages == {"seed:7"}, phase
+        lineages |= {keeper["lineage"] for keeper in rank0[phase]["bookkeeping"].values()}
+    # one lineage (the run id rank 0 drew and broadcast), kept by the resumed run
+    assert len(lineages) == 1 and next(iter(lineages)).startswith("run:"), lineages
 
 
 def test_the_rules_hold_on_the_shared_folder(train_results: list[dict[str, Any]]) -> None:

@@ -40,13 +40,13 @@ from nnhandler import (
 from nnhandler.checkpoint.dcp_state import merge_tensors, split_tensors
 from nnhandler.checkpoint.discovery import list_checkpoints
 from nnhandler.checkpoint.integrity import crc32
+from nnhandler.checkpoint.removal import remove_stale_temp_files
 from nnhandler.checkpoint.sharded import (
     MANIFEST_FILE,
     read_manifest,
     read_sharded_checkpoint,
     verify_sharded,
 )
-from nnhandler.checkpoint.writer import remove_stale_temp_files
 from nnhandler.cli import main as cli_main
 
 WORKER = TESTS_DIR / "sharded_worker.py"
@@ -506,10 +506,10 @@ def test_stale_temp_directory_is_removed(tmp_path: Path) -> None:
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, check=True, timeout=60)
     dead = int(finished.stdout)
-    stale = tmp_path / f".ep002.dcp.tmp-{dead}-abcd"
+    stale = tmp_path / f".ep002.dcp.tmp-{dead}-abcd0123"
     (stale / "sub").mkdir(parents=True)
     (stale / "sub" / "__0_0.distcp").write_bytes(b"x")
-    alive = tmp_path / f".ep003.dcp.tmp-{os.getppid()}-abcd"
+    alive = tmp_path / f".ep003.dcp.tmp-{os.getppid()}-abcd0123"
     alive.mkdir()
     assert remove_stale_temp_files(tmp_path) == [stale]
     assert listing(tmp_path) == [alive.name]

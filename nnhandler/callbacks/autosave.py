@@ -10,10 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
+
 from ..checkpoint.background import BackgroundWriter
-from ..checkpoint.retention import Retention, RetentionPlan, RetentionRules, lineage_of
+from ..checkpoint.removal import RemovalGuard, distinct_target, remove_stale_temp_files
+from ..checkpoint.retention import Retention, RetentionPlan, RetentionRules, RetentionStateRecord
+from ..checkpoint.schema import Schema, validate
 from ..checkpoint.sharded import checkpoint_size, sharded_name
-from ..checkpoint.writer import remove_checkpoint_path, remove_stale_temp_files
 from ..config import AutoSaveConfig, MonitorMode, SaveErrorPolicy
 from ..distributed import run_on_rank_zero
 from ..errors import ConfigurationError
@@ -23,12 +26,26 @@ from .base import Callback
 if TYPE_CHECKING:
     from ..handler import NNHandler
 
-__all__ = ["AUTOSAVE_KEY_PREFIX", "AutoSaveCallback"]
+__all__ = ["AUTOSAVE_KEY_PREFIX", "AutoSaveCallback", "AutoSaveStateRecord"]
 
 AUTOSAVE_KEY_PREFIX = "autosave:"
 
 #: (last_saved_path, last_saved_epoch, save_count, pending_removal) before a save
 _Bookkeeping = tuple[str | None, int | None, int, str | None]
+
+
+class AutoSaveStateRecord(Schema):
+    """The schema of :meth:`AutoSaveCallback.state_dict` as read back from a checkpoint
+    (``config`` is checked by :class:`~nnhandler.config.AutoSaveConfig` when the callback is
+    re-created). Files written before retention existed have no ``retention``."""
+
+    config: dict[str, Any]
+    last_saved_path: str | None
+    last_saved_epoch: int | None = Field(ge=0)
+    save_count: int = Field(ge=0)
+    failed_saves: int = Field(default=0, ge=0)
+    pending_removal: str | None = None
+    retention: RetentionStateRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,10 @@ class AutoSaveCallback(Callback):
             a name still too long for the filesystem (a long string a callback logged) is
             clipped to ``<start>~<8 hex of its SHA-1>.pth`` with a warning, so no save fails
             over its name.
+            A rendered name that exists and is not this run's checkpoint (another run's, one
+            recording no lineage, or no checkpoint at all) is never replaced: the save goes to
+            ``<stem>-v<N>.pth`` (the smallest free or own N ≥ 1) with one warning per
+            callback; a file of this run's own lineage is replaced atomically.
         overwrite: keep only the latest auto-save. The new file is completely written before
             the previous one is removed; with a fixed name the new file atomically replaces the
             old one.
@@ -116,7 +137,11 @@ class AutoSaveCallback(Callback):
     rule keeps. Only the callback's own files are ever removed: those it wrote, and those its
     lineage (the run a resumed run continues) wrote, as the checkpoint and the index record
     them; a file another callback's section lists, or that no record names, is never touched.
-    See :mod:`nnhandler.checkpoint.retention`.
+    See :mod:`nnhandler.checkpoint.retention`. Every removal (retention, ``overwrite``,
+    pending removals recorded in a checkpoint or the index, stale temp files) is confined by
+    :mod:`nnhandler.checkpoint.removal`: directly inside the current ``save_path``, no
+    symlink, one of this callback's names, and a file whose own record names this run's
+    lineage; anything else is dropped from the bookkeeping with a warning, never removed.
 
     When ``train`` starts, rank 0 creates ``save_path``, checks that it can write there (an
     unwritable directory is a :class:`~nnhandler.ConfigurationError` before any epoch runs) and
@@ -173,6 +198,9 @@ class AutoSaveCallback(Callback):
         self._last_size: int | None = None
         self._writer: BackgroundWriter | None = None
         self._in_flight: _BackgroundSave | None = None
+        self._told_name_taken = False
+        #: name templates this instance was configured with before (see reconfigure)
+        self._earlier_templates: tuple[str, ...] = ()
 
     # -- configuration -------------------------------------------------------------------------
     @staticmethod
@@ -190,7 +218,11 @@ class AutoSaveCallback(Callback):
                 and self.config.save_path.resolve() == other.config.save_path.resolve())
 
     def reconfigure(self, config: AutoSaveConfig) -> None:
-        """Apply a new configuration, keeping the bookkeeping of this instance's lineage."""
+        """Apply a new configuration, keeping the bookkeeping of this instance's lineage (with
+        ``overwrite``, the file saved under the previous name is still removed at the next
+        save, if it is in the new ``save_path``)."""
+        if config.name != self.config.name:
+            self._earlier_templates = (*self._earlier_templates, self.config.name)
         self.config = config
 
     def __repr__(self) -> str:
@@ -231,11 +263,23 @@ class AutoSaveCallback(Callback):
         self._call_end_epoch = end_epoch
         self._call_failures = 0
         if self.config.enabled or self.config.writes_emergency_checkpoints:
-            run_on_rank_zero(handler.distributed, lambda: self._prepare_directory(handler))
+            guard = self._guard(handler)
+            self.last_saved_path = run_on_rank_zero(
+                handler.distributed, lambda: self._prepare_directory(handler, guard))
             self.pending_removal = None
-            self._resume_retention(handler)
+            self._resume_retention(handler, guard)
 
-    def _prepare_directory(self, handler: NNHandler) -> None:
+    def _guard(self, handler: NNHandler) -> RemovalGuard:
+        """The confinement of this callback's removals: its current folder and name template,
+        the run's lineage (see :mod:`nnhandler.checkpoint.removal`)."""
+        return RemovalGuard(self.config.save_path, self.config.name, handler.progress.lineage,
+                            handler.logger, self._earlier_templates)
+
+    def _prepare_directory(self, handler: NNHandler, guard: RemovalGuard) -> str | None:
+        """Rank 0 when ``train`` starts: create and probe ``save_path``, remove stale temp
+        files, finish the pending ``overwrite`` removal of this lineage; returns
+        ``last_saved_path`` as it may stay recorded (``None`` with ``overwrite`` when it is no
+        file this callback could ever remove)."""
         directory = self.config.save_path
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -247,12 +291,21 @@ class AutoSaveCallback(Callback):
                 f"auto-save cannot write to save_path {str(directory)!r}: {error}"
             ) from error
         name_limit(directory)  # a filesystem too short for checkpoint names fails here
-        for stale in remove_stale_temp_files(directory):
+        for stale in remove_stale_temp_files(directory, handler.logger):
             handler.logger.warning("removed temp file %s left by an interrupted save", stale)
-        pending = self.pending_removal
-        if self.config.overwrite and pending is not None and pending != self.last_saved_path:
+        pending, last = self.pending_removal, self.last_saved_path
+        if not self.config.overwrite:
+            return last
+        if pending is not None and pending != last:
             # the checkpoint this run resumed from was written, its predecessor never removed
-            self._remove_previous(handler, Path(pending), Path(self.last_saved_path or pending))
+            self._remove_previous(handler, pending, Path(last or pending), guard)
+        reason = None if last is None else guard.refusal(last)
+        if reason is not None:
+            handler.logger.warning(
+                "overwrite: the previous auto-save %r recorded in the checkpoint is dropped from "
+                "the bookkeeping and will not be removed: %s", last, reason)
+            return None
+        return last
 
     def on_epoch_end(
         self, handler: NNHandler, epoch: int, logs: dict[str, Any], **kwargs: Any
@@ -280,8 +333,9 @@ class AutoSaveCallback(Callback):
         if self._call_failures:
             handler.logger.error(
                 "%d auto-save(s) to %s failed during this train call (see the errors above); "
-                "the last successful one is %s", self._call_failures, self.config.save_path,
-                self.last_saved_path,
+                "%s", self._call_failures, self.config.save_path,
+                f"the last successful one is {self.last_saved_path}"
+                if self.last_saved_path is not None else "no auto-save has succeeded yet",
             )
 
     # -- saving --------------------------------------------------------------------------------
@@ -312,10 +366,18 @@ class AutoSaveCallback(Callback):
         self.failed_saves += 1
         self._call_failures += 1
         handler.logger.error(
-            "AUTO-SAVE FAILED at epoch %d (%s: %s); the previous checkpoint %s is intact and "
-            "training continues; the next scheduled save will try again",
-            epoch, type(error).__name__, error, self.last_saved_path,
+            "AUTO-SAVE FAILED at epoch %d (%s: %s); %s and training continues; the next "
+            "scheduled save will try again",
+            epoch, type(error).__name__, error, self.previous_checkpoint_note(),
         )
+
+    def previous_checkpoint_note(self) -> str:
+        """What a failure report says about the checkpoint before it: ``"the previous
+        checkpoint ck/ep004.pth is intact"``, or ``"no earlier checkpoint exists"`` when this
+        callback has not saved yet."""
+        if self.last_saved_path is None:
+            return "no earlier checkpoint exists"
+        return f"the previous checkpoint {self.last_saved_path} is intact"
 
     def _save(self, handler: NNHandler, epoch: int, logs: dict[str, Any], *,
               path: Path | None = None, synchronous: bool = False) -> Path:
@@ -343,6 +405,7 @@ class AutoSaveCallback(Callback):
                 self.config.save_path, name_limit(self.config.save_path), path.name,
                 rendered.clipped_from,
             )
+        path = self._own_target(handler, path)
         if handler.distributed.is_main:
             self._warn_if_disk_is_short(handler)
         previous: _Bookkeeping = (self.last_saved_path, self.last_saved_epoch, self.save_count,
@@ -370,11 +433,30 @@ class AutoSaveCallback(Callback):
             with contextlib.suppress(OSError):  # only feeds the free-space warning
                 self._last_size = checkpoint_size(path)
         if self.config.overwrite:
+            guard = self._guard(handler)
             for old in {previous[0], previous[3]}:
                 if old is not None:
-                    self._remove_previous(handler, Path(old), path)
+                    self._remove_previous(handler, old, path, guard)
             self.pending_removal = None
         return path
+
+    def _own_target(self, handler: NNHandler, path: Path) -> Path:
+        """``path``, or ``<stem>-v<N><suffix>`` when ``path`` holds another run's file (or
+        anything that is not this lineage's checkpoint): never replace what another run wrote.
+        Rank 0 decides, every rank takes its answer."""
+        lineage = handler.progress.lineage
+        chosen = Path(run_on_rank_zero(handler.distributed,
+                                       lambda: str(distinct_target(path, lineage))))
+        if chosen != path and not self._told_name_taken:
+            self._told_name_taken = True
+            if handler.distributed.is_main:
+                handler.logger.warning(
+                    "auto-save: %s exists and is not this run's checkpoint (another run, or "
+                    "not a checkpoint of this lineage); it is left untouched and this run "
+                    "saves as %s instead (later names taken alike get -v<N> too, said once). "
+                    "To avoid this use another save_path or name, continue that run with "
+                    "train(resume=\"latest\"), or remove the old files", path, chosen.name)
+        return chosen
 
     # -- background saving ---------------------------------------------------------------------
     def _save_in_background(self, handler: NNHandler, path: Path, epoch: int,
@@ -386,8 +468,9 @@ class AutoSaveCallback(Callback):
         snapshot = handler._snapshot_checkpoint(path, logs, self._writer.staging)
         after_commit = None
         if self.config.overwrite:
-            superseded = [Path(old) for old in {previous[0], previous[3]} if old is not None]
-            after_commit = functools.partial(self._remove_all, handler, superseded, path)
+            superseded = [old for old in {previous[0], previous[3]} if old is not None]
+            after_commit = functools.partial(self._remove_all, handler, superseded, path,
+                                             self._guard(handler))
         elif plan is not None:  # index, then removals: in the writer thread, once durable
             after_commit = functools.partial(self._commit_retention, handler, plan)
         self._in_flight = _BackgroundSave(path, epoch, previous, plan)
@@ -455,8 +538,8 @@ class AutoSaveCallback(Callback):
         self._call_failures += 1
         error = outcome.error
         handler.logger.error("AUTO-SAVE FAILED at epoch %d (%s: %s) in the background while "
-                             "training failed; the previous checkpoint %s is intact",
-                             pending.epoch, type(error).__name__, error, self.last_saved_path)
+                             "training failed; %s", pending.epoch, type(error).__name__,
+                             error, self.previous_checkpoint_note())
         exception.add_note(f"the background auto-save of epoch {pending.epoch} to "
                            f"{pending.path} failed too: {type(error).__name__}: {error}")
 
@@ -465,21 +548,20 @@ class AutoSaveCallback(Callback):
     def retention_rules(self) -> RetentionRules:
         return RetentionRules.from_config(self.config)
 
-    def _resume_retention(self, handler: NNHandler) -> None:
-        """When ``train`` starts: rank 0 merges the restored bookkeeping with the index, every
-        rank takes the result, and rank 0 records it and finishes removals already decided."""
+    def _resume_retention(self, handler: NNHandler, guard: RemovalGuard) -> None:
+        """When ``train`` starts: rank 0 merges the restored bookkeeping with the index (records
+        ``guard`` refuses are dropped), every rank takes the result, and rank 0 records it and
+        finishes removals already decided."""
         rules = self.retention_rules
         if not rules.active:
             return
-        directory, key = self.config.save_path, self.state_key
+        key = self.state_key
         self.retention.bind(key)
-        lineage = lineage_of(handler.progress.run_seed)
-        merged = run_on_rank_zero(
-            handler.distributed,
-            lambda: self.retention.resume(directory, key, lineage, handler.logger))
+        merged = run_on_rank_zero(handler.distributed,
+                                  lambda: self.retention.resume(guard, key))
         self.retention.state = merged
         if handler.distributed.is_main and (merged.files or merged.removing):
-            self.retention.commit(merged, directory, key, rules, handler.logger)
+            self.retention.commit(merged, guard, key, rules)
 
     def _plan_retention(self, handler: NNHandler, path: Path, epoch: int,
                         logs: dict[str, Any], *, partial: bool) -> RetentionPlan | None:
@@ -488,7 +570,7 @@ class AutoSaveCallback(Callback):
             return None
         self.retention.bind(self.state_key)
         return self.retention.plan(rules, path.name, epoch, handler.global_step, logs,
-                                   lineage=lineage_of(handler.progress.run_seed),
+                                   lineage=handler.progress.lineage,
                                    is_main=handler.distributed.is_main, logger=handler.logger,
                                    partial=partial)
 
@@ -497,12 +579,13 @@ class AutoSaveCallback(Callback):
             self.retention.rollback(plan)
 
     def _commit_retention(self, handler: NNHandler, plan: RetentionPlan) -> None:
-        self.retention.commit(plan.after, self.config.save_path, self.state_key,
-                              self.retention_rules, handler.logger)
+        self.retention.commit(plan.after, self._guard(handler), self.state_key,
+                              self.retention_rules)
 
-    def _remove_all(self, handler: NNHandler, superseded: list[Path], new: Path) -> None:
+    def _remove_all(self, handler: NNHandler, superseded: list[str], new: Path,
+                    guard: RemovalGuard) -> None:
         for old in superseded:
-            self._remove_previous(handler, old, new)
+            self._remove_previous(handler, old, new, guard)
 
     def _warn_if_disk_is_short(self, handler: NNHandler) -> None:
         expected = self._last_size or _estimated_size(handler)
@@ -517,14 +600,16 @@ class AutoSaveCallback(Callback):
                 "(%.1f MB): the next saves may fail", free / 1e6, directory, expected / 1e6,
             )
 
-    def _remove_previous(self, handler: NNHandler, previous: Path, new: Path) -> None:
-        if not handler.distributed.is_main or previous.resolve() == new.resolve():
+    def _remove_previous(self, handler: NNHandler, previous: str, new: Path,
+                         guard: RemovalGuard) -> None:
+        """Rank 0, ``overwrite``: remove the recorded previous auto-save ``previous`` (unless
+        it is ``new``), through ``guard``: a value that is not this callback's own file is
+        left alone with a warning."""
+        if not handler.distributed.is_main:
             return
-        try:
-            remove_checkpoint_path(previous)
-        except OSError as error:
-            handler.logger.warning("overwrite: could not remove previous auto-save %s: %s",
-                                   previous, error)
+        if os.path.realpath(previous) == os.path.realpath(new):
+            return
+        guard.remove(previous, what="overwrite: the previous auto-save")
 
     # -- StateProvider -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -539,14 +624,25 @@ class AutoSaveCallback(Callback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the bookkeeping; the configuration of this instance is kept as given."""
-        self.last_saved_path = state["last_saved_path"]
-        self.last_saved_epoch = state["last_saved_epoch"]
-        self.save_count = int(state["save_count"])
-        self.failed_saves = int(state.get("failed_saves", 0))
-        self.pending_removal = state.get("pending_removal")
-        if "retention" in state:  # checkpoints written before retention existed have none
-            self.retention.load_state_dict(state["retention"])
+        """Restore the bookkeeping; the configuration of this instance is kept as given.
+
+        ``state`` is checked against :class:`AutoSaveStateRecord` first: a wrong type
+        (``save_count: "x"``, ``pending_removal: 5``, ``retention.files[0].epoch: "abc"``) is a
+        :class:`~nnhandler.CheckpointSchemaError` naming the field, and nothing changes. The
+        recorded paths are only data: what ``train`` removes is confined by
+        :mod:`nnhandler.checkpoint.removal`."""
+        record = validate(AutoSaveStateRecord, state, where=f"state[{self.state_key!r}]")
+        retention = None
+        if record.retention is not None:  # checkpoints written before retention have none
+            retention = Retention()
+            retention.load_state_dict(record.retention.model_dump())
+        self.last_saved_path = record.last_saved_path
+        self.last_saved_epoch = record.last_saved_epoch
+        self.save_count = record.save_count
+        self.failed_saves = record.failed_saves
+        self.pending_removal = record.pending_removal
+        if retention is not None:
+            self.retention.state, self.retention.continuing = retention.state, True
             self.retention.bind(self.state_key)
 
 

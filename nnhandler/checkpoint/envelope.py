@@ -67,12 +67,17 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def build_meta(*, epoch: int, step: int, logs: dict[str, Any], world_size: int) -> dict[str, Any]:
+def build_meta(*, epoch: int, step: int, logs: dict[str, Any], world_size: int,
+               lineage: str = "") -> dict[str, Any]:
+    """The ``meta`` section. ``lineage`` names the run that writes the file (``run:<id>``,
+    see :attr:`~nnhandler.components.history.Progress.lineage`; ``""``: no run yet): auto-save
+    replaces or removes only files of its own lineage (:mod:`.removal`)."""
     return {
         "epoch": epoch,
         "step": step,
         "logs": logs,
         "world_size": world_size,
+        "lineage": lineage,
         "versions": library_versions(),
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -189,6 +194,8 @@ def write_envelope(
         "time": meta["time"],
         "logs": meta["logs"],
     }
+    if "lineage" in meta:  # read back by a tail read before any replacement or removal
+        summary["lineage"] = meta["lineage"]
     return write_with_record(path, envelope, summary, staged)
 
 

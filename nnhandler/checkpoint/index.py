@@ -24,15 +24,17 @@ background writer threads) in one process. Two jobs must not share one ``save_pa
 from __future__ import annotations
 
 import json
-import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import Annotated, Any, BinaryIO, Final
 
-from ..errors import CheckpointIndexError
+from pydantic import Field
+
+from ..errors import CheckpointIndexError, CheckpointSchemaError
+from .schema import Schema, validate
 from .writer import atomic_write
 
 __all__ = [
@@ -40,7 +42,9 @@ __all__ = [
     "INDEX_FORMAT",
     "INDEX_VERSION",
     "IndexEntry",
+    "IndexEntryRecord",
     "IndexSection",
+    "IndexSectionRecord",
     "read_index",
     "update_index",
 ]
@@ -77,23 +81,12 @@ class IndexEntry:
         return data
 
     @classmethod
-    def from_json(cls, data: Any) -> IndexEntry:
-        if not isinstance(data, Mapping):
-            raise TypeError(f"a checkpoint entry must be an object, not {data!r}")
-        value = data.get("value")
-        if value is not None and not _is_finite_number(value):
-            raise TypeError(f"value {value!r} of {data.get('name')!r} is not a finite number")
-        reasons = data.get("reasons", [])
-        if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
-            raise TypeError(f"reasons of {data.get('name')!r} must be a list of strings")
-        partial = data.get("partial", False)
-        if type(partial) is not bool:
-            raise TypeError(f"partial of {data.get('name')!r} must be true or false, "
-                            f"not {partial!r}")
-        return cls(name=_string(data["name"], "name"), epoch=_integer(data["epoch"], "epoch"),
-                   step=_integer(data["step"], "step"), seq=_integer(data["seq"], "seq"),
-                   value=None if value is None else float(value), reasons=tuple(reasons),
-                   partial=partial)
+    def from_json(cls, data: Any, *, where: str = "entry", path: str | None = None
+                  ) -> IndexEntry:
+        """An entry read back from the index or a checkpoint, checked against
+        :class:`IndexEntryRecord` (a :class:`~nnhandler.CheckpointSchemaError` names ``path``
+        and the field when it does not fit)."""
+        return validate(IndexEntryRecord, data, where=where, path=path).entry()
 
 
 @dataclass(frozen=True)
@@ -112,18 +105,40 @@ class IndexSection:
                 "removing": list(self.removing)}
 
     @classmethod
-    def from_json(cls, data: Any) -> IndexSection:
-        if not isinstance(data, Mapping):
-            raise TypeError(f"a callback section must be an object, not {data!r}")
-        checkpoints, removing, rules = data["checkpoints"], data.get("removing", []), data["rules"]
-        if not isinstance(checkpoints, list) or not isinstance(rules, Mapping):
-            raise TypeError("'checkpoints' must be a list and 'rules' an object")
-        if not isinstance(removing, list):
-            raise TypeError("'removing' must be a list")
-        return cls(lineage=_string(data["lineage"], "lineage"), rules=dict(rules),
-                   next_seq=_integer(data["next_seq"], "next_seq"),
-                   checkpoints=tuple(IndexEntry.from_json(entry) for entry in checkpoints),
-                   removing=tuple(_string(name, "removing") for name in removing))
+    def from_json(cls, data: Any, *, where: str = "section", path: str | None = None
+                  ) -> IndexSection:
+        """A section read back from the index, checked against :class:`IndexSectionRecord`."""
+        record = validate(IndexSectionRecord, data, where=where, path=path)
+        return cls(lineage=record.lineage, rules=dict(record.rules), next_seq=record.next_seq,
+                   checkpoints=tuple(entry.entry() for entry in record.checkpoints),
+                   removing=tuple(record.removing))
+
+
+class IndexEntryRecord(Schema):
+    """The schema of one :class:`IndexEntry` as stored (JSON in the index, plain data in a
+    checkpoint's retention bookkeeping)."""
+
+    name: str
+    epoch: int = Field(ge=0)
+    step: int = Field(ge=0)
+    seq: int = Field(ge=0)
+    value: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    reasons: list[str] = []
+    partial: bool = False
+
+    def entry(self) -> IndexEntry:
+        return IndexEntry(name=self.name, epoch=self.epoch, step=self.step, seq=self.seq,
+                          value=self.value, reasons=tuple(self.reasons), partial=self.partial)
+
+
+class IndexSectionRecord(Schema):
+    """The schema of one callback's :class:`IndexSection` in the index."""
+
+    lineage: str
+    rules: dict[str, Any]
+    next_seq: int = Field(ge=0)
+    checkpoints: list[IndexEntryRecord]
+    removing: list[str] = []
 
 
 def index_path(directory: str | Path) -> Path:
@@ -155,8 +170,11 @@ def read_index(directory: str | Path) -> dict[str, IndexSection] | None:
         callbacks = data["callbacks"]
         if not isinstance(callbacks, Mapping):
             raise TypeError("'callbacks' must be an object")
-        return {_string(key, "key"): IndexSection.from_json(section)
+        return {_string(key, "key"): IndexSection.from_json(
+                    section, where=f"callbacks[{key!r}]", path=str(path))
                 for key, section in callbacks.items()}
+    except CheckpointSchemaError as error:
+        raise CheckpointIndexError(str(error)) from error
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointIndexError(f"the index {str(path)!r} is damaged: "
                                    f"{type(error).__name__}: {error}") from error
@@ -193,16 +211,6 @@ def _lock_for(directory: Path) -> threading.Lock:
     key = directory.resolve()
     with _LOCKS_GUARD:
         return _LOCKS.setdefault(key, threading.Lock())
-
-
-def _is_finite_number(value: Any) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
-
-
-def _integer(value: Any, what: str) -> int:
-    if type(value) is not int:
-        raise TypeError(f"{what} must be an integer, not {value!r}")
-    return value
 
 
 def _string(value: Any, what: str) -> str:

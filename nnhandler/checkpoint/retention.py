@@ -20,31 +20,33 @@ It is part of the callback's state in every checkpoint and of the index
 (:mod:`.index`). A save updates it before the state is collected (so the checkpoint knows
 itself); rank 0 then writes the index once the checkpoint is durable, and only then removes the
 files no rule keeps. A file is removed only when it is this callback's own and no other
-callback's section of the index lists it as kept.
+callback's section of the index lists it as kept, and every removal goes through
+:class:`~.removal.RemovalGuard`: a recorded name that is not directly in the current
+``save_path``, not of the callback's name template, a symlink, or a file whose own record names
+another lineage is dropped from the bookkeeping with a warning, never removed.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import secrets
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
 
 from ..errors import CheckpointIndexError
-from .index import IndexEntry, IndexSection, read_index, update_index
-from .sharded import SHARDED_SUFFIX
-from .writer import is_temp_file, remove_checkpoint_path
+from .index import IndexEntry, IndexEntryRecord, IndexSection, read_index, update_index
+from .removal import Outcome, RemovalGuard
+from .schema import Schema, validate
 
 if TYPE_CHECKING:
     from ..config import AutoSaveConfig
 
-__all__ = ["Retention", "RetentionPlan", "RetentionRules", "RetentionState", "decide",
-           "monitored_value"]
-
-_CHECKPOINT_SUFFIXES: Final = (".pth", SHARDED_SUFFIX)
+__all__ = ["Retention", "RetentionPlan", "RetentionRules", "RetentionState",
+           "RetentionStateRecord", "decide", "monitored_value"]
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,9 @@ class RetentionState:
 
     ``files``: the kept own files with their reasons, ``removing``: own files decided for
     removal and not yet known to be gone, ``next_seq``: the write order of the next save,
-    ``lineage``: the id shared by a run and every run resumed from its checkpoints (from the
-    run's seed, see :func:`lineage_of`; empty until the first ``train`` or save).
+    ``lineage``: the id shared by a run and every run resumed from its checkpoints (the
+    run's :attr:`~nnhandler.components.history.Progress.lineage`; empty until the first
+    ``train`` or save).
     """
 
     lineage: str = ""
@@ -134,10 +137,15 @@ class RetentionState:
                 "removing": list(self.removing)}
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> RetentionState:
-        return cls(lineage=str(state["lineage"]), next_seq=int(state["next_seq"]),
-                   files=tuple(IndexEntry.from_json(entry) for entry in state["files"]),
-                   removing=tuple(str(name) for name in state["removing"]))
+    def from_state(cls, state: Any, *, where: str = "retention",
+                   path: str | None = None) -> RetentionState:
+        """The bookkeeping as a checkpoint stores it, checked against
+        :class:`RetentionStateRecord` (a :class:`~nnhandler.CheckpointSchemaError` names the
+        field, e.g. ``retention.files[0].epoch``)."""
+        record = validate(RetentionStateRecord, state, where=where, path=path)
+        return cls(lineage=record.lineage, next_seq=record.next_seq,
+                   files=tuple(entry.entry() for entry in record.files),
+                   removing=tuple(record.removing))
 
     @classmethod
     def from_section(cls, section: IndexSection) -> RetentionState:
@@ -149,19 +157,21 @@ class RetentionState:
                             checkpoints=self.files, removing=self.removing)
 
 
+class RetentionStateRecord(Schema):
+    """The schema of :meth:`RetentionState.to_state` as read back from a checkpoint."""
+
+    lineage: str
+    next_seq: int = Field(ge=0)
+    files: list[IndexEntryRecord]
+    removing: list[str]
+
+
 @dataclass(frozen=True)
 class RetentionPlan:
     """One save's change of the bookkeeping: ``before`` is restored if the save fails."""
 
     before: RetentionState
     after: RetentionState
-
-
-def lineage_of(run_seed: int | None) -> str:
-    """The lineage id of a run: its seed, which is drawn once per run (or given) and restored by
-    every resume. (Two fresh runs with the same seed are told apart by :attr:`Retention.
-    continuing`.) Without a seed yet, a random id."""
-    return f"seed:{run_seed}" if run_seed is not None else f"random:{secrets.token_hex(8)}"
 
 
 class Retention:
@@ -220,11 +230,14 @@ class Retention:
         """The save of ``plan`` failed: its file does not exist, nothing was removed."""
         self.state = plan.before
 
-    def commit(self, state: RetentionState, directory: Path, key: str, rules: RetentionRules,
-               logger: logging.Logger) -> None:
-        """Rank 0, once the checkpoint recorded in ``state`` is durable: write the index, then
-        remove the files ``state`` no longer keeps. Never raises: a failure is a warning, and a
-        file that could not be removed stays recorded for removal."""
+    def commit(self, state: RetentionState, guard: RemovalGuard, key: str,
+               rules: RetentionRules) -> None:
+        """Rank 0, once the checkpoint recorded in ``state`` is durable: write the index in
+        ``guard.directory``, then remove the files ``state`` no longer keeps, each through
+        ``guard`` (confined to the folder, the name template and the run's lineage). Never
+        raises: a failure is a warning; a file that could not be removed stays recorded for
+        removal, one that fails a check is dropped from the bookkeeping."""
+        directory, logger = guard.directory, guard.logger
         try:
             sections, problem = update_index(directory, key, state.section(rules))
         except Exception as error:  # an I/O error must not cost the checkpoint just written
@@ -243,17 +256,13 @@ class Retention:
                 logger.warning("retention: not removing %s: the index lists it as kept by "
                                "%s", directory / name, kept_by_others[name])
                 continue
-            if not _own_checkpoint_name(name):
-                logger.warning("retention: not removing %r: not a checkpoint name in %s",
-                               name, directory)
-                continue
-            try:
-                remove_checkpoint_path(directory / name)
-            except OSError as error:
-                logger.warning("retention: could not remove %s (%s); it is tried again after "
-                               "the next save", directory / name, error)
+            outcome = guard.remove(name, what="retention: superseded checkpoint",
+                                   in_directory=True)
+            if outcome is Outcome.FAILED:
+                logger.warning("retention: %s is tried again after the next save",
+                               directory / name)
                 failed.append(name)
-            else:
+            elif outcome is Outcome.REMOVED:
                 logger.info("retention: removed %s (no keep rule holds it)", directory / name)
         if tuple(failed) == state.removing:
             return
@@ -267,11 +276,12 @@ class Retention:
             self.state = final
 
     # -- resuming ------------------------------------------------------------------------------
-    def resume(self, directory: Path, key: str, lineage: str,
-               logger: logging.Logger) -> RetentionState:
+    def resume(self, guard: RemovalGuard, key: str) -> RetentionState:
         """Rank 0, when ``train`` starts: this lineage's files as the index and the restored
-        bookkeeping know them together, without files that no longer exist. ``lineage`` is
-        taken when the bookkeeping has none yet.
+        bookkeeping know them together, without files that no longer exist and without
+        records that fail ``guard``'s checks (outside ``guard.directory``, another name, a
+        symlink, another lineage: dropped with a warning, never removed). The run's lineage
+        ``guard.lineage`` is taken when the bookkeeping has none yet.
 
         Where the two disagree about a file, the one written later (the higher write order)
         wins. Files the index records for this lineage that the checkpoint does not know —
@@ -280,7 +290,9 @@ class Retention:
         earlier run into the same folder) or of another lineage is not adopted: its files are
         never removed by this run.
         """
-        state = self.state if self.state.lineage else replace(self.state, lineage=lineage)
+        directory, logger = guard.directory, guard.logger
+        state = (self.state if self.state.lineage
+                 else replace(self.state, lineage=guard.lineage))
         section = None
         try:
             section = (read_index(directory) or {}).get(key)
@@ -298,15 +310,19 @@ class Retention:
             state = _merge(state, RetentionState.from_section(section))
         return replace(
             state,
-            files=tuple(entry for entry in state.files if _exists(directory / entry.name)),
-            removing=tuple(name for name in state.removing if _exists(directory / name)))
+            files=tuple(entry for entry in state.files
+                        if _vetted(guard, entry.name, "checkpoint recorded as kept")),
+            removing=tuple(name for name in state.removing
+                           if _vetted(guard, name, "checkpoint recorded for removal")))
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return self.state.to_state()
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.state = RetentionState.from_state(state)
+    def load_state_dict(self, state: Any, *, where: str = "retention") -> None:
+        """Restore the bookkeeping; off-schema data is a
+        :class:`~nnhandler.CheckpointSchemaError` naming the field."""
+        self.state = RetentionState.from_state(state, where=where)
         self.continuing = True
 
     def _notice_not_a_candidate(self, monitor: str | None, logs: Mapping[str, Any], epoch: int,
@@ -344,12 +360,12 @@ def _unique(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _exists(path: Path) -> bool:
-    return path.exists() or path.is_symlink()
-
-
-def _own_checkpoint_name(name: str) -> bool:
-    """A plain checkpoint name directly in the folder (never a path, a hidden or temp file)."""
-    path = Path(name)
-    return (path.name == name and name not in ("", ".", "..") and not name.startswith(".")
-            and not is_temp_file(path) and name.endswith(_CHECKPOINT_SUFFIXES))
+def _vetted(guard: RemovalGuard, name: str, what: str) -> bool:
+    """Whether the recorded ``name`` stays in the bookkeeping: it passes every check of
+    ``guard`` (a failure is a warning naming it and the reason) and still exists."""
+    reason = guard.refusal(name, in_directory=True)
+    if reason is not None:
+        guard.logger.warning("retention: %s %r is dropped from the bookkeeping and never "
+                             "removed: %s", what, name, reason)
+        return False
+    return os.path.lexists(guard.directory / name)

@@ -190,6 +190,7 @@ def _commit(path: Path, temp: Path, checksums: Mapping[str, tuple[int, int] | st
         "time": meta["time"],
         "logs": meta["logs"],
         "world_size": world_size,
+        "lineage": meta.get("lineage", ""),
         "algorithm": "crc32",
         "files": files,
     }

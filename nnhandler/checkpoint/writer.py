@@ -15,7 +15,6 @@ __all__ = [
     "fsync_directory",
     "is_temp_file",
     "remove_checkpoint_path",
-    "remove_stale_temp_files",
     "temp_path_for",
 ]
 
@@ -32,52 +31,17 @@ def is_temp_file(path: Path) -> bool:
     return path.name.startswith(".") and TEMP_INFIX in path.name
 
 
-def _writer_pid(path: Path) -> int | None:
-    try:
-        return int(path.name.rsplit(TEMP_INFIX, 1)[1].split("-", 1)[0])
-    except (IndexError, ValueError):
-        return None
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def remove_checkpoint_path(path: Path) -> None:
-    """Remove a checkpoint: a file, or a sharded checkpoint's directory with its content."""
+    """Remove a checkpoint: a file, or a sharded checkpoint's directory with its content.
+
+    No checks: removals of recorded bookkeeping go through
+    :class:`~nnhandler.checkpoint.removal.RemovalGuard`, which calls this only for entries it
+    has confined to the callback's folder, name template and lineage.
+    """
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
-
-
-def remove_stale_temp_files(directory: Path) -> list[Path]:
-    """Remove temp files (and the temp directories of sharded saves) in ``directory`` whose
-    writing process is gone; returns them.
-
-    A temp file of a process that is still alive (another job writing into the same folder)
-    is left alone. On a filesystem shared between machines a pid says nothing about the other
-    machine, so only run this where one job owns the folder.
-    """
-    removed = []
-    for path in directory.iterdir():
-        if not is_temp_file(path):
-            continue
-        pid = _writer_pid(path)
-        if pid is not None and pid != os.getpid() and _process_alive(pid):
-            continue
-        try:
-            remove_checkpoint_path(path)
-        except FileNotFoundError:
-            continue
-        removed.append(path)
-    return removed
 
 
 def fsync_directory(directory: Path) -> None:

@@ -108,6 +108,15 @@ class Progress:
     run_seed: int | None = None
     run_id: str | None = None
 
+    @property
+    def lineage(self) -> str:
+        """The run's lineage as checkpoints record it: ``run:<run_id>``; ``seed:<run_seed>``
+        for progress restored from a file written before run ids existed; ``""`` before the
+        first ``train`` (no run yet: no file is ever this lineage's)."""
+        if self.run_id is not None:
+            return f"run:{self.run_id}"
+        return f"seed:{self.run_seed}" if self.run_seed is not None else ""
+
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "run_seed": self.run_seed,
                 "run_id": self.run_id}
