@@ -16,6 +16,10 @@ import torch
 from torch import nn
 
 from nnhandler import NNHandler
+from nnhandler.checkpoint.content import check_config, check_envelope
+from nnhandler.checkpoint.integrity import read_integrity_record
+from nnhandler.checkpoint.ziplayout import check_zip_layout
+from nnhandler.components.rng import RNGState
 
 from ._common import Row, interleaved_medians, section_main
 
@@ -48,6 +52,25 @@ def _trained_handler(log_dir: Path) -> NNHandler:
     return handler
 
 
+def _trust_boundary_checks(path: Path, envelope: dict[str, object],
+                           loaded: NNHandler) -> None:
+    """Everything ``load`` checks because a file is untrusted data, on a file already read:
+    the zip layout, the integrity record's, envelope's and configuration's schemas, and every
+    component's ``check_state`` (model and optimizer against the live ones)."""
+    check_zip_layout(path)
+    read_integrity_record(path)
+    check_envelope(envelope, str(path))
+    state = envelope["state"]
+    assert isinstance(state, dict)
+    check_config(state["config"], str(path))
+    for key, value in state.items():
+        provider = loaded.state_registry.get(key) if key != "rng" else None
+        check = getattr(provider, "check_state", None)
+        if check is not None:
+            check(value)
+    RNGState.check_state(state["rng"])
+
+
 def run(rounds: int = 9) -> list[Row]:
     with tempfile.TemporaryDirectory() as directory:
         folder = Path(directory)
@@ -75,9 +98,16 @@ def run(rounds: int = 9) -> list[Row]:
             "NNHandler.load(verify=False)": lambda: NNHandler.load(ours_path, device="cpu",
                                                                    verify=False, **quiet),
         }
+        loaded = NNHandler.load(ours_path, device="cpu", verify=False, **quiet)
+        envelope = torch.load(ours_path, weights_only=True, mmap=True)
+        actions["trust-boundary checks"] = lambda: _trust_boundary_checks(
+            ours_path, envelope, loaded)
         medians = interleaved_medians(actions, rounds)
     case = f"{size_mb:.0f} MB (8.4 M params + Adam)"
+    unchecked = medians["NNHandler.load(verify=False)"] - medians["trust-boundary checks"]
     return [
+        Row("load", f"{case}, schema checks", "load(verify=False) less its checks", unchecked,
+            medians["NNHandler.load(verify=False)"], target=1.02),
         Row("load", case, "torch.load + build by hand", medians["by hand"],
             medians["NNHandler.load"], target=1.2),
         Row("load", f"{case}, verify=False", "torch.load + build by hand",

@@ -635,6 +635,13 @@ class NNHandler:
             self._autosave = None
         self._dispatcher.rebuild(self._callbacks)
 
+    @property
+    def state_registry(self) -> StateRegistry:
+        """Every state provider of this handler by ``state_key``: what each checkpoint holds
+        (``state_registry.get(key)``, ``key in state_registry``). Add providers with
+        :meth:`register_state_provider` or :meth:`add_callback`."""
+        return self._registry
+
     def register_state_provider(self, provider: StateProvider) -> None:
         """Add ``provider``'s state to every checkpoint (keys are unique per handler)."""
         self._registry.register(provider)

@@ -513,8 +513,10 @@ def own_checkpoint(path: Path, lineage: str, epoch: int = 1) -> None:
 
 def write_manifest(directory: Path, lineage: str) -> None:
     """A minimal sharded-checkpoint manifest (valid CRC) that records ``lineage``."""
-    body = json.dumps({"format": {"name": "nnhandler.sharded", "version": 1},
-                       "lineage": lineage, "files": {"nnhandler.pth": {}}})
+    body = json.dumps({"format": {"name": "nnhandler.sharded", "version": 1}, "epoch": 1,
+                       "step": 1, "time": "t", "logs": {}, "world_size": 1,
+                       "algorithm": "crc32", "lineage": lineage,
+                       "files": {"nnhandler.pth": {"size": 0, "crc32": 0}}})
     outer = {"body": body, "crc32": crc32(body.encode())}
     (directory / "manifest.json").write_text(json.dumps(outer))
 
