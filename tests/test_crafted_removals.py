@@ -185,6 +185,19 @@ ROUTES = ["pending_removal", "last_saved_path", "retention.removing", "retention
           "index.removing"]
 
 
+def record_index_removal(handler: NNHandler, name: str) -> None:
+    """The index section of ``handler``'s auto-saver, rewritten to record ``name`` for
+    removal (as a hand-edited or crafted index would)."""
+    callback = handler.auto_save_callback
+    assert callback is not None
+    index = read_index(CK)
+    assert index is not None
+    section = index[callback.state_key]
+    update_index(CK, callback.state_key, type(section)(
+        lineage=section.lineage, rules=section.rules, next_seq=section.next_seq,
+        checkpoints=section.checkpoints, removing=(name,)))
+
+
 def autosave_options(route: str) -> dict[str, Any]:
     return {"overwrite": True} if route in ("pending_removal", "last_saved_path") else {
         "keep_last": 1}
@@ -209,14 +222,7 @@ def plant(route: str, kind: str) -> tuple[NNHandler, Victim]:
         crafted = IndexEntry(victim.as_name, epoch=1, step=2, seq=0).to_json()
         craft(newest, handler, **{"retention.files": [crafted, *entries]})
     else:
-        callback = handler.auto_save_callback
-        assert callback is not None
-        index = read_index(CK)
-        assert index is not None
-        section = index[callback.state_key]
-        update_index(CK, callback.state_key, type(section)(
-            lineage=section.lineage, rules=section.rules, next_seq=section.next_seq,
-            checkpoints=section.checkpoints, removing=(victim.as_name,)))
+        record_index_removal(handler, victim.as_name)
     return handler, victim
 
 
@@ -276,14 +282,7 @@ def test_the_legitimate_removal_of_each_route_still_happens(route: str,
         crafted = IndexEntry(spare.name, epoch=1, step=2, seq=0).to_json()
         craft(CK / "ep002.pth", handler, **{"retention.files": [crafted, *entries]})
     else:
-        callback = handler.auto_save_callback
-        assert callback is not None
-        index = read_index(CK)
-        assert index is not None
-        section = index[callback.state_key]
-        update_index(CK, callback.state_key, type(section)(
-            lineage=section.lineage, rules=section.rules, next_seq=section.next_seq,
-            checkpoints=section.checkpoints, removing=(spare.name,)))
+        record_index_removal(handler, spare.name)
     attempts.clear()
     resumed = NNHandler.load(CK / "ep002.pth", device="cpu")
     attach_loaders(resumed, n=N)
