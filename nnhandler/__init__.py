@@ -7,7 +7,9 @@ from .callbacks import (
     Callback,
     CSVLogger,
     EarlyStopping,
+    EmergencySaves,
     LearningRateMonitor,
+    Retention,
     TensorBoardLogger,
 )
 from .checkpoint import Checkpoint, read_checkpoint
@@ -46,6 +48,7 @@ __all__ = [
     "ConfigurationError",
     "DuplicateStateKeyError",
     "EarlyStopping",
+    "EmergencySaves",
     "Event",
     "LearningRateMonitor",
     "LoggingMode",
@@ -56,6 +59,7 @@ __all__ = [
     "PluginRegistry",
     "PreemptionReport",
     "RestoreResult",
+    "Retention",
     "StateProvider",
     "TensorBoardLogger",
     "UnresolvableReferenceError",

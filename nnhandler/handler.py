@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .callbacks import AutoSaveCallback, Callback
 from .callbacks.autosave import AUTOSAVE_KEY_PREFIX
+from .callbacks.autosave_options import AutoSaveOptions, auto_save_config
 from .checkpoint import Checkpoint, write_checkpoint
 from .checkpoint.content import ConfigRecord, check_config
 from .checkpoint.discovery import find_latest_valid
@@ -57,11 +58,9 @@ from .config import (
     AutoSaveConfig,
     LoaderConfig,
     LoadOptions,
-    MonitorMode,
     ParallelConfig,
     Parallelism,
     ResumeCall,
-    SaveErrorPolicy,
     TrainCall,
     TrainSettings,
     validate_call,
@@ -92,6 +91,8 @@ from .sharding import apply_fsdp, has_dtensor_parameters
 from .state import RestoreResult, StateProvider, StateRegistry
 
 if TYPE_CHECKING:  # DCP is imported only when a sharded checkpoint is written or loaded
+    from typing_extensions import Unpack
+
     from .checkpoint.dcp_state import ShardedComponents
 
 __all__ = ["NNHandler"]
@@ -652,41 +653,24 @@ class NNHandler:
         save_path: str | os.PathLike[str] = ".",
         name: str = "model_epoch{epoch:02d}",
         overwrite: bool = False,
-        on_save_error: SaveErrorPolicy = "warn",
-        async_save: bool = False,
-        save_on_signal: bool | list[str | int] | tuple[str | int, ...] = False,
-        save_on_exception: bool = False,
-        *,
-        keep_last: int | None = None,
-        keep_best: int | None = None,
-        monitor: str | None = None,
-        mode: MonitorMode = "min",
-        keep_every: int | None = None,
+        **options: Unpack[AutoSaveOptions],
     ) -> AutoSaveCallback:
         """Configure (or reconfigure) this handler's one :class:`AutoSaveCallback`.
 
-        See :class:`AutoSaveCallback` for the rules, retention (``keep_last``, ``keep_best``
-        with ``monitor`` and ``mode``, ``keep_every``) and emergency checkpoints
-        (``save_on_signal`` / ``save_on_exception``, see :mod:`nnhandler.preemption`)
-        included. Calling it again reconfigures the same instance (its record of the last file
-        it wrote, and of the files it keeps, is kept).
+        Takes exactly the arguments of :class:`AutoSaveCallback` (the seed's four positional
+        ones, every other option keyword-only: ``on_save_error``, ``async_save``, retention as
+        ``keep=Retention(...)`` or ``keep_last``/``keep_best``/``monitor``/``mode``/
+        ``keep_every``, emergency checkpoints as ``emergency=EmergencySaves(...)`` or
+        ``save_on_signal``/``save_on_exception``, see :mod:`nnhandler.preemption`). Calling it
+        again reconfigures the same instance (its record of the last file it wrote, and of the
+        files it keeps, is kept).
         """
+        config = auto_save_config(interval, save_path, name, overwrite, options)
         if self._autosave is None:
-            callback = AutoSaveCallback(interval, save_path, name, overwrite, on_save_error,
-                                        async_save=async_save, save_on_signal=save_on_signal,
-                                        save_on_exception=save_on_exception, keep_last=keep_last,
-                                        keep_best=keep_best, monitor=monitor, mode=mode,
-                                        keep_every=keep_every)
+            callback = AutoSaveCallback(interval, save_path, name, overwrite, **options)
             self.add_callback(callback)
             self._autosave = callback
             return callback
-        config = AutoSaveConfig(interval=interval, save_path=Path(save_path), name=name,
-                                overwrite=overwrite, on_save_error=on_save_error,
-                                async_save=async_save,
-                                save_on_signal=save_on_signal,  # type: ignore[arg-type]
-                                save_on_exception=save_on_exception, keep_last=keep_last,
-                                keep_best=keep_best, monitor=monitor, mode=mode,
-                                keep_every=keep_every)
         callback = self._autosave
         old = callback.config
         self._registry.unregister(callback)

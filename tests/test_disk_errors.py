@@ -431,7 +431,7 @@ def test_bad_on_save_error_is_a_validation_error_in_auto_save(policy: Any) -> No
 @pytest.mark.parametrize("policy", BAD_POLICIES)
 def test_bad_on_save_error_is_a_validation_error_in_the_callback(policy: Any) -> None:
     with pytest.raises(ValueError, match="on_save_error"):
-        AutoSaveCallback(1, CK, NAME, False, policy)
+        AutoSaveCallback(1, CK, NAME, False, on_save_error=policy)
 
 
 def test_bad_on_save_error_on_reconfiguration_keeps_the_old_configuration() -> None:

@@ -17,13 +17,16 @@ from ..checkpoint.removal import RemovalGuard, distinct_target, remove_stale_tem
 from ..checkpoint.retention import Retention, RetentionPlan, RetentionRules, RetentionStateRecord
 from ..checkpoint.schema import Schema, validate
 from ..checkpoint.sharded import checkpoint_size, sharded_name
-from ..config import AutoSaveConfig, MonitorMode, SaveErrorPolicy
+from ..config import AutoSaveConfig
 from ..distributed import run_on_rank_zero
 from ..errors import ConfigurationError
 from ..naming import MISSING_VALUE, RenderedName, name_limit, render_name
+from .autosave_options import AutoSaveOptions, auto_save_config
 from .base import Callback
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ..handler import NNHandler
 
 __all__ = ["AUTOSAVE_KEY_PREFIX", "AutoSaveCallback", "AutoSaveStateRecord"]
@@ -91,6 +94,11 @@ class AutoSaveCallback(Callback):
         overwrite: keep only the latest auto-save. The new file is completely written before
             the previous one is removed; with a fixed name the new file atomically replaces the
             old one.
+
+    Keyword-only options (the same for :meth:`NNHandler.auto_save`; an unknown one is a
+    :class:`~nnhandler.ConfigurationError` that suggests the nearest name):
+
+    Keyword Args:
         on_save_error: what a failed save (full disk, I/O or permission error, a provider
             whose ``state_dict`` raises) does. ``"warn"`` (default): the error is logged, the
             previous checkpoint stays intact, training goes on, the next scheduled save tries
@@ -128,6 +136,12 @@ class AutoSaveCallback(Callback):
         monitor: the log key ``keep_best`` ranks by, e.g. ``"val_loss"``.
         mode: ``"min"`` (default): lower is better; ``"max"``: higher is better.
         keep_every: keep the auto-saves of epochs that are multiples of E forever.
+        keep: the retention rules as one object, ``keep=Retention(last=3, best=2,
+            monitor="val_loss", mode="min", every=10)`` (the same rules as the five keywords
+            above, which it excludes).
+        emergency: the emergency checkpoints as one object,
+            ``emergency=EmergencySaves(on_signal=True, on_exception=False)`` (instead of
+            ``save_on_signal`` / ``save_on_exception``).
 
     Retention (``keep_last``, ``keep_best``, ``keep_every``; positive ints, combinable, not with
     ``overwrite=True``): a file is kept when *any* rule keeps it, and the newest auto-save is
@@ -166,23 +180,9 @@ class AutoSaveCallback(Callback):
         save_path: str | os.PathLike[str] = ".",
         name: str = "model_epoch{epoch:02d}",
         overwrite: bool = False,
-        on_save_error: SaveErrorPolicy = "warn",
-        async_save: bool = False,
-        save_on_signal: bool | list[str | int] | tuple[str | int, ...] = False,
-        save_on_exception: bool = False,
-        keep_last: int | None = None,
-        keep_best: int | None = None,
-        monitor: str | None = None,
-        mode: MonitorMode = "min",
-        keep_every: int | None = None,
+        **options: Unpack[AutoSaveOptions],
     ) -> None:
-        self.config = AutoSaveConfig(
-            interval=interval, save_path=Path(save_path), name=name, overwrite=overwrite,
-            on_save_error=on_save_error, async_save=async_save,
-            save_on_signal=save_on_signal,  # type: ignore[arg-type]  # validated into names
-            save_on_exception=save_on_exception, keep_last=keep_last,
-            keep_best=keep_best, monitor=monitor, mode=mode, keep_every=keep_every,
-        )
+        self.config = auto_save_config(interval, save_path, name, overwrite, options)
         #: which of its files the callback keeps and why (see :mod:`~..checkpoint.retention`)
         self.retention = Retention()
         self.last_saved_path: str | None = None
