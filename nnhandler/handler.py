@@ -27,10 +27,8 @@ from .checkpoint.discovery import find_latest_valid
 from .checkpoint.envelope import build_meta, ensure_plain, envelope_of
 from .checkpoint.refs import (
     NotReferenceableError,
-    Unrestored,
     decode_arguments,
     encode_value,
-    reference_of,
     resolve_class,
 )
 from .checkpoint.schema import relocate, validate
@@ -65,6 +63,7 @@ from .config import (
     TrainSettings,
     validate_call,
 )
+from .devices import parse_device, resolve_device
 from .distributed import DistributedContext, run_on_rank_zero
 from .errors import (
     CheckpointError,
@@ -87,6 +86,19 @@ from .loop import (
 )
 from .plugins import discover_plugins
 from .preemption import IgnoreInWorkers, PreemptionGuard, PreemptionReport, watched_signals
+from .recorded import (
+    encode_arguments,
+    maybe_reference,
+    require_passed,
+    require_reference,
+    resolve_fsdp_units,
+    resolve_model_class,
+    restorable_arguments,
+    same_setting,
+    signature_defaults,
+    storable,
+    to_device,
+)
 from .sharding import apply_fsdp, has_dtensor_parameters
 from .state import RestoreResult, StateProvider, StateRegistry
 
@@ -128,7 +140,7 @@ class _LoaderSpec:
     def state(self) -> dict[str, Any]:
         """The loader arguments that can be recorded (e.g. a lambda ``collate_fn`` cannot)."""
         return {"config": self.config.model_dump(),
-                "extra": {k: v for k, v in self.extra.items() if _storable(v)}}
+                "extra": {k: v for k, v in self.extra.items() if storable(v)}}
 
 
 class _ConfigState:
@@ -198,8 +210,8 @@ class NNHandler:
         if use_distributed not in (None, True, False):
             raise TypeError(f"use_distributed must be None, True or False, got {use_distributed!r}")
         self._parallel = ParallelConfig(parallelism=parallelism, fsdp_units=tuple(fsdp_units))
-        self.distributed = DistributedContext.setup(use_distributed, _parse_device(device))
-        self.device = _resolve_device(device, self.distributed)
+        self.distributed = DistributedContext.setup(use_distributed, parse_device(device))
+        self.device = resolve_device(device, self.distributed)
         self.logger = make_logger(logger_mode, log_file, self.distributed.is_main)
         self._model_class = model_class
         clash = set(kwargs) & set(model_kwargs or {})
@@ -412,7 +424,7 @@ class NNHandler:
             raise TypeError(
                 f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}"
             )
-        _encode_arguments(kwargs, f"{optimizer_class.__qualname__} argument")
+        encode_arguments(kwargs, f"{optimizer_class.__qualname__} argument")
         optimizer = optimizer_class(self._module.parameters(), **kwargs)
         dropped = [what for what in (self._restored_description("optimizer"),
                                      self._restored_description("scheduler")) if what]
@@ -454,7 +466,7 @@ class NNHandler:
             raise ConfigurationError(f"interval={interval!r}: use 'epoch' or 'step'")
         if interval == "step" and issubclass(scheduler_class, plateau):
             raise ConfigurationError("ReduceLROnPlateau needs val_loss: use interval='epoch'")
-        _encode_arguments(kwargs, f"{scheduler_class.__qualname__} argument")
+        encode_arguments(kwargs, f"{scheduler_class.__qualname__} argument")
         dropped = self._restored_description("scheduler")
         self._create_scheduler(scheduler_class, interval, kwargs)
         if dropped:
@@ -1050,26 +1062,26 @@ class NNHandler:
         optimizer = scheduler = None
         if self._optimizer_spec is not None:
             cls, kwargs = self._optimizer_spec
-            optimizer = {"class": _maybe_reference(cls), "kwargs": encode_value(kwargs, "opt")}
+            optimizer = {"class": maybe_reference(cls), "kwargs": encode_value(kwargs, "opt")}
         if self._scheduler_spec is not None:
             cls, kwargs, interval = self._scheduler_spec
-            scheduler = {"class": _maybe_reference(cls),
+            scheduler = {"class": maybe_reference(cls),
                          "kwargs": encode_value(kwargs, "scheduler"), "interval": interval}
         stored_kwargs = {k: v for k, v in self._model_kwargs.items()
                          if k not in self._model_kwargs_unstored}
         return {
-            "model_class": _maybe_reference(self._model_class),
+            "model_class": maybe_reference(self._model_class),
             "model_kwargs": encode_value(stored_kwargs, "model argument"),
             "model_kwargs_unstored": sorted(self._model_kwargs_unstored),
             "compile_model": encode_value(self._compile, "compile_model"),
             "parallelism": self._parallel.parallelism,
-            "fsdp_units": [_maybe_reference(unit) for unit in self._parallel.fsdp_units],
+            "fsdp_units": [maybe_reference(unit) for unit in self._parallel.fsdp_units],
             "optimizer": optimizer,
             "scheduler": scheduler,
             "loss_fn": describe_callable(self._loss_fn, "loss")[0] if self._loss_fn else None,
             "metrics": {name: describe_callable(fn, name)[0] for name, fn in self._metrics.items()},
             "loaders": {which: spec.state() for which, spec in self._loaders.items()
-                        if _storable(spec.state())},
+                        if storable(spec.state())},
             "train_settings": self._settings.model_dump(),
             "own_autosave": self._autosave.state_key if self._autosave is not None else None,
         }
@@ -1167,17 +1179,17 @@ class NNHandler:
             "fsdp_units": fsdp_units, "compile_model": compile_model})
         callbacks, fsdp_units = options.callbacks, options.fsdp_units  # iterables read once
         _check_checkpoint_path(path, "NNHandler.load")
-        context = DistributedContext.setup(use_distributed, _parse_device(device))
-        map_device = _resolve_device(device, context)
+        context = DistributedContext.setup(use_distributed, parse_device(device))
+        map_device = resolve_device(device, context)
         checkpoint = read_any_checkpoint(path, map_location=map_device, verify=verify,
                                          context=context)
         state = checkpoint.state
         source = str(checkpoint.path)
         config = check_config(state.get("config"), source)
-        model_cls = model_class or _resolve_model_class(config.model_class, path)
+        model_cls = model_class or resolve_model_class(config.model_class, path)
         restored_kwargs, unrestored = decode_arguments(config.model_kwargs, "model argument")
         kwargs = {**restored_kwargs, **(model_kwargs or {})}
-        _require_passed("model argument(s)", "model_kwargs={...}", path, kwargs,
+        require_passed("model argument(s)", "model_kwargs={...}", path, kwargs,
                         [*config.model_kwargs_unstored, *(u.name for u in unrestored)],
                         unrestored)
         compile_option: bool | Mapping[str, Any]
@@ -1188,13 +1200,13 @@ class NNHandler:
         else:
             compile_options, unrestored = decode_arguments(config.compile_model,
                                                            "compile_model")
-            _require_passed("torch.compile option(s)", "compile_model={...}", path, {},
+            require_passed("torch.compile option(s)", "compile_model={...}", path, {},
                             [u.name for u in unrestored], unrestored)
             compile_option = compile_options
         recorded = config.parallelism
         chosen = recorded if parallelism is None else parallelism
         if fsdp_units is None:
-            fsdp_units = (_resolve_fsdp_units(config.fsdp_units, path)
+            fsdp_units = (resolve_fsdp_units(config.fsdp_units, path)
                           if chosen == "fsdp" and recorded == "fsdp" else ())
         handler = cls(model_cls, device=map_device, logger_mode=logger_mode, log_file=log_file,
                       use_distributed=context.enabled, model_kwargs=kwargs,
@@ -1236,7 +1248,7 @@ class NNHandler:
                 load_arguments[name] = getattr(options, name)
         _check_checkpoint_path(save_path, "NNHandler.load_latest")
         context = DistributedContext.setup(load_arguments.get("use_distributed"),
-                                           _parse_device(load_arguments.get("device")))
+                                           parse_device(load_arguments.get("device")))
         load_arguments.setdefault("verify", False)  # verified while choosing it
         for _attempt in range(_CHOICES_BEFORE_GIVING_UP):
             found = find_latest_valid(Path(save_path), _LOGGER) if context.is_main else None
@@ -1301,17 +1313,17 @@ class NNHandler:
         optimizer_class, ours = self._optimizer_spec
         theirs = recorded["kwargs"]
         notes = []
-        reference = _maybe_reference(optimizer_class)
+        reference = maybe_reference(optimizer_class)
         if isinstance(recorded.get("class"), str) and recorded["class"] != reference:
             notes.append(f"optimizer class {reference} -> {recorded['class']}")
         configured = self._optimizer.defaults  # set_optimizer's values over the class defaults
-        class_defaults = _signature_defaults(optimizer_class)
+        class_defaults = signature_defaults(optimizer_class)
         for name in sorted(set(ours) | set(theirs)):
             if name not in configured:
                 continue
             before = configured[name]
             after = theirs[name] if name in theirs else class_defaults.get(name, before)
-            if not _same_setting(before, after):
+            if not same_setting(before, after):
                 notes.append(f"{name} {before!r} -> {after!r}")
         return notes
 
@@ -1361,9 +1373,9 @@ class NNHandler:
         (pending) and is restored when the setter registers it."""
         if config.optimizer is not None:
             try:
-                opt_cls = resolve_class(_require_reference(config.optimizer.cls, "optimizer"),
+                opt_cls = resolve_class(require_reference(config.optimizer.cls, "optimizer"),
                                         torch.optim.Optimizer)
-                opt_kwargs = _restorable_arguments(config.optimizer.kwargs, opt_cls)
+                opt_kwargs = restorable_arguments(config.optimizer.kwargs, opt_cls)
                 self.set_optimizer(opt_cls, **opt_kwargs)
             except UnresolvableReferenceError as error:
                 self.logger.warning("optimizer not restored (%s); call set_optimizer: its saved "
@@ -1371,8 +1383,8 @@ class NNHandler:
         if config.scheduler is not None and self._optimizer is not None:
             try:
                 sched_cls: type[Any] = resolve_class(
-                    _require_reference(config.scheduler.cls, "scheduler"), _SCHEDULER_BASES)
-                sched_kwargs = _restorable_arguments(config.scheduler.kwargs, sched_cls)
+                    require_reference(config.scheduler.cls, "scheduler"), _SCHEDULER_BASES)
+                sched_kwargs = restorable_arguments(config.scheduler.kwargs, sched_cls)
                 self.set_scheduler(sched_cls, interval=config.scheduler.interval, **sched_kwargs)
             except UnresolvableReferenceError as error:
                 self.logger.warning("scheduler not restored (%s); call set_scheduler: its saved "
@@ -1381,7 +1393,7 @@ class NNHandler:
                              type(self._module).__module__.split(".", 1)[0]})
         if config.loss_fn is not None:
             try:
-                self._loss_fn = _to_device(build_callable(config.loss_fn, trusted), self.device)
+                self._loss_fn = to_device(build_callable(config.loss_fn, trusted), self.device)
             except UnresolvableReferenceError as error:
                 self.logger.warning("loss function not restored (%s); call set_loss_fn", error)
         for name, spec in config.metrics.items():
@@ -1389,7 +1401,7 @@ class NNHandler:
                 self.logger.warning("metric %r was not recordable; call add_metric again", name)
                 continue
             try:
-                self._metrics[name] = _to_device(build_callable(spec, trusted), self.device)
+                self._metrics[name] = to_device(build_callable(spec, trusted), self.device)
             except UnresolvableReferenceError as error:
                 self.logger.warning("metric %r not restored (%s); call add_metric", name, error)
         for which, remembered in self._remembered_loader_args.items():
@@ -1467,189 +1479,10 @@ class NNHandler:
 
 
 # ---------------------------------------------------------------------- helpers ---------------
-def _parse_device(device: str | torch.device | None) -> torch.device | None:
-    """``device`` as a ``torch.device`` that this machine has (``None`` stays ``None``: each
-    rank's own device). Anything else is an error naming the device and what is available,
-    raised before anything is read or created."""
-    if device is None:
-        return None
-    if isinstance(device, torch.device):
-        parsed = device
-    elif isinstance(device, str):
-        try:
-            parsed = torch.device(device)
-        except RuntimeError as error:
-            raise ConfigurationError(f"unknown device {device!r}: {error} (available here: "
-                                     f"{', '.join(_available_devices())})") from None
-    else:
-        raise TypeError(f"device must be a str, torch.device or None, got {device!r}")
-    _check_device_available(parsed, str(device))
-    return parsed
-
-
-def _check_device_available(device: torch.device, given: str) -> None:
-    available = f"available here: {', '.join(_available_devices())}"
-    kind = device.type
-    if kind == "cpu":
-        if device.index not in (None, 0):
-            raise ConfigurationError(f"device {given!r}: there is one CPU device, 'cpu' (or "
-                                     f"'cpu:0'); {available}")
-    elif kind == "meta":
-        raise ConfigurationError(f"device {given!r} holds no data (tensors without storage): "
-                                 f"a handler trains and loads on a real device; {available}")
-    elif kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigurationError(f"device {given!r} requested but CUDA is not available "
-                                     f"({available})")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ConfigurationError(f"device {given!r}: only {count} CUDA device(s) visible "
-                                     f"({available})")
-    elif kind in ("mps", "xpu"):
-        if not _backend_available(kind):
-            raise ConfigurationError(f"device {given!r}: the {kind} backend is not available "
-                                     f"in this PyTorch build or on this machine ({available})")
-        if kind == "mps" and device.index not in (None, 0):
-            raise ConfigurationError(f"device {given!r}: there is one MPS device, 'mps'; "
-                                     f"{available}")
-        if kind == "xpu" and device.index is not None and device.index >= torch.xpu.device_count():
-            raise ConfigurationError(f"device {given!r}: only {torch.xpu.device_count()} XPU "
-                                     f"device(s) visible ({available})")
-    else:
-        raise ConfigurationError(f"device {given!r} is not supported (cpu, cuda, mps, xpu); "
-                                 f"{available}")
-
-
-def _backend_available(kind: str) -> bool:
-    if kind == "mps":
-        return bool(torch.backends.mps.is_available())
-    xpu = getattr(torch, "xpu", None)
-    return xpu is not None and bool(xpu.is_available())
-
-
-def _available_devices() -> list[str]:
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
-    if _backend_available("mps"):
-        devices.append("mps")
-    if _backend_available("xpu"):
-        devices += [f"xpu:{index}" for index in range(torch.xpu.device_count())]
-    return devices
-
-
-def _resolve_device(device: str | torch.device | None,
-                    context: DistributedContext) -> torch.device:
-    parsed = _parse_device(device)
-    if parsed is None:
-        return context.default_device()
-    if parsed.type == "cuda" and parsed.index is None:
-        parsed = torch.device("cuda", context.cuda_index())
-        _check_device_available(parsed, f"{device} (this rank's {parsed})")
-    return parsed
-
-
 def _check_checkpoint_path(path: Any, call: str) -> None:
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ConfigurationError(f"{call}: the path must be a non-empty str or os.PathLike, "
                                  f"got {path!r}")
-
-
-def _signature_defaults(cls: type[Any]) -> dict[str, Any]:
-    try:
-        parameters = inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {name: parameter.default for name, parameter in parameters.items()
-            if parameter.default is not inspect.Parameter.empty}
-
-
-def _same_setting(a: Any, b: Any) -> bool:
-    """Equal hyper-parameter values: numbers by value (0 == 0.0, a 1-element tensor as its
-    number), sequences element by element (a tuple read back as a list is the same)."""
-    if isinstance(a, torch.Tensor) and a.numel() == 1:
-        a = a.item()
-    if isinstance(b, torch.Tensor) and b.numel() == 1:
-        b = b.item()
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-                and a.shape == b.shape and bool(torch.equal(a, b)))
-    return bool(a == b)
-
-
-def _encode_arguments(arguments: Mapping[str, Any], what: str) -> None:
-    for name, value in arguments.items():
-        encode_value(value, f"{what} {name!r}")
-
-
-def _maybe_reference(cls: type[Any]) -> str | None:
-    try:
-        return reference_of(cls)
-    except NotReferenceableError:
-        return None
-
-
-def _restorable_arguments(encoded: Mapping[str, Any], cls: type[Any]) -> dict[str, Any]:
-    """Constructor arguments of ``cls`` as a file may supply them; a function-valued one (a
-    ``LambdaLR``'s ``lr_lambda``) means the component is not re-created from the file."""
-    kwargs, unrestored = decode_arguments(encoded, f"{cls.__qualname__} argument")
-    if unrestored:
-        raise UnresolvableReferenceError(
-            f"{cls.__qualname__} argument(s) "
-            + ", ".join(f"{u.name}={u.reference}" for u in unrestored)
-            + " are functions or callables, which a checkpoint never supplies")
-    return kwargs
-
-
-def _require_passed(what: str, argument: str, path: str | os.PathLike[str],
-                    given: Mapping[str, Any], needed: Iterable[str],
-                    unrestored: Iterable[Unrestored]) -> None:
-    """Raise unless every name in ``needed`` is in ``given`` (what ``load`` cannot take from
-    the file), naming each one and the ``load`` argument that supplies it."""
-    absent = [name for name in needed if name not in given]
-    if not absent:
-        return
-    details = {u.name: u.reference for u in unrestored if u.name in absent}
-    named = ", ".join(f"{name} (recorded as {details[name]})" if name in details else name
-                      for name in absent)
-    raise CheckpointError(
-        f"{what} {named} of {str(path)!r} cannot be restored from the file (functions, "
-        f"lambdas and other callables never are); pass them: NNHandler.load({str(path)!r}, "
-        f"{argument})")
-
-
-def _require_reference(reference: str | None, what: str) -> str:
-    if reference is None:
-        raise UnresolvableReferenceError(f"the {what} class was local and was not recorded")
-    return reference
-
-
-def _resolve_model_class(
-    reference: str | None, path: str | os.PathLike[str]
-) -> type[nn.Module]:
-    try:
-        return resolve_class(_require_reference(reference, "model"), nn.Module)
-    except UnresolvableReferenceError as error:
-        raise UnresolvableReferenceError(
-            f"{error}. Pass the class explicitly: NNHandler.load({str(path)!r}, model_class=...)"
-        ) from error
-
-
-def _resolve_fsdp_units(
-    references: Iterable[str | None], path: str | os.PathLike[str]
-) -> tuple[type[nn.Module], ...]:
-    units = []
-    for reference in references:
-        try:
-            units.append(resolve_class(_require_reference(reference, "FSDP unit"), nn.Module))
-        except UnresolvableReferenceError as error:
-            raise UnresolvableReferenceError(
-                f"{error}. Pass the classes explicitly: NNHandler.load({str(path)!r}, "
-                "fsdp_units=[...])"
-            ) from error
-    return tuple(units)
 
 
 def _refuse_directory(path: Path) -> None:
@@ -1657,18 +1490,7 @@ def _refuse_directory(path: Path) -> None:
         raise ConfigurationError(f"save path {str(path)!r} is a directory")
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
-    return obj.to(device) if isinstance(obj, nn.Module) else obj
-
-
 def _plain_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
-
-def _storable(value: Any) -> bool:
-    try:
-        encode_value(value, "loader argument")
-    except NotReferenceableError:
-        return False
-    return True
 
