@@ -54,7 +54,6 @@ from .components.callables import build_callable, describe_callable
 from .components.position import dataset_size, learning_rates_of
 from .config import (
     AutoSaveConfig,
-    LoaderConfig,
     LoadOptions,
     ParallelConfig,
     Parallelism,
@@ -63,6 +62,7 @@ from .config import (
     TrainSettings,
     validate_call,
 )
+from .data import Loaders
 from .devices import parse_device, resolve_device
 from .distributed import DistributedContext, run_on_rank_zero
 from .errors import (
@@ -77,15 +77,12 @@ from .events import Event, EventDispatcher, validate_hooks
 from .logging import LoggingMode as _LoggingMode
 from .logging import make_logger
 from .loop import (
-    EpochDistributedSampler,
-    EpochShuffleSampler,
     LoopParts,
-    ShardSampler,
     TrainingLoop,
     loader_length,
 )
 from .plugins import discover_plugins
-from .preemption import IgnoreInWorkers, PreemptionGuard, PreemptionReport, watched_signals
+from .preemption import PreemptionGuard, PreemptionReport, watched_signals
 from .recorded import (
     encode_arguments,
     maybe_reference,
@@ -96,7 +93,6 @@ from .recorded import (
     restorable_arguments,
     same_setting,
     signature_defaults,
-    storable,
     to_device,
 )
 from .sharding import apply_fsdp, has_dtensor_parameters
@@ -129,18 +125,6 @@ _CORE_KEYS: Final = frozenset({"model", "optimizer", "scheduler", "grad_scaler",
                                "history", "progress", "rng", "config", "position"})
 #: core keys a checkpoint may lack without a warning (files written before they existed)
 _OPTIONAL_KEYS: Final = frozenset({"position"})
-
-
-class _LoaderSpec:
-    """A dataset plus the DataLoader arguments it was set with (datasets are never saved)."""
-
-    def __init__(self, dataset: Dataset[Any], config: LoaderConfig, extra: dict[str, Any]) -> None:
-        self.dataset, self.config, self.extra = dataset, config, extra
-
-    def state(self) -> dict[str, Any]:
-        """The loader arguments that can be recorded (e.g. a lambda ``collate_fn`` cannot)."""
-        return {"config": self.config.model_dump(),
-                "extra": {k: v for k, v in self.extra.items() if storable(v)}}
 
 
 class _ConfigState:
@@ -242,8 +226,7 @@ class NNHandler:
         self._scheduler_spec: tuple[type[Any], dict[str, Any], str] | None = None
         self._loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
         self._metrics: dict[str, Callable[[Any, Any], Any]] = {}
-        self._loaders: dict[str, _LoaderSpec] = {}
-        self._remembered_loader_args: dict[str, dict[str, Any]] = {}
+        self._loaders = Loaders(self.logger)
         self._settings = TrainSettings()
         self._scaler: torch.amp.GradScaler | None = None
         self._ema: AveragedModel | None = None
@@ -319,6 +302,13 @@ class NNHandler:
     @property
     def metrics(self) -> dict[str, Callable[[Any, Any], Any]]:
         return dict(self._metrics)
+
+    @property
+    def loaders(self) -> Loaders:
+        """The datasets and DataLoader arguments set with :meth:`set_train_loader` /
+        :meth:`set_val_loader` (``loaders.spec("train")``), and the arguments remembered from
+        a loaded checkpoint (``loaders.remembered``)."""
+        return self._loaders
 
     @property
     def callbacks(self) -> tuple[Callback, ...]:
@@ -541,71 +531,15 @@ class NNHandler:
         ``shuffle``, ``num_workers`` …). After :meth:`load`, omitted arguments default to the
         ones remembered from the checkpoint. Shuffling depends only on the run's seed and the
         absolute epoch, so a resumed run sees the same batches."""
-        self._set_loader("train", dataset, loader_kwargs)
+        self._loaders.set("train", dataset, loader_kwargs)
 
     def set_val_loader(self, dataset: Dataset[Any] | None = None, **loader_kwargs: Any) -> None:
         """Validate on ``dataset`` (see :meth:`set_train_loader`)."""
-        self._set_loader("val", dataset, loader_kwargs)
-
-    def _set_loader(self, which: str, dataset: Dataset[Any] | None, kwargs: dict[str, Any]) -> None:
-        if dataset is None:
-            raise ConfigurationError(f"set_{which}_loader needs a dataset")
-        if isinstance(dataset, DataLoader):
-            raise TypeError(f"set_{which}_loader takes a Dataset, not a DataLoader; pass the "
-                            "dataset and DataLoader keyword arguments")
-        remembered = self._remembered_loader_args.get(which, {})
-        merged = {**remembered.get("config", {}), **self._remembered_extra(which, kwargs),
-                  **kwargs}
-        own = {k: merged.pop(k) for k in list(merged) if k in LoaderConfig.model_fields}
-        config = validate_call(LoaderConfig, f"set_{which}_loader", own)
-        if "sampler" in merged or "batch_sampler" in merged:
-            raise ConfigurationError(
-                f"set_{which}_loader: nnhandler provides the sampler (its shuffle order depends "
-                "only on the seed and the epoch, which exact resume needs); use shuffle=True/False"
-            )
-        # fail now, naming the bad argument, rather than at the start of train()
-        DataLoader(dataset, batch_size=config.batch_size, drop_last=config.drop_last,
-                   **config.dataloader_arguments(), **merged)
-        self._loaders[which] = _LoaderSpec(dataset, config, merged)
-
-    def _remembered_extra(self, which: str, given: Mapping[str, Any]) -> dict[str, Any]:
-        """DataLoader arguments remembered from a loaded checkpoint. Function-valued ones
-        (``collate_fn``, ``worker_init_fn`` …) are never taken from a file: a warning names
-        each one the caller does not pass again."""
-        remembered = self._remembered_loader_args.get(which, {})
-        for item in remembered.get("unrestored", ()):
-            if item.name not in given:
-                self.logger.warning(
-                    "set_%s_loader: the checkpoint recorded %s=%s, which is not restored (%s); "
-                    "pass set_%s_loader(..., %s=...) again", which, item.name, item.reference,
-                    item.reason, which, item.name)
-        return dict(remembered.get("extra", {}))
+        self._loaders.set("val", dataset, loader_kwargs)
 
     def _build_loader(self, which: str, seed: int) -> DataLoader[Any] | None:
-        spec = self._loaders.get(which)
-        if spec is None:
-            return None
-        length = len(spec.dataset)  # type: ignore[arg-type]
-        ctx = self.distributed
-        sampler: Any
-        if which == "train" and ctx.enabled:
-            sampler = EpochDistributedSampler(spec.dataset, num_replicas=ctx.world_size,
-                                              rank=ctx.rank, shuffle=spec.config.shuffle,
-                                              seed=seed)
-        elif which == "train":
-            sampler = EpochShuffleSampler(length, seed, spec.config.shuffle)
-        elif ctx.enabled:
-            sampler = ShardSampler(length, ctx.rank, ctx.world_size)
-        else:
-            sampler = None
-        extra = {**spec.config.dataloader_arguments(), **spec.extra}
-        if self.device.type == "cuda":
-            extra.setdefault("pin_memory", True)
-        signals = watched_signals(self._callbacks)
-        if signals and extra.get("num_workers", 0):
-            extra["worker_init_fn"] = IgnoreInWorkers(signals, extra.get("worker_init_fn"))
-        return DataLoader(spec.dataset, batch_size=spec.config.batch_size, sampler=sampler,
-                          drop_last=spec.config.drop_last, **extra)
+        return self._loaders.build(which, seed, self.distributed, self.device.type,
+                                   watched_signals(self._callbacks))
 
     # ------------------------------------------------------------------ callbacks ------------
     def add_callback(self, callback: Callback) -> None:
@@ -848,7 +782,9 @@ class NNHandler:
             completed_epochs=self.progress.epoch, world_size=self.distributed.world_size,
             batch_size=loader.batch_size, accumulation=settings.gradient_accumulation_steps,
             metric_names=list(self._metrics), batches=batches)
-        return partial.changes(samples=dataset_size(self._loaders["train"].dataset),
+        spec = self._loaders.spec("train")
+        assert spec is not None
+        return partial.changes(samples=dataset_size(spec.dataset),
                                batches_per_epoch=batches,
                                learning_rates=learning_rates_of(self._optimizer))
 
@@ -1080,8 +1016,7 @@ class NNHandler:
             "scheduler": scheduler,
             "loss_fn": describe_callable(self._loss_fn, "loss")[0] if self._loss_fn else None,
             "metrics": {name: describe_callable(fn, name)[0] for name, fn in self._metrics.items()},
-            "loaders": {which: spec.state() for which, spec in self._loaders.items()
-                        if storable(spec.state())},
+            "loaders": self._loaders.state(),
             "train_settings": self._settings.model_dump(),
             "own_autosave": self._autosave.state_key if self._autosave is not None else None,
         }
@@ -1089,15 +1024,8 @@ class NNHandler:
     def _apply_settings_state(self, record: ConfigRecord, source: str = "") -> None:
         """Take the recorded training defaults and loader arguments (validated: a recorded
         loader configuration that does not fit is a CheckpointSchemaError)."""
-        loaders: dict[str, dict[str, Any]] = {}
-        for which, loader in record.loaders.items():
-            where = f"state['config'].loaders.{which}"
-            config = validate(LoaderConfig, loader.config, where=f"{where}.config", path=source)
-            extra, unrestored = decode_arguments(loader.extra, f"{where}.extra")
-            loaders[which] = {"config": config.model_dump(), "extra": extra,
-                              "unrestored": unrestored}
+        self._loaders.remember(record.loaders, source)
         self._settings = record.train_settings
-        self._remembered_loader_args = loaders
 
     def _check_model_kwargs(self) -> set[str]:
         unstored = set()
@@ -1404,11 +1332,7 @@ class NNHandler:
                 self._metrics[name] = to_device(build_callable(spec, trusted), self.device)
             except UnresolvableReferenceError as error:
                 self.logger.warning("metric %r not restored (%s); call add_metric", name, error)
-        for which, remembered in self._remembered_loader_args.items():
-            for item in remembered["unrestored"]:
-                self.logger.warning(
-                    "%s loader argument %s=%s is not restored (%s); pass it to set_%s_loader "
-                    "again", which, item.name, item.reference, item.reason, which)
+        self._loaders.warn_unrestored()
 
     def _recreate_autosaves(self, state: Mapping[str, Any], own_key: str | None,
                             source: str) -> None:

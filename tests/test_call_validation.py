@@ -41,15 +41,15 @@ def folder_digest() -> dict[str, str]:
 
 def observable(handler: NNHandler) -> dict[str, Any]:
     """Everything a call could change, copied (tensors too) so a later change shows."""
-    loaders = handler._loaders
+    loaders = handler.loaders
     return {
         "state": copy.deepcopy(handler.state_dict()),
         "settings": handler.settings,
         "epoch": handler.epoch,
         "step": handler.global_step,
         "loaders": {which: (spec, spec.config, dict(spec.extra))
-                    for which, spec in loaders.items()},
-        "remembered": copy.deepcopy(handler._remembered_loader_args),
+                    for which, spec in loaders.specs.items()},
+        "remembered": copy.deepcopy(dict(loaders.remembered)),
         "callbacks": handler.callbacks,
         "optimizer": handler.optimizer,
         "scheduler": handler.scheduler,
