@@ -328,14 +328,14 @@ def test_checked_dataloader_arguments_reach_the_dataloader_and_are_remembered() 
     handler = make_handler(n=16)
     handler.set_train_loader(regression_dataset(16), batch_size=4, shuffle=True, num_workers=1,
                              prefetch_factor=3, timeout=5.0, pin_memory=False)
-    loader = handler._build_loader("train", 0)
+    loader = handler.loaders.build("train", 0, handler.distributed, "cpu", ())
     assert loader is not None
     assert (loader.num_workers, loader.prefetch_factor, loader.timeout,
             loader.pin_memory) == (1, 3, 5.0, False)
     handler.save("ck.pth")
     loaded = NNHandler.load("ck.pth")
     loaded.set_train_loader(regression_dataset(16))  # the arguments are remembered
-    again = loaded._build_loader("train", 0)
+    again = loaded.loaders.build("train", 0, loaded.distributed, "cpu", ())
     assert again is not None
     assert (again.batch_size, again.num_workers, again.prefetch_factor,
             again.timeout) == (4, 1, 3, 5.0)
