@@ -237,7 +237,7 @@ class PreemptionGuard:
                     raise ConfigurationError(
                         f"{other!r} and {saver!r} would both write emergency checkpoints into "
                         f"{str(saver.emergency_directory)!r}: enable save_on_signal / "
-                        "save_on_exception on one saver per directory")
+                        "save_on_exception on one auto-saver per directory")
         return cls(handler, savers, position)
 
     @property
