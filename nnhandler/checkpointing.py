@@ -18,15 +18,16 @@ exactly as for :class:`~nnhandler.AutoSaveCallback`, emergency checkpoints and
 
 A minimal saver::
 
-    class EveryNSteps(Callback):
+    class EveryNEpochs(Callback):
         is_checkpoint_writer = True          # runs after the other callbacks of an event
 
         def __init__(self, every: int, folder: str) -> None:
             self.every, self.folder = every, Path(folder)
 
-        def on_train_batch_end(self, handler: Trainer, **kwargs: Any) -> None:
-            if handler.global_step % self.every == 0:   # every rank calls save: collective
-                handler.checkpoints.save(self.folder / f"step{handler.global_step:06d}.pth")
+        def on_epoch_end(self, handler: Trainer, epoch: int, logs: dict[str, Any],
+                         **kwargs: Any) -> None:
+            if epoch % self.every == 0:                 # every rank calls save: collective
+                handler.checkpoints.save(self.folder / f"ep{epoch:03d}.pth", logs)
 
 A saver that can also write an emergency checkpoint (on a signal, or when an exception ends
 training) implements :class:`EmergencySaver`; a saver whose state should bring it back on
@@ -110,8 +111,9 @@ class Checkpointer:
     def save(self, path: str | os.PathLike[str],
              logs: Mapping[str, Any] | None = None) -> SavedCheckpoint:
         """Write the complete checkpoint to ``path`` and return once it is durable, then
-        announce it (``on_checkpoint_saved``). ``logs`` (default: the last epoch's) go into
-        the file's ``meta`` (plain scalars only) and its integrity record.
+        announce it (``on_checkpoint_saved``). ``logs`` go into the file's ``meta`` (plain
+        scalars only) and its integrity record; the default is ``trainer.last_logs`` (those of
+        the last ``train`` call), so a hook that has the epoch's ``logs`` passes them.
 
         A model with DTensor parameters (``trainer.sharded_checkpoints``) is written as a
         directory: ``path`` must end in ``.dcp``, every rank writes its own shards, and the
