@@ -1089,10 +1089,12 @@ class NNHandler:
         Tensors are mapped to ``device`` (``None``: each rank's own device). Classes named in the
         file are imported and must be subclasses of the expected base; ``model_class=`` avoids
         even that for the model. ``skip_*`` leave a component fresh. ``callbacks`` are added
-        and receive their state by ``state_key``; the file's auto-save callbacks come back as
-        they were unless a passed callback has the same key (or ``skip_callbacks``), and so do
-        the providers of installed plugins (entry-point group ``nnhandler.plugins``, see
-        :mod:`nnhandler.plugins`) for the state keys they claim. State without an owner is
+        and receive their state by ``state_key``; the file's other callbacks come back as they
+        were unless a passed callback has the same key (or ``skip_callbacks``): those whose
+        key is claimed in this process (:func:`~nnhandler.plugins.register_provider_factory`:
+        the auto-savers, third-party savers), then the providers of installed plugins
+        (entry-point group ``nnhandler.plugins``, see :mod:`nnhandler.plugins`) for the state
+        keys they claim. State without an owner is
         kept, written into later checkpoints and reported with a warning.
         ``compile_model`` (default: as recorded) is the constructor's; pass it when the
         recorded options name a function (a custom ``backend``), which a file never supplies.
