@@ -13,6 +13,13 @@ from .callbacks import (
     TensorBoardLogger,
 )
 from .checkpoint import Checkpoint, read_checkpoint
+from .checkpointing import (
+    BackgroundSave,
+    Checkpointer,
+    Emergency,
+    EmergencySaver,
+    SavedCheckpoint,
+)
 from .errors import (
     CallbackValidationError,
     CheckpointCorruptedError,
@@ -30,12 +37,14 @@ from .errors import (
 from .events import Event
 from .handler import NNHandler
 from .logging import LoggingMode
-from .plugins import PluginRegistry, discover_plugins
+from .plugins import PluginRegistry, discover_plugins, register_provider_factory
 from .preemption import PreemptionReport
 from .state import RestoreResult, StateProvider
+from .trainer import Trainer
 
 __all__ = [
     "AutoSaveCallback",
+    "BackgroundSave",
     "CSVLogger",
     "Callback",
     "CallbackValidationError",
@@ -45,9 +54,12 @@ __all__ = [
     "CheckpointFormatError",
     "CheckpointIndexError",
     "CheckpointSchemaError",
+    "Checkpointer",
     "ConfigurationError",
     "DuplicateStateKeyError",
     "EarlyStopping",
+    "Emergency",
+    "EmergencySaver",
     "EmergencySaves",
     "Event",
     "LearningRateMonitor",
@@ -60,10 +72,13 @@ __all__ = [
     "PreemptionReport",
     "RestoreResult",
     "Retention",
+    "SavedCheckpoint",
     "StateProvider",
     "TensorBoardLogger",
+    "Trainer",
     "UnresolvableReferenceError",
     "__version__",
     "discover_plugins",
     "read_checkpoint",
+    "register_provider_factory",
 ]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
 import secrets
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -19,28 +19,24 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
 from .callbacks import AutoSaveCallback, Callback
-from .callbacks.autosave import AUTOSAVE_KEY_PREFIX
 from .callbacks.autosave_options import AutoSaveOptions, auto_save_config
-from .checkpoint import Checkpoint, write_checkpoint
+from .checkpoint import Checkpoint
 from .checkpoint.content import ConfigRecord, check_config
 from .checkpoint.discovery import find_latest_valid
-from .checkpoint.envelope import build_meta, ensure_plain, envelope_of
 from .checkpoint.refs import (
     NotReferenceableError,
     decode_arguments,
     encode_value,
     resolve_class,
 )
-from .checkpoint.schema import relocate, validate
+from .checkpoint.schema import relocate
 from .checkpoint.sharded import (
     SHARDED_KEYS,
-    SHARDED_SUFFIX,
     ShardedCheckpoint,
     load_sharded_state,
     read_any_checkpoint,
-    write_sharded_checkpoint,
 )
-from .checkpoint.snapshot import Snapshot, StagingBuffers
+from .checkpointing import Checkpointer
 from .components import (
     ComponentState,
     EpochPosition,
@@ -53,7 +49,6 @@ from .components import (
 from .components.callables import build_callable, describe_callable
 from .components.position import dataset_size, learning_rates_of
 from .config import (
-    AutoSaveConfig,
     LoadOptions,
     ParallelConfig,
     Parallelism,
@@ -64,12 +59,11 @@ from .config import (
 )
 from .data import Loaders
 from .devices import parse_device, resolve_device
-from .distributed import DistributedContext, run_on_rank_zero
+from .distributed import DistributedContext
 from .errors import (
     CheckpointError,
     CheckpointSchemaError,
     ConfigurationError,
-    DuplicateStateKeyError,
     NoCheckpointFoundError,
     UnresolvableReferenceError,
 )
@@ -81,7 +75,7 @@ from .loop import (
     TrainingLoop,
     loader_length,
 )
-from .plugins import discover_plugins
+from .plugins import PluginRegistry, discover_plugins, in_process_factories
 from .preemption import PreemptionGuard, PreemptionReport, watched_signals
 from .recorded import (
     encode_arguments,
@@ -248,6 +242,9 @@ class NNHandler:
         for provider in (self._model_state, self.history_state, self.progress, self._position,
                          self._rng, _ConfigState(self)):
             self._registry.register(provider)
+        self._checkpoints = Checkpointer(
+            self, rng_gathered=self._rng.gathered, dispatcher=self._dispatcher,
+            sharded_components=functools.partial(self._sharded_components, with_optimizer=True))
         self._model_kwargs_unstored = self._check_model_kwargs()
 
     # ------------------------------------------------------------------ components -----------
@@ -359,6 +356,18 @@ class NNHandler:
     @property
     def stop_requested(self) -> bool:
         return self._stop_requested
+
+    @property
+    def last_logs(self) -> dict[str, Any]:
+        """The logs of the last completed epoch (a copy; restored by :meth:`load`): what
+        :meth:`save` records when it is given none."""
+        return dict(self._last_logs)
+
+    @property
+    def checkpoints(self) -> Checkpointer:
+        """The checkpointing seam (:class:`~nnhandler.checkpointing.Checkpointer`): how any
+        callback writes the complete training state, as :meth:`save` and the auto-saver do."""
+        return self._checkpoints
 
     @property
     def preempted(self) -> bool:
@@ -551,23 +560,11 @@ class NNHandler:
         if any(existing is callback for existing in self._callbacks):
             raise ConfigurationError(f"callback {callback!r} is already registered")
         validate_hooks(callback)
-        if isinstance(callback, AutoSaveCallback):
-            self._check_autosave_target(callback)
+        callback.check_registration(self.callbacks)
         if isinstance(callback, StateProvider) and self._registry.register(callback):
                 self.logger.info("restored state of %r from the loaded checkpoint", callback)
         self._callbacks.append(callback)
         self._dispatcher.rebuild(self._callbacks)
-
-    def _check_autosave_target(self, candidate: AutoSaveCallback) -> None:
-        """Keys differ for ``"ck"`` and its absolute path; the files would not."""
-        for other in self._callbacks:
-            if (isinstance(other, AutoSaveCallback) and other is not candidate
-                    and other.state_key != candidate.state_key  # the registry names those
-                    and candidate.writes_same_files_as(other)):
-                raise DuplicateStateKeyError(
-                    f"{candidate!r} would write the same files as {other!r}; give one of them a "
-                    "different save_path or name"
-                )
 
     def remove_callback(self, callback: Callback) -> None:
         for index, existing in enumerate(self._callbacks):
@@ -622,7 +619,7 @@ class NNHandler:
         self._registry.unregister(callback)
         callback.reconfigure(config)
         try:
-            self._check_autosave_target(callback)
+            callback.check_registration(self.callbacks)
             self._registry.register(callback)
         except Exception:
             callback.reconfigure(old)
@@ -692,7 +689,7 @@ class NNHandler:
         guard, partial_changes = None, []
         if target > start:
             partial_changes = self._check_partial_epoch(settings)
-            guard = PreemptionGuard.for_train(self)
+            guard = PreemptionGuard.for_train(self, self._position)
         # from here on the call changes the handler
         self._warn_about_resume_changes(changes, partial_changes)
         self._preemption = None
@@ -714,6 +711,7 @@ class NNHandler:
             val_loader=self._build_loader("val", run_seed), scaler=self._scaler, ema=self._ema,
             device=self.device, context=self.distributed, dispatcher=self._dispatcher,
             history=self.history_state, progress=self.progress, settings=settings, handler=self,
+            set_stop=self._set_stop,
             lockstep_validation=self.distributed.enabled and self.sharded_checkpoints,
             position=self._position,
             stop_watch=guard.stop_watch if guard is not None else None,
@@ -889,73 +887,15 @@ class NNHandler:
         """Write the complete checkpoint to ``path`` and return once it is durable.
 
         Under DDP every rank calls it: rank 0 writes, the others wait, and an error on rank 0 is
-        raised on every rank. Fires ``on_checkpoint_saved``.
+        raised on every rank. Fires ``on_checkpoint_saved``. The same as
+        ``handler.checkpoints.save(path, logs).path`` (see :attr:`checkpoints`).
 
         A model with DTensor parameters (:attr:`sharded_checkpoints`, e.g. FSDP2) is written as
         a directory through ``torch.distributed.checkpoint``: every rank writes its own shards,
         and the directory appears under ``path`` (which must end in ``.dcp``) only once it is
         complete. ``save_path`` must then be on a filesystem that every rank shares.
         """
-        path = Path(path)
-        logs = dict(self._last_logs if logs is None else logs)
-
-        def write() -> tuple[int, float]:
-            _refuse_directory(path)  # checked on rank 0 only: other ranks may not share its disk
-            if path.suffix == SHARDED_SUFFIX:
-                raise ConfigurationError(
-                    f"save path {str(path)!r}: {SHARDED_SUFFIX!r} names a sharded checkpoint "
-                    "directory, but this model has no DTensor parameters; use '.pth'")
-            started = time.perf_counter()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            size = write_checkpoint(path, self._registry.collect(), self._checkpoint_meta(logs))
-            return size, time.perf_counter() - started
-
-        def write_sharded() -> tuple[int, float]:
-            started = time.perf_counter()
-            size = write_sharded_checkpoint(
-                path, self.distributed, self._sharded_components(with_optimizer=True),
-                lambda: (self._registry.collect(exclude=SHARDED_KEYS),
-                         self._checkpoint_meta(logs)))
-            return size, time.perf_counter() - started
-
-        with self._rng.gathered():
-            if self.sharded_checkpoints:
-                size, seconds = write_sharded()
-            else:
-                size, seconds = run_on_rank_zero(self.distributed, write)
-        self._announce_saved(path, self.progress.epoch, size, seconds)
-        return path
-
-    def _checkpoint_meta(self, logs: Mapping[str, Any]) -> dict[str, Any]:
-        return build_meta(epoch=self.progress.epoch, step=self.progress.step,
-                          logs={k: v for k, v in logs.items() if _plain_scalar(v)},
-                          world_size=self.distributed.world_size,
-                          lineage=self.progress.lineage)
-
-    def _snapshot_checkpoint(self, path: Path, logs: Mapping[str, Any],
-                             staging: StagingBuffers) -> Snapshot | None:
-        """The complete checkpoint (as :meth:`save` would write it to ``path``) copied into
-        ``staging`` on rank 0, for a background write; ``None`` on the other ranks.
-
-        Collective like :meth:`save`: an error on rank 0 (a provider that raises, state that is
-        not plain data) is raised on every rank.
-        """
-        logs = dict(logs)
-
-        def take() -> Snapshot:
-            _refuse_directory(path)
-            state, meta = self._registry.collect(), self._checkpoint_meta(logs)
-            ensure_plain(state)
-            ensure_plain(meta, "meta")
-            return staging.take(envelope_of(state, meta))
-
-        with self._rng.gathered():
-            return run_on_rank_zero(self.distributed, take, share_result=False)
-
-    def _announce_saved(self, path: Path, epoch: int, size: int, seconds: float) -> None:
-        """Log a durable checkpoint and fire ``on_checkpoint_saved`` (on every rank)."""
-        self.logger.info("saved checkpoint %s (%.1f MB, %.2f s)", path, size / 1e6, seconds)
-        self._dispatcher.fire(Event.CHECKPOINT_SAVED, handler=self, path=path, epoch=epoch)
+        return self._checkpoints.save(path, logs).path
 
     def state_dict(self) -> dict[str, Any]:
         """``{state_key: state}`` of every provider: exactly what a checkpoint's ``state`` holds."""
@@ -1072,10 +1012,12 @@ class NNHandler:
         Tensors are mapped to ``device`` (``None``: each rank's own device). Classes named in the
         file are imported and must be subclasses of the expected base; ``model_class=`` avoids
         even that for the model. ``skip_*`` leave a component fresh. ``callbacks`` are added
-        and receive their state by ``state_key``; the file's auto-save callbacks come back as
-        they were unless a passed callback has the same key (or ``skip_callbacks``), and so do
-        the providers of installed plugins (entry-point group ``nnhandler.plugins``, see
-        :mod:`nnhandler.plugins`) for the state keys they claim. State without an owner is
+        and receive their state by ``state_key``; the file's other callbacks come back as they
+        were unless a passed callback has the same key (or ``skip_callbacks``): those whose
+        key is claimed in this process (:func:`~nnhandler.plugins.register_provider_factory`:
+        the auto-savers, third-party savers), then the providers of installed plugins
+        (entry-point group ``nnhandler.plugins``, see :mod:`nnhandler.plugins`) for the state
+        keys they claim. State without an owner is
         kept, written into later checkpoints and reported with a warning.
         ``compile_model`` (default: as recorded) is the constructor's; pass it when the
         recorded options name a function (a custom ``backend``), which a file never supplies.
@@ -1146,8 +1088,8 @@ class NNHandler:
         for callback in callbacks or ():
             handler.add_callback(callback)
         if not skip_callbacks:
-            handler._recreate_autosaves(state, config.own_autosave, source)
-            handler._recreate_plugin_providers(state)
+            handler._recreate_providers(state, source)
+            handler._adopt_own_autosave(config.own_autosave)
         skip = {key for key, flag in (("optimizer", skip_optimizer), ("scheduler", skip_scheduler),
                                        ("history", skip_history), ("ema", skip_ema)) if flag}
         if skip_callbacks:
@@ -1334,39 +1276,39 @@ class NNHandler:
                 self.logger.warning("metric %r not restored (%s); call add_metric", name, error)
         self._loaders.warn_unrestored()
 
-    def _recreate_autosaves(self, state: Mapping[str, Any], own_key: str | None,
-                            source: str) -> None:
-        """Bring back the file's auto-save callbacks that no passed callback replaces."""
-        for key, value in state.items():
-            if not key.startswith(AUTOSAVE_KEY_PREFIX):
-                continue
-            owner = self._registry.get(key)
-            if owner is None:
-                where = f"state[{key!r}]"
-                if not isinstance(value, dict):
-                    raise CheckpointSchemaError(
-                        f"{source!r}: {where} is {value!r:.80}, not a dict", path=source,
-                        field=where)
-                config = validate(AutoSaveConfig, value.get("config"), where=f"{where}.config",
-                                  path=source)
-                callback = AutoSaveCallback(**config.model_dump())
-                self.add_callback(callback)  # its bookkeeping is restored with the other states
-                owner = callback
-            if key == own_key and isinstance(owner, AutoSaveCallback):
-                self._autosave = owner
-
-    def _recreate_plugin_providers(self, state: Mapping[str, Any]) -> None:
-        """Let installed plugins re-create the providers of states nothing here owns."""
-        unowned = [key for key in state if key not in _CORE_KEYS and key not in self._registry]
+    def _recreate_providers(self, state: Mapping[str, Any], source: str) -> None:
+        """Re-create the owners of the file's states that nothing here owns: through the
+        claims made in this process (:func:`~nnhandler.plugins.register_provider_factory`,
+        the built-in auto-saver's among them), then, for keys still without an owner, the
+        installed plugins (imported only then)."""
+        unowned = self._unowned_keys(state)
         if not unowned:
             return
-        registry = discover_plugins()
-        for key in unowned:
-            provider = registry.create_provider(key, state[key])
+        self._create_providers(in_process_factories(), unowned, state, source)
+        unowned = self._unowned_keys(state)
+        if unowned:
+            self._create_providers(discover_plugins(), unowned, state, source)
+
+    def _unowned_keys(self, state: Mapping[str, Any]) -> list[str]:
+        return [key for key in state if key not in _CORE_KEYS and key not in self._registry]
+
+    def _create_providers(self, registry: PluginRegistry, keys: Iterable[str],
+                          state: Mapping[str, Any], source: str) -> None:
+        for key in keys:
+            try:
+                provider = registry.create_provider(key, state[key])
+            except CheckpointSchemaError as error:
+                raise relocate(error, prefix=f"state[{key!r}]", path=source) from None
             if isinstance(provider, Callback):
-                self.add_callback(provider)
+                self.add_callback(provider)  # its state is restored with the other states
             elif provider is not None:
                 self.register_state_provider(provider)
+
+    def _adopt_own_autosave(self, own_key: str | None) -> None:
+        """The file's record of which auto-saver was this handler's :meth:`auto_save` one."""
+        owner = None if own_key is None else self._registry.get(own_key)
+        if isinstance(owner, AutoSaveCallback):
+            self._autosave = owner
 
     def _report_restore(self, result: RestoreResult, path: Path) -> None:
         if result.unmatched:
@@ -1407,14 +1349,5 @@ def _check_checkpoint_path(path: Any, call: str) -> None:
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ConfigurationError(f"{call}: the path must be a non-empty str or os.PathLike, "
                                  f"got {path!r}")
-
-
-def _refuse_directory(path: Path) -> None:
-    if path.is_dir():
-        raise ConfigurationError(f"save path {str(path)!r} is a directory")
-
-
-def _plain_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))
 
 

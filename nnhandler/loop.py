@@ -160,6 +160,8 @@ class LoopParts:
     progress: Progress
     settings: TrainSettings
     handler: Any
+    #: sets the handler's stop request (to rank 0's under DDP, see ``_agree_on_stop``)
+    set_stop: Callable[[bool], None]
     #: the model's forward is a collective (FSDP2): every rank must run as many validation
     #: forward passes as the busiest one
     lockstep_validation: bool = False
@@ -354,7 +356,7 @@ class TrainingLoop:
         """Under DDP rank 0 decides whether training stops, so every rank saves (or not) and
         leaves the loop together even if a callback asked on one rank only."""
         if self.p.context.enabled:
-            self.p.handler._set_stop(self.p.context.broadcast_object(self.p.handler.stop_requested))
+            self.p.set_stop(self.p.context.broadcast_object(self.p.handler.stop_requested))
 
     def _train_epoch(self, epoch: int,
                      bar: TrainingProgress) -> tuple[_Totals, int] | None:

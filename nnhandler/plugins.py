@@ -12,6 +12,11 @@ a key (``registry.add_state_provider(key, factory)``), so that :meth:`NNHandler.
 caller does not pass them. The core finds plugins only through
 ``importlib.metadata.entry_points(group="nnhandler.plugins")``; it never imports one by name, and
 it imports them only when a loaded checkpoint holds state that nothing on the handler owns.
+
+A callback or provider defined in a script or a package without an entry point claims its key in
+the running process instead, with :func:`register_provider_factory` (the built-in
+:class:`~nnhandler.AutoSaveCallback` claims ``"autosave"`` that way). :meth:`NNHandler.load`
+consults these claims first, then, for keys still without an owner, the installed plugins.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .errors import PluginError
+from .errors import CheckpointError, PluginError
 from .state import StateProvider
 
-__all__ = ["ENTRY_POINT_GROUP", "PluginRegistry", "ProviderFactory", "discover_plugins"]
+__all__ = ["ENTRY_POINT_GROUP", "PluginRegistry", "ProviderFactory", "discover_plugins",
+           "in_process_factories", "register_provider_factory"]
 
 ENTRY_POINT_GROUP: Final = "nnhandler.plugins"
+_BY_HAND: Final = "<registered by hand>"
 
 #: ``factory(state_key, state) -> provider``: builds the provider that owns ``state_key`` from
 #: the state a checkpoint holds for it (a ``Callback`` is added as a callback, anything else is
@@ -53,7 +60,7 @@ class PluginRegistry:
 
     def __init__(self) -> None:
         self._claims: dict[str, _Claim] = {}
-        self._current = "<registered by hand>"
+        self._current = _BY_HAND
         #: names of the entry points whose ``register`` ran, in order
         self.plugins: list[str] = []
 
@@ -72,6 +79,10 @@ class PluginRegistry:
                               f"state key {key!r}; uninstall one of them")
         self._claims[key] = _Claim(key, self._current, factory)
 
+    def forget(self, key: str) -> None:
+        """Drop the claim on ``key`` (if any)."""
+        self._claims.pop(key, None)
+
     @property
     def keys(self) -> tuple[str, ...]:
         return tuple(self._claims)
@@ -82,13 +93,17 @@ class PluginRegistry:
         return None if claim is None else (claim.plugin, claim.factory)
 
     def create_provider(self, state_key: str, state: Any) -> StateProvider | None:
-        """The provider a plugin builds for ``state_key`` (``None`` when no plugin owns it)."""
+        """The provider a plugin builds for ``state_key`` (``None`` when no plugin owns it).
+        A :class:`~nnhandler.CheckpointError` of the factory (the state does not fit its
+        schema) propagates as it is; any other failure is a :class:`~nnhandler.PluginError`."""
         found = self.claim_for(state_key)
         if found is None:
             return None
         plugin, factory = found
         try:
             provider = factory(state_key, state)
+        except CheckpointError:  # the file's state does not fit: the file's fault, said so
+            raise
         except Exception as error:
             raise PluginError(f"plugin {plugin} failed to re-create the provider of state "
                               f"{state_key!r}: {type(error).__name__}: {error}") from error
@@ -108,7 +123,7 @@ class PluginRegistry:
             raise PluginError(f"plugin {name}: register() raised "
                               f"{type(error).__name__}: {error}") from error
         finally:
-            self._current = "<registered by hand>"
+            self._current = _BY_HAND
         self.plugins.append(name)
 
 
@@ -142,3 +157,40 @@ def discover_plugins(
                               f"got {register!r}")
         registry.run(name, register)
     return registry
+
+
+def _same_factory(first: ProviderFactory, second: ProviderFactory) -> bool:
+    """The same function, or one of the same name (a module imported again re-registers)."""
+    if first == second:
+        return True
+    return (getattr(first, "__module__", None), getattr(first, "__qualname__", None)) == (
+        getattr(second, "__module__", None), getattr(second, "__qualname__", object()))
+
+
+_IN_PROCESS: Final = PluginRegistry()
+
+
+def register_provider_factory(key: str, factory: ProviderFactory) -> None:
+    """Claim the state key ``key`` (and every ``key:<name>``) in this process:
+    :meth:`NNHandler.load <nnhandler.NNHandler.load>` re-creates the owner of such a state
+    that no passed callback replaces with ``factory(state_key, state)`` (a ``Callback`` is
+    added as a callback, anything else registered as a provider; its state is restored into
+    it), unless ``skip_callbacks``. For savers and other stateful callbacks that need no
+    entry point; the built-in :class:`~nnhandler.AutoSaveCallback` claims ``"autosave"``.
+
+    ``factory`` must build its object from ``state``, which is untrusted data: validate what
+    it reads (a :class:`~nnhandler.CheckpointSchemaError` naming the field). Registering the
+    same factory again is allowed; another factory for a claimed key is a
+    :class:`~nnhandler.PluginError` naming both.
+    """
+    found = _IN_PROCESS.claim_for(key) if isinstance(key, str) and key else None
+    if found is not None and _same_factory(found[1], factory):
+        _IN_PROCESS.forget(key)
+    module = getattr(factory, "__module__", None) or "<unknown module>"
+    name = getattr(factory, "__qualname__", None) or repr(factory)
+    _IN_PROCESS.run(f"{module}:{name}", lambda registry: registry.add_state_provider(key, factory))
+
+
+def in_process_factories() -> PluginRegistry:
+    """The claims made with :func:`register_provider_factory` in this process."""
+    return _IN_PROCESS

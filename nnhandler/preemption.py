@@ -1,21 +1,24 @@
 """Preemption and emergency checkpoints.
 
-``AutoSaveCallback(save_on_signal=True)`` makes ``train`` watch SIGTERM and SIGUSR1 (or the
-signals listed): the signal handler only records the signal; the training loop asks after every
+Every callback that is an :class:`~nnhandler.checkpointing.EmergencySaver` (the built-in one:
+``AutoSaveCallback(save_on_signal=..., save_on_exception=...)``) takes part. Watched signals
+(``save_on_signal=True``: SIGTERM and SIGUSR1, or the signals listed) make ``train`` install
+handlers that only record the signal; the training loop asks after every
 optimizer step whether to stop (so a stop never splits a gradient-accumulation group), and at
 the end of an epoch's batches and after each epoch. Under DDP the ranks agree first: each step
 starts a non-blocking MAX all-reduce of the local flag on a CPU (gloo) group and waits for the
 previous step's, so every rank learns of a signal that reached any rank at the same step. Then
-each such auto-saver writes an emergency checkpoint synchronously (after the background write
-in flight, if any) and ``train`` returns normally with ``handler.preempted == True``.
+each saver that watches the signal writes an emergency checkpoint synchronously through the
+checkpointing seam (``flush`` of its background write in flight, if any, then
+``save_emergency``) and ``train`` returns normally with ``handler.preempted == True``.
 
-``AutoSaveCallback(save_on_exception=True)``: when an exception (``KeyboardInterrupt`` too)
-escapes an epoch's batches or its validation, the state as of the last completed batch is
-written before the exception propagates, unchanged. Single process only: under DDP the other
-ranks may be anywhere, so no collective save is possible.
+A saver with ``saves_on_exception`` (``save_on_exception=True``): when an exception
+(``KeyboardInterrupt`` too) escapes an epoch's batches or its validation, the state as of the
+last completed batch is written before the exception propagates, unchanged. Single process
+only: under DDP the other ranks may be anywhere, so no collective save is possible.
 
 Emergency checkpoints are ordinary checkpoints (atomic, with their integrity record,
-``on_checkpoint_saved`` fires, the auto-saver's ``overwrite`` bookkeeping applies) that also
+``on_checkpoint_saved`` fires, the saver's own bookkeeping applies) that also
 record the position inside the epoch (state key ``"position"``, :mod:`.components.position`),
 so a resumed ``train`` continues that epoch from its next batch.
 """
@@ -26,6 +29,7 @@ import contextlib
 import signal
 import threading
 import types
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +38,8 @@ from typing import TYPE_CHECKING, Any, Final
 import torch
 import torch.distributed as dist
 
-from .callbacks.autosave import AutoSaveCallback
-from .checkpoint.sharded import sharded_name
-from .components.position import PartialEpoch, pending_grads_of
+from .checkpointing import EXCEPTION, PREEMPTED, Emergency, EmergencySaver, emergency_name
+from .components.position import EpochPosition, PartialEpoch, pending_grads_of
 from .errors import ConfigurationError
 from .loop import (
     BACKWARD,
@@ -47,22 +50,13 @@ from .loop import (
 )
 
 if TYPE_CHECKING:
-    from .handler import NNHandler
+    from .trainer import Trainer
 
 __all__ = ["IgnoreInWorkers", "PreemptionGuard", "PreemptionReport", "SignalFlag",
-           "emergency_name", "watched_signals"]
+           "emergency_name", "emergency_savers", "watched_signals"]
 
-#: ``{reason}_ep{epoch:03d}_b{batches:05d}.pth``: the epoch a resume continues and how many of
-#: its batches ran before the stop (``b00000`` after a complete epoch)
-EMERGENCY_NAME: Final = "{reason}_ep{epoch:03d}_b{batches:05d}.pth"
-PREEMPTED: Final = "preempted"
-EXCEPTION: Final = "exception"
-
-
-def emergency_name(reason: str, epoch: int, batches: int) -> str:
-    """The file name of an emergency checkpoint: ``preempted_ep003_b00012.pth`` continues
-    epoch 3 after its 12th batch; ``exception_…`` when an exception wrote it."""
-    return EMERGENCY_NAME.format(reason=reason, epoch=epoch, batches=batches)
+#: the gloo group of the ranks' stop flags, one per handler (see :func:`_stop_group`)
+_STOP_GROUPS: Final[weakref.WeakKeyDictionary[Any, Any]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -71,8 +65,8 @@ class PreemptionReport:
 
     ``epoch`` is the epoch a resume continues and ``batches`` how many of its batches ran
     (``0``: training stopped after epoch ``epoch - 1``). ``paths`` are the checkpoints to
-    resume from, one per auto-saver with ``save_on_signal`` whose save succeeded (after a
-    complete epoch that the auto-saver's schedule had just saved, that file).
+    resume from, one per emergency saver watching the signal whose save succeeded (after a
+    complete epoch that the saver's schedule had just saved, that file).
     """
 
     signal: str
@@ -81,13 +75,19 @@ class PreemptionReport:
     paths: tuple[Path, ...]
 
 
+def emergency_savers(callbacks: Iterable[object]) -> list[EmergencySaver]:
+    """The callbacks that write emergency checkpoints: :class:`EmergencySaver` s that watch
+    a signal or save on an exception, in order."""
+    return [c for c in callbacks if isinstance(c, EmergencySaver)
+            and (c.emergency_signals or c.saves_on_exception)]
+
+
 def watched_signals(callbacks: Iterable[object]) -> tuple[signal.Signals, ...]:
-    """The signals the auto-savers among ``callbacks`` stop training on (``save_on_signal``),
-    in order, each once."""
+    """The signals the emergency savers among ``callbacks`` stop training on, in order, each
+    once."""
     signals: list[signal.Signals] = []
-    for callback in callbacks:
-        if isinstance(callback, AutoSaveCallback):
-            signals.extend(s for s in callback.config.signals if s not in signals)
+    for saver in emergency_savers(callbacks):
+        signals.extend(s for s in saver.emergency_signals if s not in signals)
     return tuple(signals)
 
 
@@ -209,34 +209,36 @@ class _SignalStopWatch:
 
 
 class PreemptionGuard:
-    """Emergency checkpointing for one ``train`` call, from the handler's auto-savers that
-    have ``save_on_signal`` or ``save_on_exception``."""
+    """Emergency checkpointing for one ``train`` call, from the handler's emergency savers
+    (:class:`~nnhandler.checkpointing.EmergencySaver`). ``position`` is where the handler
+    records a partial epoch (a stop inside an epoch)."""
 
-    def __init__(self, handler: NNHandler, savers: list[AutoSaveCallback]) -> None:
+    def __init__(self, handler: Trainer, savers: list[EmergencySaver],
+                 position: EpochPosition) -> None:
         self.handler = handler
-        self.on_signal = [s for s in savers if s.config.save_on_signal]
-        self.on_exception = [s for s in savers if s.config.save_on_exception]
+        self.position = position
+        self.on_signal = [s for s in savers if s.emergency_signals]
+        self.on_exception = [s for s in savers if s.saves_on_exception]
         signals = watched_signals(self.on_signal)
         self.flag = SignalFlag(signals)
         self.watch = _SignalStopWatch(self.flag) if signals else None
 
     @classmethod
-    def for_train(cls, handler: NNHandler) -> PreemptionGuard | None:
-        """``None`` when no auto-saver writes emergency checkpoints. Two that would write
+    def for_train(cls, handler: Trainer, position: EpochPosition) -> PreemptionGuard | None:
+        """``None`` when no callback writes emergency checkpoints. Two that would write
         theirs into one directory are a :class:`~nnhandler.ConfigurationError` (their file
         names would be the same)."""
-        savers = [c for c in handler.callbacks if isinstance(c, AutoSaveCallback)
-                  and c.config.writes_emergency_checkpoints]
+        savers = emergency_savers(handler.callbacks)
         if not savers:
             return None
         for index, saver in enumerate(savers):
             for other in savers[:index]:
-                if saver.config.save_path.resolve() == other.config.save_path.resolve():
+                if saver.emergency_directory.resolve() == other.emergency_directory.resolve():
                     raise ConfigurationError(
                         f"{other!r} and {saver!r} would both write emergency checkpoints into "
-                        f"{str(saver.config.save_path)!r}: enable save_on_signal / "
+                        f"{str(saver.emergency_directory)!r}: enable save_on_signal / "
                         "save_on_exception on one auto-saver per directory")
-        return cls(handler, savers)
+        return cls(handler, savers, position)
 
     @property
     def stop_watch(self) -> _SignalStopWatch | None:
@@ -296,7 +298,7 @@ class PreemptionGuard:
         paths = []
         for saver in self.on_signal:
             flush_error = _flush(saver, handler)
-            path = self._save(saver, PREEMPTED, epoch, batches, quiet=False)
+            path = saver.save_emergency(handler, Emergency(PREEMPTED, epoch, batches))
             if flush_error is not None:  # on_save_error="raise": after the emergency save
                 raise flush_error
             if path is not None:
@@ -322,19 +324,20 @@ class PreemptionGuard:
             handler.logger.error("no emergency checkpoint: %s", refusal)
             error.add_note(f"nnhandler: no emergency checkpoint was written: {refusal}")
             return
-        handler._position.partial = partial
+        self.position.partial = partial
         for saver in self.on_exception:
             try:
                 flush_error = _flush(saver, handler)
                 if flush_error is not None:
                     error.add_note(f"nnhandler: the background auto-save in flight failed: "
                                    f"{type(flush_error).__name__}: {flush_error}")
-                path = self._save(saver, EXCEPTION, partial.epoch, partial.batches, quiet=True)
+                path = saver.save_emergency(
+                    handler, Emergency(EXCEPTION, partial.epoch, partial.batches))
             except BaseException as failed:  # a second Ctrl-C too: never mask the original
                 handler.logger.error("emergency checkpoint into %s failed: %s: %s",
-                                     saver.config.save_path, type(failed).__name__, failed)
+                                     saver.emergency_directory, type(failed).__name__, failed)
                 error.add_note(f"nnhandler: the emergency checkpoint into "
-                               f"{saver.config.save_path} failed: {type(failed).__name__}: "
+                               f"{saver.emergency_directory} failed: {type(failed).__name__}: "
                                f"{failed}")
                 continue
             if path is None:
@@ -384,35 +387,10 @@ class PreemptionGuard:
             learning_rates=failure.learning_rates)
         return partial, failure.stage in (BETWEEN_BATCHES, VALIDATION)
 
-    # -- writing -------------------------------------------------------------------------------
-    def _save(self, saver: AutoSaveCallback, reason: str, epoch: int, batches: int, *,
-              quiet: bool) -> Path | None:
-        """Write ``saver``'s emergency checkpoint synchronously (its background write in flight
-        has been settled). After a complete epoch that ``saver`` has just saved, that file is
-        the checkpoint. A failure follows ``on_save_error``; ``quiet``: it always raises and
-        the caller reports it."""
-        handler = self.handler
-        if batches == 0 and saver.last_saved_epoch == handler.epoch and saver.last_saved_path:
-            return Path(saver.last_saved_path)
-        name = emergency_name(reason, epoch, batches)
-        target = saver.config.save_path / (sharded_name(name) if handler.sharded_checkpoints
-                                           else name)
-        logs = dict(handler.history[-1]) if handler.history else {}
-        try:
-            return saver._save(handler, handler.epoch, logs, path=target, synchronous=True)
-        except Exception as error:
-            if quiet or saver.config.on_save_error == "raise":
-                raise
-            saver.failed_saves += 1
-            handler.logger.error("EMERGENCY CHECKPOINT FAILED (%s: %s) in %s; %s",
-                                 type(error).__name__, error, saver.config.save_path,
-                                 saver.previous_checkpoint_note())
-            return None
 
-
-def _flush(saver: AutoSaveCallback, handler: NNHandler) -> Exception | None:
-    """Settle ``saver``'s background write in flight; its error under ``on_save_error="raise"``
-    is returned, so the emergency checkpoint is written first."""
+def _flush(saver: EmergencySaver, handler: Trainer) -> Exception | None:
+    """Settle ``saver``'s write in flight; the error its policy raises is returned, so the
+    emergency checkpoint is written first."""
     try:
         saver.flush(handler)
     except Exception as error:
@@ -441,12 +419,12 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _stop_group(handler: NNHandler) -> Any:
+def _stop_group(handler: Trainer) -> Any:
     """A gloo group over every rank for the stop flags, created once per handler (a
     collective: every rank's ``train`` creates it at the same point)."""
-    group = handler._preemption_group
+    group = _STOP_GROUPS.get(handler)
     if group is None:
         group = dist.new_group(backend="gloo")
-        handler._preemption_group = group
+        _STOP_GROUPS[handler] = group
     return group
 

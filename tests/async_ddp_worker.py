@@ -10,6 +10,9 @@ Scenarios (each writes ``result_rank<r>.json`` into DIR):
 * ``errors`` — rank 0's background write of epoch 2 fails with ENOSPC: with
   ``on_save_error="raise"`` both ranks raise (rank 1 a CheckpointError naming rank 0's error),
   with ``"warn"`` both ranks train on and count the failure the same way.
+* ``seam`` — a third-party saver on the public checkpointing seam (``handler.checkpoints.save``
+  and ``BackgroundSave``): every rank gets the same ``SavedCheckpoint`` and events, only rank 0
+  writes, and a save rank 0 cannot write raises on both ranks, which stay in step.
 
 A watchdog dumps every thread's stack and exits if a scenario hangs.
 """
@@ -34,7 +37,16 @@ from torch import nn  # noqa: E402
 
 import nnhandler.checkpoint.background as background  # noqa: E402
 import nnhandler.checkpoint.writer as writer_module  # noqa: E402
-from nnhandler import AutoSaveCallback, Callback, CheckpointError, NNHandler  # noqa: E402
+import nnhandler.checkpointing as checkpointing_module  # noqa: E402
+from nnhandler import (  # noqa: E402
+    AutoSaveCallback,
+    BackgroundSave,
+    Callback,
+    CheckpointError,
+    NNHandler,
+    SavedCheckpoint,
+    Trainer,
+)
 from nnhandler.checkpoint.integrity import verify_file  # noqa: E402
 
 RANK = int(os.environ["RANK"])
@@ -60,7 +72,17 @@ def _recording_unlink(path: Any, *args: Any, **kwargs: Any) -> None:
     _original_unlink(path, *args, **kwargs)
 
 
+_original_sync_write = checkpointing_module.write_checkpoint
+
+
+def _recording_sync_write(path: Path, *args: Any, **kwargs: Any) -> int:
+    WRITES.append({"rank": RANK, "path": str(path),
+                   "thread": threading.current_thread().name})
+    return _original_sync_write(path, *args, **kwargs)
+
+
 background.write_envelope = _recording_write
+checkpointing_module.write_checkpoint = _recording_sync_write
 os.unlink = _recording_unlink
 
 
@@ -154,10 +176,61 @@ def scenario_errors(workdir: Path) -> dict[str, Any]:
     return result
 
 
+class SeamSaver(Callback):
+    """A saver of its own: a synchronous file and a background one per epoch, via the seam."""
+
+    is_checkpoint_writer = True
+
+    def __init__(self) -> None:
+        self.background = BackgroundSave()
+        self.saved: list[SavedCheckpoint] = []
+
+    def on_epoch_end(self, handler: Trainer, epoch: int, logs: dict[str, Any],
+                     **kwargs: Any) -> None:
+        self._settle(handler)
+        self.saved.append(handler.checkpoints.save(Path("own") / f"sync{epoch}.pth", logs))
+        self.background.start(handler, Path("own") / f"bg{epoch}.pth", epoch, logs)
+
+    def on_train_end(self, handler: Trainer, **kwargs: Any) -> None:
+        self._settle(handler)
+        self.background.release()
+
+    def _settle(self, handler: Trainer) -> None:
+        saved = self.background.settle(handler, wait=True)
+        if saved is not None:
+            handler.checkpoints.announce(saved)
+            self.saved.append(saved)
+
+
+def scenario_seam(workdir: Path) -> dict[str, Any]:
+    handler = new_handler()
+    events = SavedEvents()
+    saver = SeamSaver()
+    handler.add_callback(events)
+    handler.add_callback(saver)
+    handler.train(EPOCHS, seed=7, progress_bar=False)
+    seen_at_return = on_disk(workdir / "own")
+    dist.barrier()
+    if RANK == 0:
+        Path("a_file").write_text("not a folder")
+    dist.barrier()
+    outcome: dict[str, Any] = {"error": None}
+    try:
+        handler.checkpoints.save(Path("a_file") / "x.pth")
+    except Exception as error:
+        outcome["error"] = error_record(error)
+    value = torch.tensor([1.0])
+    dist.all_reduce(value)
+    return {"writes": WRITES, "events": events.events, "on_disk_at_return": seen_at_return,
+            "saved": [[str(s.path), s.epoch, s.size] for s in saver.saved],
+            "failure": outcome, "group_still_works": value.item()}
+
+
 def main() -> None:
     run_worker({
         "train": lambda workdir, _: scenario_train(workdir),
         "errors": lambda workdir, _: scenario_errors(workdir),
+        "seam": lambda workdir, _: scenario_seam(workdir),
     }, RANK, WORLD_SIZE)
 
 

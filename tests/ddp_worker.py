@@ -57,7 +57,7 @@ from torch import nn  # noqa: E402
 import nnhandler.checkpoint as checkpoint_pkg  # noqa: E402
 import nnhandler.checkpoint.envelope as envelope_mod  # noqa: E402
 import nnhandler.checkpoint.writer as writer_mod  # noqa: E402
-import nnhandler.handler as handler_mod  # noqa: E402
+import nnhandler.checkpointing as checkpointing_mod  # noqa: E402
 from nnhandler import (  # noqa: E402
     AutoSaveCallback,
     Callback,
@@ -96,7 +96,7 @@ def _recording_write(path: Path, state: dict[str, Any], meta: dict[str, Any]) ->
 
 envelope_mod.write_checkpoint = _recording_write
 checkpoint_pkg.write_checkpoint = _recording_write
-handler_mod.write_checkpoint = _recording_write  # type: ignore[attr-defined]
+checkpointing_mod.write_checkpoint = _recording_write
 
 # -- who deletes superseded "latest_*" auto-saves (Path.unlink goes through os.unlink) --------
 UNLINKS: list[dict[str, Any]] = []

@@ -84,3 +84,23 @@ def test_a_background_failure_on_rank_zero_reaches_both_ranks(tmp_path: Path) ->
         assert outcome["failed_saves"] == 1 and outcome["save_count"] == EPOCHS
         assert outcome["last_saved_path"] == f"warn/ep{EPOCHS + 1:03d}.pth"
         assert outcome["on_disk"] == {"ep001.pth": 1, "ep003.pth": 3, "ep004.pth": 4}
+
+
+def test_a_saver_on_the_public_seam_works_on_two_ranks(tmp_path: Path) -> None:
+    rank0, rank1 = launch("seam", tmp_path / "seam")
+    expected_files = sorted([f"sync{e}.pth" for e in range(1, EPOCHS + 1)]
+                            + [f"bg{e}.pth" for e in range(1, EPOCHS + 1)])
+    assert rank1["writes"] == []
+    assert sorted(Path(w["path"]).name for w in rank0["writes"]) == expected_files
+    background = {w["thread"] for w in rank0["writes"] if Path(w["path"]).name.startswith("bg")}
+    assert background == {"nnhandler-checkpoint-writer"}
+    assert rank0["saved"] == rank1["saved"] and len(rank0["saved"]) == 2 * EPOCHS
+    assert rank0["events"] == rank1["events"] == [[path, epoch] for path, epoch, _ in
+                                                   rank0["saved"]]
+    for result in (rank0, rank1):  # every promised file durable when train returns
+        assert result["on_disk_at_return"] == {
+            name: int(name.removesuffix(".pth").lstrip("bgsync")) for name in expected_files}
+        assert result["group_still_works"] == 2.0
+    assert rank0["failure"]["error"]["type"] in ("FileExistsError", "NotADirectoryError")
+    assert rank1["failure"]["error"]["is_checkpoint_error"]
+    assert "rank 0 failed" in rank1["failure"]["error"]["message"]

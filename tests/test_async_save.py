@@ -23,6 +23,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from nnh_testing import make_handler, without_run_identity
+from test_snapshot import write_both
 from test_write_path import assert_same, states, storage_groups
 
 import nnhandler.checkpoint.background as background
@@ -73,10 +74,27 @@ class Gate:
         self.opened.set()
 
 
+class SnapshotProbe:
+    """A state provider that records each collect of the handler's state (a snapshot of it,
+    for a background save) in ``timeline``, with the epoch saved."""
+
+    state_key = "snapshot-probe"
+
+    def __init__(self, timeline: Timeline, handler: NNHandler) -> None:
+        self.timeline, self.handler = timeline, handler
+
+    def state_dict(self) -> dict[str, Any]:
+        self.timeline.add("snapshot", str(self.handler.epoch))
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert state == {}
+
+
 @pytest.fixture
 def timeline(monkeypatch: pytest.MonkeyPatch) -> Timeline:
     record = Timeline()
-    original_write, original_take = background.write_envelope, StagingBuffers.take
+    original_write = background.write_envelope
 
     def write(path: Path, *args: Any, **kwargs: Any) -> int:
         with record.lock:
@@ -90,12 +108,7 @@ def timeline(monkeypatch: pytest.MonkeyPatch) -> Timeline:
                 record.running -= 1
             record.add("write-end", path.name)
 
-    def take(self: StagingBuffers, value: Any) -> Any:
-        record.add("snapshot", str(value["meta"]["epoch"]))
-        return original_take(self, value)
-
     monkeypatch.setattr(background, "write_envelope", write)
-    monkeypatch.setattr(StagingBuffers, "take", take)
     return record
 
 
@@ -198,17 +211,6 @@ def test_a_snapshot_writes_exactly_what_a_sync_save_writes(tmp_path: Path) -> No
         state["module"])  # the state dict's _metadata
 
 
-def write_both(directory: Path, staging: StagingBuffers, state: dict[str, Any]) -> tuple[
-        dict[str, Any], dict[str, Any]]:
-    """The envelopes of a snapshot of ``state`` and of a synchronous save of it, as loaded."""
-    envelope = envelope_of(state, build_meta(epoch=1, step=1, logs={}, world_size=1))
-    ensure_plain(envelope)
-    snapshot = staging.take(envelope)
-    write_envelope(directory / "async.pth", snapshot.value, snapshot.records)
-    write_envelope(directory / "sync.pth", envelope)
-    return load_envelope(directory / "sync.pth"), load_envelope(directory / "async.pth")
-
-
 @settings(max_examples=40, deadline=None)
 @given(state=states())
 def test_random_snapshots_write_what_sync_saves_write(tmp_path: Path,
@@ -235,52 +237,16 @@ def tensors_in(value: Any) -> list[torch.Tensor]:
     return [tensor for item in items for tensor in tensors_in(item)]
 
 
-def test_a_fresh_tensor_in_the_place_of_an_unshared_one_keeps_the_plan(tmp_path: Path) -> None:
-    """A provider that builds a new tensor per save (an RNG state) does not cost a new plan;
-    the snapshot reads the new tensor."""
-    staging = StagingBuffers()
-    weights = torch.arange(6.0)
-    for step in range(3):
-        rng = torch.full((5,), step, dtype=torch.uint8)  # new storage, same layout
-        sync, written_async = write_both(tmp_path, staging, {"w": weights, "rng": rng})
-        plan = staging._plan
-        if step == 0:
-            first_plan = plan
-        assert plan is first_plan
-        assert_same(sync, written_async)
-        assert torch.equal(written_async["state"]["rng"], rng)
-
-
-@pytest.mark.parametrize("case", ["shared", "twice", "taken"])
-def test_a_fresh_tensor_that_changes_the_sharing_gets_a_new_plan(tmp_path: Path,
-                                                                   case: str) -> None:
-    base = torch.arange(8.0)
-    before = {"a": base, "b": base[2:], "c": torch.ones(3), "d": torch.zeros(3)}
-    fresh = torch.full((3,), 7.0)
-    after = {
-        "shared": {"a": torch.arange(8.0) + 1, "b": base[2:], "c": torch.ones(3),
-                   "d": torch.zeros(3)},  # a new storage where a shared one was planned
-        "twice": {"a": base, "b": base[2:], "c": fresh, "d": fresh},  # now one storage, twice
-        "taken": {"a": base, "b": base[2:], "c": before["d"], "d": before["d"]},
-    }[case]
-    staging = StagingBuffers()
-    write_both(tmp_path, staging, before)
-    first_plan = staging._plan
-    sync, written_async = write_both(tmp_path, staging, after)
-    assert staging._plan is not first_plan
-    assert_same(sync, written_async)
-    assert storage_groups(written_async) == storage_groups(sync) == storage_groups(after)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 def test_the_writer_thread_runs_at_the_lowest_cpu_priority(gate: Gate) -> None:
     handler = make_handler()
     callback = handler.auto_save(None, CK, name=NAME, async_save=True)
     callback.save_now(handler, 1, {})
     gate.waiting.acquire()  # the writer thread is running (held at the gate)
-    writer = callback._writer
-    assert writer is not None and writer._job is not None
-    native_id = writer._job.thread.native_id
+    assert callback.write_in_flight == CK / "ep001.pth"
+    (writer,) = [thread for thread in threading.enumerate()
+                 if thread.name == "nnhandler-checkpoint-writer"]
+    native_id = writer.native_id
     assert native_id is not None
     assert os.getpriority(os.PRIO_PROCESS, native_id) == background.WRITER_NICE == 19
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # training's own
@@ -555,6 +521,7 @@ def test_overwrite_keeps_the_previous_file_when_the_new_write_fails(
 def test_at_most_one_write_is_in_flight(timeline: Timeline) -> None:
     handler = make_handler()
     handler.auto_save(1, CK, name=NAME, async_save=True)
+    handler.register_state_provider(SnapshotProbe(timeline, handler))
     train(handler, 4)
     assert timeline.max_running == 1
     events = timeline.events
@@ -578,9 +545,9 @@ class ArenaRecorder(Callback):
         self.pointers: list[int] = []
 
     def on_checkpoint_saved(self, **kwargs: Any) -> None:
-        writer = self.callback._writer
-        assert writer is not None and writer.staging.arena is not None
-        self.pointers.append(writer.staging.arena.data_ptr())
+        staging = self.callback.background.staging
+        assert staging is not None and staging.arena is not None
+        self.pointers.append(staging.arena.data_ptr())
 
 
 def test_staging_memory_is_allocated_once_and_reused() -> None:
@@ -590,7 +557,8 @@ def test_staging_memory_is_allocated_once_and_reused() -> None:
     handler.add_callback(recorder)
     train(handler, 5)
     assert len(recorder.pointers) == 5 and len(set(recorder.pointers)) == 1
-    assert callback._writer is not None and callback._writer.staging.arena is None  # released
+    staging = callback.background.staging
+    assert staging is not None and staging.arena is None  # released
 
 
 def test_staging_buffers_follow_the_layout() -> None:

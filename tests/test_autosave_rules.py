@@ -619,7 +619,8 @@ def schedules(draw: st.DrawFn, max_total: int = 15) -> list[tuple[int, bool, int
 
 
 class _StubHandler:
-    """Just enough of NNHandler for AutoSaveCallback: records saves instead of writing."""
+    """Just enough of the Trainer protocol for AutoSaveCallback: records the saves it asks of
+    the checkpointing seam instead of writing."""
 
     def __init__(self) -> None:
         self.epoch = 0
@@ -630,6 +631,8 @@ class _StubHandler:
         self.module = torch.nn.Linear(4, 1)  # sizes the first free-space check
         self.sharded_checkpoints = False  # plain .pth names
         self.progress = Progress(run_id="stub")  # the lineage the callback's records name
+        self.stopped_mid_epoch = False
+        self.checkpoints = self  # the seam's save, recorded
 
     def save(self, path: Path, logs: dict[str, Any]) -> Path:
         self.saved.append((self.epoch, path))

@@ -29,7 +29,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import nnhandler.checkpoint.background as background
-import nnhandler.handler as handler_module
+import nnhandler.checkpointing as checkpointing_module
 from nnhandler import (
     AutoSaveCallback,
     Callback,
@@ -407,7 +407,8 @@ def test_the_emergency_save_waits_for_the_background_write_in_flight(
     setup = Setup()
     reference = reference_run(setup)
     events: list[str] = []
-    original_background, original_sync = background.write_envelope, handler_module.write_checkpoint
+    original_background = background.write_envelope
+    original_sync = checkpointing_module.write_checkpoint
 
     def slow_background(path: Path, *args: Any, **kwargs: Any) -> int:
         events.append(f"background start {path.name}")
@@ -422,7 +423,7 @@ def test_the_emergency_save_waits_for_the_background_write_in_flight(
         return original_sync(path, *args, **kwargs)
 
     monkeypatch.setattr(background, "write_envelope", slow_background)
-    monkeypatch.setattr(handler_module, "write_checkpoint", sync)
+    monkeypatch.setattr(checkpointing_module, "write_checkpoint", sync)
 
     class InFlight(Callback):
         def on_train_batch_end(self, handler: NNHandler, epoch: int, batch_idx: int,
@@ -430,7 +431,7 @@ def test_the_emergency_save_waits_for_the_background_write_in_flight(
             if (epoch, batch_idx) == (2, 0):
                 saver = handler.auto_save_callback
                 assert saver is not None
-                self.in_flight = saver._in_flight is not None
+                self.in_flight = saver.write_in_flight is not None
                 os.kill(os.getpid(), signal.SIGUSR1)
 
     handler = build(setup, async_save=True, save_on_signal=True)

@@ -6,32 +6,38 @@ import contextlib
 import functools
 import os
 import shutil
+import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from ..checkpoint.background import BackgroundWriter
 from ..checkpoint.removal import RemovalGuard, distinct_target, remove_stale_temp_files
 from ..checkpoint.retention import Retention, RetentionPlan, RetentionRules, RetentionStateRecord
 from ..checkpoint.schema import Schema, validate
 from ..checkpoint.sharded import checkpoint_size, sharded_name
+from ..checkpointing import BackgroundSave, Emergency
 from ..config import AutoSaveConfig
 from ..distributed import run_on_rank_zero
-from ..errors import ConfigurationError
+from ..errors import CheckpointSchemaError, ConfigurationError, DuplicateStateKeyError
 from ..naming import MISSING_VALUE, RenderedName, name_limit, render_name
+from ..plugins import register_provider_factory
 from .autosave_options import AutoSaveOptions, auto_save_config
 from .base import Callback
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from ..handler import NNHandler
+    from ..trainer import Trainer
 
 __all__ = ["AUTOSAVE_KEY_PREFIX", "AutoSaveCallback", "AutoSaveStateRecord"]
 
-AUTOSAVE_KEY_PREFIX = "autosave:"
+#: the claim (see :func:`~nnhandler.plugins.register_provider_factory`) of every auto-saver's
+#: state key, ``autosave:<save_path>/<name>``
+AUTOSAVE_CLAIM = "autosave"
+AUTOSAVE_KEY_PREFIX = f"{AUTOSAVE_CLAIM}:"
 
 #: (last_saved_path, last_saved_epoch, save_count, pending_removal) before a save
 _Bookkeeping = tuple[str | None, int | None, int, str | None]
@@ -196,7 +202,7 @@ class AutoSaveCallback(Callback):
         self._call_end_epoch = 0
         self._call_failures = 0
         self._last_size: int | None = None
-        self._writer: BackgroundWriter | None = None
+        self._background = BackgroundSave()
         self._in_flight: _BackgroundSave | None = None
         self._told_name_taken = False
         #: name templates this instance was configured with before (see reconfigure)
@@ -217,6 +223,29 @@ class AutoSaveCallback(Callback):
         return (self.config.name == other.config.name
                 and self.config.save_path.resolve() == other.config.save_path.resolve())
 
+    def check_registration(self, callbacks: Sequence[Callback]) -> None:
+        """Refuse to join ``callbacks`` beside an auto-saver that writes the same files under
+        another key (``"ck"`` and its absolute path: the registry tells equal keys apart)."""
+        for other in callbacks:
+            if (isinstance(other, AutoSaveCallback) and other is not self
+                    and other.state_key != self.state_key
+                    and self.writes_same_files_as(other)):
+                raise DuplicateStateKeyError(
+                    f"{self!r} would write the same files as {other!r}; give one of them a "
+                    "different save_path or name"
+                )
+
+    @classmethod
+    def from_state(cls, state_key: str, state: Any) -> AutoSaveCallback:
+        """The auto-saver a checkpoint's ``state[state_key]`` describes, configured as it was
+        (its bookkeeping is restored with the other states). ``state`` is untrusted: its
+        ``config`` is validated by :class:`~nnhandler.config.AutoSaveConfig`."""
+        where = f"state[{state_key!r}]"
+        if not isinstance(state, dict):
+            raise CheckpointSchemaError(f"{where} is {state!r:.80}, not a dict", field=where)
+        config = validate(AutoSaveConfig, state.get("config"), where=f"{where}.config")
+        return cls(**config.model_dump())
+
     def reconfigure(self, config: AutoSaveConfig) -> None:
         """Apply a new configuration, keeping the bookkeeping of this instance's lineage (with
         ``overwrite``, the file saved under the previous name is still removed at the next
@@ -224,6 +253,17 @@ class AutoSaveCallback(Callback):
         if config.name != self.config.name:
             self._earlier_templates = (*self._earlier_templates, self.config.name)
         self.config = config
+
+    @property
+    def background(self) -> BackgroundSave:
+        """The background writes of ``async_save`` (its ``staging`` memory, the write
+        ``in_flight``)."""
+        return self._background
+
+    @property
+    def write_in_flight(self) -> Path | None:
+        """The checkpoint being written in the background and not yet reported, if any."""
+        return self._background.in_flight
 
     def __repr__(self) -> str:
         c = self.config
@@ -249,7 +289,7 @@ class AutoSaveCallback(Callback):
 
     # -- hooks ---------------------------------------------------------------------------------
     def on_train_begin(
-        self, handler: NNHandler, start_epoch: int, end_epoch: int, **kwargs: Any
+        self, handler: Trainer, start_epoch: int, end_epoch: int, **kwargs: Any
     ) -> None:
         if self._in_flight is not None:  # a save_now() by hand before this call
             self.flush(handler)
@@ -269,13 +309,13 @@ class AutoSaveCallback(Callback):
             self.pending_removal = None
             self._resume_retention(handler, guard)
 
-    def _guard(self, handler: NNHandler) -> RemovalGuard:
+    def _guard(self, handler: Trainer) -> RemovalGuard:
         """The confinement of this callback's removals: its current folder and name template,
         the run's lineage (see :mod:`nnhandler.checkpoint.removal`)."""
         return RemovalGuard(self.config.save_path, self.config.name, handler.progress.lineage,
                             handler.logger, self._earlier_templates)
 
-    def _prepare_directory(self, handler: NNHandler, guard: RemovalGuard) -> str | None:
+    def _prepare_directory(self, handler: Trainer, guard: RemovalGuard) -> str | None:
         """Rank 0 when ``train`` starts: create and probe ``save_path``, remove stale temp
         files, finish the pending ``overwrite`` removal of this lineage; returns
         ``last_saved_path`` as it may stay recorded (``None`` with ``overwrite`` when it is no
@@ -308,7 +348,7 @@ class AutoSaveCallback(Callback):
         return last
 
     def on_epoch_end(
-        self, handler: NNHandler, epoch: int, logs: dict[str, Any], **kwargs: Any
+        self, handler: Trainer, epoch: int, logs: dict[str, Any], **kwargs: Any
     ) -> None:
         if self._in_flight is not None:  # a background write that has finished is reported now
             self._settle(handler, wait=False)
@@ -316,7 +356,7 @@ class AutoSaveCallback(Callback):
         if self.should_save(epoch, last_of_call=last_of_call):
             self.save_now(handler, epoch, logs)
 
-    def on_train_end(self, handler: NNHandler, logs: dict[str, Any], **kwargs: Any) -> None:
+    def on_train_end(self, handler: Trainer, logs: dict[str, Any], **kwargs: Any) -> None:
         # interval=-1 when the call ended before its planned last epoch by another route
         ran_epochs = handler.epoch > self._call_start_epoch
         if (
@@ -328,8 +368,7 @@ class AutoSaveCallback(Callback):
             self.save_now(handler, handler.epoch, logs)
         if self._in_flight is not None:
             self.flush(handler)
-        if self._writer is not None:
-            self._writer.staging.release()
+        self._background.release()
         if self._call_failures:
             handler.logger.error(
                 "%d auto-save(s) to %s failed during this train call (see the errors above); "
@@ -348,7 +387,7 @@ class AutoSaveCallback(Callback):
         file_name = sharded_name(rendered.name) if sharded else rendered.name
         return self.config.save_path / file_name, rendered
 
-    def save_now(self, handler: NNHandler, epoch: int, logs: dict[str, Any]) -> Path | None:
+    def save_now(self, handler: Trainer, epoch: int, logs: dict[str, Any]) -> Path | None:
         """Write a checkpoint for ``epoch`` now, then apply the ``overwrite`` or retention rules.
 
         Returns the path, or ``None`` when the save failed under ``on_save_error="warn"``.
@@ -359,7 +398,7 @@ class AutoSaveCallback(Callback):
             self._save_failed(handler, epoch, error)
             return None
 
-    def _save_failed(self, handler: NNHandler, epoch: int, error: Exception) -> None:
+    def _save_failed(self, handler: Trainer, epoch: int, error: Exception) -> None:
         """Apply ``on_save_error`` to the failed save of ``epoch``."""
         if self.config.on_save_error == "raise":
             raise error
@@ -379,7 +418,7 @@ class AutoSaveCallback(Callback):
             return "no earlier checkpoint exists"
         return f"the previous checkpoint {self.last_saved_path} is intact"
 
-    def _save(self, handler: NNHandler, epoch: int, logs: dict[str, Any], *,
+    def _save(self, handler: Trainer, epoch: int, logs: dict[str, Any], *,
               path: Path | None = None, synchronous: bool = False) -> Path:
         """Save under this callback's bookkeeping: to the scheduled name for ``logs``, or to
         ``path`` (emergency checkpoints); ``synchronous`` even with ``async_save``."""
@@ -421,7 +460,7 @@ class AutoSaveCallback(Callback):
             if self.config.async_save and not synchronous:
                 self._save_in_background(handler, path, epoch, logs, previous, plan)
                 return path
-            handler.save(path, logs=logs)
+            handler.checkpoints.save(path, logs)
         except BaseException:
             (self.last_saved_path, self.last_saved_epoch, self.save_count,
              self.pending_removal) = previous
@@ -440,7 +479,7 @@ class AutoSaveCallback(Callback):
             self.pending_removal = None
         return path
 
-    def _own_target(self, handler: NNHandler, path: Path) -> Path:
+    def _own_target(self, handler: Trainer, path: Path) -> Path:
         """``path``, or ``<stem>-v<N><suffix>`` when ``path`` holds another run's file (or
         anything that is not this lineage's checkpoint): never replace what another run wrote.
         Rank 0 decides, every rank takes its answer."""
@@ -459,13 +498,10 @@ class AutoSaveCallback(Callback):
         return chosen
 
     # -- background saving ---------------------------------------------------------------------
-    def _save_in_background(self, handler: NNHandler, path: Path, epoch: int,
+    def _save_in_background(self, handler: Trainer, path: Path, epoch: int,
                             logs: dict[str, Any], previous: _Bookkeeping,
                             plan: RetentionPlan | None = None) -> None:
         """Snapshot the state (collective) and hand it to the writer thread (rank 0)."""
-        if self._writer is None:
-            self._writer = BackgroundWriter()
-        snapshot = handler._snapshot_checkpoint(path, logs, self._writer.staging)
         after_commit = None
         if self.config.overwrite:
             superseded = [old for old in {previous[0], previous[3]} if old is not None]
@@ -473,34 +509,22 @@ class AutoSaveCallback(Callback):
                                              self._guard(handler))
         elif plan is not None:  # index, then removals: in the writer thread, once durable
             after_commit = functools.partial(self._commit_retention, handler, plan)
+        self._background.start(handler, path, epoch, logs, after_commit=after_commit)
         self._in_flight = _BackgroundSave(path, epoch, previous, plan)
-        if snapshot is not None:  # rank 0
-            self._writer.submit(path, epoch, snapshot, after_commit)
 
-    def flush(self, handler: NNHandler) -> None:
+    def flush(self, handler: Trainer) -> None:
         """Wait for the background write in flight, if any, and report it as a save: on success
         ``on_checkpoint_saved`` fires; a failure follows ``on_save_error``. Under DDP every rank
         calls it (rank 0's outcome reaches every rank)."""
         self._settle(handler, wait=True)
 
-    def _settle(self, handler: NNHandler, *, wait: bool) -> None:
+    def _settle(self, handler: Trainer, *, wait: bool) -> None:
         """Report the background write once it is done (``wait=False``: only if it is)."""
         pending = self._in_flight
         if pending is None:
             return
-        writer = self._writer
-
-        def collect() -> tuple[int, float] | None:
-            assert writer is not None
-            outcome = writer.wait() if wait else writer.poll()
-            if outcome is None:
-                return None
-            if outcome.error is not None:
-                raise outcome.error
-            return outcome.size, outcome.seconds
-
         try:
-            result = run_on_rank_zero(handler.distributed, collect)
+            saved = self._background.settle(handler, wait=wait)
         except Exception as error:
             self._in_flight = None
             (self.last_saved_path, self.last_saved_epoch, self.save_count,
@@ -508,21 +532,21 @@ class AutoSaveCallback(Callback):
             self._rollback_retention(pending.retention)
             self._save_failed(handler, pending.epoch, error)
             return
-        if result is None:
+        if saved is None:
             return
         self._in_flight = None
-        self._last_size = result[0]
+        self._last_size = saved.size
         if self.config.overwrite:
             self.pending_removal = None
-        handler._announce_saved(pending.path, pending.epoch, *result)
+        handler.checkpoints.announce(saved)
 
-    def on_exception(self, handler: NNHandler, exception: BaseException, **kwargs: Any) -> None:
+    def on_exception(self, handler: Trainer, exception: BaseException, **kwargs: Any) -> None:
         """Training is failing: wait for the write in flight (rank 0, no collective — the other
         ranks may be anywhere) and log its outcome; a failure is also noted on ``exception``."""
         pending, self._in_flight = self._in_flight, None
-        if pending is None or self._writer is None:
+        if pending is None:
             return
-        outcome = self._writer.wait()
+        outcome = self._background.wait_locally()
         if outcome is None:  # not rank 0: the outcome is rank 0's to report
             return
         if outcome.error is None:
@@ -543,12 +567,51 @@ class AutoSaveCallback(Callback):
         exception.add_note(f"the background auto-save of epoch {pending.epoch} to "
                            f"{pending.path} failed too: {type(error).__name__}: {error}")
 
+    # -- emergency checkpoints (nnhandler.checkpointing.EmergencySaver) ------------------------
+    @property
+    def emergency_signals(self) -> tuple[signal.Signals, ...]:
+        """The signals of ``save_on_signal`` (``()`` when it is off)."""
+        return self.config.signals
+
+    @property
+    def saves_on_exception(self) -> bool:
+        return self.config.save_on_exception
+
+    @property
+    def emergency_directory(self) -> Path:
+        return self.config.save_path
+
+    def save_emergency(self, handler: Trainer, emergency: Emergency) -> Path | None:
+        """Write the emergency checkpoint ``emergency.file_name`` into ``save_path``
+        synchronously, under this callback's bookkeeping (overwrite lineage, retention,
+        ``on_checkpoint_saved``), after its background write in flight has been settled.
+        After a complete epoch that this callback has just saved, that file is the
+        checkpoint. A failure of a signal's save follows ``on_save_error``; an exception's
+        is raised (the caller notes it on the exception)."""
+        if (emergency.batches == 0 and self.last_saved_epoch == handler.epoch
+                and self.last_saved_path):
+            return Path(self.last_saved_path)
+        name = emergency.file_name
+        target = self.config.save_path / (sharded_name(name) if handler.sharded_checkpoints
+                                          else name)
+        logs = dict(handler.history[-1]) if handler.history else {}
+        try:
+            return self._save(handler, handler.epoch, logs, path=target, synchronous=True)
+        except Exception as error:
+            if emergency.reason == "exception" or self.config.on_save_error == "raise":
+                raise
+            self.failed_saves += 1
+            handler.logger.error("EMERGENCY CHECKPOINT FAILED (%s: %s) in %s; %s",
+                                 type(error).__name__, error, self.config.save_path,
+                                 self.previous_checkpoint_note())
+            return None
+
     # -- retention -----------------------------------------------------------------------------
     @property
     def retention_rules(self) -> RetentionRules:
         return RetentionRules.from_config(self.config)
 
-    def _resume_retention(self, handler: NNHandler, guard: RemovalGuard) -> None:
+    def _resume_retention(self, handler: Trainer, guard: RemovalGuard) -> None:
         """When ``train`` starts: rank 0 merges the restored bookkeeping with the index (records
         ``guard`` refuses are dropped), every rank takes the result, and rank 0 records it and
         finishes removals already decided."""
@@ -563,7 +626,7 @@ class AutoSaveCallback(Callback):
         if handler.distributed.is_main and (merged.files or merged.removing):
             self.retention.commit(merged, guard, key, rules)
 
-    def _plan_retention(self, handler: NNHandler, path: Path, epoch: int,
+    def _plan_retention(self, handler: Trainer, path: Path, epoch: int,
                         logs: dict[str, Any], *, partial: bool) -> RetentionPlan | None:
         rules = self.retention_rules
         if not rules.active:
@@ -578,16 +641,16 @@ class AutoSaveCallback(Callback):
         if plan is not None:
             self.retention.rollback(plan)
 
-    def _commit_retention(self, handler: NNHandler, plan: RetentionPlan) -> None:
+    def _commit_retention(self, handler: Trainer, plan: RetentionPlan) -> None:
         self.retention.commit(plan.after, self._guard(handler), self.state_key,
                               self.retention_rules)
 
-    def _remove_all(self, handler: NNHandler, superseded: list[str], new: Path,
+    def _remove_all(self, handler: Trainer, superseded: list[str], new: Path,
                     guard: RemovalGuard) -> None:
         for old in superseded:
             self._remove_previous(handler, old, new, guard)
 
-    def _warn_if_disk_is_short(self, handler: NNHandler) -> None:
+    def _warn_if_disk_is_short(self, handler: Trainer) -> None:
         expected = self._last_size or _estimated_size(handler)
         directory = self.config.save_path
         try:
@@ -600,7 +663,7 @@ class AutoSaveCallback(Callback):
                 "(%.1f MB): the next saves may fail", free / 1e6, directory, expected / 1e6,
             )
 
-    def _remove_previous(self, handler: NNHandler, previous: str, new: Path,
+    def _remove_previous(self, handler: Trainer, previous: str, new: Path,
                          guard: RemovalGuard) -> None:
         """Rank 0, ``overwrite``: remove the recorded previous auto-save ``previous`` (unless
         it is ``new``), through ``guard``: a value that is not this callback's own file is
@@ -646,8 +709,12 @@ class AutoSaveCallback(Callback):
             self.retention.bind(self.state_key)
 
 
-def _estimated_size(handler: NNHandler) -> int:
+def _estimated_size(handler: Trainer) -> int:
     """A first save's size before any file exists: model tensors, three times over (weights
     plus typical optimizer moments)."""
     tensors = handler.module.state_dict().values()
     return int(3 * sum(t.numel() * t.element_size() for t in tensors))
+
+
+# restored on NNHandler.load through the same door as any third-party saver
+register_provider_factory(AUTOSAVE_CLAIM, AutoSaveCallback.from_state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from ..events import Event, default_hook
@@ -20,10 +21,25 @@ class Callback:
     A callback that also defines ``state_key``, ``state_dict()`` and ``load_state_dict()`` is a
     :class:`~nnhandler.StateProvider`: its state goes into every checkpoint and is restored by
     :meth:`NNHandler.load <nnhandler.NNHandler.load>`.
+
+    Every hook receives the handler as ``handler=``; what a callback may use of it is the
+    :class:`~nnhandler.Trainer` protocol. A saver writes through ``handler.checkpoints`` (see
+    :mod:`nnhandler.checkpointing`): set :attr:`is_checkpoint_writer`, implement
+    :class:`~nnhandler.EmergencySaver` to write emergency checkpoints, and register a factory
+    with :func:`~nnhandler.plugins.register_provider_factory` to come back on ``load``.
     """
 
-    #: Checkpoint writers run after every other callback of the same event.
+    #: Declare ``True`` for a callback that writes checkpoints: for every event it runs after
+    #: all callbacks that do not, so the state it collects is final (under DDP the ranks agree
+    #: on a stop request in between, so every rank saves the same epoch). Among themselves,
+    #: writers (and the others) keep their registration order. Any callback may declare it.
     is_checkpoint_writer: ClassVar[bool] = False
+
+    def check_registration(self, callbacks: Sequence[Callback]) -> None:
+        """Called when the callback is added to a handler, with the callbacks registered
+        there already (and again when its configuration changes in place); raise a
+        :class:`~nnhandler.ConfigurationError` (or a subclass) to refuse, naming the conflict.
+        The default accepts."""
 
     def __repr__(self) -> str:
         return f"{type(self).__qualname__}()"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..config import _Strict
 from ..errors import ConfigurationError
 from .base import Callback
 
@@ -17,8 +16,10 @@ if TYPE_CHECKING:
 __all__ = ["EarlyStopping", "EarlyStoppingConfig"]
 
 
-class EarlyStoppingConfig(_Strict):
+class EarlyStoppingConfig(BaseModel):
     """Validated arguments of :class:`EarlyStopping`."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")  # as config.py's models
 
     monitor: Annotated[str, Field(min_length=1)] = "val_loss"
     mode: Literal["min", "max"] = "min"
