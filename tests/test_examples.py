@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import torch
 from nnh_testing import PLUGIN_SRC, SDE_ENTRY_POINT, sde_plugin_installed, write_dist_info
 
@@ -35,7 +36,16 @@ def test_every_example_is_covered() -> None:
         "ddp_train.py",  # run under torchrun by tests/test_distributed.py
         "score_based_sde.py", "preemptible_training.py",
         "fsdp_sharded.py",  # run under torchrun in tests/test_sharded_checkpoint.py
+        "custom_saver.py",
     }
+
+
+@pytest.mark.parametrize("mode", [[], ["--background"]], ids=["sync", "background"])
+def test_custom_saver_example_runs(mode: list[str], tmp_path: Path) -> None:
+    stdout = run_example(ROOT / "examples" / "custom_saver.py", "--out", str(tmp_path / "s"),
+                         *mode, cwd=tmp_path)
+    assert "step checkpoints: step000040.pth, step000080.pth" in stdout
+    assert "best.safetensors: True" in stdout and "restored saver: best" in stdout
 
 
 def test_quickstart_trains_saves_and_resumes(tmp_path: Path) -> None:
