@@ -700,10 +700,23 @@ class NNHandler:
             return dict(self._last_logs)
         run_seed = self._prepare_random_streams(seed)
         self._prepare_amp_and_ema(settings)
+        parts = self._loop_parts(settings, run_seed, guard)
+        self._stop_requested = False
+        partial = self._position.partial
+        self._position.continuing_epoch = None if partial is None else partial.epoch
+        self.logger.info("training epochs %d..%d on %s (world size %d)%s", start + 1, target,
+                         self.device, self.distributed.world_size,
+                         "" if partial is None else
+                         f"; epoch {partial.epoch} continues after its batch {partial.batches}")
+        return self._run(TrainingLoop(parts, call.progress_bar), guard, start, target)
+
+    def _loop_parts(self, settings: TrainSettings, run_seed: int,
+                    guard: PreemptionGuard | None) -> LoopParts:
+        """What the training loop of one ``train`` call works with."""
         assert self._optimizer is not None and self._loss_fn is not None
         train_loader = self._build_loader("train", run_seed)
         assert train_loader is not None
-        parts = LoopParts(
+        return LoopParts(
             model=self._model, module=self._module, optimizer=self._optimizer,
             scheduler=self._scheduler,
             scheduler_interval=self._scheduler_spec[2] if self._scheduler_spec else "epoch",
@@ -717,14 +730,11 @@ class NNHandler:
             stop_watch=guard.stop_watch if guard is not None else None,
             record_failures=guard is not None and guard.records_failures,
         )
-        self._stop_requested = False
-        partial = self._position.partial
-        self._position.continuing_epoch = None if partial is None else partial.epoch
-        self.logger.info("training epochs %d..%d on %s (world size %d)%s", start + 1, target,
-                         self.device, self.distributed.world_size,
-                         "" if partial is None else
-                         f"; epoch {partial.epoch} continues after its batch {partial.batches}")
-        loop = TrainingLoop(parts, call.progress_bar)
+
+    def _run(self, loop: TrainingLoop, guard: PreemptionGuard | None, start: int,
+             target: int) -> dict[str, Any]:
+        """Run ``loop`` from ``start`` to ``target`` between ``TRAIN_BEGIN`` and ``TRAIN_END``
+        (``EXCEPTION`` instead when it fails), under the emergency savers' watch."""
         with guard.watching() if guard is not None else contextlib.nullcontext():
             try:
                 self._dispatcher.fire(Event.TRAIN_BEGIN, handler=self, start_epoch=start,
