@@ -48,7 +48,7 @@ from torch import nn
 
 from ..errors import ConfigurationError
 from .integrity import crc32, integrity_record
-from .records import StorageRecord
+from .records import StorageRecord, find_mixed_dtypes
 from .writer import atomic_write
 from .zipwriter import WRITE_BUFFER, write_torch_zip
 
@@ -127,7 +127,9 @@ class FastWriter(CheckpointIO):
 class TorchSaveWriter(CheckpointIO):
     """``torch.save`` into a file object that checksums what torch writes (see
     :class:`_ChecksummingFile`); the zip comment is then set to the integrity record. A
-    pickling error surfaces while the temp file is written; it is removed as on any failure."""
+    pickling error surfaces while the temp file is written; it is removed as on any failure.
+    An error of the file (``ENOSPC``, ``EIO`` …) is raised as itself, not as the
+    ``RuntimeError`` torch's zip writer turns it into."""
 
     name = "torch"
     pickled_snapshots = False
@@ -137,8 +139,16 @@ class TorchSaveWriter(CheckpointIO):
         # ``staged`` back the snapshot's tensors already (they view the staging memory)
         def write(file: BinaryIO) -> int:
             out = _ChecksummingFile(file)
-            # torch.save needs only ``write`` of a file object
-            torch.save(payload, cast(IO[bytes], out), pickle_protocol=_PICKLE_PROTOCOL)
+            try:
+                # torch.save needs only ``write`` of a file object
+                torch.save(payload, cast(IO[bytes], out), pickle_protocol=_PICKLE_PROTOCOL)
+            except Exception as error:
+                if out.failure is not None:
+                    raise out.failure from None
+                mixed = find_mixed_dtypes(payload)  # what torch refuses, named as we do
+                if mixed is not None:
+                    raise mixed from error
+                raise
             return out.finish(lambda covered_size, crc: integrity_record(
                 dict(summary), covered_size, crc))
 
@@ -160,16 +170,23 @@ class _ChecksummingFile:
     length and the comment: the CRC covers every byte before the comment-length field, as the
     fast writer's does."""
 
-    __slots__ = ("_file", "_held", "crc", "size")
+    __slots__ = ("_file", "_held", "crc", "failure", "size")
 
     def __init__(self, file: BinaryIO) -> None:
         self._file = file
         self._held = b""
         self.crc = 0
         self.size = 0
+        #: the first error of the file (torch's zip writer reports it as its own RuntimeError)
+        self.failure: BaseException | None = None
 
     def _emit(self, data: bytes | memoryview) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except BaseException as error:
+            if self.failure is None:
+                self.failure = error
+            raise
         self.crc = crc32(data, self.crc)
         self.size += len(data)
 

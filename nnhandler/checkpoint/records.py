@@ -13,7 +13,8 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["LEGACY_STORAGE_DTYPES", "StagedTensor", "StorageRecord", "mixed_dtypes_error"]
+__all__ = ["LEGACY_STORAGE_DTYPES", "StagedTensor", "StorageRecord", "find_mixed_dtypes",
+           "mixed_dtypes_error", "recorded_dtype"]
 
 #: dtypes that ``torch.save`` records with a typed legacy storage class (``FloatStorage`` …);
 #: storages of every other dtype are recorded as untyped bytes (``torch.uint8``). The torch.save
@@ -24,6 +25,12 @@ LEGACY_STORAGE_DTYPES: Final = frozenset({
     torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
     torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4,
 })
+
+
+def recorded_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a storage of ``dtype`` tensors is recorded with (``torch.uint8`` for
+    untyped storages)."""
+    return dtype if dtype in LEGACY_STORAGE_DTYPES else torch.uint8
 
 
 class StorageRecord(NamedTuple):
@@ -54,3 +61,27 @@ def mixed_dtypes_error(first: torch.dtype, second: torch.dtype) -> CheckpointErr
         "a checkpoint (like torch.save) cannot store one storage with two dtypes: save a "
         "copy (.clone()) of one of them"
     )
+
+
+def find_mixed_dtypes(value: Any) -> CheckpointError | None:
+    """The error naming two dtypes that tensors inside ``value`` view one storage with (which
+    no checkpoint can store), or ``None``."""
+    seen: dict[int, torch.dtype] = {}
+    pending = [value]  # a stack, children pushed in reverse: met in the order pickling meets them
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            pointer = storage.data_ptr()
+            if pointer and storage.nbytes():
+                dtype = recorded_dtype(item.dtype)
+                first = seen.setdefault(pointer, dtype)
+                if first is not dtype:
+                    return mixed_dtypes_error(first, dtype)
+        elif isinstance(item, dict):
+            if type(item) is not dict:
+                pending.extend(reversed(vars(item).values()))
+            pending.extend(reversed(item.values()))
+        elif isinstance(item, (list, tuple)):
+            pending.extend(reversed(item))
+    return None

@@ -42,7 +42,7 @@ from torch.serialization import location_tag
 
 from .envelope import PLAIN_LEAF_TYPES
 from .io import CheckpointIO, checkpoint_io, pickling_module
-from .records import LEGACY_STORAGE_DTYPES, StagedTensor, StorageRecord, mixed_dtypes_error
+from .records import StagedTensor, StorageRecord, mixed_dtypes_error, recorded_dtype
 from .zipwriter import DIRECT_FROM, host_view
 
 __all__ = ["Snapshot", "StagedTensor", "StagingBuffers"]
@@ -396,7 +396,7 @@ def _make_plan(walk: _Walk, layout: _Layout, arena: torch.Tensor | None,
     for index, (storage, offset) in enumerate(zip(storages, offsets, strict=True)):
         size = storage.nbytes()
         records.append(StorageRecord(str(index), arena_bytes[offset:offset + size]))
-        pickled_dtypes = {_pickled_dtype(signature.dtype) for signature in per_storage[index]}
+        pickled_dtypes = {recorded_dtype(signature.dtype) for signature in per_storage[index]}
         if len(pickled_dtypes) > 1:
             raise mixed_dtypes_error(*sorted(pickled_dtypes, key=str)[:2])
         dtypes.append(pickled_dtypes.pop())
@@ -456,11 +456,6 @@ def _swap_storage(plan: _Plan, index: int, storage: torch.UntypedStorage) -> Non
     position = plan.small_position.get(index)
     if position is not None:
         plan.small_sources[position] = plan.sources[index]
-
-
-def _pickled_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a storage is recorded with (``torch.uint8`` for untyped storages)."""
-    return dtype if dtype in LEGACY_STORAGE_DTYPES else torch.uint8
 
 
 def _staged_placeholders(signatures: list[_Signature], records: list[StorageRecord],
