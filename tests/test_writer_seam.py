@@ -320,7 +320,7 @@ FALLBACK_SCRIPT = """
 
 
 def test_a_fast_writer_broken_by_torch_falls_back_to_torch_save_with_one_warning() -> None:
-    result = _run_python(FALLBACK_SCRIPT)
+    result = _run_python(FALLBACK_SCRIPT, {**child_environment(), WRITER_ENV: "auto"})
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["writer"] == "torch" and report["same_losses"] is True
