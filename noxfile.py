@@ -15,6 +15,22 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", *session.posargs)
 
 
+#: the tests of writing and reading checkpoints (~1 min): run again with the torch.save writer
+CHECKPOINT_TESTS = (
+    "tests/test_writer_seam.py", "tests/test_write_path.py", "tests/test_integrity.py",
+    "tests/test_zip_layout.py", "tests/test_async_save.py", "tests/test_crafted_files.py",
+    "tests/test_disk_errors.py",
+)
+
+
+@nox.session(python=False)
+def tests_torch_writer(session: nox.Session) -> None:
+    """The checkpoint tests with ``NNHANDLER_WRITER=torch``: every file written by torch.save
+    (the fallback where the fast writer's self-check fails). Same list as ``.ci/run``."""
+    session.run("python", "-m", "pytest", "-q", *CHECKPOINT_TESTS, *session.posargs,
+                env={"NNHANDLER_WRITER": "torch"})
+
+
 @nox.session(python=False)
 def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "nnhandler", "tests", "examples", "benchmarks", "plugins",

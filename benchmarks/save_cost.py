@@ -12,11 +12,15 @@ optimizer holds no tensors) — interleaved rounds time, medians reported:
   inside the timing too) into a file, flush, fsync; and its throughput (file bytes per second)
   against a raw ``write`` + fsync of the same tensor bytes prepared beforehand as one buffer.
   One more row isolates the fixed cost of durability on a 4 KB file: temp file, fsync, rename,
-  directory fsync against write + fsync.
+  directory fsync against write + fsync. Beside each ``NNHandler.save`` row, the same save with
+  the torch.save writer (``NNHANDLER_WRITER=torch``, the fallback where the fast writer's
+  self-check fails) against the same baseline.
 * section ``async``: what ``AutoSaveCallback(async_save=True).save_now`` costs the training
   thread (state collection, snapshot into the reused staging buffers; the background write is
   waited for outside the timing) against the same ``torch.save`` + fsync; and a bare
-  ``torch._foreach_copy_`` of the tensors into preallocated buffers, the floor of any snapshot.
+  ``torch._foreach_copy_`` of the tensors into preallocated buffers, the floor of any snapshot;
+  and what it blocks for with the torch.save writer (a second async callback, whose snapshots
+  hold real tensors instead of the fast writer's placeholders).
 
 Every file goes to a fresh name; files are removed and the page cache is synced outside the
 timing. Files are written under ``--dir`` (default: a temp directory in the current one, so that
@@ -37,6 +41,7 @@ import torch
 from torch import nn
 
 from nnhandler import AutoSaveCallback, NNHandler
+from nnhandler.checkpoint.io import WRITER_ENV
 from nnhandler.checkpoint.writer import atomic_write
 
 from ._common import Row, fsynced, interleaved_medians, machine_line, print_rows
@@ -63,6 +68,20 @@ class Blob(nn.Module):
 
 
 @contextmanager
+def torch_save_writer() -> Iterator[None]:
+    """``NNHANDLER_WRITER=torch`` for the duration (the writer is chosen per save)."""
+    previous = os.environ.get(WRITER_ENV)
+    os.environ[WRITER_ENV] = "torch"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[WRITER_ENV]
+        else:
+            os.environ[WRITER_ENV] = previous
+
+
+@contextmanager
 def bench_directory(directory: Path | None) -> Iterator[Path]:
     """``directory`` (created), or a temp directory in the current one, removed afterwards."""
     if directory is not None:
@@ -76,7 +95,8 @@ def bench_directory(directory: Path | None) -> Iterator[Path]:
 class Case:
     """One state (size, tensor count) and its contenders; files go to ``directory``."""
 
-    def __init__(self, megabytes: float, count: int, directory: Path) -> None:
+    def __init__(self, megabytes: float, count: int, directory: Path,
+                 torch_writer_callback: bool = False) -> None:
         torch.manual_seed(0)
         self.label = f"{megabytes:g} MB x {count} tensors"
         self.directory = directory
@@ -87,6 +107,13 @@ class Case:
         self.callback = AutoSaveCallback(None, directory / "async", name="async_{epoch}",
                                          async_save=True)
         self.handler.add_callback(self.callback)
+        #: an async callback of its own for the torch.save writer (a staging plan is made for
+        #: one kind of writer); only where the async section times it
+        self.torch_callback: AutoSaveCallback | None = None
+        if torch_writer_callback:
+            self.torch_callback = AutoSaveCallback(None, directory / "async_torch",
+                                                   name="async_torch_{epoch}", async_save=True)
+            self.handler.add_callback(self.torch_callback)
         self.tensors = [p.detach() for p in self.handler.module.parameters()]
         self.raw = b"".join(t.numpy().tobytes() for t in self.tensors)
         self.copies = [torch.empty_like(t) for t in self.tensors]
@@ -108,12 +135,22 @@ class Case:
         path = self.handler.save(self.fresh("ours"))
         self.file_size = path.stat().st_size
 
+    def nnhandler_save_torch_writer(self) -> None:
+        with torch_save_writer():
+            self.handler.save(self.fresh("ours_torch"))
+
     def raw_write(self) -> None:
         fsynced(self.fresh("raw"), lambda file: file.write(self.raw))
 
     def async_block(self) -> None:
         self.counter += 1
         self.callback.save_now(self.handler, self.counter, {})
+
+    def async_block_torch_writer(self) -> None:
+        assert self.torch_callback is not None
+        self.counter += 1
+        with torch_save_writer():
+            self.torch_callback.save_now(self.handler, self.counter, {})
 
     def copy_floor(self) -> None:
         torch._foreach_copy_(self.copies, self.tensors)
@@ -122,17 +159,20 @@ class Case:
         """Outside the timing: wait for the background write, remove every file (each was
         fsynced by its writer: nothing of it is left for the next one to flush)."""
         self.callback.flush(self.handler)
-        for path in [*self.directory.glob("*.bin"), *(self.directory / "async").glob("*")]:
+        if self.torch_callback is not None:
+            self.torch_callback.flush(self.handler)
+        for path in [*self.directory.glob("*.bin"), *(self.directory / "async").glob("*"),
+                     *(self.directory / "async_torch").glob("*")]:
             path.unlink()
 
 
-def _states(sizes: Sequence[float], counts: Sequence[int],
-            directory: Path) -> Iterator[Case]:
+def _states(sizes: Sequence[float], counts: Sequence[int], directory: Path,
+            torch_writer_callback: bool = False) -> Iterator[Case]:
     for megabytes in sizes:
         for count in counts:
             case_directory = directory / f"{megabytes:g}x{count}"
             case_directory.mkdir(parents=True, exist_ok=True)
-            yield Case(megabytes, count, case_directory)
+            yield Case(megabytes, count, case_directory, torch_writer_callback)
             shutil.rmtree(case_directory, ignore_errors=True)
 
 
@@ -168,11 +208,15 @@ def run_save(rounds: int = 7, sizes: Sequence[float] = SIZES,
             medians = interleaved_medians({
                 "torch.save": case.torch_save,
                 "nnhandler": case.nnhandler_save,
+                "torch writer": case.nnhandler_save_torch_writer,
                 "raw": case.raw_write,
             }, rounds, warmup=WARMUP, between=case.settle)
             rows.append(Row("save", f"{case.label}: durable NNHandler.save",
                             "torch.save + fsync", medians["torch.save"], medians["nnhandler"],
                             target=1.0))
+            rows.append(Row("save", f"{case.label}: the same, torch.save writer",
+                            "torch.save + fsync", medians["torch.save"],
+                            medians["torch writer"]))
             ours_throughput = case.file_size / medians["nnhandler"] / 1e6
             raw_throughput = len(case.raw) / medians["raw"] / 1e6
             rows.append(Row("save", f"{case.label}: throughput", "raw write + fsync",
@@ -189,19 +233,23 @@ def run_async(rounds: int = 7, sizes: Sequence[float] = SIZES,
     against ``torch.save`` + fsync (and the floor: a bare copy of the tensors)."""
     rows = []
     with bench_directory(directory) as where:
-        for case in _states(sizes, counts, where):
+        for case in _states(sizes, counts, where, torch_writer_callback=True):
             actions: dict[str, Callable[[], object]] = {
                 "torch.save": case.torch_save,
                 "async": case.async_block,
+                "async torch writer": case.async_block_torch_writer,
                 "copy_": case.copy_floor,
             }
             medians = interleaved_medians(actions, rounds, warmup=WARMUP, between=case.settle)
             rows.append(Row("async", f"{case.label}: training blocked by an async save",
                             "torch.save + fsync", medians["torch.save"], medians["async"],
                             target=0.10, stretch=0.06))
+            rows.append(Row("async", f"{case.label}: the same, torch.save writer",
+                            "torch.save + fsync", medians["torch.save"],
+                            medians["async torch writer"]))
             rows.append(Row("async", f"{case.label}: bare copy_ of the tensors (floor)",
                             "torch.save + fsync", medians["torch.save"], medians["copy_"]))
-            case.callback.flush(case.handler)
+            case.settle()
     return rows
 
 

@@ -10,11 +10,21 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from nnhandler import NNHandler
+from nnhandler.checkpoint.io import WRITER_ENV, checkpoint_io
+
+#: the writer checkpoints are written with in this run (``NNHANDLER_WRITER``; see
+#: nnhandler/checkpoint/io.py): tests of the fast writer's own layout skip under the other
+FAST_WRITER_IN_USE = checkpoint_io().name == "fast"
+fast_writer_only = pytest.mark.skipif(
+    not FAST_WRITER_IN_USE,
+    reason=f"asserts the fast writer's own file layout or write path; {WRITER_ENV} chose "
+           "torch.save, which writes its own (zip64 end records, data descriptors, no O_DIRECT)")
 
 
 class TinyNet(nn.Module):

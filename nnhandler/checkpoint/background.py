@@ -2,9 +2,10 @@
 
 A :class:`BackgroundWriter` owns :class:`~.snapshot.StagingBuffers` and writes each
 :class:`~.snapshot.Snapshot` in its own (non-daemon) thread with :func:`~.envelope.write_envelope`
-— pickling, checksums, temp file, fsync, rename and directory fsync, exactly as a synchronous
-save. The caller takes the next snapshot only after :meth:`BackgroundWriter.wait` (the staging
-memory is reused), so at most one write is in flight. On Linux the writer thread runs at the
+and the writer the snapshot was taken for (:mod:`.io`) — pickling, checksums, temp file, fsync,
+rename and directory fsync, exactly as a synchronous save. The caller takes the next snapshot
+only after :meth:`BackgroundWriter.wait` (the staging memory is reused), so at most one write
+is in flight. On Linux the writer thread runs at the
 lowest CPU priority (nice 19), so that on a busy machine training keeps the CPU and the write
 takes the time left over.
 
@@ -91,7 +92,8 @@ class _Job:
         try:
             snapshot.wait()
             outcome.path.parent.mkdir(parents=True, exist_ok=True)
-            outcome.size = write_envelope(outcome.path, snapshot.value, snapshot.records)
+            outcome.size = write_envelope(outcome.path, snapshot.value, snapshot.records,
+                                          io=snapshot.io)
             if self._after_commit is not None:
                 self._after_commit()
         except BaseException as error:  # kept for the training thread, never lost

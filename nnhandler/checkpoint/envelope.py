@@ -2,6 +2,8 @@
 
 Top level: ``format`` (name and version), ``meta`` (epoch, step, logs, world size, versions,
 time) and ``state`` (one entry per state key). Nothing is pickled but tensors and plain data.
+Files are written by a :class:`~.io.CheckpointIO` (the fast writer, or ``torch.save``: see
+:mod:`.io`); every one of them is read by :func:`read_checkpoint`.
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ import torch
 
 from ..errors import CheckpointError, CheckpointFormatError
 from .content import check_envelope
-from .integrity import integrity_record, read_integrity_record, verify_file
+from .integrity import read_integrity_record, verify_file
+from .io import CheckpointIO, checkpoint_io
 from .migrations import migrate
-from .pickling import StorageRecord, pickle_with_storages
-from .writer import atomic_write
+from .records import StorageRecord
 from .ziplayout import check_zip_layout
-from .zipwriter import WRITE_BUFFER, write_torch_zip
 
 __all__ = [
     "FORMAT_NAME",
@@ -169,23 +170,27 @@ def envelope_of(state: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
             "state": state}
 
 
-def write_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any]) -> int:
-    """Write the envelope atomically to ``path``; returns its size in bytes.
+def write_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any], *,
+                     io: CheckpointIO | None = None) -> int:
+    """Write the envelope atomically to ``path`` with ``io`` (``None``: the writer
+    ``NNHANDLER_WRITER`` chooses, see :func:`~.io.checkpoint_io`); returns its size in bytes.
 
     Raises :class:`CheckpointError` (before anything is written) if the state holds anything but
     tensors and plain data.
     """
     ensure_plain(state)
     ensure_plain(meta, "meta")
-    return write_envelope(path, envelope_of(state, meta))
+    return write_envelope(path, envelope_of(state, meta), io=io)
 
 
 def write_envelope(
-    path: Path, envelope: dict[str, Any], staged: Sequence[StorageRecord] = ()
+    path: Path, envelope: dict[str, Any], staged: Sequence[StorageRecord] = (), *,
+    io: CheckpointIO | None = None,
 ) -> int:
-    """Write a checked envelope durably: pickled (before any file is touched), then the zip
-    with its integrity record through :func:`atomic_write`. ``staged`` are the storage records
-    of a snapshot's placeholders (see :mod:`.snapshot`). Returns the file size."""
+    """Write a checked envelope durably with its integrity record through ``io`` (see
+    :func:`write_with_record`). ``staged`` are the storage records of a snapshot's
+    placeholders (see :mod:`.snapshot`; pass the snapshot's ``io`` with them). Returns the
+    file size."""
     meta = envelope["meta"]
     summary = {
         "format_version": envelope["format"]["version"],
@@ -196,22 +201,18 @@ def write_envelope(
     }
     if "lineage" in meta:  # read back by a tail read before any replacement or removal
         summary["lineage"] = meta["lineage"]
-    return write_with_record(path, envelope, summary, staged)
+    return write_with_record(path, envelope, summary, staged, io=io)
 
 
 def write_with_record(path: Path, payload: Any, summary: dict[str, Any],
-                      staged: Sequence[StorageRecord] = ()) -> int:
+                      staged: Sequence[StorageRecord] = (), *,
+                      io: CheckpointIO | None = None) -> int:
     """Write ``payload`` (tensors and plain data) as a torch zip file that
     ``torch.load(weights_only=True)`` opens, with an integrity record holding ``summary``,
-    durably through :func:`atomic_write`; pickled before any file is touched. Returns the
-    file size."""
-    pickled, storages = pickle_with_storages(payload, staged)
-
-    def comment(covered_size: int, crc: int) -> bytes:
-        return integrity_record(summary, covered_size, crc)
-
-    return atomic_write(path, lambda file: write_torch_zip(file, pickled, storages, comment),
-                        buffering=WRITE_BUFFER)
+    durably through :func:`~.writer.atomic_write`, with ``io`` (``None``: the writer
+    ``NNHANDLER_WRITER`` chooses, see :func:`~.io.checkpoint_io`). Returns the file size."""
+    writer = io if io is not None else checkpoint_io()
+    return writer.write(path, payload, summary, staged)
 
 
 def read_checkpoint(

@@ -22,6 +22,11 @@ accepts the stream). Backward hooks are written as ``None``, the value a fresh t
 
 Snapshots (:mod:`.snapshot`) put :class:`StagedTensor` placeholders in place of tensors: they
 carry their pickled form, and their storages (host copies) come pre-registered.
+
+This module reaches torch privates as it is imported (the rebuild functions, the dtype to
+storage class map), so nothing imports it with ``nnhandler``: :mod:`.io` imports it when the
+fast writer is first used, inside the self-check that decides whether the fast writer is used
+at all (the torch.save writer is the fallback).
 """
 
 from __future__ import annotations
@@ -56,13 +61,13 @@ from pickle import (
     TUPLE2,
     TUPLE3,
 )
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import torch
 from torch._utils import _rebuild_parameter, _rebuild_tensor_v2, _rebuild_tensor_v3
 from torch.serialization import location_tag
 
-from ..errors import CheckpointError
+from .records import StagedTensor, StorageRecord, mixed_dtypes_error
 
 __all__ = [
     "PICKLE_PROTOCOL",
@@ -132,13 +137,6 @@ def is_fast_tensor(tensor: torch.Tensor) -> bool:
                 or tensor.is_quantized or tensor.is_nested
                 or not (tensor.is_cpu or tensor.is_cuda) or tensor.is_conj() or tensor.is_neg()
                 or tensor.__dict__)
-
-
-class StorageRecord(NamedTuple):
-    """One storage to write as ``data/<key>``: a live storage, or a snapshot's host bytes."""
-
-    key: str
-    data: torch.UntypedStorage | memoryview
 
 
 # -- opcode bytes of plain values ---------------------------------------------------------------
@@ -243,28 +241,6 @@ def _tail(offset: int | torch.SymInt, shape: Sequence[int], stride: Sequence[int
             _TAILS.clear()
         _TAILS[key] = tail
     return tail
-
-
-class StagedTensor:
-    """A snapshot's stand-in for a tensor whose data lies in host staging memory: ``pieces``
-    is its pickled form (see :func:`tensor_pieces`), which rebuilds the live tensor it was
-    copied from."""
-
-    __slots__ = ("pieces",)
-
-    def __init__(self, pieces: tuple[int | bytes, ...]) -> None:
-        self.pieces = pieces
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError("a StagedTensor is written by nnhandler's emitter only, never pickled")
-
-
-def mixed_dtypes_error(first: torch.dtype, second: torch.dtype) -> CheckpointError:
-    return CheckpointError(
-        f"the state holds tensors that view the same memory as {first} and as {second}; "
-        "a checkpoint (like torch.save) cannot store one storage with two dtypes: save a "
-        "copy (.clone()) of one of them"
-    )
 
 
 class _StorageTable:

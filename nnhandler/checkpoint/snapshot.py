@@ -5,10 +5,15 @@ its attributes such as a state dict's ``_metadata``, lists, tuples; numbers and 
 immutable and shared) and copies the data of every tensor storage into one host *arena* (pinned
 when a storage lives on CUDA): one ``torch.cat`` for the small CPU storages, one batched copy
 for the large ones, asynchronous copies on the current stream for CUDA ones.
-In the copy each tensor becomes a :class:`StagedTensor` that carries its pickled form, exactly
-as the live tensor pickles (same storages and sharing, offsets, sizes, strides, dtype,
-``requires_grad``, the live storage's location such as ``cuda:0``), so a file written from a
-snapshot holds the same content as a synchronous save of the same state.
+What each tensor becomes in the copy depends on the writer the snapshot is taken for
+(:class:`~.io.CheckpointIO`): for the fast writer a :class:`StagedTensor` that carries its
+pickled form, exactly as the live tensor pickles (same storages and sharing, offsets, sizes,
+strides, dtype, ``requires_grad``, the live storage's location such as ``cuda:0``); for the
+torch.save writer a real CPU tensor (or ``nn.Parameter``) with the same dtype, shape, stride,
+offset and ``requires_grad`` over a storage of its own in the staging memory, shared by the
+tensors that share the live storage. Either way a file written from a snapshot holds the same
+content as a synchronous save of the same state (with the torch.save writer, tensors of device
+storages are recorded as CPU tensors: ``NNHandler.load`` maps them to its device anyway).
 
 The layout of a state (which storages, their sizes, every tensor's dtype, shape, stride and
 offset) is the same from one save to the next in a training run, so the arena, the copy sources
@@ -36,15 +41,8 @@ from torch import nn
 from torch.serialization import location_tag
 
 from .envelope import PLAIN_LEAF_TYPES
-from .pickling import (
-    StagedTensor,
-    StorageRecord,
-    mixed_dtypes_error,
-    parameter_pieces,
-    storage_ref,
-    storage_type_of,
-    tensor_pieces,
-)
+from .io import CheckpointIO, checkpoint_io, pickling_module
+from .records import StagedTensor, StorageRecord, mixed_dtypes_error, recorded_dtype
 from .zipwriter import DIRECT_FROM, host_view
 
 __all__ = ["Snapshot", "StagedTensor", "StagingBuffers"]
@@ -71,15 +69,17 @@ class _Signature(NamedTuple):
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A state copied into host memory: ``value`` holds :class:`StagedTensor` placeholders whose
-    data are ``records`` (views of the arena). Call :meth:`wait` before reading the data: device
-    copies may still be in flight."""
+    """A state copied into host memory for the writer ``io``: ``value`` holds placeholders
+    (:class:`StagedTensor`, or tensors over the arena, see the module docstring) whose data are
+    ``records`` (views of the arena). Call :meth:`wait` before reading the data: device copies
+    may still be in flight. Write it with ``io`` (``write_envelope(..., io=snapshot.io)``)."""
 
     value: Any
     records: tuple[StorageRecord, ...]
     nbytes: int
     #: the host memory ``records`` view (the views alone do not keep it alive)
     arena: torch.Tensor
+    io: CheckpointIO
     events: tuple[Any, ...] = ()
 
     def wait(self) -> None:
@@ -90,7 +90,8 @@ class Snapshot:
 @dataclass
 class _Plan:
     signatures: list[_Signature]
-    placeholders: list[StagedTensor]
+    #: per tensor position: a StagedTensor (pickled snapshots) or a tensor over the arena
+    placeholders: list[Any]
     arena: torch.Tensor
     records: tuple[StorageRecord, ...]
     nbytes: int
@@ -109,6 +110,8 @@ class _Plan:
     first_user: list[int]
     #: ``_cdata`` of every planned storage
     known: set[int]
+    #: the placeholders are :class:`StagedTensor` (for a writer with ``pickled_snapshots``)
+    pickled: bool
     #: the small CPU storages' sources in arena order and the front of the arena they fill
     #: back to back (one ``torch.cat``); the place of each small storage index in that list
     small_sources: list[torch.Tensor]
@@ -302,12 +305,17 @@ class StagingBuffers:
         """Drop the arena and the storages the plan holds (the next snapshot plans anew)."""
         self._plan = None
 
-    def take(self, value: Any) -> Snapshot:
-        """Copy ``value`` (checked plain data: see ``ensure_plain``) into host memory.
+    def take(self, value: Any, io: CheckpointIO | None = None) -> Snapshot:
+        """Copy ``value`` (checked plain data: see ``ensure_plain``) into host memory, for
+        the writer ``io`` (``None``: :func:`~.io.checkpoint_io`'s choice).
 
         Blocks only for the copies of CPU storages; device-to-host copies are queued on the
         current stream and :meth:`Snapshot.wait` waits for them.
         """
+        writer = io if io is not None else checkpoint_io()
+        pickled = writer.pickled_snapshots
+        if self._plan is not None and self._plan.pickled is not pickled:
+            self._plan = None  # planned for the other kind of writer
         walk = _Walk(self._plan) if self._plan is not None else None
         copied = walk.copy(value) if walk is not None else None
         if walk is None or not walk.matched:  # first save, or the layout changed
@@ -318,7 +326,7 @@ class StagingBuffers:
             self._plan = walk = None  # the old plan's storages go before the new plan comes
             if arena is not None and not layout.fits(arena):
                 arena = None  # freed before a larger one is allocated
-            self._plan = _make_plan(recorded, layout, arena)
+            self._plan = _make_plan(recorded, layout, arena, pickled)
             del arena
             walk = _Walk(self._plan)
             copied = walk.copy(value)
@@ -329,7 +337,7 @@ class StagingBuffers:
         for index, storage in walk.swaps.items():
             _swap_storage(plan, index, storage)
         events = _copy_storages(plan)
-        return Snapshot(copied, plan.records, plan.nbytes, plan.arena, events)
+        return Snapshot(copied, plan.records, plan.nbytes, plan.arena, writer, events)
 
 
 def _alias(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -366,9 +374,11 @@ class _Layout:
         return arena.numel() >= self.total and (arena.is_pinned() or not self.pin)
 
 
-def _make_plan(walk: _Walk, layout: _Layout, arena: torch.Tensor | None) -> _Plan:
-    """The copy sources and the placeholders for the storages ``walk`` recorded, in ``arena``
-    (allocated here when ``None``)."""
+def _make_plan(walk: _Walk, layout: _Layout, arena: torch.Tensor | None,
+               pickled: bool) -> _Plan:
+    """The copy sources and the placeholders (:class:`StagedTensor` where ``pickled``, else
+    tensors over the arena) for the storages ``walk`` recorded, in ``arena`` (allocated here
+    when ``None``)."""
     sources = walk.sources
     signatures = walk.signatures
     storages = [storage for _, storage in sources]
@@ -382,21 +392,17 @@ def _make_plan(walk: _Walk, layout: _Layout, arena: torch.Tensor | None) -> _Pla
     if arena is None:
         arena = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=layout.pin)
     arena_bytes, _ = host_view(arena.untyped_storage())
-    records, refs, aliases = [], [], []
+    records, dtypes, aliases = [], [], []
     for index, (storage, offset) in enumerate(zip(storages, offsets, strict=True)):
         size = storage.nbytes()
-        key = str(index)
-        records.append(StorageRecord(key, arena_bytes[offset:offset + size]))
-        pickled_dtypes = {_pickled_dtype(signature.dtype) for signature in per_storage[index]}
+        records.append(StorageRecord(str(index), arena_bytes[offset:offset + size]))
+        pickled_dtypes = {recorded_dtype(signature.dtype) for signature in per_storage[index]}
         if len(pickled_dtypes) > 1:
             raise mixed_dtypes_error(*sorted(pickled_dtypes, key=str)[:2])
-        (dtype,) = pickled_dtypes
-        element = torch.empty((), dtype=dtype).element_size()
-        refs.append(storage_ref(storage_type_of(dtype), key, location_tag(storage),
-                                size // element))
+        dtypes.append(pickled_dtypes.pop())
         aliases.append(_alias(storage))
-    placeholders = [_placeholder(signature, refs[signature.storage_index])
-                    for signature in signatures]
+    placeholders = (_staged_placeholders(signatures, records, dtypes, storages) if pickled
+                    else _tensor_placeholders(signatures, records))
 
     def destination(index: int) -> torch.Tensor:
         size = storages[index].nbytes()
@@ -410,6 +416,7 @@ def _make_plan(walk: _Walk, layout: _Layout, arena: torch.Tensor | None) -> _Pla
         users=[len(users) for users in per_storage],
         first_user=first_user,
         known={storage._cdata for storage in storages},
+        pickled=pickled,
         small_sources=[aliases[index] for index in layout.small],
         small_region=arena[:layout.small_total] if layout.small_total else None,
         small_position={index: position for position, index in enumerate(layout.small)},
@@ -451,18 +458,49 @@ def _swap_storage(plan: _Plan, index: int, storage: torch.UntypedStorage) -> Non
         plan.small_sources[position] = plan.sources[index]
 
 
-def _pickled_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a storage is recorded with (``torch.uint8`` for untyped storages)."""
-    return torch.uint8 if storage_type_of(dtype) is torch.UntypedStorage else dtype
+def _staged_placeholders(signatures: list[_Signature], records: list[StorageRecord],
+                         dtypes: list[torch.dtype],
+                         storages: list[torch.UntypedStorage]) -> list[Any]:
+    """The fast writer's placeholders: each tensor's pickled form over its storage record,
+    recorded with the live storage's location."""
+    pickling = pickling_module()
+    refs = []
+    for record, dtype, storage in zip(records, dtypes, storages, strict=True):
+        element = torch.empty((), dtype=dtype).element_size()
+        refs.append(pickling.storage_ref(pickling.storage_type_of(dtype), record.key,
+                                         location_tag(storage), storage.nbytes() // element))
+    placeholders = []
+    for signature in signatures:
+        grad = signature.requires_grad and not signature.is_parameter
+        pieces = pickling.tensor_pieces(refs[signature.storage_index], signature.dtype,
+                                        signature.offset, signature.shape, signature.stride,
+                                        grad)
+        if signature.is_parameter:  # as nn.Parameter.__reduce_ex__ writes it
+            pieces = pickling.parameter_pieces(pieces, signature.requires_grad)
+        placeholders.append(StagedTensor(pieces))
+    return placeholders
 
 
-def _placeholder(signature: _Signature, ref: Any) -> StagedTensor:
-    grad = signature.requires_grad and not signature.is_parameter
-    pieces = tensor_pieces(ref, signature.dtype, signature.offset, signature.shape,
-                           signature.stride, grad)
-    if signature.is_parameter:  # as nn.Parameter.__reduce_ex__ writes it
-        pieces = parameter_pieces(pieces, signature.requires_grad)
-    return StagedTensor(pieces)
+def _tensor_placeholders(signatures: list[_Signature],
+                         records: list[StorageRecord]) -> list[Any]:
+    """The torch.save writer's placeholders: CPU tensors over a storage per record (a view of
+    the arena's bytes: ``torch.save`` writes each storage once, as it would the live one), with
+    the live tensors' dtype, shape, stride, offset and ``requires_grad``."""
+    bases = []
+    for record in records:
+        data = record.data
+        assert isinstance(data, memoryview)
+        bases.append(torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if data.nbytes
+                     else torch.empty(0, dtype=torch.uint8).untyped_storage())
+    placeholders: list[Any] = []
+    for signature in signatures:
+        tensor = torch.empty(0, dtype=signature.dtype).set_(
+            bases[signature.storage_index], signature.offset, signature.shape, signature.stride)
+        if signature.is_parameter:
+            placeholders.append(nn.Parameter(tensor, requires_grad=signature.requires_grad))
+        else:
+            placeholders.append(tensor.requires_grad_(signature.requires_grad))
+    return placeholders
 
 
 def _copy_storages(plan: _Plan) -> tuple[Any, ...]:

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Final
 import torch
 
 from .integrity import crc32, crc32_combine
-from .pickling import StorageRecord
+from .records import StorageRecord
 
 __all__ = ["ALIGNMENT", "ARCHIVE", "DIRECT_FROM", "WRITE_BUFFER", "host_view", "write_torch_zip"]
 
