@@ -263,14 +263,14 @@ class _SafeReader(FileSystemReader):
     def __init__(self, path: Path, files: frozenset[str]) -> None:
         super().__init__(path)
         self._files = files
-        self._metadata: Metadata | None = None
+        self._checked_metadata: Metadata | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:
             raise CheckpointFormatError("per-rank DCP metadata files are not supported")
-        if self._metadata is None:
-            self._metadata = self._read_checked_metadata()
-        return self._metadata
+        if self._checked_metadata is None:
+            self._checked_metadata = self._read_checked_metadata()
+        return self._checked_metadata
 
     def _read_checked_metadata(self) -> Metadata:
         path = Path(self._get_metadata_path())
