@@ -70,11 +70,7 @@ from .errors import (
 from .events import Event, EventDispatcher, validate_hooks
 from .logging import LoggingMode as _LoggingMode
 from .logging import make_logger
-from .loop import (
-    LoopParts,
-    TrainingLoop,
-    loader_length,
-)
+from .loop import LoopParts, TrainingLoop
 from .plugins import PluginRegistry, discover_plugins, in_process_factories
 from .preemption import PreemptionGuard, PreemptionReport, watched_signals
 from .recorded import (
@@ -89,6 +85,7 @@ from .recorded import (
     signature_defaults,
     to_device,
 )
+from .samplers import loader_length
 from .sharding import apply_fsdp, has_dtensor_parameters
 from .state import RestoreResult, StateProvider, StateRegistry
 
