@@ -23,9 +23,9 @@ from .checkpoint.schema import validate
 from .config import LoaderConfig, validate_call
 from .distributed import DistributedContext
 from .errors import ConfigurationError
-from .loop import EpochDistributedSampler, EpochShuffleSampler, ShardSampler
 from .preemption import IgnoreInWorkers
 from .recorded import storable
+from .samplers import EpochDistributedSampler, EpochShuffleSampler, ShardSampler
 
 __all__ = ["LoaderSpec", "Loaders", "RememberedArguments"]
 

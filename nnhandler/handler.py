@@ -5,49 +5,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import logging
 import os
-import secrets
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 
 from .callbacks import AutoSaveCallback, Callback
 from .callbacks.autosave_options import AutoSaveOptions, auto_save_config
 from .checkpoint import Checkpoint
 from .checkpoint.content import ConfigRecord, check_config
-from .checkpoint.discovery import find_latest_valid
-from .checkpoint.refs import (
-    NotReferenceableError,
-    decode_arguments,
-    encode_value,
-    resolve_class,
-)
-from .checkpoint.schema import relocate
-from .checkpoint.sharded import (
-    SHARDED_KEYS,
-    ShardedCheckpoint,
-    load_sharded_state,
-    read_any_checkpoint,
-)
+from .checkpoint.sharded import read_any_checkpoint
 from .checkpointing import Checkpointer
-from .components import (
-    ComponentState,
-    EpochPosition,
-    History,
-    ModelState,
-    Progress,
-    RNGState,
-    seed_everything,
-)
-from .components.callables import build_callable, describe_callable
-from .components.position import dataset_size, learning_rates_of
+from .components import EpochPosition, History, ModelState, Progress, RNGState
 from .config import (
     LoadOptions,
     ParallelConfig,
@@ -60,37 +34,36 @@ from .config import (
 from .data import Loaders
 from .devices import parse_device, resolve_device
 from .distributed import DistributedContext
-from .errors import (
-    CheckpointError,
-    CheckpointSchemaError,
-    ConfigurationError,
-    NoCheckpointFoundError,
-    UnresolvableReferenceError,
-)
+from .errors import ConfigurationError
 from .events import Event, EventDispatcher, validate_hooks
 from .logging import LoggingMode as _LoggingMode
 from .logging import make_logger
-from .loop import (
-    LoopParts,
-    TrainingLoop,
-    loader_length,
-)
-from .plugins import PluginRegistry, discover_plugins, in_process_factories
+from .loop import LoopParts, TrainingLoop
+from .optimization import Optimization, warn
 from .preemption import PreemptionGuard, PreemptionReport, watched_signals
-from .recorded import (
-    encode_arguments,
-    maybe_reference,
-    require_passed,
-    require_reference,
-    resolve_fsdp_units,
-    resolve_model_class,
-    restorable_arguments,
-    same_setting,
-    signature_defaults,
-    to_device,
+from .restore import (
+    RestoreParts,
+    apply_checkpoint,
+    check_checkpoint_path,
+    handler_arguments,
+    latest_checkpoint,
+    load_latest,
+    optimizer_replaced_warning,
+    recreate_providers,
+    skipped_keys,
 )
-from .sharding import apply_fsdp, has_dtensor_parameters
-from .state import RestoreResult, StateProvider, StateRegistry
+from .run_setup import (
+    UNSET,
+    AmpAndEma,
+    Unset,
+    partial_epoch_changes,
+    prepare_random_streams,
+    resume_change_warning,
+    settings_with,
+)
+from .saved_config import ConfigState, ModelSetup, config_dict
+from .sharding import has_dtensor_parameters
+from .state import StateProvider, StateRegistry
 
 if TYPE_CHECKING:  # DCP is imported only when a sharded checkpoint is written or loaded
     from typing_extensions import Unpack
@@ -100,44 +73,6 @@ if TYPE_CHECKING:  # DCP is imported only when a sharded checkpoint is written o
 __all__ = ["NNHandler"]
 
 
-class _Unset:
-    """Marks an argument that was not passed (where ``None`` is a meaningful value)."""
-
-    def __repr__(self) -> str:
-        return "<handler default>"
-
-
-UNSET: Final = _Unset()
-_LOGGER: Final = logging.getLogger("nnhandler")
-_SCHEDULER_INTERVALS: Final = ("epoch", "step")
-#: load_latest: how often a chosen file may vanish (another job pruning) before it gives up
-_CHOICES_BEFORE_GIVING_UP: Final = 5
-_SCHEDULER_BASES: Final = (torch.optim.lr_scheduler.LRScheduler,
-                           torch.optim.lr_scheduler.ReduceLROnPlateau)
-#: State keys of the handler's own components; everything else belongs to callbacks/plugins.
-_CORE_KEYS: Final = frozenset({"model", "optimizer", "scheduler", "grad_scaler", "ema",
-                               "history", "progress", "rng", "config", "position"})
-#: core keys a checkpoint may lack without a warning (files written before they existed)
-_OPTIONAL_KEYS: Final = frozenset({"position"})
-
-
-class _ConfigState:
-    """The handler's configuration as a state provider (``"config"``).
-
-    :meth:`NNHandler.load` builds a handler from it; restoring it into a live handler applies
-    what can change without rebuilding: the training defaults and remembered loader arguments.
-    """
-
-    state_key = "config"
-
-    def __init__(self, handler: NNHandler) -> None:
-        self._handler = handler
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._handler._config_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._handler._apply_settings_state(check_config(state, "<restored state>"))
 
 
 class NNHandler:
@@ -187,65 +122,43 @@ class NNHandler:
             raise TypeError(f"model_class must be an nn.Module subclass, got {model_class!r}")
         if use_distributed not in (None, True, False):
             raise TypeError(f"use_distributed must be None, True or False, got {use_distributed!r}")
-        self._parallel = ParallelConfig(parallelism=parallelism, fsdp_units=tuple(fsdp_units))
+        parallel = ParallelConfig(parallelism=parallelism, fsdp_units=tuple(fsdp_units))
         self.distributed = DistributedContext.setup(use_distributed, parse_device(device))
         self.device = resolve_device(device, self.distributed)
         self.logger = make_logger(logger_mode, log_file, self.distributed.is_main)
-        self._model_class = model_class
         clash = set(kwargs) & set(model_kwargs or {})
         if clash:
             raise ConfigurationError(f"model argument(s) {sorted(clash)} given twice")
-        self._model_kwargs: dict[str, Any] = {**(model_kwargs or {}), **kwargs}
-        self._compile = compile_model
-        module = model_class(**self._model_kwargs).to(self.device)
-        if self._parallel.parallelism == "fsdp":
-            module = apply_fsdp(module, self._parallel.fsdp_units, self.device, self.distributed)
-        self._module: nn.Module = module
-        model: nn.Module = module
-        if compile_model:
-            options = dict(compile_model) if isinstance(compile_model, Mapping) else {}
-            model = torch.compile(model, **options)  # type: ignore[assignment]
-        if self.distributed.enabled and self._parallel.parallelism == "ddp":
-            if has_dtensor_parameters(module):
-                raise ConfigurationError(
-                    f"{model_class.__qualname__} holds DTensor parameters, which DDP cannot "
-                    "wrap: pass parallelism='none' (the model distributes itself) or 'fsdp'")
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        self._model = model
+        self._setup = ModelSetup.checked(model_class, {**(model_kwargs or {}), **kwargs},
+                                         compile_model, parallel, self.logger)
+        self._module, self._model = self._setup.build(self.device, self.distributed)
 
-        self._optimizer: torch.optim.Optimizer | None = None
-        self._optimizer_spec: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None
-        self._scheduler: Any = None
-        self._scheduler_spec: tuple[type[Any], dict[str, Any], str] | None = None
-        self._loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
-        self._metrics: dict[str, Callable[[Any, Any], Any]] = {}
+        self._registry = StateRegistry()
+        self._optimization = Optimization(self._module, self._registry, self.device,
+                                          self.logger)
+        self._amp_ema = AmpAndEma(self._module, self._registry)
         self._loaders = Loaders(self.logger)
         self._settings = TrainSettings()
-        self._scaler: torch.amp.GradScaler | None = None
-        self._ema: AveragedModel | None = None
-        self._ema_state: ComponentState | None = None
         self._autosave: AutoSaveCallback | None = None
         self._callbacks: list[Callback] = []
         self._dispatcher = EventDispatcher()
         self._stop_requested = False
         self._last_logs: dict[str, Any] = {}
         self._preemption: PreemptionReport | None = None
-        self._preemption_group: Any = None  # the gloo group of the ranks' stop flags
 
         self.history_state = History()
         self.progress = Progress()
         self._position = EpochPosition()
         self._rng = RNGState(self.distributed)
-        self._registry = StateRegistry()
         self._model_state = ModelState(lambda: self._module)
         for provider in (self._model_state, self.history_state, self.progress, self._position,
-                         self._rng, _ConfigState(self)):
+                         self._rng, ConfigState(self._config_dict, self._apply_settings_state)):
             self._registry.register(provider)
         self._checkpoints = Checkpointer(
             self, rng_gathered=self._rng.gathered, dispatcher=self._dispatcher,
             sharded_components=functools.partial(self._sharded_components, with_optimizer=True))
-        self._model_kwargs_unstored = self._check_model_kwargs()
+        self._restore_parts = RestoreParts(self._rng, self._position, self._amp_ema,
+                                           self._sharded_components)
 
     # ------------------------------------------------------------------ components -----------
     @property
@@ -265,7 +178,7 @@ class NNHandler:
     @property
     def parallelism(self) -> Parallelism:
         """``"ddp"``, ``"fsdp"`` or ``"none"`` as configured (see the constructor)."""
-        return self._parallel.parallelism
+        return self._setup.parallel.parallelism
 
     @property
     def sharded_checkpoints(self) -> bool:
@@ -276,29 +189,29 @@ class NNHandler:
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
-        return self._optimizer
+        return self._optimization.optimizer
 
     @property
     def scheduler(self) -> Any:
-        return self._scheduler
+        return self._optimization.scheduler
 
     @property
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         """The AMP grad scaler (CUDA fp16 only; bf16 autocast on CPU needs none)."""
-        return self._scaler
+        return self._amp_ema.scaler
 
     @property
     def ema_model(self) -> AveragedModel | None:
         """The EMA model (``torch.optim.swa_utils.AveragedModel``) when ``ema_decay > 0``."""
-        return self._ema
+        return self._amp_ema.ema
 
     @property
     def loss_fn(self) -> Callable[[Any, Any], torch.Tensor] | None:
-        return self._loss_fn
+        return self._optimization.loss_fn
 
     @property
     def metrics(self) -> dict[str, Callable[[Any, Any], Any]]:
-        return dict(self._metrics)
+        return dict(self._optimization.metrics)
 
     @property
     def loaders(self) -> Loaders:
@@ -418,30 +331,7 @@ class NNHandler:
         optimizer needs no new call, and ``load(..., skip_optimizer=True)`` starts it fresh
         on purpose.
         """
-        if not (inspect.isclass(optimizer_class)
-                and issubclass(optimizer_class, torch.optim.Optimizer)):
-            raise TypeError(
-                f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}"
-            )
-        encode_arguments(kwargs, f"{optimizer_class.__qualname__} argument")
-        optimizer = optimizer_class(self._module.parameters(), **kwargs)
-        dropped = [what for what in (self._restored_description("optimizer"),
-                                     self._restored_description("scheduler")) if what]
-        if dropped:
-            self._warn(
-                f"set_optimizer({optimizer_class.__qualname__}) replaces the optimizer restored "
-                f"from the checkpoint: {' and '.join(dropped)} are dropped (the scheduler is "
-                "re-created on the new optimizer). To keep them, do not call set_optimizer "
-                "after load/resume_from: the optimizer is restored as it was; to start it "
-                "fresh on purpose, load with skip_optimizer=True (and skip_scheduler=True)")
-        self._optimizer = optimizer
-        self._optimizer_spec = (optimizer_class, dict(kwargs))
-        self._mark_fresh("optimizer")
-        if "optimizer" not in self._registry:
-            self._registry.register(ComponentState("optimizer", lambda: self._optimizer))
-        if self._scheduler_spec is not None:
-            scheduler_class, scheduler_kwargs, interval = self._scheduler_spec
-            self._create_scheduler(scheduler_class, interval, scheduler_kwargs)
+        self._optimization.set_optimizer(optimizer_class, kwargs)
 
     def set_scheduler(self, scheduler_class: type[Any], interval: str = "epoch",
                       **kwargs: Any) -> None:
@@ -452,88 +342,22 @@ class NNHandler:
         a scheduler that :meth:`load` / :meth:`resume_from` restored drops its state, with a
         warning (``load(..., skip_scheduler=True)`` starts it fresh on purpose).
         """
-        if self._optimizer is None:
-            raise ConfigurationError("set_optimizer must be called before set_scheduler")
-        base = torch.optim.lr_scheduler.LRScheduler
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
-        if not (inspect.isclass(scheduler_class) and issubclass(scheduler_class, (base, plateau))):
-            raise TypeError(
-                f"scheduler_class must be a torch.optim.lr_scheduler.LRScheduler subclass, "
-                f"got {scheduler_class!r}"
-            )
-        if interval not in _SCHEDULER_INTERVALS:
-            raise ConfigurationError(f"interval={interval!r}: use 'epoch' or 'step'")
-        if interval == "step" and issubclass(scheduler_class, plateau):
-            raise ConfigurationError("ReduceLROnPlateau needs val_loss: use interval='epoch'")
-        encode_arguments(kwargs, f"{scheduler_class.__qualname__} argument")
-        dropped = self._restored_description("scheduler")
-        self._create_scheduler(scheduler_class, interval, kwargs)
-        if dropped:
-            self._warn(
-                f"set_scheduler({scheduler_class.__qualname__}) replaces the scheduler restored "
-                f"from the checkpoint: {dropped} is dropped. To keep it, do not call "
-                "set_scheduler after load/resume_from: the scheduler is restored as it was; to "
-                "start it fresh on purpose, load with skip_scheduler=True")
-
-    def _create_scheduler(self, scheduler_class: type[Any], interval: str,
-                          kwargs: Mapping[str, Any]) -> None:
-        self._scheduler = scheduler_class(self._optimizer, **kwargs)
-        self._scheduler_spec = (scheduler_class, dict(kwargs), interval)
-        self._mark_fresh("scheduler")
-        if "scheduler" not in self._registry:
-            self._registry.register(ComponentState("scheduler", lambda: self._scheduler))
-
-    def _restored_description(self, key: str) -> str | None:
-        """What replacing the optimizer/scheduler would drop, if a checkpoint restored it."""
-        provider = self._registry.get(key)
-        if not (isinstance(provider, ComponentState) and provider.restored):
-            return None
-        if key == "optimizer" and self._optimizer is not None:
-            tracked = len(self._optimizer.state)
-            return (f"its state (moments, step counts: {tracked} parameter tensor(s)) and "
-                    "its hyper-parameters from the file")
-        if key == "scheduler" and self._scheduler is not None:
-            position = getattr(self._scheduler, "last_epoch", None)
-            return (f"the scheduler's state ({type(self._scheduler).__qualname__}"
-                    + (f", last_epoch={position}" if position is not None else "") + ")")
-        return None
-
-    def _mark_fresh(self, key: str) -> None:
-        provider = self._registry.get(key)
-        if isinstance(provider, ComponentState):
-            provider.restored = False
+        self._optimization.set_scheduler(scheduler_class, interval, kwargs)
 
     def _warn(self, message: str) -> None:
         """A warning in the log and as a Python warning (catchable, e.g. in tests)."""
-        self.logger.warning(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warn(self.logger, message)
 
     def set_loss_fn(self, loss_fn: Callable[[Any, Any], torch.Tensor] | type[nn.Module],
                     **kwargs: Any) -> None:
         """Set ``loss(output, target) -> tensor``: a function, an ``nn.Module`` instance, or an
         ``nn.Module`` class constructed with ``kwargs``. Module-level functions and modules are
         restored by :meth:`load`; lambdas and closures must be set again after loading."""
-        if inspect.isclass(loss_fn):
-            if not issubclass(loss_fn, nn.Module):
-                raise TypeError(f"loss class must be an nn.Module subclass, got {loss_fn!r}")
-            loss_fn = loss_fn(**kwargs).to(self.device)
-        elif kwargs:
-            raise TypeError("keyword arguments are only accepted with a loss class")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
-        self._loss_fn = loss_fn
-        self._warn_if_unrecordable(loss_fn, "loss function", "set_loss_fn")
+        self._optimization.set_loss_fn(loss_fn, kwargs)
 
     def add_metric(self, name: str, metric: Callable[[Any, Any], Any]) -> None:
         """Add ``metric(output, target) -> float`` (or a scalar tensor), averaged per sample."""
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ConfigurationError(f"metric name {name!r} must be a Python identifier")
-        if name == "loss" or name.startswith("val_") or name == "epoch":
-            raise ConfigurationError(f"metric name {name!r} is reserved")
-        if not callable(metric):
-            raise TypeError(f"metric {name!r} must be callable, got {metric!r}")
-        self._metrics[name] = metric
-        self._warn_if_unrecordable(metric, f"metric {name!r}", "add_metric")
+        self._optimization.add_metric(name, metric)
 
     def set_train_loader(self, dataset: Dataset[Any] | None = None, **loader_kwargs: Any) -> None:
         """Train on ``dataset``; ``loader_kwargs`` go to ``DataLoader`` (``batch_size``,
@@ -633,12 +457,12 @@ class NNHandler:
         epochs: int | None = None,
         *,
         until_epoch: int | None = None,
-        validate_every: int | _Unset = UNSET,
-        gradient_accumulation_steps: int | _Unset = UNSET,
-        use_amp: bool | _Unset = UNSET,
-        gradient_clipping_norm: float | _Unset | None = UNSET,
-        ema_decay: float | _Unset = UNSET,
-        seed: int | _Unset | None = UNSET,
+        validate_every: int | Unset = UNSET,
+        gradient_accumulation_steps: int | Unset = UNSET,
+        use_amp: bool | Unset = UNSET,
+        gradient_clipping_norm: float | Unset | None = UNSET,
+        ema_decay: float | Unset = UNSET,
+        seed: int | Unset | None = UNSET,
         progress_bar: bool = True,
         resume: str | os.PathLike[str] | None = None,
     ) -> dict[str, Any]:
@@ -679,11 +503,12 @@ class NNHandler:
                                                   "resume": resume})
         validate_call(TrainSettings, "train", changes)
         self._check_trainable()
-        settings = self._settings_with(changes)
+        settings = settings_with(self._settings, changes, sharded=self.sharded_checkpoints)
         if call.resume is not None:
             self._check_resume_argument(call.resume)
             self._resume(call.resume)
-            settings = self._settings_with(changes)  # the restored defaults under the call's
+            # the restored defaults under the call's
+            settings = settings_with(self._settings, changes, sharded=self.sharded_checkpoints)
         target = self._target_epoch(call.epochs, call.until_epoch)
         start = self.progress.epoch
         guard, partial_changes = None, []
@@ -691,15 +516,18 @@ class NNHandler:
             partial_changes = self._check_partial_epoch(settings)
             guard = PreemptionGuard.for_train(self, self._position)
         # from here on the call changes the handler
-        self._warn_about_resume_changes(changes, partial_changes)
+        message = resume_change_warning(self._position, self._settings, changes, partial_changes)
+        if message is not None:
+            self._warn(message)
         self._preemption = None
         self._settings = settings
         self._position.restored = False
         if target <= start:
             self.logger.info("already at epoch %d (target %d): nothing to train", start, target)
             return dict(self._last_logs)
-        run_seed = self._prepare_random_streams(seed)
-        self._prepare_amp_and_ema(settings)
+        run_seed = prepare_random_streams(self.progress, seed, settings.seed, self.distributed,
+                                          self.logger)
+        self._amp_ema.prepare(settings, self.device)
         parts = self._loop_parts(settings, run_seed, guard)
         self._stop_requested = False
         partial = self._position.partial
@@ -713,15 +541,16 @@ class NNHandler:
     def _loop_parts(self, settings: TrainSettings, run_seed: int,
                     guard: PreemptionGuard | None) -> LoopParts:
         """What the training loop of one ``train`` call works with."""
-        assert self._optimizer is not None and self._loss_fn is not None
+        optimization = self._optimization
+        assert optimization.optimizer is not None and optimization.loss_fn is not None
         train_loader = self._build_loader("train", run_seed)
         assert train_loader is not None
         return LoopParts(
-            model=self._model, module=self._module, optimizer=self._optimizer,
-            scheduler=self._scheduler,
-            scheduler_interval=self._scheduler_spec[2] if self._scheduler_spec else "epoch",
-            loss_fn=self._loss_fn, metrics=dict(self._metrics), train_loader=train_loader,
-            val_loader=self._build_loader("val", run_seed), scaler=self._scaler, ema=self._ema,
+            model=self._model, module=self._module, optimizer=optimization.optimizer,
+            scheduler=optimization.scheduler, scheduler_interval=optimization.scheduler_interval,
+            loss_fn=optimization.loss_fn, metrics=dict(optimization.metrics),
+            train_loader=train_loader, val_loader=self._build_loader("val", run_seed),
+            scaler=self._amp_ema.scaler, ema=self._amp_ema.ema,
             device=self.device, context=self.distributed, dispatcher=self._dispatcher,
             history=self.history_state, progress=self.progress, settings=settings, handler=self,
             set_stop=self._set_stop,
@@ -758,67 +587,28 @@ class NNHandler:
 
     def _check_trainable(self) -> None:
         missing = [what for what, absent in (
-            ("an optimizer (set_optimizer)", self._optimizer is None),
-            ("a loss function (set_loss_fn)", self._loss_fn is None),
+            ("an optimizer (set_optimizer)", self._optimization.optimizer is None),
+            ("a loss function (set_loss_fn)", self._optimization.loss_fn is None),
             ("a training dataset (set_train_loader)", "train" not in self._loaders),
         ) if absent]
         if missing:
             raise ConfigurationError("cannot train without " + ", ".join(missing))
 
-    def _settings_with(self, changes: Mapping[str, Any]) -> TrainSettings:
-        """The handler's training defaults with a call's explicit ``changes`` (checked)."""
-        settings = validate_call(TrainSettings, "train",
-                                 {**self._settings.model_dump(), **changes})
-        if settings.ema_decay > 0 and self.sharded_checkpoints:
-            raise ConfigurationError(f"ema_decay={settings.ema_decay} is not supported for a "
-                                     "model with DTensor parameters (FSDP2); use ema_decay=0")
-        return settings
-
     def _check_partial_epoch(self, settings: TrainSettings) -> list[str]:
-        """A partial epoch (from an emergency checkpoint) must be continued exactly as it
-        started: same world size, batch size, accumulation and metrics. Checked before the
-        call changes anything, on a loader built for the check alone (its length and batch
-        size do not depend on the seed). Returns what differs without preventing the
-        continuation (dataset length, learning rates), for the warning."""
+        """Check that the partial epoch (of an emergency checkpoint) can be continued, before
+        the call changes anything (see :func:`~nnhandler.run_setup.partial_epoch_changes`);
+        returns what differs without preventing it, for the warning."""
         partial = self._position.partial
         if partial is None:
             return []
         loader = self._build_loader("train", self.progress.run_seed or 0)
-        assert loader is not None and self._optimizer is not None
-        batches = loader_length(loader)
-        partial.check_resumable(
-            completed_epochs=self.progress.epoch, world_size=self.distributed.world_size,
-            batch_size=loader.batch_size, accumulation=settings.gradient_accumulation_steps,
-            metric_names=list(self._metrics), batches=batches)
         spec = self._loaders.spec("train")
-        assert spec is not None
-        return partial.changes(samples=dataset_size(spec.dataset),
-                               batches_per_epoch=batches,
-                               learning_rates=learning_rates_of(self._optimizer))
-
-    def _warn_about_resume_changes(self, changes: Mapping[str, Any],
-                                   partial_changes: list[str]) -> None:
-        """A call that resumes a checkpoint (the first after a restore, or one that continues
-        an interrupted epoch) and changes what the checkpoint recorded gets one warning: the
-        run cannot equal an uninterrupted one. ``seed`` has its own warning."""
-        partial = self._position.partial
-        if not (self._position.restored or partial is not None):
-            return
-        recorded = self._settings
-        notes = [f"{name} {getattr(recorded, name)!r} -> {value!r} (leave {name} unset: it "
-                 "defaults to the recorded value)"
-                 for name, value in changes.items()
-                 if name != "seed" and getattr(recorded, name) != value]
-        notes += partial_changes
-        if not notes:
-            return
-        if partial is not None:
-            what = (f"continues epoch {partial.epoch} of an emergency checkpoint (after its "
-                    f"batch {partial.batches}) with")
-        else:
-            what = "resumes a checkpoint with"
-        self._warn(f"train: this call {what} other settings than the checkpoint recorded: "
-                   f"{'; '.join(notes)}. The resumed run will not equal an uninterrupted one")
+        optimizer = self._optimization.optimizer
+        assert loader is not None and spec is not None and optimizer is not None
+        return partial_epoch_changes(
+            partial, loader, progress=self.progress, world_size=self.distributed.world_size,
+            settings=settings, metric_names=list(self._optimization.metrics),
+            dataset=spec.dataset, optimizer=optimizer)
 
     def _check_resume_argument(self, resume: str | os.PathLike[str]) -> None:
         if resume == "latest" and self._autosave is None:
@@ -831,8 +621,7 @@ class NNHandler:
             return
         assert self._autosave is not None  # _check_resume_argument
         directory = self._autosave.config.save_path
-        found = find_latest_valid(directory, self.logger) if self.distributed.is_main else None
-        latest = self.distributed.broadcast_object(str(found) if found is not None else None)
+        latest = latest_checkpoint(directory, self.distributed, self.logger)
         if latest is None:
             self.logger.info("resume='latest': no valid checkpoint in %s; starting fresh",
                              directory)
@@ -845,52 +634,6 @@ class NNHandler:
             return self.progress.epoch + epochs
         assert until_epoch is not None
         return until_epoch
-
-    def _prepare_random_streams(self, seed: int | _Unset | None) -> int:
-        current = self.progress.run_seed
-        # a checkpoint written before any training has no run seed: nothing to continue,
-        # so the first call after loading it starts a fresh run
-        continuing = current is not None
-        if continuing and (seed is UNSET or seed is None or seed == current):
-            assert current is not None
-            return current
-        if continuing:
-            self.logger.warning(
-                "train(seed=%s) differs from this run's seed %s: re-seeding every random "
-                "stream (a resumed run will not equal the uninterrupted one)", seed, current)
-        new_seed = self._settings.seed  # already holds this call's seed
-        if new_seed is None:
-            new_seed = self.distributed.broadcast_object(secrets.randbits(63))
-        seed_everything(new_seed)
-        self.progress.run_seed = new_seed
-        if not continuing:  # a re-seeded run stays the lineage that wrote its files
-            self.progress.run_id = self.distributed.broadcast_object(secrets.token_hex(8))
-        return new_seed
-
-    def _prepare_amp_and_ema(self, settings: TrainSettings) -> None:
-        if settings.use_amp and self.device.type == "cuda" and self._scaler is None:
-            self._create_scaler()
-        if settings.ema_decay > 0:
-            if self._ema is None:
-                self._create_ema(settings.ema_decay)
-            else:
-                self._ema.multi_avg_fn = get_ema_multi_avg_fn(settings.ema_decay)  # type: ignore[no-untyped-call]
-        elif self._ema is not None and self._ema_state is not None:
-            self._registry.unregister(self._ema_state)
-            self._ema = self._ema_state = None
-
-    def _create_scaler(self) -> None:
-        self._scaler = torch.amp.GradScaler("cuda")
-        if "grad_scaler" not in self._registry:
-            self._registry.register(ComponentState("grad_scaler", lambda: self._scaler))
-
-    def _create_ema(self, decay: float) -> None:
-        self._ema = AveragedModel(self._module,
-                                  multi_avg_fn=get_ema_multi_avg_fn(decay),  # type: ignore[no-untyped-call]
-                                  use_buffers=True)
-        if self._ema_state is None:
-            self._ema_state = ComponentState("ema", lambda: self._ema)
-            self._registry.register(self._ema_state)
 
     # ------------------------------------------------------------------ saving ---------------
     def save(self, path: str | os.PathLike[str], logs: Mapping[str, Any] | None = None) -> Path:
@@ -941,57 +684,18 @@ class NNHandler:
     def _sharded_components(self, *, with_optimizer: bool) -> ShardedComponents:
         from .checkpoint.dcp_state import ShardedComponents
 
-        return ShardedComponents(self._module, self._optimizer if with_optimizer else None,
-                                 strict=self._model_state.strict)
+        optimizer = self._optimization.optimizer if with_optimizer else None
+        return ShardedComponents(self._module, optimizer, strict=self._model_state.strict)
 
     def _config_dict(self) -> dict[str, Any]:
-        optimizer = scheduler = None
-        if self._optimizer_spec is not None:
-            cls, kwargs = self._optimizer_spec
-            optimizer = {"class": maybe_reference(cls), "kwargs": encode_value(kwargs, "opt")}
-        if self._scheduler_spec is not None:
-            cls, kwargs, interval = self._scheduler_spec
-            scheduler = {"class": maybe_reference(cls),
-                         "kwargs": encode_value(kwargs, "scheduler"), "interval": interval}
-        stored_kwargs = {k: v for k, v in self._model_kwargs.items()
-                         if k not in self._model_kwargs_unstored}
-        return {
-            "model_class": maybe_reference(self._model_class),
-            "model_kwargs": encode_value(stored_kwargs, "model argument"),
-            "model_kwargs_unstored": sorted(self._model_kwargs_unstored),
-            "compile_model": encode_value(self._compile, "compile_model"),
-            "parallelism": self._parallel.parallelism,
-            "fsdp_units": [maybe_reference(unit) for unit in self._parallel.fsdp_units],
-            "optimizer": optimizer,
-            "scheduler": scheduler,
-            "loss_fn": describe_callable(self._loss_fn, "loss")[0] if self._loss_fn else None,
-            "metrics": {name: describe_callable(fn, name)[0] for name, fn in self._metrics.items()},
-            "loaders": self._loaders.state(),
-            "train_settings": self._settings.model_dump(),
-            "own_autosave": self._autosave.state_key if self._autosave is not None else None,
-        }
+        own = self._autosave.state_key if self._autosave is not None else None
+        return config_dict(self._setup, self._optimization, self._loaders, self._settings, own)
 
     def _apply_settings_state(self, record: ConfigRecord, source: str = "") -> None:
         """Take the recorded training defaults and loader arguments (validated: a recorded
         loader configuration that does not fit is a CheckpointSchemaError)."""
         self._loaders.remember(record.loaders, source)
         self._settings = record.train_settings
-
-    def _check_model_kwargs(self) -> set[str]:
-        unstored = set()
-        for name, value in self._model_kwargs.items():
-            try:
-                encode_value(value, f"model argument {name!r}")
-            except NotReferenceableError as error:
-                unstored.add(name)
-                self.logger.warning("%s; load() will need model_kwargs={%r: ...}", error, name)
-        return unstored
-
-    def _warn_if_unrecordable(self, obj: Any, what: str, setter: str) -> None:
-        spec, reason = describe_callable(obj, what)
-        if spec is None:
-            self.logger.warning("%s cannot be recorded in checkpoints (%s); after load(), call "
-                                "%s again", what, reason, setter)
 
     # ------------------------------------------------------------------ loading --------------
     @classmethod
@@ -1057,55 +761,35 @@ class NNHandler:
             "strict": strict, "verify": verify, "logger_mode": logger_mode, "log_file": log_file,
             "use_distributed": use_distributed, "parallelism": parallelism,
             "fsdp_units": fsdp_units, "compile_model": compile_model})
-        callbacks, fsdp_units = options.callbacks, options.fsdp_units  # iterables read once
-        _check_checkpoint_path(path, "NNHandler.load")
+        check_checkpoint_path(path, "NNHandler.load")
         context = DistributedContext.setup(use_distributed, parse_device(device))
         map_device = resolve_device(device, context)
         checkpoint = read_any_checkpoint(path, map_location=map_device, verify=verify,
                                          context=context)
-        state = checkpoint.state
-        source = str(checkpoint.path)
-        config = check_config(state.get("config"), source)
-        model_cls = model_class or resolve_model_class(config.model_class, path)
-        restored_kwargs, unrestored = decode_arguments(config.model_kwargs, "model argument")
-        kwargs = {**restored_kwargs, **(model_kwargs or {})}
-        require_passed("model argument(s)", "model_kwargs={...}", path, kwargs,
-                        [*config.model_kwargs_unstored, *(u.name for u in unrestored)],
-                        unrestored)
-        compile_option: bool | Mapping[str, Any]
-        if compile_model is not None:
-            compile_option = compile_model
-        elif isinstance(config.compile_model, bool):
-            compile_option = config.compile_model
-        else:
-            compile_options, unrestored = decode_arguments(config.compile_model,
-                                                           "compile_model")
-            require_passed("torch.compile option(s)", "compile_model={...}", path, {},
-                            [u.name for u in unrestored], unrestored)
-            compile_option = compile_options
-        recorded = config.parallelism
-        chosen = recorded if parallelism is None else parallelism
-        if fsdp_units is None:
-            fsdp_units = (resolve_fsdp_units(config.fsdp_units, path)
-                          if chosen == "fsdp" and recorded == "fsdp" else ())
-        handler = cls(model_cls, device=map_device, logger_mode=logger_mode, log_file=log_file,
-                      use_distributed=context.enabled, model_kwargs=kwargs,
-                      compile_model=compile_option,
-                      parallelism=chosen, fsdp_units=fsdp_units)
-        handler._model_state.strict = strict
-        handler._apply_settings_state(config, source)
-        handler._restore_components(config)
-        for callback in callbacks or ():
-            handler.add_callback(callback)
-        if not skip_callbacks:
-            handler._recreate_providers(state, source)
-            handler._adopt_own_autosave(config.own_autosave)
-        skip = {key for key, flag in (("optimizer", skip_optimizer), ("scheduler", skip_scheduler),
-                                       ("history", skip_history), ("ema", skip_ema)) if flag}
-        if skip_callbacks:
-            skip |= set(state) - _CORE_KEYS
-        handler._apply_checkpoint(checkpoint, skip)
+        config = check_config(checkpoint.state.get("config"), str(checkpoint.path))
+        arguments = handler_arguments(
+            config, path, model_class=model_class, model_kwargs=model_kwargs,
+            compile_model=compile_model, parallelism=parallelism,
+            fsdp_units=options.fsdp_units)  # iterables are read once
+        handler = cls(arguments.pop("model_class"), device=map_device, logger_mode=logger_mode,
+                      log_file=log_file, use_distributed=context.enabled, **arguments)
+        handler._restore(checkpoint, config, options)
         return handler
+
+    def _restore(self, checkpoint: Checkpoint, config: ConfigRecord,
+                 options: LoadOptions) -> None:
+        """``load``'s restore into the handler it has just built from ``config``."""
+        source = str(checkpoint.path)
+        self._model_state.strict = options.strict
+        self._apply_settings_state(config, source)
+        self._optimization.restore(config)
+        self._loaders.warn_unrestored()
+        for callback in options.callbacks or ():
+            self.add_callback(callback)
+        if not options.skip_callbacks:
+            recreate_providers(self, checkpoint.state, source)
+            self._adopt_own_autosave(config.own_autosave)
+        self._apply_checkpoint(checkpoint, skipped_keys(options, checkpoint.state))
 
     @classmethod
     def load_latest(cls, save_path: str | os.PathLike[str], **load_arguments: Any) -> NNHandler:
@@ -1122,29 +806,7 @@ class NNHandler:
         :class:`~nnhandler.NoCheckpointFoundError` when there is no valid checkpoint.
         ``load_arguments`` are those of :meth:`load`.
         """
-        options = validate_call(LoadOptions, "NNHandler.load_latest", load_arguments)
-        for name in ("callbacks", "fsdp_units"):  # iterables are read once
-            if name in load_arguments:
-                load_arguments[name] = getattr(options, name)
-        _check_checkpoint_path(save_path, "NNHandler.load_latest")
-        context = DistributedContext.setup(load_arguments.get("use_distributed"),
-                                           parse_device(load_arguments.get("device")))
-        load_arguments.setdefault("verify", False)  # verified while choosing it
-        for _attempt in range(_CHOICES_BEFORE_GIVING_UP):
-            found = find_latest_valid(Path(save_path), _LOGGER) if context.is_main else None
-            latest = context.broadcast_object(str(found) if found is not None else None)
-            if latest is None:
-                break
-            try:
-                return cls.load(latest, **load_arguments)
-            except CheckpointError:
-                # another job's retention may remove the chosen file before we open it; in
-                # one process that is seen here alone, so choose again (under DDP the ranks
-                # could disagree about it: the error stands)
-                if context.enabled or os.path.lexists(latest):
-                    raise
-                _LOGGER.info("%s was removed while it was being loaded; choosing again", latest)
-        raise NoCheckpointFoundError(f"no valid checkpoint in {str(save_path)!r}")
+        return load_latest(cls.load, save_path, load_arguments)
 
     def resume_from(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
         """Restore this configured handler's state from a checkpoint, in place.
@@ -1164,15 +826,10 @@ class NNHandler:
                                          context=self.distributed)
         config = check_config(checkpoint.state.get("config"), str(checkpoint.path))
         if "optimizer" in checkpoint.state and config.optimizer is not None:
-            replaced = self._replaced_optimizer_settings(
+            replaced = self._optimization.replaced_settings(
                 config.optimizer.model_dump(by_alias=True))
             if replaced:
-                self._warn(
-                    f"resume_from({str(path)!r}): the checkpoint's optimizer settings replace "
-                    f"this handler's ({'; '.join(replaced)}): Optimizer.load_state_dict takes "
-                    "the file's param groups. To train with this handler's values, set them "
-                    "after resuming (handler.optimizer.param_groups), or restore with "
-                    "NNHandler.load(..., skip_optimizer=True) to start the optimizer fresh")
+                self._warn(optimizer_replaced_warning(path, replaced))
         previous = self._settings
         self._settings = config.train_settings
         try:
@@ -1181,138 +838,13 @@ class NNHandler:
             self._settings = previous
             raise
 
-    def _replaced_optimizer_settings(self, recorded: Any) -> list[str]:
-        """``"name before -> after"`` for each optimizer hyper-parameter that the checkpoint's
-        run configured differently from this handler (the values ``set_optimizer`` got, or the
-        class's defaults). Configured values, not the current ones: a scheduler moves ``lr``
-        (and some ``momentum``) during a run, which a resume must continue, not report."""
-        if self._optimizer is None or self._optimizer_spec is None:
-            return []
-        if not isinstance(recorded, Mapping) or not isinstance(recorded.get("kwargs"), Mapping):
-            return []
-        optimizer_class, ours = self._optimizer_spec
-        theirs = recorded["kwargs"]
-        notes = []
-        reference = maybe_reference(optimizer_class)
-        if isinstance(recorded.get("class"), str) and recorded["class"] != reference:
-            notes.append(f"optimizer class {reference} -> {recorded['class']}")
-        configured = self._optimizer.defaults  # set_optimizer's values over the class defaults
-        class_defaults = signature_defaults(optimizer_class)
-        for name in sorted(set(ours) | set(theirs)):
-            if name not in configured:
-                continue
-            before = configured[name]
-            after = theirs[name] if name in theirs else class_defaults.get(name, before)
-            if not same_setting(before, after):
-                notes.append(f"{name} {before!r} -> {after!r}")
-        return notes
-
     def _apply_checkpoint(self, checkpoint: Checkpoint, skip: set[str]) -> None:
-        """Restore every state of ``checkpoint`` not in ``skip`` (random streams last)."""
-        state = checkpoint.state
-        source = str(checkpoint.path)
-        sharded = isinstance(checkpoint, ShardedCheckpoint)
-        if "rng" in state:  # restored last, checked first: nothing changes if it is bad
-            try:
-                self._rng.check_state(state["rng"])
-            except CheckpointSchemaError as error:
-                raise relocate(error, prefix="state['rng']", path=source) from None
-        if not sharded and self.sharded_checkpoints and "model" in state:
-            raise CheckpointError(
-                f"{str(checkpoint.path)!r} was written from an unsharded model and cannot be "
-                "loaded into this model with DTensor parameters; load it with "
-                "parallelism='ddp' (or 'none')")
-        wants_ema = self._settings.ema_decay > 0 and "ema" in state and "ema" not in skip
-        if wants_ema and self._ema is None:
-            self._create_ema(self._settings.ema_decay)
-        if "grad_scaler" in state and self.device.type == "cuda" and self._scaler is None:
-            self._create_scaler()
-        restore_skip = skip | {"config", "rng"}  # the caller applied the config
-        if sharded:
-            restore_skip |= SHARDED_KEYS  # their tensors are in the DCP files: loaded below
-        result = self._registry.restore(state, skip=frozenset(restore_skip), source=source)
-        if "position" not in state:  # written before positions were recorded: an epoch's end
-            self._position.load_state_dict({"partial": None})
-        if sharded:
-            assert isinstance(checkpoint, ShardedCheckpoint)
-            components = self._sharded_components(with_optimizer="optimizer" not in skip)
-            load_sharded_state(checkpoint, components, self.distributed)
-        if "rng" in state:
-            self._rng.load_state_dict(state["rng"])
-        self._report_restore(result, checkpoint.path)
-        self._warn_if_world_size_differs(checkpoint)
-        self._last_logs = dict(checkpoint.meta.get("logs", {}))
+        """Restore every state of ``checkpoint`` not in ``skip`` (see
+        :func:`~nnhandler.restore.apply_checkpoint`), then announce it."""
+        self._last_logs = apply_checkpoint(self, self._restore_parts, checkpoint, skip)
         self.logger.info("loaded %s (epoch %d)", checkpoint.path, checkpoint.epoch)
         self._dispatcher.fire(Event.CHECKPOINT_LOADED, handler=self, path=checkpoint.path,
                               epoch=checkpoint.epoch)
-
-    def _restore_components(self, config: ConfigRecord) -> None:
-        """Re-create optimizer, scheduler, loss and metrics from the (validated) configuration.
-        What cannot come back (a class that does not resolve, a function-valued argument) is a
-        warning that says which setter to call; the component's saved state then waits
-        (pending) and is restored when the setter registers it."""
-        if config.optimizer is not None:
-            try:
-                opt_cls = resolve_class(require_reference(config.optimizer.cls, "optimizer"),
-                                        torch.optim.Optimizer)
-                opt_kwargs = restorable_arguments(config.optimizer.kwargs, opt_cls)
-                self.set_optimizer(opt_cls, **opt_kwargs)
-            except UnresolvableReferenceError as error:
-                self.logger.warning("optimizer not restored (%s); call set_optimizer: its saved "
-                                    "state is restored then", error)
-        if config.scheduler is not None and self._optimizer is not None:
-            try:
-                sched_cls: type[Any] = resolve_class(
-                    require_reference(config.scheduler.cls, "scheduler"), _SCHEDULER_BASES)
-                sched_kwargs = restorable_arguments(config.scheduler.kwargs, sched_cls)
-                self.set_scheduler(sched_cls, interval=config.scheduler.interval, **sched_kwargs)
-            except UnresolvableReferenceError as error:
-                self.logger.warning("scheduler not restored (%s); call set_scheduler: its saved "
-                                    "state is restored then", error)
-        trusted = frozenset({"__main__", "torch.nn.functional",
-                             type(self._module).__module__.split(".", 1)[0]})
-        if config.loss_fn is not None:
-            try:
-                self._loss_fn = to_device(build_callable(config.loss_fn, trusted), self.device)
-            except UnresolvableReferenceError as error:
-                self.logger.warning("loss function not restored (%s); call set_loss_fn", error)
-        for name, spec in config.metrics.items():
-            if spec is None:
-                self.logger.warning("metric %r was not recordable; call add_metric again", name)
-                continue
-            try:
-                self._metrics[name] = to_device(build_callable(spec, trusted), self.device)
-            except UnresolvableReferenceError as error:
-                self.logger.warning("metric %r not restored (%s); call add_metric", name, error)
-        self._loaders.warn_unrestored()
-
-    def _recreate_providers(self, state: Mapping[str, Any], source: str) -> None:
-        """Re-create the owners of the file's states that nothing here owns: through the
-        claims made in this process (:func:`~nnhandler.plugins.register_provider_factory`,
-        the built-in auto-saver's among them), then, for keys still without an owner, the
-        installed plugins (imported only then)."""
-        unowned = self._unowned_keys(state)
-        if not unowned:
-            return
-        self._create_providers(in_process_factories(), unowned, state, source)
-        unowned = self._unowned_keys(state)
-        if unowned:
-            self._create_providers(discover_plugins(), unowned, state, source)
-
-    def _unowned_keys(self, state: Mapping[str, Any]) -> list[str]:
-        return [key for key in state if key not in _CORE_KEYS and key not in self._registry]
-
-    def _create_providers(self, registry: PluginRegistry, keys: Iterable[str],
-                          state: Mapping[str, Any], source: str) -> None:
-        for key in keys:
-            try:
-                provider = registry.create_provider(key, state[key])
-            except CheckpointSchemaError as error:
-                raise relocate(error, prefix=f"state[{key!r}]", path=source) from None
-            if isinstance(provider, Callback):
-                self.add_callback(provider)  # its state is restored with the other states
-            elif provider is not None:
-                self.register_state_provider(provider)
 
     def _adopt_own_autosave(self, own_key: str | None) -> None:
         """The file's record of which auto-saver was this handler's :meth:`auto_save` one."""
@@ -1320,44 +852,6 @@ class NNHandler:
         if isinstance(owner, AutoSaveCallback):
             self._autosave = owner
 
-    def _report_restore(self, result: RestoreResult, path: Path) -> None:
-        if result.unmatched:
-            message = (
-                f"checkpoint {str(path)!r} holds state for {list(result.unmatched)} that nothing "
-                "on this handler owns; it is kept (and written into later checkpoints) until a "
-                "callback or provider with that state_key is added"
-            )
-            self.logger.warning(message)
-            warnings.warn(message, stacklevel=3)
-        missing = [key for key in result.missing if key not in _OPTIONAL_KEYS]
-        if missing:
-            self.logger.warning("checkpoint has no state for %s; they start fresh", missing)
-
-    def _warn_if_world_size_differs(self, checkpoint: Checkpoint) -> None:
-        """Resuming at another world size is allowed, but it cannot be exact: say so."""
-        saved = checkpoint.meta.get("world_size")
-        current = self.distributed.world_size
-        if not isinstance(saved, int) or saved == current:
-            return
-        message = (
-            f"checkpoint {str(checkpoint.path)!r} was written by {saved} rank(s), this run has "
-            f"{current}: rank r continues the random streams saved by rank r mod {saved} and "
-            "every rank gets a different shard of the data, so the resumed run cannot equal an "
-            "uninterrupted one exactly"
-        )
-        if self.distributed.is_main:
-            self.logger.warning(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)  # on every rank: catchable there
-
     def __repr__(self) -> str:
         return (f"NNHandler(model={type(self._module).__qualname__}, device={self.device}, "
                 f"epoch={self.epoch})")
-
-
-# ---------------------------------------------------------------------- helpers ---------------
-def _check_checkpoint_path(path: Any, call: str) -> None:
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise ConfigurationError(f"{call}: the path must be a non-empty str or os.PathLike, "
-                                 f"got {path!r}")
-
-

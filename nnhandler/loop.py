@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -15,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader
 
 from .components import EpochPosition, History, PartialEpoch, Progress
 from .components.position import dataset_size, learning_rates_of
@@ -23,6 +22,14 @@ from .config import TrainSettings
 from .distributed import DistributedContext, all_gather_objects
 from .events import Event, EventDispatcher
 from .logging import TrainingProgress
+from .samplers import (
+    EpochDistributedSampler,
+    EpochShuffleSampler,
+    ShardSampler,
+    batches_from,
+    loader_batch_size,
+    loader_length,
+)
 
 __all__ = ["EpochDistributedSampler", "EpochShuffleSampler", "FailurePoint", "LoopParts",
            "ShardSampler", "StopWatch", "TrainingLoop", "loader_length",
@@ -35,73 +42,6 @@ _NO_CONTEXT = contextlib.nullcontext()
 
 def _no_context() -> contextlib.nullcontext[None]:
     return _NO_CONTEXT
-
-
-class _StartsMidEpoch:
-    """A training sampler whose current epoch can start ``index`` positions in
-    (:meth:`start_at`), so that continuing an interrupted epoch never loads the samples it
-    already trained on; ``set_epoch`` starts the next epoch from its beginning again."""
-
-    _start = 0
-
-    def start_at(self, index: int) -> None:
-        self._start = index
-
-    def _from_start(self, indices: Iterator[int]) -> Iterator[int]:
-        return itertools.islice(indices, self._start, None) if self._start else indices
-
-
-class EpochShuffleSampler(_StartsMidEpoch, Sampler[int]):
-    """A permutation that depends only on ``seed`` and the epoch set with :meth:`set_epoch`.
-
-    Re-creating the loader after a resume therefore yields the same batches as the
-    uninterrupted run (the same rule as ``DistributedSampler``: seed + epoch).
-    """
-
-    def __init__(self, length: int, seed: int, shuffle: bool) -> None:
-        self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._start = epoch, 0
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return self._from_start(iter(range(self.length)))
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        return self._from_start(iter(torch.randperm(self.length, generator=generator).tolist()))
-
-    def __len__(self) -> int:
-        return max(0, self.length - self._start)
-
-
-class EpochDistributedSampler(_StartsMidEpoch, DistributedSampler[Any]):
-    """``DistributedSampler`` (seed + epoch, padded equal shards) whose epoch can start
-    mid-way (:meth:`start_at`)."""
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self._start = 0
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._from_start(super().__iter__())
-
-    def __len__(self) -> int:
-        return max(0, super().__len__() - self._start)
-
-
-class ShardSampler(Sampler[int]):
-    """Rank ``r`` of ``n`` takes indices ``r, r+n, …`` with no padding, so validation averages
-    count every sample exactly once across ranks."""
-
-    def __init__(self, length: int, rank: int, world_size: int) -> None:
-        self.indices = range(rank, length, world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def move_to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -381,7 +321,7 @@ class TrainingLoop:
         stop_now = p.stop_watch.at_step if p.stop_watch is not None else None
         done, stage = start, BEFORE_BACKWARD  # where an exception would find the epoch
         try:
-            for index, batch in enumerate(_batches_from(loader, start), start):
+            for index, batch in enumerate(batches_from(loader, start), start):
                 if fire_begin:
                     p.dispatcher.fire(Event.TRAIN_BATCH_BEGIN, handler=p.handler, epoch=epoch,
                                       batch_idx=index, batch=batch)
@@ -434,7 +374,7 @@ class TrainingLoop:
         p = self.p
         assert p.position is not None
         p.position.partial = PartialEpoch(
-            epoch=epoch, batches=done, batch_size=_loader_batch_size(p.train_loader),
+            epoch=epoch, batches=done, batch_size=loader_batch_size(p.train_loader),
             accumulation=p.settings.gradient_accumulation_steps,
             metric_names=tuple(self.metric_names),
             totals=tuple(all_gather_objects(p.context, totals.export())),
@@ -571,38 +511,6 @@ class TrainingLoop:
                 p.scheduler.step(logs["val_loss"])
         else:
             p.scheduler.step()
-
-
-def _batches_from(loader: DataLoader[Any], start: int) -> Iterator[Any]:
-    """The loader's batches from batch ``start`` on. The sampler starts ``start`` batches in,
-    so skipped samples are never loaded; and the random number the DataLoader draws for its
-    worker seeds is given back, so the random streams continue exactly as they were saved in
-    the middle of the epoch (the uninterrupted run drew it before the epoch's first batch)."""
-    if start == 0:
-        return iter(loader)
-    start_at = getattr(loader.sampler, "start_at", None)
-    if start_at is None:
-        raise TypeError(f"cannot continue an epoch at batch {start}: the training loader's "
-                        f"sampler {type(loader.sampler).__qualname__} cannot start mid-epoch")
-    start_at(start * _loader_batch_size(loader))
-    random_state = torch.get_rng_state()
-    iterator = iter(loader)
-    torch.set_rng_state(random_state)
-    return iterator
-
-
-def _loader_batch_size(loader: DataLoader[Any]) -> int:
-    if loader.batch_size is None:
-        raise TypeError("the training loader has no batch_size (a batch_sampler)")
-    return loader.batch_size
-
-
-def loader_length(loader: DataLoader[Any]) -> int | None:
-    """``len(loader)``, or ``None`` for an iterable dataset without a length."""
-    try:
-        return len(loader)
-    except TypeError:  # an IterableDataset without __len__
-        return None
 
 
 def _status(logs: Mapping[str, Any]) -> str:

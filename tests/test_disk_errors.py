@@ -465,7 +465,7 @@ class FakeDisk:
 @pytest.fixture
 def disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDisk]:
     fake = FakeDisk()
-    monkeypatch.setattr("nnhandler.callbacks.autosave.shutil.disk_usage", fake.disk_usage)
+    monkeypatch.setattr("nnhandler.callbacks.autosave_files.shutil.disk_usage", fake.disk_usage)
     yield fake
 
 

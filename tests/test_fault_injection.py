@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from nnh_testing import checkpoint_files, make_handler
 
-from nnhandler import AutoSaveCallback, NNHandler
+from nnhandler import NNHandler
+from nnhandler.checkpoint.removal import RemovalGuard
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "fault_injection.py"
@@ -119,7 +120,7 @@ def test_overwrite_crash_between_write_and_removal_is_finished_by_the_resumed_ru
         raise _Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(AutoSaveCallback, "_remove_previous", killed)
+        patch.setattr(RemovalGuard, "remove", killed)  # killed before the old file goes
         with pytest.raises(_Killed):
             handler.train(epochs=1, progress_bar=False)
     assert checkpoint_files(Path("ck")) == ["ep001.pth", "ep002.pth"]

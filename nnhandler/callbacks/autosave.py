@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shutil
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from ..checkpoint.removal import RemovalGuard, distinct_target, remove_stale_temp_files
+from ..checkpoint.removal import RemovalGuard
 from ..checkpoint.retention import Retention, RetentionPlan, RetentionRules, RetentionStateRecord
 from ..checkpoint.schema import Schema, validate
 from ..checkpoint.sharded import checkpoint_size, sharded_name
@@ -22,9 +21,20 @@ from ..checkpointing import BackgroundSave, Emergency
 from ..config import AutoSaveConfig
 from ..distributed import run_on_rank_zero
 from ..errors import CheckpointSchemaError, ConfigurationError, DuplicateStateKeyError
-from ..naming import MISSING_VALUE, RenderedName, name_limit, render_name
+from ..naming import RenderedName, name_limit, render_name
 from ..plugins import register_provider_factory
-from .autosave_options import AutoSaveOptions, auto_save_config
+from .autosave_files import (
+    own_target,
+    plan_retention,
+    prepare_directory,
+    removal_guard,
+    remove_previous,
+    remove_superseded,
+    resume_retention,
+    warn_about_name,
+    warn_if_disk_is_short,
+)
+from .autosave_options import AutoSaveOptions, auto_save_config, options_repr
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -266,16 +276,7 @@ class AutoSaveCallback(Callback):
         return self._background.in_flight
 
     def __repr__(self) -> str:
-        c = self.config
-        rules = "".join(f", {name}={value!r}" for name, value in (
-            *c.retention_arguments().items(), ("monitor", c.monitor), ("mode", c.mode))
-            if value is not None and (name != "mode" or c.keep_best is not None))
-        return (
-            f"AutoSaveCallback(interval={c.interval!r}, save_path={str(c.save_path)!r}, "
-            f"name={c.name!r}, overwrite={c.overwrite!r}, on_save_error={c.on_save_error!r}, "
-            f"async_save={c.async_save!r}, save_on_signal={c.save_on_signal!r}, "
-            f"save_on_exception={c.save_on_exception!r}{rules})"
-        )
+        return f"AutoSaveCallback({options_repr(self.config)})"
 
     # -- schedule ------------------------------------------------------------------------------
     def should_save(self, epoch: int, *, last_of_call: bool) -> bool:
@@ -305,47 +306,15 @@ class AutoSaveCallback(Callback):
         if self.config.enabled or self.config.writes_emergency_checkpoints:
             guard = self._guard(handler)
             self.last_saved_path = run_on_rank_zero(
-                handler.distributed, lambda: self._prepare_directory(handler, guard))
+                handler.distributed, lambda: prepare_directory(
+                    self.config, handler, guard, last_saved_path=self.last_saved_path,
+                    pending_removal=self.pending_removal))
             self.pending_removal = None
-            self._resume_retention(handler, guard)
+            resume_retention(self.retention, self.retention_rules, self.state_key, handler,
+                             guard)
 
     def _guard(self, handler: Trainer) -> RemovalGuard:
-        """The confinement of this callback's removals: its current folder and name template,
-        the run's lineage (see :mod:`nnhandler.checkpoint.removal`)."""
-        return RemovalGuard(self.config.save_path, self.config.name, handler.progress.lineage,
-                            handler.logger, self._earlier_templates)
-
-    def _prepare_directory(self, handler: Trainer, guard: RemovalGuard) -> str | None:
-        """Rank 0 when ``train`` starts: create and probe ``save_path``, remove stale temp
-        files, finish the pending ``overwrite`` removal of this lineage; returns
-        ``last_saved_path`` as it may stay recorded (``None`` with ``overwrite`` when it is no
-        file this callback could ever remove)."""
-        directory = self.config.save_path
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            probe = directory / f".nnhandler-write-probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise ConfigurationError(
-                f"auto-save cannot write to save_path {str(directory)!r}: {error}"
-            ) from error
-        name_limit(directory)  # a filesystem too short for checkpoint names fails here
-        for stale in remove_stale_temp_files(directory, handler.logger):
-            handler.logger.warning("removed temp file %s left by an interrupted save", stale)
-        pending, last = self.pending_removal, self.last_saved_path
-        if not self.config.overwrite:
-            return last
-        if pending is not None and pending != last:
-            # the checkpoint this run resumed from was written, its predecessor never removed
-            self._remove_previous(handler, pending, Path(last or pending), guard)
-        reason = None if last is None else guard.refusal(last)
-        if reason is not None:
-            handler.logger.warning(
-                "overwrite: the previous auto-save %r recorded in the checkpoint is dropped from "
-                "the bookkeeping and will not be removed: %s", last, reason)
-            return None
-        return last
+        return removal_guard(self.config, handler, self._earlier_templates)
 
     def on_epoch_end(
         self, handler: Trainer, epoch: int, logs: dict[str, Any], **kwargs: Any
@@ -429,24 +398,12 @@ class AutoSaveCallback(Callback):
         if path is None:
             path, rendered = self.path_for({**logs, "epoch": epoch},
                                            sharded=handler.sharded_checkpoints)
-        if rendered.missing:
-            handler.logger.warning(
-                "auto-save name template %r: key(s) %s missing from the epoch-%d logs "
-                "(available: %s); saving as %s with %s in their place",
-                self.config.name, ", ".join(rendered.missing), epoch, ", ".join(sorted(logs)),
-                path.name, MISSING_VALUE,
-            )
-        if rendered.clipped_from is not None:
-            handler.logger.warning(
-                "auto-save name template %r gave a file name of %d bytes for epoch %d, longer "
-                "than names in %s may be (%d bytes); saving as %s (its start and a hash of the "
-                "full name %.300r)", self.config.name, len(rendered.clipped_from.encode()), epoch,
-                self.config.save_path, name_limit(self.config.save_path), path.name,
-                rendered.clipped_from,
-            )
-        path = self._own_target(handler, path)
+        warn_about_name(self.config, handler, rendered, epoch, logs, path)
+        chosen = own_target(handler, path, warn=not self._told_name_taken)
+        self._told_name_taken = self._told_name_taken or chosen != path
+        path = chosen
         if handler.distributed.is_main:
-            self._warn_if_disk_is_short(handler)
+            warn_if_disk_is_short(self.config, handler, self._last_size)
         previous: _Bookkeeping = (self.last_saved_path, self.last_saved_epoch, self.save_count,
                                   self.pending_removal)
         # bookkeeping first, so the file records itself as this lineage's latest save (and,
@@ -455,16 +412,15 @@ class AutoSaveCallback(Callback):
         self.save_count += 1
         if self.config.overwrite and previous[0] is not None and previous[0] != str(path):
             self.pending_removal = previous[0]
-        plan = self._plan_retention(handler, path, epoch, logs, partial=emergency)
+        plan = plan_retention(self.retention, self.retention_rules, self.state_key, handler,
+                              path, epoch, logs, partial=emergency)
         try:
             if self.config.async_save and not synchronous:
                 self._save_in_background(handler, path, epoch, logs, previous, plan)
                 return path
             handler.checkpoints.save(path, logs)
         except BaseException:
-            (self.last_saved_path, self.last_saved_epoch, self.save_count,
-             self.pending_removal) = previous
-            self._rollback_retention(plan)
+            self._roll_back(previous, plan)
             raise
         if plan is not None and handler.distributed.is_main:
             self._commit_retention(handler, plan)
@@ -475,27 +431,9 @@ class AutoSaveCallback(Callback):
             guard = self._guard(handler)
             for old in {previous[0], previous[3]}:
                 if old is not None:
-                    self._remove_previous(handler, old, path, guard)
+                    remove_previous(handler, old, path, guard)
             self.pending_removal = None
         return path
-
-    def _own_target(self, handler: Trainer, path: Path) -> Path:
-        """``path``, or ``<stem>-v<N><suffix>`` when ``path`` holds another run's file (or
-        anything that is not this lineage's checkpoint): never replace what another run wrote.
-        Rank 0 decides, every rank takes its answer."""
-        lineage = handler.progress.lineage
-        chosen = Path(run_on_rank_zero(handler.distributed,
-                                       lambda: str(distinct_target(path, lineage))))
-        if chosen != path and not self._told_name_taken:
-            self._told_name_taken = True
-            if handler.distributed.is_main:
-                handler.logger.warning(
-                    "auto-save: %s exists and is not this run's checkpoint (another run, or "
-                    "not a checkpoint of this lineage); it is left untouched and this run "
-                    "saves as %s instead (later names taken alike get -v<N> too, said once). "
-                    "To avoid this use another save_path or name, continue that run with "
-                    "train(resume=\"latest\"), or remove the old files", path, chosen.name)
-        return chosen
 
     # -- background saving ---------------------------------------------------------------------
     def _save_in_background(self, handler: Trainer, path: Path, epoch: int,
@@ -505,7 +443,7 @@ class AutoSaveCallback(Callback):
         after_commit = None
         if self.config.overwrite:
             superseded = [old for old in {previous[0], previous[3]} if old is not None]
-            after_commit = functools.partial(self._remove_all, handler, superseded, path,
+            after_commit = functools.partial(remove_superseded, handler, superseded, path,
                                              self._guard(handler))
         elif plan is not None:  # index, then removals: in the writer thread, once durable
             after_commit = functools.partial(self._commit_retention, handler, plan)
@@ -527,9 +465,7 @@ class AutoSaveCallback(Callback):
             saved = self._background.settle(handler, wait=wait)
         except Exception as error:
             self._in_flight = None
-            (self.last_saved_path, self.last_saved_epoch, self.save_count,
-             self.pending_removal) = pending.previous
-            self._rollback_retention(pending.retention)
+            self._roll_back(pending.previous, pending.retention)
             self._save_failed(handler, pending.epoch, error)
             return
         if saved is None:
@@ -555,9 +491,7 @@ class AutoSaveCallback(Callback):
             handler.logger.info("saved checkpoint %s (%.1f MB, %.2f s) while training failed",
                                 outcome.path, outcome.size / 1e6, outcome.seconds)
             return
-        (self.last_saved_path, self.last_saved_epoch, self.save_count,
-         self.pending_removal) = pending.previous
-        self._rollback_retention(pending.retention)
+        self._roll_back(pending.previous, pending.retention)
         self.failed_saves += 1
         self._call_failures += 1
         error = outcome.error
@@ -611,68 +545,16 @@ class AutoSaveCallback(Callback):
     def retention_rules(self) -> RetentionRules:
         return RetentionRules.from_config(self.config)
 
-    def _resume_retention(self, handler: Trainer, guard: RemovalGuard) -> None:
-        """When ``train`` starts: rank 0 merges the restored bookkeeping with the index (records
-        ``guard`` refuses are dropped), every rank takes the result, and rank 0 records it and
-        finishes removals already decided."""
-        rules = self.retention_rules
-        if not rules.active:
-            return
-        key = self.state_key
-        self.retention.bind(key)
-        merged = run_on_rank_zero(handler.distributed,
-                                  lambda: self.retention.resume(guard, key))
-        self.retention.state = merged
-        if handler.distributed.is_main and (merged.files or merged.removing):
-            self.retention.commit(merged, guard, key, rules)
-
-    def _plan_retention(self, handler: Trainer, path: Path, epoch: int,
-                        logs: dict[str, Any], *, partial: bool) -> RetentionPlan | None:
-        rules = self.retention_rules
-        if not rules.active:
-            return None
-        self.retention.bind(self.state_key)
-        return self.retention.plan(rules, path.name, epoch, handler.global_step, logs,
-                                   lineage=handler.progress.lineage,
-                                   is_main=handler.distributed.is_main, logger=handler.logger,
-                                   partial=partial)
-
-    def _rollback_retention(self, plan: RetentionPlan | None) -> None:
+    def _roll_back(self, previous: _Bookkeeping, plan: RetentionPlan | None) -> None:
+        """Undo a failed save's bookkeeping and retention plan."""
+        (self.last_saved_path, self.last_saved_epoch, self.save_count,
+         self.pending_removal) = previous
         if plan is not None:
             self.retention.rollback(plan)
 
     def _commit_retention(self, handler: Trainer, plan: RetentionPlan) -> None:
         self.retention.commit(plan.after, self._guard(handler), self.state_key,
                               self.retention_rules)
-
-    def _remove_all(self, handler: Trainer, superseded: list[str], new: Path,
-                    guard: RemovalGuard) -> None:
-        for old in superseded:
-            self._remove_previous(handler, old, new, guard)
-
-    def _warn_if_disk_is_short(self, handler: Trainer) -> None:
-        expected = self._last_size or _estimated_size(handler)
-        directory = self.config.save_path
-        try:
-            free = shutil.disk_usage(directory if directory.exists() else Path.cwd()).free
-        except OSError:
-            return
-        if free < 2 * expected:
-            handler.logger.warning(
-                "only %.1f MB free in %s, less than twice the expected checkpoint size "
-                "(%.1f MB): the next saves may fail", free / 1e6, directory, expected / 1e6,
-            )
-
-    def _remove_previous(self, handler: Trainer, previous: str, new: Path,
-                         guard: RemovalGuard) -> None:
-        """Rank 0, ``overwrite``: remove the recorded previous auto-save ``previous`` (unless
-        it is ``new``), through ``guard``: a value that is not this callback's own file is
-        left alone with a warning."""
-        if not handler.distributed.is_main:
-            return
-        if os.path.realpath(previous) == os.path.realpath(new):
-            return
-        guard.remove(previous, what="overwrite: the previous auto-save")
 
     # -- StateProvider -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -708,12 +590,6 @@ class AutoSaveCallback(Callback):
             self.retention.state, self.retention.continuing = retention.state, True
             self.retention.bind(self.state_key)
 
-
-def _estimated_size(handler: Trainer) -> int:
-    """A first save's size before any file exists: model tensors, three times over (weights
-    plus typical optimizer moments)."""
-    tensors = handler.module.state_dict().values()
-    return int(3 * sum(t.numel() * t.element_size() for t in tensors))
 
 
 # restored on NNHandler.load through the same door as any third-party saver

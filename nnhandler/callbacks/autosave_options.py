@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..config import AutoSaveConfig, MonitorMode, SaveErrorPolicy
 from ..errors import ConfigurationError
 
-__all__ = ["AutoSaveOptions", "EmergencySaves", "Retention", "auto_save_config"]
+__all__ = ["AutoSaveOptions", "EmergencySaves", "Retention", "auto_save_config", "options_repr"]
 
 
 class _Option(BaseModel):
@@ -131,3 +131,17 @@ def auto_save_config(interval: int | None, save_path: str | os.PathLike[str], na
                                  "os.PathLike)")
     return AutoSaveConfig(interval=interval, save_path=Path(save_path), name=name,
                           overwrite=overwrite, **flat)
+
+
+def options_repr(c: AutoSaveConfig) -> str:
+    """The arguments that configure ``c``, as an auto-saver's ``repr`` shows them (retention
+    rules only where set)."""
+    rules = "".join(f", {name}={value!r}" for name, value in (
+        *c.retention_arguments().items(), ("monitor", c.monitor), ("mode", c.mode))
+        if value is not None and (name != "mode" or c.keep_best is not None))
+    return (
+        f"interval={c.interval!r}, save_path={str(c.save_path)!r}, "
+        f"name={c.name!r}, overwrite={c.overwrite!r}, on_save_error={c.on_save_error!r}, "
+        f"async_save={c.async_save!r}, save_on_signal={c.save_on_signal!r}, "
+        f"save_on_exception={c.save_on_exception!r}{rules}"
+    )

@@ -1,0 +1,187 @@
+"""The auto-saver's files: where a checkpoint goes (its name, a ``-v<N>`` name beside another
+run's file), the directory it is prepared in, the free-space check, and which earlier files
+are removed (``overwrite``) or kept (retention), always through a
+:class:`~nnhandler.checkpoint.removal.RemovalGuard`.
+
+Functions of the :class:`~nnhandler.callbacks.AutoSaveCallback` that take exactly what they
+work on: its configuration, the trainer and the guard of its removals.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..checkpoint.removal import RemovalGuard, distinct_target, remove_stale_temp_files
+from ..checkpoint.retention import Retention, RetentionPlan, RetentionRules
+from ..config import AutoSaveConfig
+from ..distributed import run_on_rank_zero
+from ..errors import ConfigurationError
+from ..naming import MISSING_VALUE, RenderedName, name_limit
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+__all__ = [
+    "estimated_size",
+    "own_target",
+    "plan_retention",
+    "prepare_directory",
+    "removal_guard",
+    "remove_previous",
+    "resume_retention",
+    "warn_about_name",
+    "warn_if_disk_is_short",
+]
+
+
+def removal_guard(config: AutoSaveConfig, handler: Trainer,
+                  earlier_templates: tuple[str, ...]) -> RemovalGuard:
+    """The confinement of an auto-saver's removals: its current folder and name template (and
+    the ones it was configured with before), the run's lineage (see
+    :mod:`nnhandler.checkpoint.removal`)."""
+    return RemovalGuard(config.save_path, config.name, handler.progress.lineage,
+                        handler.logger, earlier_templates)
+
+
+def prepare_directory(config: AutoSaveConfig, handler: Trainer, guard: RemovalGuard, *,
+                      last_saved_path: str | None, pending_removal: str | None) -> str | None:
+    """Rank 0 when ``train`` starts: create and probe ``save_path``, remove stale temp
+    files, finish the pending ``overwrite`` removal of this lineage; returns
+    ``last_saved_path`` as it may stay recorded (``None`` with ``overwrite`` when it is no
+    file this callback could ever remove)."""
+    directory = config.save_path
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".nnhandler-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigurationError(
+            f"auto-save cannot write to save_path {str(directory)!r}: {error}"
+        ) from error
+    name_limit(directory)  # a filesystem too short for checkpoint names fails here
+    for stale in remove_stale_temp_files(directory, handler.logger):
+        handler.logger.warning("removed temp file %s left by an interrupted save", stale)
+    pending, last = pending_removal, last_saved_path
+    if not config.overwrite:
+        return last
+    if pending is not None and pending != last:
+        # the checkpoint this run resumed from was written, its predecessor never removed
+        remove_previous(handler, pending, Path(last or pending), guard)
+    reason = None if last is None else guard.refusal(last)
+    if reason is not None:
+        handler.logger.warning(
+            "overwrite: the previous auto-save %r recorded in the checkpoint is dropped from "
+            "the bookkeeping and will not be removed: %s", last, reason)
+        return None
+    return last
+
+
+def warn_about_name(config: AutoSaveConfig, handler: Trainer, rendered: RenderedName,
+                    epoch: int, logs: dict[str, Any], path: Path) -> None:
+    """Warn when the name template's keys are missing from the logs, or when the name was
+    clipped to the filesystem's limit."""
+    if rendered.missing:
+        handler.logger.warning(
+            "auto-save name template %r: key(s) %s missing from the epoch-%d logs "
+            "(available: %s); saving as %s with %s in their place",
+            config.name, ", ".join(rendered.missing), epoch, ", ".join(sorted(logs)),
+            path.name, MISSING_VALUE,
+        )
+    if rendered.clipped_from is not None:
+        handler.logger.warning(
+            "auto-save name template %r gave a file name of %d bytes for epoch %d, longer "
+            "than names in %s may be (%d bytes); saving as %s (its start and a hash of the "
+            "full name %.300r)", config.name, len(rendered.clipped_from.encode()), epoch,
+            config.save_path, name_limit(config.save_path), path.name,
+            rendered.clipped_from,
+        )
+
+
+def own_target(handler: Trainer, path: Path, *, warn: bool) -> Path:
+    """``path``, or ``<stem>-v<N><suffix>`` when ``path`` holds another run's file (or
+    anything that is not this lineage's checkpoint): never replace what another run wrote.
+    Rank 0 decides, every rank takes its answer; ``warn``: say so (rank 0) when it differs."""
+    lineage = handler.progress.lineage
+    chosen = Path(run_on_rank_zero(handler.distributed,
+                                   lambda: str(distinct_target(path, lineage))))
+    if chosen != path and warn and handler.distributed.is_main:
+        handler.logger.warning(
+            "auto-save: %s exists and is not this run's checkpoint (another run, or "
+            "not a checkpoint of this lineage); it is left untouched and this run "
+            "saves as %s instead (later names taken alike get -v<N> too, said once). "
+            "To avoid this use another save_path or name, continue that run with "
+            "train(resume=\"latest\"), or remove the old files", path, chosen.name)
+    return chosen
+
+
+def warn_if_disk_is_short(config: AutoSaveConfig, handler: Trainer,
+                          last_size: int | None) -> None:
+    """Warn when ``save_path`` has less than twice the expected checkpoint size free (the
+    last checkpoint's size, or :func:`estimated_size` before the first)."""
+    expected = last_size or estimated_size(handler)
+    directory = config.save_path
+    try:
+        free = shutil.disk_usage(directory if directory.exists() else Path.cwd()).free
+    except OSError:
+        return
+    if free < 2 * expected:
+        handler.logger.warning(
+            "only %.1f MB free in %s, less than twice the expected checkpoint size "
+            "(%.1f MB): the next saves may fail", free / 1e6, directory, expected / 1e6,
+        )
+
+
+def estimated_size(handler: Trainer) -> int:
+    """A first save's size before any file exists: model tensors, three times over (weights
+    plus typical optimizer moments)."""
+    tensors = handler.module.state_dict().values()
+    return int(3 * sum(t.numel() * t.element_size() for t in tensors))
+
+
+def remove_previous(handler: Trainer, previous: str, new: Path, guard: RemovalGuard) -> None:
+    """Rank 0, ``overwrite``: remove the recorded previous auto-save ``previous`` (unless
+    it is ``new``), through ``guard``: a value that is not this callback's own file is
+    left alone with a warning."""
+    if not handler.distributed.is_main:
+        return
+    if os.path.realpath(previous) == os.path.realpath(new):
+        return
+    guard.remove(previous, what="overwrite: the previous auto-save")
+
+
+def remove_superseded(handler: Trainer, superseded: list[str], new: Path,
+                      guard: RemovalGuard) -> None:
+    """:func:`remove_previous` for each of ``superseded`` (after a background write)."""
+    for old in superseded:
+        remove_previous(handler, old, new, guard)
+
+
+def resume_retention(retention: Retention, rules: RetentionRules, key: str, handler: Trainer,
+                     guard: RemovalGuard) -> None:
+    """When ``train`` starts: rank 0 merges the restored bookkeeping with the index (records
+    ``guard`` refuses are dropped), every rank takes the result, and rank 0 records it and
+    finishes removals already decided."""
+    if not rules.active:
+        return
+    retention.bind(key)
+    merged = run_on_rank_zero(handler.distributed, lambda: retention.resume(guard, key))
+    retention.state = merged
+    if handler.distributed.is_main and (merged.files or merged.removing):
+        retention.commit(merged, guard, key, rules)
+
+
+def plan_retention(retention: Retention, rules: RetentionRules, key: str, handler: Trainer,
+                   path: Path, epoch: int, logs: dict[str, Any], *,
+                   partial: bool) -> RetentionPlan | None:
+    """The retention plan of saving ``path`` (``None`` without retention rules)."""
+    if not rules.active:
+        return None
+    retention.bind(key)
+    return retention.plan(rules, path.name, epoch, handler.global_step, logs,
+                          lineage=handler.progress.lineage,
+                          is_main=handler.distributed.is_main, logger=handler.logger,
+                          partial=partial)

@@ -1,0 +1,273 @@
+"""Restoring a checkpoint: the one path that :meth:`NNHandler.load`, ``load_latest``,
+``resume_from`` and ``train(resume=...)`` share.
+
+* :func:`latest_checkpoint` chooses the newest valid file of a directory (rank 0 chooses,
+  every rank takes its answer); :func:`load_latest` loads it, choosing again when another job
+  removed it meanwhile.
+* :func:`handler_arguments` reads what builds the handler from the file's (validated)
+  configuration: model class and arguments, ``torch.compile``, parallelism, FSDP units.
+* :func:`recreate_providers` brings back the owners of the file's states that nothing on the
+  handler owns (savers, plugin providers), through the generic factory registries.
+* :func:`apply_checkpoint` checks, then applies every state (random streams last) and reports
+  what did not match.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from .callbacks import Callback
+from .checkpoint import Checkpoint
+from .checkpoint.content import ConfigRecord
+from .checkpoint.discovery import find_latest_valid
+from .checkpoint.refs import decode_arguments
+from .checkpoint.schema import relocate
+from .checkpoint.sharded import SHARDED_KEYS, ShardedCheckpoint, load_sharded_state
+from .components import EpochPosition, RNGState
+from .config import LoadOptions, validate_call
+from .devices import parse_device
+from .distributed import DistributedContext
+from .errors import (
+    CheckpointError,
+    CheckpointSchemaError,
+    ConfigurationError,
+    NoCheckpointFoundError,
+)
+from .plugins import PluginRegistry, discover_plugins, in_process_factories
+from .recorded import require_passed, resolve_fsdp_units, resolve_model_class
+from .run_setup import AmpAndEma
+from .state import RestoreResult
+
+if TYPE_CHECKING:
+    from .checkpoint.dcp_state import ShardedComponents
+    from .handler import NNHandler
+
+__all__ = ["CORE_KEYS", "RestoreParts", "apply_checkpoint", "check_checkpoint_path",
+           "handler_arguments", "latest_checkpoint", "load_latest", "optimizer_replaced_warning",
+           "recreate_providers", "skipped_keys"]
+
+_LOGGER: Final = logging.getLogger("nnhandler")
+#: load_latest: how often a chosen file may vanish (another job pruning) before it gives up
+_CHOICES_BEFORE_GIVING_UP: Final = 5
+#: State keys of the handler's own components; everything else belongs to callbacks/plugins.
+CORE_KEYS: Final = frozenset({"model", "optimizer", "scheduler", "grad_scaler", "ema",
+                              "history", "progress", "rng", "config", "position"})
+#: core keys a checkpoint may lack without a warning (files written before they existed)
+_OPTIONAL_KEYS: Final = frozenset({"position"})
+
+Loaded = TypeVar("Loaded")
+
+
+def check_checkpoint_path(path: Any, call: str) -> None:
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ConfigurationError(f"{call}: the path must be a non-empty str or os.PathLike, "
+                                 f"got {path!r}")
+
+
+# -- choosing the file -------------------------------------------------------------------------
+def latest_checkpoint(directory: str | os.PathLike[str], context: DistributedContext,
+                      logger: logging.Logger) -> str | None:
+    """The newest valid checkpoint in ``directory`` (see ``NNHandler.load_latest``), chosen
+    by rank 0 and the same on every rank; ``None`` when there is none."""
+    found = find_latest_valid(Path(directory), logger) if context.is_main else None
+    return context.broadcast_object(str(found) if found is not None else None)
+
+
+def load_latest(load: Callable[..., Loaded], save_path: str | os.PathLike[str],
+                load_arguments: dict[str, Any]) -> Loaded:
+    """``load`` (:meth:`NNHandler.load`) the newest valid checkpoint in ``save_path``."""
+    options = validate_call(LoadOptions, "NNHandler.load_latest", load_arguments)
+    for name in ("callbacks", "fsdp_units"):  # iterables are read once
+        if name in load_arguments:
+            load_arguments[name] = getattr(options, name)
+    check_checkpoint_path(save_path, "NNHandler.load_latest")
+    context = DistributedContext.setup(load_arguments.get("use_distributed"),
+                                       parse_device(load_arguments.get("device")))
+    load_arguments.setdefault("verify", False)  # verified while choosing it
+    for _attempt in range(_CHOICES_BEFORE_GIVING_UP):
+        latest = latest_checkpoint(save_path, context, _LOGGER)
+        if latest is None:
+            break
+        try:
+            return load(latest, **load_arguments)
+        except CheckpointError:
+            # another job's retention may remove the chosen file before we open it; in
+            # one process that is seen here alone, so choose again (under DDP the ranks
+            # could disagree about it: the error stands)
+            if context.enabled or os.path.lexists(latest):
+                raise
+            _LOGGER.info("%s was removed while it was being loaded; choosing again", latest)
+    raise NoCheckpointFoundError(f"no valid checkpoint in {str(save_path)!r}")
+
+
+# -- building the handler -----------------------------------------------------------------------
+def handler_arguments(config: ConfigRecord, path: str | os.PathLike[str], *,
+                      model_class: Any, model_kwargs: Mapping[str, Any] | None,
+                      compile_model: bool | Mapping[str, Any] | None,
+                      parallelism: Any, fsdp_units: Iterable[Any] | None) -> dict[str, Any]:
+    """The constructor arguments (``model_class``, ``model_kwargs``, ``compile_model``,
+    ``parallelism``, ``fsdp_units``) of the handler that ``load`` builds: those passed, else
+    the recorded ones. A recorded argument that a file cannot supply (a function) must be
+    passed; otherwise the error names it."""
+    model_cls = model_class or resolve_model_class(config.model_class, path)
+    restored_kwargs, unrestored = decode_arguments(config.model_kwargs, "model argument")
+    kwargs = {**restored_kwargs, **(model_kwargs or {})}
+    require_passed("model argument(s)", "model_kwargs={...}", path, kwargs,
+                   [*config.model_kwargs_unstored, *(u.name for u in unrestored)], unrestored)
+    compile_option: bool | Mapping[str, Any]
+    if compile_model is not None:
+        compile_option = compile_model
+    elif isinstance(config.compile_model, bool):
+        compile_option = config.compile_model
+    else:
+        compile_options, unrestored = decode_arguments(config.compile_model, "compile_model")
+        require_passed("torch.compile option(s)", "compile_model={...}", path, {},
+                       [u.name for u in unrestored], unrestored)
+        compile_option = compile_options
+    recorded = config.parallelism
+    chosen = recorded if parallelism is None else parallelism
+    if fsdp_units is None:
+        fsdp_units = (resolve_fsdp_units(config.fsdp_units, path)
+                      if chosen == "fsdp" and recorded == "fsdp" else ())
+    return {"model_class": model_cls, "model_kwargs": kwargs, "compile_model": compile_option,
+            "parallelism": chosen, "fsdp_units": fsdp_units}
+
+
+def skipped_keys(options: LoadOptions, state: Mapping[str, Any]) -> set[str]:
+    """The state keys ``load``'s ``skip_*`` options leave fresh."""
+    skip = {key for key, flag in (("optimizer", options.skip_optimizer),
+                                   ("scheduler", options.skip_scheduler),
+                                   ("history", options.skip_history),
+                                   ("ema", options.skip_ema)) if flag}
+    if options.skip_callbacks:
+        skip |= set(state) - CORE_KEYS
+    return skip
+
+
+def recreate_providers(handler: NNHandler, state: Mapping[str, Any], source: str) -> None:
+    """Re-create the owners of the file's states that nothing on ``handler`` owns: through the
+    claims made in this process (:func:`~nnhandler.plugins.register_provider_factory`, the
+    built-in auto-saver's among them), then, for keys still without an owner, the installed
+    plugins (imported only then)."""
+    unowned = _unowned_keys(handler, state)
+    if not unowned:
+        return
+    _create_providers(handler, in_process_factories(), unowned, state, source)
+    unowned = _unowned_keys(handler, state)
+    if unowned:
+        _create_providers(handler, discover_plugins(), unowned, state, source)
+
+
+def _unowned_keys(handler: NNHandler, state: Mapping[str, Any]) -> list[str]:
+    return [key for key in state if key not in CORE_KEYS and key not in handler.state_registry]
+
+
+def _create_providers(handler: NNHandler, registry: PluginRegistry, keys: Iterable[str],
+                      state: Mapping[str, Any], source: str) -> None:
+    for key in keys:
+        try:
+            provider = registry.create_provider(key, state[key])
+        except CheckpointSchemaError as error:
+            raise relocate(error, prefix=f"state[{key!r}]", path=source) from None
+        if isinstance(provider, Callback):
+            handler.add_callback(provider)  # its state is restored with the other states
+        elif provider is not None:
+            handler.register_state_provider(provider)
+
+
+# -- applying the states ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RestoreParts:
+    """The handler's components that a restore applies states to beyond its registry."""
+
+    rng: RNGState
+    position: EpochPosition
+    amp_ema: AmpAndEma
+    sharded_components: Callable[..., ShardedComponents]
+
+
+def apply_checkpoint(handler: NNHandler, parts: RestoreParts, checkpoint: Checkpoint,
+                     skip: set[str]) -> dict[str, Any]:
+    """Restore every state of ``checkpoint`` not in ``skip`` into ``handler`` (random streams
+    last; every state is checked before any is applied); returns the file's logs."""
+    state = checkpoint.state
+    source = str(checkpoint.path)
+    sharded = isinstance(checkpoint, ShardedCheckpoint)
+    if "rng" in state:  # restored last, checked first: nothing changes if it is bad
+        try:
+            parts.rng.check_state(state["rng"])
+        except CheckpointSchemaError as error:
+            raise relocate(error, prefix="state['rng']", path=source) from None
+    if not sharded and handler.sharded_checkpoints and "model" in state:
+        raise CheckpointError(
+            f"{str(checkpoint.path)!r} was written from an unsharded model and cannot be "
+            "loaded into this model with DTensor parameters; load it with "
+            "parallelism='ddp' (or 'none')")
+    amp_ema = parts.amp_ema
+    wants_ema = handler.settings.ema_decay > 0 and "ema" in state and "ema" not in skip
+    if wants_ema and amp_ema.ema is None:
+        amp_ema.create_ema(handler.settings.ema_decay)
+    if "grad_scaler" in state and handler.device.type == "cuda" and amp_ema.scaler is None:
+        amp_ema.create_scaler()
+    restore_skip = skip | {"config", "rng"}  # the caller applied the config
+    if sharded:
+        restore_skip |= SHARDED_KEYS  # their tensors are in the DCP files: loaded below
+    result = handler.state_registry.restore(state, skip=frozenset(restore_skip), source=source)
+    if "position" not in state:  # written before positions were recorded: an epoch's end
+        parts.position.load_state_dict({"partial": None})
+    if sharded:
+        assert isinstance(checkpoint, ShardedCheckpoint)
+        components = parts.sharded_components(with_optimizer="optimizer" not in skip)
+        load_sharded_state(checkpoint, components, handler.distributed)
+    if "rng" in state:
+        parts.rng.load_state_dict(state["rng"])
+    _report_restore(result, checkpoint.path, handler.logger)
+    _warn_if_world_size_differs(checkpoint, handler.distributed, handler.logger)
+    return dict(checkpoint.meta.get("logs", {}))
+
+
+def _report_restore(result: RestoreResult, path: Path, logger: logging.Logger) -> None:
+    if result.unmatched:
+        message = (
+            f"checkpoint {str(path)!r} holds state for {list(result.unmatched)} that nothing "
+            "on this handler owns; it is kept (and written into later checkpoints) until a "
+            "callback or provider with that state_key is added"
+        )
+        logger.warning(message)
+        warnings.warn(message, stacklevel=3)
+    missing = [key for key in result.missing if key not in _OPTIONAL_KEYS]
+    if missing:
+        logger.warning("checkpoint has no state for %s; they start fresh", missing)
+
+
+def _warn_if_world_size_differs(checkpoint: Checkpoint, context: DistributedContext,
+                                logger: logging.Logger) -> None:
+    """Resuming at another world size is allowed, but it cannot be exact: say so."""
+    saved = checkpoint.meta.get("world_size")
+    current = context.world_size
+    if not isinstance(saved, int) or saved == current:
+        return
+    message = (
+        f"checkpoint {str(checkpoint.path)!r} was written by {saved} rank(s), this run has "
+        f"{current}: rank r continues the random streams saved by rank r mod {saved} and "
+        "every rank gets a different shard of the data, so the resumed run cannot equal an "
+        "uninterrupted one exactly"
+    )
+    if context.is_main:
+        logger.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)  # on every rank: catchable there
+
+
+def optimizer_replaced_warning(path: str | os.PathLike[str], replaced: list[str]) -> str:
+    """``resume_from``'s warning when the file's optimizer settings replace the handler's."""
+    return (f"resume_from({str(path)!r}): the checkpoint's optimizer settings replace "
+            f"this handler's ({'; '.join(replaced)}): Optimizer.load_state_dict takes "
+            "the file's param groups. To train with this handler's values, set them "
+            "after resuming (handler.optimizer.param_groups), or restore with "
+            "NNHandler.load(..., skip_optimizer=True) to start the optimizer fresh")
