@@ -49,6 +49,7 @@ from .checkpoint.background import BackgroundWriter, WriteOutcome
 from .checkpoint.envelope import build_meta, ensure_plain, envelope_of, write_checkpoint
 from .checkpoint.sharded import SHARDED_KEYS, SHARDED_SUFFIX, write_sharded_checkpoint
 from .checkpoint.snapshot import Snapshot, StagingBuffers
+from .components.history import is_plain
 from .distributed import run_on_rank_zero
 from .errors import ConfigurationError
 from .events import Event, EventDispatcher
@@ -155,7 +156,7 @@ class Checkpointer:
         ``logs``, world size, versions, time and the run's lineage."""
         trainer = self._trainer
         return build_meta(epoch=trainer.epoch, step=trainer.global_step,
-                          logs={k: v for k, v in logs.items() if _plain_scalar(v)},
+                          logs={k: v for k, v in logs.items() if is_plain(v)},
                           world_size=trainer.distributed.world_size,
                           lineage=trainer.progress.lineage)
 
@@ -340,7 +341,3 @@ class EmergencySaver(Protocol):
 def _refuse_directory(path: Path) -> None:
     if path.is_dir():
         raise ConfigurationError(f"save path {str(path)!r} is a directory")
-
-
-def _plain_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))

@@ -18,13 +18,12 @@ from ..components.callables import FunctionSpec, ModuleSpec
 from ..config import TrainSettings
 from ..errors import CheckpointFormatError, CheckpointSchemaError, UnresolvableReferenceError
 from .refs import check_reference
-from .schema import Schema, validate
+from .schema import LogValue, Schema, validate
 
 __all__ = ["ConfigRecord", "EnvelopeRecord", "FormatRecord", "MetaRecord", "check_config",
            "check_contents", "check_envelope", "check_references"]
 
 NonNegative = Annotated[int, Field(ge=0)]
-LogValue = bool | int | float | str | None
 
 
 class FormatRecord(Schema):

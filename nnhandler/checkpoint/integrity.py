@@ -24,7 +24,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import Field
 
 from ..errors import CheckpointCorruptedError
-from .schema import Schema, schema_error, validate
+from .schema import LogValue, Schema, schema_error, validate
 
 try:  # ISA-L's CRC-32: the same values as zlib.crc32, 6-30x faster (PCLMUL/SIMD)
     from isal.isal_zlib import crc32, crc32_combine
@@ -97,7 +97,7 @@ class IntegrityRecordSchema(Schema):
     epoch: Annotated[int, Field(ge=0)] | None = None
     step: Annotated[int, Field(ge=0)] | None = None
     time: str | None = None
-    logs: dict[str, bool | int | float | str | None] = {}
+    logs: dict[str, LogValue] = {}
     lineage: str | None = None
 
 

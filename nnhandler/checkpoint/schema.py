@@ -18,9 +18,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import CheckpointSchemaError
 
-__all__ = ["Schema", "describe_location", "relocate", "schema_error", "validate"]
+__all__ = ["LogValue", "Schema", "describe_location", "relocate", "schema_error", "validate"]
 
 S = TypeVar("S", bound=BaseModel)
+
+
+#: a value of an epoch's logs as checkpoints record it (meta, integrity record, manifest,
+#: history): plain scalars only
+LogValue = bool | int | float | str | None
 
 
 class Schema(BaseModel):

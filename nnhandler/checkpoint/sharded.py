@@ -43,7 +43,7 @@ from ..errors import (
 )
 from .envelope import Checkpoint, read_checkpoint, write_checkpoint
 from .integrity import IntegrityRecord, crc32, file_crc32
-from .schema import Schema, validate
+from .schema import LogValue, Schema, validate
 from .writer import atomic_write, fsync_directory, remove_checkpoint_path, temp_path_for
 
 if TYPE_CHECKING:  # DCP is imported only when a sharded checkpoint is written or loaded
@@ -317,7 +317,7 @@ class ManifestBody(Schema):
     epoch: Annotated[int, Field(ge=0)]
     step: Annotated[int, Field(ge=0)]
     time: str
-    logs: dict[str, bool | int | float | str | None]
+    logs: dict[str, LogValue]
     world_size: Annotated[int, Field(ge=1)]
     algorithm: Literal["crc32"]
     files: dict[Annotated[str, AfterValidator(_shard_name)], ManifestFile]

@@ -7,12 +7,11 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from ..checkpoint.schema import Schema, validate
+from ..checkpoint.schema import LogValue, Schema, validate
 
 __all__ = ["History", "Progress"]
 
 
-LogValue = bool | int | float | str | None
 
 
 class HistoryRecord(Schema):
