@@ -1,8 +1,10 @@
-"""``NNHandler``: configuration setters, save/load, the auto-save convenience and ``train``."""
+"""``NNHandler``, the facade: constructor, properties, setters, ``auto_save``, and ``train``,
+``save``, ``load``, ``load_latest``, ``resume_from`` as validated delegations to the components
+that do the work (:mod:`~nnhandler.training`, :mod:`~nnhandler.checkpointing`,
+:mod:`~nnhandler.restore`)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import os
@@ -13,57 +15,30 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .callbacks import AutoSaveCallback, Callback
 from .callbacks.autosave_options import AutoSaveOptions, auto_save_config
-from .checkpoint import Checkpoint
-from .checkpoint.content import ConfigRecord, check_config
-from .checkpoint.sharded import read_any_checkpoint
 from .checkpointing import Checkpointer
 from .components import EpochPosition, History, ModelState, Progress, RNGState
-from .config import (
-    LoadOptions,
-    ParallelConfig,
-    Parallelism,
-    ResumeCall,
-    TrainCall,
-    TrainSettings,
-    validate_call,
-)
+from .config import ParallelConfig, Parallelism, TrainCall, TrainSettings, validate_call
 from .data import Loaders
 from .devices import parse_device, resolve_device
 from .distributed import DistributedContext
 from .errors import ConfigurationError
-from .events import Event, EventDispatcher, validate_hooks
+from .events import EventDispatcher
+from .history_views import HistoryViews
 from .logging import LoggingMode as _LoggingMode
 from .logging import make_logger
-from .loop import LoopParts, TrainingLoop
-from .optimization import Optimization, warn
-from .preemption import PreemptionGuard, PreemptionReport, watched_signals
-from .restore import (
-    RestoreParts,
-    apply_checkpoint,
-    check_checkpoint_path,
-    handler_arguments,
-    latest_checkpoint,
-    load_latest,
-    optimizer_replaced_warning,
-    recreate_providers,
-    skipped_keys,
-)
-from .run_setup import (
-    UNSET,
-    AmpAndEma,
-    Unset,
-    partial_epoch_changes,
-    prepare_random_streams,
-    resume_change_warning,
-    settings_with,
-)
+from .optimization import Optimization
+from .preemption import PreemptionReport
+from .registered_callbacks import RegisteredCallbacks
+from .restore import RestoreParts, Restorer, load_latest, plan_load
+from .run_setup import UNSET, AmpAndEma, Unset
 from .saved_config import ConfigState, ModelSetup, config_dict
 from .sharding import has_dtensor_parameters
 from .state import StateProvider, StateRegistry
+from .training import Training
 
 if TYPE_CHECKING:  # DCP is imported only when a sharded checkpoint is written or loaded
     from typing_extensions import Unpack
@@ -73,9 +48,7 @@ if TYPE_CHECKING:  # DCP is imported only when a sharded checkpoint is written o
 __all__ = ["NNHandler"]
 
 
-
-
-class NNHandler:
+class NNHandler(HistoryViews):
     """Train a model with automatic, crash-safe checkpointing.
 
     Args:
@@ -138,27 +111,28 @@ class NNHandler:
                                           self.logger)
         self._amp_ema = AmpAndEma(self._module, self._registry)
         self._loaders = Loaders(self.logger)
-        self._settings = TrainSettings()
         self._autosave: AutoSaveCallback | None = None
-        self._callbacks: list[Callback] = []
         self._dispatcher = EventDispatcher()
-        self._stop_requested = False
-        self._last_logs: dict[str, Any] = {}
-        self._preemption: PreemptionReport | None = None
+        self._callbacks = RegisteredCallbacks(self._registry, self._dispatcher, self.logger)
 
         self.history_state = History()
         self.progress = Progress()
         self._position = EpochPosition()
         self._rng = RNGState(self.distributed)
         self._model_state = ModelState(lambda: self._module)
+        self._training = Training(self, optimization=self._optimization, amp_ema=self._amp_ema,
+                                  position=self._position, dispatcher=self._dispatcher)
+        self._restorer = Restorer(
+            self, RestoreParts(self._rng, self._position, self._amp_ema,
+                               self._sharded_components),
+            training=self._training, model_state=self._model_state,
+            optimization=self._optimization, dispatcher=self._dispatcher)
         for provider in (self._model_state, self.history_state, self.progress, self._position,
-                         self._rng, ConfigState(self._config_dict, self._apply_settings_state)):
+                         self._rng, ConfigState(self._config_dict, self._restorer.apply_settings)):
             self._registry.register(provider)
         self._checkpoints = Checkpointer(
             self, rng_gathered=self._rng.gathered, dispatcher=self._dispatcher,
             sharded_components=functools.partial(self._sharded_components, with_optimizer=True))
-        self._restore_parts = RestoreParts(self._rng, self._position, self._amp_ema,
-                                           self._sharded_components)
 
     # ------------------------------------------------------------------ components -----------
     @property
@@ -222,7 +196,7 @@ class NNHandler:
 
     @property
     def callbacks(self) -> tuple[Callback, ...]:
-        return tuple(self._callbacks)
+        return tuple(self._callbacks.callbacks)
 
     @property
     def auto_save_callback(self) -> AutoSaveCallback | None:
@@ -232,49 +206,17 @@ class NNHandler:
     @property
     def settings(self) -> TrainSettings:
         """Training defaults: the settings of the last ``train`` call (restored by ``load``)."""
-        return self._settings
-
-    # ------------------------------------------------------------------ history --------------
-    @property
-    def train_losses(self) -> list[float]:
-        return self.history_state.train_losses
-
-    @property
-    def val_losses(self) -> list[float]:
-        """One entry per epoch that validated."""
-        return self.history_state.val_losses
-
-    @property
-    def train_metrics_history(self) -> dict[str, list[float]]:
-        return self.history_state.train_metrics
-
-    @property
-    def val_metrics_history(self) -> dict[str, list[float]]:
-        return self.history_state.val_metrics
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """Every epoch's log dict (with its ``epoch`` number), oldest first."""
-        return self.history_state.epoch_logs
-
-    @property
-    def epoch(self) -> int:
-        """Number of completed epochs (absolute, across resumes)."""
-        return self.progress.epoch
-
-    @property
-    def global_step(self) -> int:
-        return self.progress.step
+        return self._training.settings
 
     @property
     def stop_requested(self) -> bool:
-        return self._stop_requested
+        return self._training.stop_requested
 
     @property
     def last_logs(self) -> dict[str, Any]:
         """The logs of the last completed epoch (a copy; restored by :meth:`load`): what
         :meth:`save` records when it is given none."""
-        return dict(self._last_logs)
+        return dict(self._training.last_logs)
 
     @property
     def checkpoints(self) -> Checkpointer:
@@ -288,13 +230,13 @@ class NNHandler:
         emergency checkpoint is durable and ``train`` returned normally. A script exits with a
         non-zero status then, so that its scheduler requeues the job. Reset by the next call.
         """
-        return self._preemption is not None
+        return self._training.preemption is not None
 
     @property
     def preemption(self) -> PreemptionReport | None:
         """What the last ``train`` call did when a signal stopped it (signal, where it stopped,
         the checkpoints to resume from); ``None`` when it was not preempted."""
-        return self._preemption
+        return self._training.preemption
 
     @property
     def stopped_mid_epoch(self) -> bool:
@@ -316,10 +258,7 @@ class NNHandler:
 
         Under DDP the request of rank 0 decides for every rank.
         """
-        self._stop_requested = True
-
-    def _set_stop(self, value: bool) -> None:
-        self._stop_requested = value
+        self._training.stop_requested = True
 
     # ------------------------------------------------------------------ setters --------------
     def set_optimizer(self, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> None:
@@ -344,10 +283,6 @@ class NNHandler:
         """
         self._optimization.set_scheduler(scheduler_class, interval, kwargs)
 
-    def _warn(self, message: str) -> None:
-        """A warning in the log and as a Python warning (catchable, e.g. in tests)."""
-        warn(self.logger, message)
-
     def set_loss_fn(self, loss_fn: Callable[[Any, Any], torch.Tensor] | type[nn.Module],
                     **kwargs: Any) -> None:
         """Set ``loss(output, target) -> tensor``: a function, an ``nn.Module`` instance, or an
@@ -370,38 +305,16 @@ class NNHandler:
         """Validate on ``dataset`` (see :meth:`set_train_loader`)."""
         self._loaders.set("val", dataset, loader_kwargs)
 
-    def _build_loader(self, which: str, seed: int) -> DataLoader[Any] | None:
-        return self._loaders.build(which, seed, self.distributed, self.device.type,
-                                   watched_signals(self._callbacks))
-
     # ------------------------------------------------------------------ callbacks ------------
     def add_callback(self, callback: Callback) -> None:
         """Register ``callback``; a state-providing one also joins every checkpoint, and gets
         its state back at once if a loaded checkpoint holds state under its ``state_key``."""
-        if not isinstance(callback, Callback):
-            raise TypeError(f"{callback!r} is not an nnhandler.Callback; subclass Callback "
-                            "(or use register_state_provider for state without hooks)")
-        if any(existing is callback for existing in self._callbacks):
-            raise ConfigurationError(f"callback {callback!r} is already registered")
-        validate_hooks(callback)
-        callback.check_registration(self.callbacks)
-        if isinstance(callback, StateProvider) and self._registry.register(callback):
-                self.logger.info("restored state of %r from the loaded checkpoint", callback)
-        self._callbacks.append(callback)
-        self._dispatcher.rebuild(self._callbacks)
+        self._callbacks.add(callback)
 
     def remove_callback(self, callback: Callback) -> None:
-        for index, existing in enumerate(self._callbacks):
-            if existing is callback:
-                del self._callbacks[index]
-                break
-        else:
-            raise ValueError(f"callback {callback!r} is not registered")
-        if isinstance(callback, StateProvider):
-            self._registry.unregister(callback)
+        self._callbacks.remove(callback)
         if callback is self._autosave:
             self._autosave = None
-        self._dispatcher.rebuild(self._callbacks)
 
     @property
     def state_registry(self) -> StateRegistry:
@@ -440,15 +353,8 @@ class NNHandler:
             return callback
         callback = self._autosave
         old = callback.config
-        self._registry.unregister(callback)
-        callback.reconfigure(config)
-        try:
-            callback.check_registration(self.callbacks)
-            self._registry.register(callback)
-        except Exception:
-            callback.reconfigure(old)
-            self._registry.register(callback)
-            raise
+        self._callbacks.reconfigure(callback, lambda: callback.reconfigure(config),
+                                    lambda: callback.reconfigure(old))
         return callback
 
     # ------------------------------------------------------------------ training -------------
@@ -502,138 +408,7 @@ class NNHandler:
                                                   "progress_bar": progress_bar,
                                                   "resume": resume})
         validate_call(TrainSettings, "train", changes)
-        self._check_trainable()
-        settings = settings_with(self._settings, changes, sharded=self.sharded_checkpoints)
-        if call.resume is not None:
-            self._check_resume_argument(call.resume)
-            self._resume(call.resume)
-            # the restored defaults under the call's
-            settings = settings_with(self._settings, changes, sharded=self.sharded_checkpoints)
-        target = self._target_epoch(call.epochs, call.until_epoch)
-        start = self.progress.epoch
-        guard, partial_changes = None, []
-        if target > start:
-            partial_changes = self._check_partial_epoch(settings)
-            guard = PreemptionGuard.for_train(self, self._position)
-        # from here on the call changes the handler
-        message = resume_change_warning(self._position, self._settings, changes, partial_changes)
-        if message is not None:
-            self._warn(message)
-        self._preemption = None
-        self._settings = settings
-        self._position.restored = False
-        if target <= start:
-            self.logger.info("already at epoch %d (target %d): nothing to train", start, target)
-            return dict(self._last_logs)
-        run_seed = prepare_random_streams(self.progress, seed, settings.seed, self.distributed,
-                                          self.logger)
-        self._amp_ema.prepare(settings, self.device)
-        parts = self._loop_parts(settings, run_seed, guard)
-        self._stop_requested = False
-        partial = self._position.partial
-        self._position.continuing_epoch = None if partial is None else partial.epoch
-        self.logger.info("training epochs %d..%d on %s (world size %d)%s", start + 1, target,
-                         self.device, self.distributed.world_size,
-                         "" if partial is None else
-                         f"; epoch {partial.epoch} continues after its batch {partial.batches}")
-        return self._run(TrainingLoop(parts, call.progress_bar), guard, start, target)
-
-    def _loop_parts(self, settings: TrainSettings, run_seed: int,
-                    guard: PreemptionGuard | None) -> LoopParts:
-        """What the training loop of one ``train`` call works with."""
-        optimization = self._optimization
-        assert optimization.optimizer is not None and optimization.loss_fn is not None
-        train_loader = self._build_loader("train", run_seed)
-        assert train_loader is not None
-        return LoopParts(
-            model=self._model, module=self._module, optimizer=optimization.optimizer,
-            scheduler=optimization.scheduler, scheduler_interval=optimization.scheduler_interval,
-            loss_fn=optimization.loss_fn, metrics=dict(optimization.metrics),
-            train_loader=train_loader, val_loader=self._build_loader("val", run_seed),
-            scaler=self._amp_ema.scaler, ema=self._amp_ema.ema,
-            device=self.device, context=self.distributed, dispatcher=self._dispatcher,
-            history=self.history_state, progress=self.progress, settings=settings, handler=self,
-            set_stop=self._set_stop,
-            lockstep_validation=self.distributed.enabled and self.sharded_checkpoints,
-            position=self._position,
-            stop_watch=guard.stop_watch if guard is not None else None,
-            record_failures=guard is not None and guard.records_failures,
-        )
-
-    def _run(self, loop: TrainingLoop, guard: PreemptionGuard | None, start: int,
-             target: int) -> dict[str, Any]:
-        """Run ``loop`` from ``start`` to ``target`` between ``TRAIN_BEGIN`` and ``TRAIN_END``
-        (``EXCEPTION`` instead when it fails), under the emergency savers' watch."""
-        with guard.watching() if guard is not None else contextlib.nullcontext():
-            try:
-                self._dispatcher.fire(Event.TRAIN_BEGIN, handler=self, start_epoch=start,
-                                      end_epoch=target)
-                logs = loop.run(start, target)
-                if loop.stopped_at is not None:
-                    assert guard is not None
-                    self._preemption = guard.after_stop(loop.stopped_at)
-                if logs:
-                    self._last_logs = logs
-                logs = dict(self._last_logs)
-                self._dispatcher.fire(Event.TRAIN_END, handler=self, logs=logs)
-            except BaseException as error:
-                if guard is not None:
-                    guard.after_exception(error, loop.failure)
-                self._dispatcher.fire(Event.EXCEPTION, handler=self, exception=error)
-                raise
-            finally:
-                self._position.continuing_epoch = None
-        return logs
-
-    def _check_trainable(self) -> None:
-        missing = [what for what, absent in (
-            ("an optimizer (set_optimizer)", self._optimization.optimizer is None),
-            ("a loss function (set_loss_fn)", self._optimization.loss_fn is None),
-            ("a training dataset (set_train_loader)", "train" not in self._loaders),
-        ) if absent]
-        if missing:
-            raise ConfigurationError("cannot train without " + ", ".join(missing))
-
-    def _check_partial_epoch(self, settings: TrainSettings) -> list[str]:
-        """Check that the partial epoch (of an emergency checkpoint) can be continued, before
-        the call changes anything (see :func:`~nnhandler.run_setup.partial_epoch_changes`);
-        returns what differs without preventing it, for the warning."""
-        partial = self._position.partial
-        if partial is None:
-            return []
-        loader = self._build_loader("train", self.progress.run_seed or 0)
-        spec = self._loaders.spec("train")
-        optimizer = self._optimization.optimizer
-        assert loader is not None and spec is not None and optimizer is not None
-        return partial_epoch_changes(
-            partial, loader, progress=self.progress, world_size=self.distributed.world_size,
-            settings=settings, metric_names=list(self._optimization.metrics),
-            dataset=spec.dataset, optimizer=optimizer)
-
-    def _check_resume_argument(self, resume: str | os.PathLike[str]) -> None:
-        if resume == "latest" and self._autosave is None:
-            raise ConfigurationError("train(resume='latest') looks in the auto-save directory; "
-                                     "call auto_save(...) first or pass resume=<path>")
-
-    def _resume(self, resume: str | os.PathLike[str]) -> None:
-        if resume != "latest":
-            self.resume_from(resume)
-            return
-        assert self._autosave is not None  # _check_resume_argument
-        directory = self._autosave.config.save_path
-        latest = latest_checkpoint(directory, self.distributed, self.logger)
-        if latest is None:
-            self.logger.info("resume='latest': no valid checkpoint in %s; starting fresh",
-                             directory)
-            return
-        self.resume_from(latest, verify=False)  # verified while choosing it
-
-    def _target_epoch(self, epochs: int | None, until_epoch: int | None) -> int:
-        """The absolute epoch a call trains to (its arguments checked by :class:`TrainCall`)."""
-        if epochs is not None:
-            return self.progress.epoch + epochs
-        assert until_epoch is not None
-        return until_epoch
+        return self._training.train(call, changes)
 
     # ------------------------------------------------------------------ saving ---------------
     def save(self, path: str | os.PathLike[str], logs: Mapping[str, Any] | None = None) -> Path:
@@ -689,13 +464,8 @@ class NNHandler:
 
     def _config_dict(self) -> dict[str, Any]:
         own = self._autosave.state_key if self._autosave is not None else None
-        return config_dict(self._setup, self._optimization, self._loaders, self._settings, own)
-
-    def _apply_settings_state(self, record: ConfigRecord, source: str = "") -> None:
-        """Take the recorded training defaults and loader arguments (validated: a recorded
-        loader configuration that does not fit is a CheckpointSchemaError)."""
-        self._loaders.remember(record.loaders, source)
-        self._settings = record.train_settings
+        return config_dict(self._setup, self._optimization, self._loaders,
+                           self._training.settings, own)
 
     # ------------------------------------------------------------------ loading --------------
     @classmethod
@@ -754,42 +524,18 @@ class NNHandler:
         warning that the run cannot then equal an uninterrupted one exactly. In one process,
         ``parallelism="none"`` reads a sharded checkpoint into a plain model.
         """
-        options = validate_call(LoadOptions, "NNHandler.load", {
+        plan = plan_load(path, device, {
             "skip_optimizer": skip_optimizer, "skip_scheduler": skip_scheduler,
             "skip_history": skip_history, "skip_ema": skip_ema, "skip_callbacks": skip_callbacks,
             "callbacks": callbacks, "model_class": model_class, "model_kwargs": model_kwargs,
             "strict": strict, "verify": verify, "logger_mode": logger_mode, "log_file": log_file,
             "use_distributed": use_distributed, "parallelism": parallelism,
             "fsdp_units": fsdp_units, "compile_model": compile_model})
-        check_checkpoint_path(path, "NNHandler.load")
-        context = DistributedContext.setup(use_distributed, parse_device(device))
-        map_device = resolve_device(device, context)
-        checkpoint = read_any_checkpoint(path, map_location=map_device, verify=verify,
-                                         context=context)
-        config = check_config(checkpoint.state.get("config"), str(checkpoint.path))
-        arguments = handler_arguments(
-            config, path, model_class=model_class, model_kwargs=model_kwargs,
-            compile_model=compile_model, parallelism=parallelism,
-            fsdp_units=options.fsdp_units)  # iterables are read once
-        handler = cls(arguments.pop("model_class"), device=map_device, logger_mode=logger_mode,
-                      log_file=log_file, use_distributed=context.enabled, **arguments)
-        handler._restore(checkpoint, config, options)
+        arguments = dict(plan.handler_arguments)
+        handler = cls(arguments.pop("model_class"), device=plan.device, logger_mode=logger_mode,
+                      log_file=log_file, use_distributed=plan.context.enabled, **arguments)
+        handler._adopt_own_autosave(handler._restorer.restore_loaded(plan))
         return handler
-
-    def _restore(self, checkpoint: Checkpoint, config: ConfigRecord,
-                 options: LoadOptions) -> None:
-        """``load``'s restore into the handler it has just built from ``config``."""
-        source = str(checkpoint.path)
-        self._model_state.strict = options.strict
-        self._apply_settings_state(config, source)
-        self._optimization.restore(config)
-        self._loaders.warn_unrestored()
-        for callback in options.callbacks or ():
-            self.add_callback(callback)
-        if not options.skip_callbacks:
-            recreate_providers(self, checkpoint.state, source)
-            self._adopt_own_autosave(config.own_autosave)
-        self._apply_checkpoint(checkpoint, skipped_keys(options, checkpoint.state))
 
     @classmethod
     def load_latest(cls, save_path: str | os.PathLike[str], **load_arguments: Any) -> NNHandler:
@@ -821,30 +567,7 @@ class NNHandler:
         checkpoint's run was configured with other values than this handler's
         ``set_optimizer`` call, a warning names each one, before and after.
         """
-        validate_call(ResumeCall, "resume_from", {"path": path, "verify": verify})
-        checkpoint = read_any_checkpoint(path, map_location=self.device, verify=verify,
-                                         context=self.distributed)
-        config = check_config(checkpoint.state.get("config"), str(checkpoint.path))
-        if "optimizer" in checkpoint.state and config.optimizer is not None:
-            replaced = self._optimization.replaced_settings(
-                config.optimizer.model_dump(by_alias=True))
-            if replaced:
-                self._warn(optimizer_replaced_warning(path, replaced))
-        previous = self._settings
-        self._settings = config.train_settings
-        try:
-            self._apply_checkpoint(checkpoint, set())
-        except BaseException:  # every state is checked before any is applied: nothing changed
-            self._settings = previous
-            raise
-
-    def _apply_checkpoint(self, checkpoint: Checkpoint, skip: set[str]) -> None:
-        """Restore every state of ``checkpoint`` not in ``skip`` (see
-        :func:`~nnhandler.restore.apply_checkpoint`), then announce it."""
-        self._last_logs = apply_checkpoint(self, self._restore_parts, checkpoint, skip)
-        self.logger.info("loaded %s (epoch %d)", checkpoint.path, checkpoint.epoch)
-        self._dispatcher.fire(Event.CHECKPOINT_LOADED, handler=self, path=checkpoint.path,
-                              epoch=checkpoint.epoch)
+        self._restorer.resume_from(path, verify)
 
     def _adopt_own_autosave(self, own_key: str | None) -> None:
         """The file's record of which auto-saver was this handler's :meth:`auto_save` one."""

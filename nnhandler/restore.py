@@ -10,6 +10,9 @@
   handler owns (savers, plugin providers), through the generic factory registries.
 * :func:`apply_checkpoint` checks, then applies every state (random streams last) and reports
   what did not match.
+* :func:`plan_load` reads and checks what ``load`` builds a handler from; the handler's
+  :class:`Restorer` restores into it (``load``), or into a configured handler in place
+  (``resume_from``, ``train(resume=...)``).
 """
 
 from __future__ import annotations
@@ -24,14 +27,19 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from .callbacks import Callback
 from .checkpoint import Checkpoint
-from .checkpoint.content import ConfigRecord
+from .checkpoint.content import ConfigRecord, check_config
 from .checkpoint.discovery import find_latest_valid
 from .checkpoint.refs import decode_arguments
 from .checkpoint.schema import relocate
-from .checkpoint.sharded import SHARDED_KEYS, ShardedCheckpoint, load_sharded_state
-from .components import EpochPosition, RNGState
-from .config import LoadOptions, validate_call
-from .devices import parse_device
+from .checkpoint.sharded import (
+    SHARDED_KEYS,
+    ShardedCheckpoint,
+    load_sharded_state,
+    read_any_checkpoint,
+)
+from .components import EpochPosition, ModelState, RNGState
+from .config import LoadOptions, ResumeCall, validate_call
+from .devices import parse_device, resolve_device
 from .distributed import DistributedContext
 from .errors import (
     CheckpointError,
@@ -39,18 +47,23 @@ from .errors import (
     ConfigurationError,
     NoCheckpointFoundError,
 )
+from .events import Event, EventDispatcher
+from .optimization import Optimization, warn
 from .plugins import PluginRegistry, discover_plugins, in_process_factories
 from .recorded import require_passed, resolve_fsdp_units, resolve_model_class
 from .run_setup import AmpAndEma
 from .state import RestoreResult
 
 if TYPE_CHECKING:
+    import torch
+
     from .checkpoint.dcp_state import ShardedComponents
     from .handler import NNHandler
+    from .training import Training
 
-__all__ = ["CORE_KEYS", "RestoreParts", "apply_checkpoint", "check_checkpoint_path",
-           "handler_arguments", "latest_checkpoint", "load_latest", "optimizer_replaced_warning",
-           "recreate_providers", "skipped_keys"]
+__all__ = ["CORE_KEYS", "LoadPlan", "RestoreParts", "Restorer", "apply_checkpoint",
+           "check_checkpoint_path", "handler_arguments", "latest_checkpoint", "load_latest",
+           "optimizer_replaced_warning", "plan_load", "recreate_providers", "skipped_keys"]
 
 _LOGGER: Final = logging.getLogger("nnhandler")
 #: load_latest: how often a chosen file may vanish (another job pruning) before it gives up
@@ -271,3 +284,102 @@ def optimizer_replaced_warning(path: str | os.PathLike[str], replaced: list[str]
             "the file's param groups. To train with this handler's values, set them "
             "after resuming (handler.optimizer.param_groups), or restore with "
             "NNHandler.load(..., skip_optimizer=True) to start the optimizer fresh")
+
+
+# -- the handler's restores ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadPlan:
+    """What :meth:`NNHandler.load` builds its handler from, read and checked."""
+
+    checkpoint: Checkpoint
+    config: ConfigRecord
+    options: LoadOptions
+    device: torch.device
+    context: DistributedContext
+    #: the constructor's ``model_class``, ``model_kwargs``, ``compile_model``, ``parallelism``,
+    #: ``fsdp_units`` (see :func:`handler_arguments`)
+    handler_arguments: dict[str, Any]
+
+
+def plan_load(path: str | os.PathLike[str], device: Any, arguments: dict[str, Any]) -> LoadPlan:
+    """Validate ``load``'s ``arguments``, read ``path`` (verified unless ``verify=False``) and
+    its configuration, and choose the constructor's arguments (passed, else recorded)."""
+    options = validate_call(LoadOptions, "NNHandler.load", arguments)
+    check_checkpoint_path(path, "NNHandler.load")
+    context = DistributedContext.setup(arguments["use_distributed"], parse_device(device))
+    map_device = resolve_device(device, context)
+    checkpoint = read_any_checkpoint(path, map_location=map_device, verify=arguments["verify"],
+                                     context=context)
+    config = check_config(checkpoint.state.get("config"), str(checkpoint.path))
+    constructor = handler_arguments(
+        config, path, model_class=arguments["model_class"],
+        model_kwargs=arguments["model_kwargs"], compile_model=arguments["compile_model"],
+        parallelism=arguments["parallelism"],
+        fsdp_units=options.fsdp_units)  # iterables are read once
+    return LoadPlan(checkpoint, config, options, map_device, context, constructor)
+
+
+class Restorer:
+    """Restores checkpoints into one handler: after ``load`` built it, or in place."""
+
+    def __init__(self, handler: NNHandler, parts: RestoreParts, *, training: Training,
+                 model_state: ModelState, optimization: Optimization,
+                 dispatcher: EventDispatcher) -> None:
+        self.handler = handler
+        self.parts = parts
+        self.training = training
+        self.model_state = model_state
+        self.optimization = optimization
+        self.dispatcher = dispatcher
+
+    def apply_settings(self, record: ConfigRecord, source: str = "") -> None:
+        """Take the recorded training defaults and loader arguments (validated: a recorded
+        loader configuration that does not fit is a CheckpointSchemaError)."""
+        self.handler.loaders.remember(record.loaders, source)
+        self.training.settings = record.train_settings
+
+    def restore_loaded(self, plan: LoadPlan) -> str | None:
+        """``load``'s restore into the handler it has just built from ``plan``; returns the
+        state key of the file's ``auto_save`` callback (if it had one)."""
+        checkpoint, config, options = plan.checkpoint, plan.config, plan.options
+        source = str(checkpoint.path)
+        self.model_state.strict = options.strict
+        self.apply_settings(config, source)
+        self.optimization.restore(config)
+        self.handler.loaders.warn_unrestored()
+        for callback in options.callbacks or ():
+            self.handler.add_callback(callback)
+        if not options.skip_callbacks:
+            recreate_providers(self.handler, checkpoint.state, source)
+        self.apply(checkpoint, skipped_keys(options, checkpoint.state))
+        return None if options.skip_callbacks else config.own_autosave
+
+    def resume_from(self, path: str | os.PathLike[str], verify: bool) -> None:
+        """:meth:`NNHandler.resume_from`: every state is checked before any is applied, so a
+        failure changes nothing."""
+        handler, training = self.handler, self.training
+        validate_call(ResumeCall, "resume_from", {"path": path, "verify": verify})
+        checkpoint = read_any_checkpoint(path, map_location=handler.device, verify=verify,
+                                         context=handler.distributed)
+        config = check_config(checkpoint.state.get("config"), str(checkpoint.path))
+        if "optimizer" in checkpoint.state and config.optimizer is not None:
+            replaced = self.optimization.replaced_settings(
+                config.optimizer.model_dump(by_alias=True))
+            if replaced:
+                warn(handler.logger, optimizer_replaced_warning(path, replaced))
+        previous = training.settings
+        training.settings = config.train_settings
+        try:
+            self.apply(checkpoint, set())
+        except BaseException:
+            training.settings = previous
+            raise
+
+    def apply(self, checkpoint: Checkpoint, skip: set[str]) -> None:
+        """Restore every state of ``checkpoint`` not in ``skip`` (see
+        :func:`apply_checkpoint`), then announce it (``CHECKPOINT_LOADED``)."""
+        handler = self.handler
+        self.training.last_logs = apply_checkpoint(handler, self.parts, checkpoint, skip)
+        handler.logger.info("loaded %s (epoch %d)", checkpoint.path, checkpoint.epoch)
+        self.dispatcher.fire(Event.CHECKPOINT_LOADED, handler=handler, path=checkpoint.path,
+                             epoch=checkpoint.epoch)
