@@ -103,6 +103,13 @@ def _resolve_alias(app, env, node, contnode):  # type: ignore[no-untyped-def]
         candidates.append(f"{module}.{cls}.{target}")
     if module:
         candidates.append(f"{module}.{target}")
+        if cls:  # the module that defines the documented class (nnhandler.RestoreResult: state)
+            import importlib
+
+            defining = getattr(getattr(importlib.import_module(module), cls.split(".")[0], None),
+                               "__module__", None)
+            if defining:
+                candidates.append(f"{defining}.{target}")
     candidates.append(f"nnhandler.{target}")
     domain = env.get_domain("py")
     for candidate in candidates:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 #: every Markdown page of the site, and the README
-PAGES = sorted(DOCS.rglob("*.md")) + [README]
+PAGES = [*sorted(DOCS.rglob("*.md")), README]
 #: Python blocks marked as not executed, with their reasons: keep this (near) empty
 EXPECTED_NOT_EXECUTED: dict[str, list[str]] = {}
 README_MAX_LINES = 200
