@@ -7,8 +7,15 @@ Build it with ``nox -s docs`` (warnings are errors), or by hand::
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
+from typing import Any
+
+from docutils.nodes import Element, TextElement
+from sphinx.addnodes import pending_xref
+from sphinx.application import Sphinx
+from sphinx.environment import BuildEnvironment
 
 ROOT = Path(__file__).resolve().parents[1]
 # the checkout's own packages, also where they are not installed (the plugin is a separate one)
@@ -74,8 +81,6 @@ def _public_name(target: str) -> str | None:
     docstrings name objects by their defining module as well as by their public name)."""
     if not target.startswith("nnhandler.") or target.count(".") < 2:
         return None
-    import importlib
-
     parts = target.split(".")
     for split in range(len(parts) - 1, 0, -1):
         try:
@@ -93,7 +98,10 @@ def _public_name(target: str) -> str | None:
     return None
 
 
-def _resolve_alias(app, env, node, contnode):  # type: ignore[no-untyped-def]
+def _resolve_alias(app: Sphinx, env: BuildEnvironment, node: pending_xref,
+                   contnode: TextElement) -> Element | None:
+    """A reference our docstrings write by a defining module's path, a short name or relative
+    to the documented class, resolved to where the reference documents that object."""
     if node.get("refdomain") != "py":
         return None
     target = node["reftarget"].lstrip("~.")
@@ -104,8 +112,6 @@ def _resolve_alias(app, env, node, contnode):  # type: ignore[no-untyped-def]
     if module:
         candidates.append(f"{module}.{target}")
         if cls:  # the module that defines the documented class (nnhandler.RestoreResult: state)
-            import importlib
-
             defining = getattr(getattr(importlib.import_module(module), cls.split(".")[0], None),
                                "__module__", None)
             if defining:
@@ -123,7 +129,9 @@ def _resolve_alias(app, env, node, contnode):  # type: ignore[no-untyped-def]
     return None
 
 
-def _pydantic_signature(app, what, name, obj, options, signature, return_annotation):  # type: ignore[no-untyped-def]
+def _pydantic_signature(app: Sphinx, what: str, name: str, obj: Any, options: Any,
+                        signature: str | None,
+                        return_annotation: str | None) -> tuple[str, None] | None:
     """A pydantic model's generated signature spells each field's constraints as reprs
     (``Annotated[int, FieldInfo(...)]``); show the keyword names and defaults, the docstring
     says the rules."""
@@ -136,7 +144,8 @@ def _pydantic_signature(app, what, name, obj, options, signature, return_annotat
     return f"(*, {', '.join(fields)})", None
 
 
-def _drop_pydantic_typehints(app, what, name, obj, options, signature, return_annotation):  # type: ignore[no-untyped-def]
+def _drop_pydantic_typehints(app: Sphinx, what: str, name: str, obj: Any, options: Any,
+                             signature: str | None, return_annotation: str | None) -> None:
     """The same for the parameter types ``autodoc_typehints = "description"`` would list."""
     from pydantic import BaseModel
 
@@ -144,7 +153,7 @@ def _drop_pydantic_typehints(app, what, name, obj, options, signature, return_an
         app.env.current_document.autodoc_annotations.pop(name, None)
 
 
-def setup(app):  # type: ignore[no-untyped-def]
+def setup(app: Sphinx) -> None:
     app.connect("missing-reference", _resolve_alias)
     app.connect("autodoc-process-signature", _pydantic_signature)
     app.connect("autodoc-process-signature", _drop_pydantic_typehints, priority=900)
@@ -158,7 +167,8 @@ def setup(app):  # type: ignore[no-untyped-def]
         if listener.handler is _process_docstring:
             listeners.remove(listener)
 
-    def google_style(app, what, name, obj, options, lines):  # type: ignore[no-untyped-def]
+    def google_style(app: Sphinx, what: Any, name: str, obj: Any, options: Any,
+                     lines: list[str]) -> None:
         if what not in ("attribute", "property", "data"):
             _process_docstring(app, what, name, obj, options, lines)
 
