@@ -43,6 +43,14 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session(python=False)
+def docs(session: nox.Session) -> None:
+    """The documentation site, every warning an error and every reference resolved
+    (``-W -n``), into docs/_build/html (the ``docs`` extra, part of ``dev``)."""
+    session.run("python", "-m", "sphinx", "-W", "--keep-going", "-n", "-b", "html", "docs",
+                "docs/_build/html", *session.posargs)
+
+
+@nox.session(python=False)
 def demo(session: nox.Session) -> None:
     """The quickstart: train with auto-save, then resume from a checkpoint."""
     session.run("python", "examples/quickstart.py", *session.posargs)

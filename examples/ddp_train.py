@@ -4,7 +4,7 @@
     python examples/ddp_train.py                                       # 1 process
 
 The same script runs unchanged as one process, under ``torchrun`` on one or several nodes, and
-under SLURM (see the README's "Running with torchrun"). ``NNHandler`` reads the launcher's
+under SLURM (see docs/distributed.md). ``NNHandler`` reads the launcher's
 variables, creates the process group (nccl on GPUs, gloo on CPUs), puts each rank on its own
 device, wraps the model in DDP and shards the data. Only rank 0 writes checkpoints.
 

@@ -515,8 +515,9 @@ def test_slurm_variables_alone_start_a_two_rank_run(tmp_path: Path) -> None:
 
 
 def test_ddp_example_runs_under_torchrun_then_resumes_in_one_process(tmp_path: Path) -> None:
-    """examples/ddp_train.py as the README runs it (torchrun, 2 processes), then restarted as a
-    plain single process: it resumes from the 2-rank checkpoint, with the world-size warning."""
+    """examples/ddp_train.py as docs/distributed.md runs it (torchrun, 2 processes), then
+    restarted as a plain single process: it resumes from the 2-rank checkpoint, with the
+    world-size warning."""
     out = tmp_path / "ck"
     output = torchrun(2, DDP_EXAMPLE, "--out", str(out), "--epochs", "3", cwd=tmp_path,
                       what="examples/ddp_train.py under torchrun")

@@ -1,7 +1,7 @@
 """Plugin discovery through the entry-point group ``nnhandler.plugins``: a real dist-info
-directory on ``sys.path`` (as pip writes one), the README's example plugin taken verbatim from
-its "Writing a plugin" steps, and ``NNHandler.load`` re-creating the plugin's state provider
-from a checkpoint."""
+directory on ``sys.path`` (as pip writes one), the example plugin of docs/plugins.md taken
+verbatim from its "Writing a plugin" steps, and ``NNHandler.load`` re-creating the plugin's
+state provider from a checkpoint."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from nnh_testing import attach_loaders, make_handler, write_dist_info
 import nnhandler
 from nnhandler import NNHandler, PluginError, PluginRegistry, discover_plugins
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PLUGINS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
 
 def readme_plugin_source() -> str:
-    """The plugin module of the README's "Writing a plugin" steps 2 and 3, verbatim."""
-    text = README.read_text(encoding="utf-8")
+    """The plugin module of docs/plugins.md, "Writing a plugin" steps 2 and 3, verbatim."""
+    text = PLUGINS_PAGE.read_text(encoding="utf-8")
     blocks = [textwrap.dedent(block) for block in re.findall(r"```python\n(.*?)```", text,
                                                               re.DOTALL)]
     (callback,) = [b for b in blocks if b.startswith("# src/epoch_counter/__init__.py")]
@@ -33,11 +33,11 @@ def readme_plugin_source() -> str:
 
 
 def readme_entry_point() -> dict[str, str]:
-    """The README's step 4 entry point: ``{name: "module:function"}``."""
-    text = README.read_text(encoding="utf-8")
+    """The step 4 entry point of docs/plugins.md: ``{name: "module:function"}``."""
+    text = PLUGINS_PAGE.read_text(encoding="utf-8")
     match = re.search(r'\[project.entry-points."nnhandler.plugins"\]\n\s*(\w+) = "([\w.:]+)"',
                       text)
-    assert match is not None, "README step 4 lost its entry point"
+    assert match is not None, "docs/plugins.md step 4 lost its entry point"
     return {match.group(1): match.group(2)}
 
 
@@ -65,7 +65,7 @@ def install(site: Path, module: str, source: str, entry_points: dict[str, str],
 
 @pytest.fixture
 def counter_plugin(site: Path) -> Path:
-    """The README's example plugin, installed as its steps say (module, entry point)."""
+    """The example plugin of docs/plugins.md, installed as its steps say (module, entry point)."""
     install(site, "epoch_counter", readme_plugin_source(), readme_entry_point(), version="0.1.0")
     return site
 

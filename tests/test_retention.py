@@ -293,7 +293,7 @@ class Save:
 
 def kept_by_rules(history: list[Save], rules: RetentionRules) -> set[str]:
     """What the rules keep after ``history`` (oldest first): written independently of
-    ``decide``, as the README states the rules."""
+    ``decide``, as docs/retention.md states the rules."""
     kept: set[str] = set()
     if rules.keep_last:
         kept |= {save.name for save in history[-rules.keep_last:]}

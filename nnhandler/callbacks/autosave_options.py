@@ -34,7 +34,7 @@ class _Option(BaseModel):
 
 class Retention(_Option):
     """Which of an auto-saver's checkpoints are kept (``keep=Retention(...)``); a file is kept
-    when any rule keeps it, and the newest is always kept. See *Retention* in the README.
+    when any rule keeps it, and the newest is always kept. See docs/retention.md.
 
     Args:
         last: the N most recent auto-saves (``keep_last``).
@@ -57,8 +57,8 @@ class Retention(_Option):
 
 
 class EmergencySaves(_Option):
-    """Emergency checkpoints (``emergency=EmergencySaves(...)``), see *Preemption and mid-epoch
-    resume* in the README.
+    """Emergency checkpoints (``emergency=EmergencySaves(...)``), see "Preemption and mid-epoch
+    resume" in docs/resuming.md.
 
     Args:
         on_signal: ``True`` (SIGTERM and SIGUSR1) or a list of signal names/numbers

@@ -1,6 +1,6 @@
 """Classes and functions recorded as ``"package.module:QualName"`` strings, resolved on load.
 
-The trust rule (README "Loading", docs/architecture.md "Trust boundary"):
+The trust rule (docs/loading.md, docs/architecture.md "Trust boundary"):
 
 * A reference read from a checkpoint is looked up only among the modules **already imported**
   in this process (``sys.modules``): a file never makes nnhandler import anything, so no module
