@@ -505,9 +505,10 @@ class NNHandler(HistoryViews):
         kept, written into later checkpoints and reported with a warning.
         ``compile_model`` (default: as recorded) is the constructor's; pass it when the
         recorded options name a function (a custom ``backend``), which a file never supplies.
-        What a checkpoint may make ``load`` do is limited (see the docs page "Loading" (docs/loading.md)): it resolves
-        classes only in modules already imported and only to the expected base class, never
-        imports a module or calls a function on the file's word, and everything it reads is
+        What a checkpoint may make ``load`` do is limited (docs page "Loading",
+        docs/loading.md): it resolves classes only in modules already imported and only to
+        the expected base class, never imports a module or calls a function on the file's
+        word, and everything it reads is
         validated against a declared schema first (:class:`~nnhandler.CheckpointSchemaError`
         names the file and the field otherwise). Arguments that are functions (a
         ``LambdaLR``'s ``lr_lambda``, a ``collate_fn``) are never taken from the file: a
