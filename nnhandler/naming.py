@@ -21,15 +21,30 @@ it; a field missing from the logs is written as ``NA`` (its format spec ignored)
 is still longer than the limit (a long string a callback put into the logs) is clipped
 deterministically to ``<start>~<8 hex digits of the SHA-1 of the full name>.pth``: the
 checkpoint is never lost over a name.
+
+A template key that a run's logs may not hold is therefore not refused at configuration or
+when ``train`` starts: the logs are filled by the training loop (``epoch``, ``loss``, each
+metric and, on epochs that validate, ``val_loss`` and ``val_<metric>``) *and by callbacks*,
+which may add any key at epoch end (before the auto-savers run), so no check made before an
+epoch has ended can know that a key will be missing, and refusing it would break the ``NA``
+rule above. What :class:`~nnhandler.AutoSaveCallback` does instead is say so once per key,
+with the reason (:func:`missing_key_reason`), as soon as the logs are final: at the end of
+each ``train`` call's first epoch for a key no epoch of this configuration has (no validation
+loader for a ``val_*`` key; a key neither the loop nor a callback produced, with the nearest
+known key when it looks like a typo), even when that epoch is not saved; else at the first
+save without it (an epoch that ``validate_every`` skips). Later saves without it are logged
+at debug level. The ``monitor`` of ``keep_best`` follows the same rule (a missing value makes
+that checkpoint no "best" candidate).
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -41,7 +56,10 @@ __all__ = [
     "MAX_NAME_BYTES",
     "MISSING_VALUE",
     "NAME_MAX",
+    "LogSources",
+    "MissingKey",
     "RenderedName",
+    "missing_key_reason",
     "name_limit",
     "render_name",
     "template_fields",
@@ -286,3 +304,64 @@ def name_limit(directory: str | os.PathLike[str]) -> int:
             "save_path"
         )
     return limit
+
+
+class LogSources(NamedTuple):
+    """What the training loop of a run puts into the epoch-end logs (callbacks may add any
+    other key)."""
+
+    #: the metric names (``add_metric``): each is logged, and as ``val_<name>`` too
+    metrics: Sequence[str]
+    #: whether a validation loader is set
+    validates: bool
+    #: only epochs divisible by it validate
+    validate_every: int = 1
+
+    def loop_keys(self, *, validating: bool) -> tuple[str, ...]:
+        """The keys the loop logs on an epoch that validates (``validating``) or not."""
+        keys = ("epoch", "loss", *self.metrics)
+        return (*keys, "val_loss", *(f"val_{m}" for m in self.metrics)) if validating else keys
+
+
+class MissingKey(NamedTuple):
+    """Why a key is missing from the epoch-end logs (see :func:`missing_key_reason`)."""
+
+    reason: str
+    #: the reason holds for every epoch of this configuration (not only for this one)
+    every_epoch: bool
+
+
+def missing_key_reason(key: str, sources: LogSources, epoch: int,
+                       logs: Mapping[str, Any]) -> MissingKey:
+    """Why ``key`` is not in the epoch-``epoch`` ``logs`` of a run that ``sources`` describe:
+    no validation loader, an epoch ``validate_every`` skips, or a key nobody produces (with the
+    nearest known key when there is one within a typo)."""
+    validation_keys = set(sources.loop_keys(validating=True)) - set(
+        sources.loop_keys(validating=False))
+    if key in validation_keys:
+        if not sources.validates:
+            return MissingKey(f"no validation loader is set (set_val_loader), so no epoch "
+                              f"logs {key!r} or any other val_* key", True)
+        if epoch % sources.validate_every:
+            every = sources.validate_every
+            return MissingKey(f"epoch {epoch} did not validate (validate_every={every}: only "
+                              f"epochs divisible by {every} log val_* keys; save at such "
+                              "epochs to have them in every name)", False)
+        return MissingKey(f"{key!r} is logged on epochs that validate, but not in these logs "
+                          "(a callback removed it?)", False)
+    if key in sources.loop_keys(validating=False):
+        return MissingKey(f"{key!r} is logged every epoch, but not in these logs (a callback "
+                          "removed it?)", False)
+    metric = key.removeprefix("val_")
+    reason = (f"no metric is named {metric!r} (add_metric({metric!r}, fn) logs {metric!r} "
+              f"and {'val_' + metric!r}) and no callback put {key!r} into these logs"
+              if metric != key else
+              f"neither the training loop nor a callback put {key!r} into these logs "
+              f"(add_metric({key!r}, fn) would)")
+    known = sorted({*sources.loop_keys(validating=True), *logs})
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    if near:
+        needs = (" (logged only with a validation loader: set_val_loader)"
+                 if near[0] in validation_keys and not sources.validates else "")
+        reason += f"; did you mean {near[0]!r}{needs}?"
+    return MissingKey(reason, True)

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from .callbacks.base import Callback
     from .checkpointing import Checkpointer
     from .components import Progress
+    from .config import TrainSettings
+    from .data import Loaders
     from .distributed import DistributedContext
     from .state import StateRegistry
 
@@ -34,11 +36,12 @@ class Trainer(Protocol):
     (every epoch's logs), the :attr:`progress` record (seed and lineage of the run), the
     :attr:`state_registry` (every state provider by key: what a checkpoint holds), the
     :attr:`distributed` context (rank, world size, collectives), the :attr:`logger`, the
-    registered :attr:`callbacks`, the model (:attr:`module`, unwrapped), :attr:`optimizer` and
-    :attr:`metrics`; whether the state lies inside an epoch (:attr:`stopped_mid_epoch`, after
-    an emergency checkpoint) or an interrupted epoch is being continued
-    (:attr:`resumed_mid_epoch`), and whether checkpoints are sharded directories
-    (:attr:`sharded_checkpoints`).
+    registered :attr:`callbacks`, the model (:attr:`module`, unwrapped), :attr:`optimizer`,
+    :attr:`metrics`, the :attr:`loaders` set (``"val" in handler.loaders``) and the training
+    :attr:`settings` (``validate_every`` …, those of the running call); whether the state
+    lies inside an epoch (:attr:`stopped_mid_epoch`, after an emergency checkpoint) or an
+    interrupted epoch is being continued (:attr:`resumed_mid_epoch`), and whether checkpoints
+    are sharded directories (:attr:`sharded_checkpoints`).
 
     Requesting: :meth:`request_stop` (honoured at the end of the epoch; under DDP rank 0's
     request decides) and checkpoints, through :attr:`checkpoints`.
@@ -87,6 +90,12 @@ class Trainer(Protocol):
 
     @property
     def metrics(self) -> dict[str, Any]: ...
+
+    @property
+    def loaders(self) -> Loaders: ...
+
+    @property
+    def settings(self) -> TrainSettings: ...
 
     @property
     def stopped_mid_epoch(self) -> bool: ...

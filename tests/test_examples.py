@@ -17,14 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 
-def run_example(script: Path, *args: str, cwd: Path, path: Sequence[Path] = ()) -> str:
+def run_example(script: Path, *args: str, cwd: Path, path: Sequence[Path] = (),
+                python_options: Sequence[str] = ()) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
     if path:
         env["PYTHONPATH"] = os.pathsep.join(
             [*map(str, path), *filter(None, [os.environ.get("PYTHONPATH")])])
     completed = subprocess.run(
-        [sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=180,
+        [sys.executable, *python_options, str(script), *args], cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=180,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     return completed.stdout
@@ -48,10 +49,24 @@ def test_custom_saver_example_runs(mode: list[str], tmp_path: Path) -> None:
     assert "best.safetensors: True" in stdout and "restored saver: best" in stdout
 
 
+QUICKSTART = ROOT / "examples" / "quickstart.py"
+
+
+def _epochs_of(folder: Path) -> list[int]:
+    return [int(p.name.split("_acc")[0].removeprefix("spiral_ep"))
+            for p in sorted(folder.glob("*.pth"))]
+
+
+def _printed(stdout: str, prefix: str) -> str:
+    lines = [line for line in stdout.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, stdout
+    return lines[0].removeprefix(prefix)
+
+
 def test_quickstart_trains_saves_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "ck"
-    stdout = run_example(ROOT / "examples" / "quickstart.py", "--out", str(out), "--epochs", "4",
-                         "--interval", "2", cwd=tmp_path)
+    stdout = run_example(QUICKSTART, "--out", str(out), "--epochs", "4", "--interval", "2",
+                         cwd=tmp_path)
     names = sorted(p.name for p in out.glob("*.pth"))
     assert [n.split("_acc")[0] for n in names] == ["spiral_ep002", "spiral_ep004", "spiral_ep006"]
     assert "resumed from spiral_ep004" in stdout
@@ -59,13 +74,80 @@ def test_quickstart_trains_saves_and_resumes(tmp_path: Path) -> None:
     final = torch.load(out / names[-1], weights_only=True)
     assert final["meta"]["epoch"] == 6
     assert len(final["state"]["history"]["train_losses"]) == 6
+    # it says how to continue: the file, the command, and a snippet for another script
+    assert _printed(stdout, "newest checkpoint: ") == str(out / names[-1])
+    assert _printed(stdout, "to continue this run: ") == (
+        f"python {QUICKSTART} --out {out} --interval 2")
+    assert f'NNHandler.load_latest("{out}", device="cpu", model_class=SpiralNet)' in stdout
 
 
 def test_quickstart_default_command_runs(tmp_path: Path) -> None:
-    """The README's main command, exactly as written (default output folder)."""
-    stdout = run_example(ROOT / "examples" / "quickstart.py", cwd=tmp_path)
+    """The README's main command, exactly as written (default output folder), without a
+    single warning (``-W error::UserWarning``: e.g. torch's "Failed to initialize NumPy")."""
+    stdout = run_example(QUICKSTART, cwd=tmp_path, python_options=["-W", "error::UserWarning"])
     assert "epochs trained: 25" in stdout
-    assert len(list((tmp_path / "checkpoints" / "quickstart").glob("*.pth"))) == 5
+    assert _epochs_of(tmp_path / "checkpoints" / "quickstart") == [5, 10, 15, 20, 25]
+    assert _printed(stdout, "to continue this run: ") == (
+        f"python {QUICKSTART} --out checkpoints/quickstart")
+
+
+def test_quickstart_run_again_continues_the_run(tmp_path: Path) -> None:
+    """A second invocation into the same folder continues the first run on purpose, from its
+    newest checkpoint, and says so; the folder holds one run (one file per saved epoch)."""
+    out = tmp_path / "ck"
+    arguments = ("--out", str(out), "--epochs", "2", "--interval", "2")
+    first = run_example(QUICKSTART, *arguments, cwd=tmp_path)
+    assert first.count("resumed from ") == 1  # only the restart: the run itself was fresh
+    newest = _printed(first, "newest checkpoint: ")
+    assert newest.endswith(".pth") and Path(newest).name.startswith("spiral_ep004_acc")
+    second = run_example(QUICKSTART, *arguments, cwd=tmp_path)
+    assert f"resumed from {Path(newest).name}: epoch 4, 4 epochs of history" in second
+    assert "resumed from spiral_ep006" in second and "epochs trained: 8" in second
+    assert _epochs_of(out) == [2, 4, 6, 8]
+    final = torch.load(_printed(second, "newest checkpoint: "), weights_only=True)
+    assert final["meta"]["epoch"] == 8
+    assert len(final["state"]["history"]["train_losses"]) == 8
+    assert len({torch.load(p, weights_only=True)["meta"]["lineage"]
+                for p in out.glob("*.pth")}) == 1
+
+
+def test_two_fresh_quickstart_runs_end_identically(tmp_path: Path) -> None:
+    """Everything is seeded, the model's construction included: same numbers, to the bit."""
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        stdout = run_example(QUICKSTART, "--out", str(out), "--epochs", "3", "--interval", "3",
+                             cwd=tmp_path)
+        newest = torch.load(_printed(stdout, "newest checkpoint: "), weights_only=True)
+        runs.append((_printed(stdout, "final logs: "), newest["state"]["history"],
+                     sorted(p.name for p in out.glob("*.pth"))))
+    assert runs[0] == runs[1]
+    assert runs[0][0].startswith("epoch=6 loss=")
+
+
+def test_quickstart_printed_snippet_continues_in_another_script(tmp_path: Path) -> None:
+    """The snippet printed at the end, pasted into a script of one's own, continues the run."""
+    out = tmp_path / "ck"
+    stdout = run_example(QUICKSTART, "--out", str(out), "--epochs", "2", "--interval", "2",
+                         cwd=tmp_path)
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("or, in a script"))
+    snippet = [line.removeprefix("    ") for line in lines[start + 1:]]
+    script = tmp_path / "continue_run.py"
+    script.write_text("\n".join([
+        "import sys",
+        f"sys.path.insert(0, {str(QUICKSTART.parent)!r})",
+        "from quickstart import SpiralNet, accuracy, two_spirals",
+        "from nnhandler import NNHandler",
+        "train_set, val_set = two_spirals(seed=0), two_spirals(n_per_class=100, seed=1)",
+        *snippet,
+        "print('continued to epoch', handler.epoch, sorted(handler.last_logs))",
+    ]) + "\n")
+    continued = run_example(script, cwd=tmp_path)
+    assert ("continued to epoch 6 ['accuracy', 'epoch', 'loss', 'val_accuracy', 'val_loss']"
+            in continued)
+    assert _epochs_of(out) == [2, 4, 6]
+    assert not list(out.glob("*NA.pth"))
 
 
 def test_manual_autosave_callbacks_example(tmp_path: Path) -> None:

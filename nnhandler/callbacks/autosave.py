@@ -24,6 +24,7 @@ from ..errors import CheckpointSchemaError, ConfigurationError, DuplicateStateKe
 from ..naming import RenderedName, name_limit, render_name
 from ..plugins import register_provider_factory
 from .autosave_files import (
+    check_log_keys,
     own_target,
     plan_retention,
     prepare_directory,
@@ -215,6 +216,10 @@ class AutoSaveCallback(Callback):
         self._background = BackgroundSave()
         self._in_flight: _BackgroundSave | None = None
         self._told_name_taken = False
+        #: name template keys whose absence from the logs has been explained (said once)
+        self._reported_keys: set[str] = set()
+        #: check_log_keys has run in this train call
+        self._keys_checked = False
         #: name templates this instance was configured with before (see reconfigure)
         self._earlier_templates: tuple[str, ...] = ()
 
@@ -262,6 +267,7 @@ class AutoSaveCallback(Callback):
         save, if it is in the new ``save_path``)."""
         if config.name != self.config.name:
             self._earlier_templates = (*self._earlier_templates, self.config.name)
+            self._reported_keys = set()
         self.config = config
 
     @property
@@ -303,6 +309,7 @@ class AutoSaveCallback(Callback):
         self._call_start_epoch = start_epoch
         self._call_end_epoch = end_epoch
         self._call_failures = 0
+        self._keys_checked = False
         if self.config.enabled or self.config.writes_emergency_checkpoints:
             guard = self._guard(handler)
             self.last_saved_path = run_on_rank_zero(
@@ -321,6 +328,10 @@ class AutoSaveCallback(Callback):
     ) -> None:
         if self._in_flight is not None:  # a background write that has finished is reported now
             self._settle(handler, wait=False)
+        if self.config.enabled and not self._keys_checked:
+            self._keys_checked = True
+            check_log_keys(self.config, handler, self.retention, epoch, logs,
+                           self._reported_keys)
         last_of_call = epoch >= self._call_end_epoch or handler.stop_requested
         if self.should_save(epoch, last_of_call=last_of_call):
             self.save_now(handler, epoch, logs)
@@ -398,7 +409,7 @@ class AutoSaveCallback(Callback):
         if path is None:
             path, rendered = self.path_for({**logs, "epoch": epoch},
                                            sharded=handler.sharded_checkpoints)
-        warn_about_name(self.config, handler, rendered, epoch, logs, path)
+        warn_about_name(self.config, handler, rendered, epoch, logs, path, self._reported_keys)
         chosen = own_target(handler, path, warn=not self._told_name_taken)
         self._told_name_taken = self._told_name_taken or chosen != path
         path = chosen

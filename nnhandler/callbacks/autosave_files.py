@@ -19,13 +19,23 @@ from ..checkpoint.retention import Retention, RetentionPlan, RetentionRules
 from ..config import AutoSaveConfig
 from ..distributed import run_on_rank_zero
 from ..errors import ConfigurationError
-from ..naming import MISSING_VALUE, RenderedName, name_limit
+from ..naming import (
+    MISSING_VALUE,
+    LogSources,
+    RenderedName,
+    missing_key_reason,
+    name_limit,
+    render_name,
+    template_fields,
+)
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
 
 __all__ = [
+    "check_log_keys",
     "estimated_size",
+    "log_sources",
     "own_target",
     "plan_retention",
     "prepare_directory",
@@ -80,17 +90,64 @@ def prepare_directory(config: AutoSaveConfig, handler: Trainer, guard: RemovalGu
     return last
 
 
+def log_sources(handler: Trainer) -> LogSources:
+    """What the training loop of ``handler``'s running call logs."""
+    return LogSources(metrics=tuple(handler.metrics), validates="val" in handler.loaders,
+                      validate_every=handler.settings.validate_every)
+
+
+def check_log_keys(config: AutoSaveConfig, handler: Trainer, retention: Retention,
+                   epoch: int, logs: dict[str, Any], reported: set[str]) -> None:
+    """At the end of a call's first epoch (the logs are final: callbacks have added their
+    keys): say once why a key of the name template, or the ``keep_best`` monitor, is missing
+    when no epoch of this configuration will have it (see :mod:`nnhandler.naming`). The
+    template keys said are added to ``reported``."""
+    logs = {**logs, "epoch": epoch}
+    keys = [key for key in dict.fromkeys(template_fields(config.name))
+            if key not in logs and key not in reported]
+    monitor = config.monitor
+    if config.keep_best is None or monitor is None or monitor in logs:
+        monitor = None
+    if not keys and monitor is None:
+        return
+    sources = log_sources(handler)
+    for key in keys:
+        missing = missing_key_reason(key, sources, epoch, logs)
+        if missing.every_epoch:
+            reported.add(key)
+            handler.logger.warning(
+                "auto-save name template %r: key %r is missing from the epoch-%d logs: %s; "
+                "checkpoint names will have %s in its place, such as %s (said once)",
+                config.name, key, epoch, missing.reason, MISSING_VALUE,
+                render_name(config.name, logs).name)
+    if monitor is not None:
+        missing = missing_key_reason(monitor, sources, epoch, logs)
+        if missing.every_epoch and handler.distributed.is_main:
+            retention.notice_not_a_candidate(monitor, logs, epoch, handler.logger,
+                                             reason=missing.reason)
+
+
 def warn_about_name(config: AutoSaveConfig, handler: Trainer, rendered: RenderedName,
-                    epoch: int, logs: dict[str, Any], path: Path) -> None:
-    """Warn when the name template's keys are missing from the logs, or when the name was
+                    epoch: int, logs: dict[str, Any], path: Path, reported: set[str]) -> None:
+    """Say why the name template's keys are missing from the logs (a warning for each key the
+    first time, debug level after; ``reported`` holds the keys said), and when the name was
     clipped to the filesystem's limit."""
-    if rendered.missing:
+    fresh = [key for key in rendered.missing if key not in reported]
+    if fresh:
+        sources = log_sources(handler)
+        reasons = "; ".join(
+            f"{key!r}: {missing_key_reason(key, sources, epoch, logs).reason}" for key in fresh)
         handler.logger.warning(
-            "auto-save name template %r: key(s) %s missing from the epoch-%d logs "
-            "(available: %s); saving as %s with %s in their place",
-            config.name, ", ".join(rendered.missing), epoch, ", ".join(sorted(logs)),
-            path.name, MISSING_VALUE,
+            "auto-save name template %r: key(s) %s missing from the epoch-%d logs (%s); "
+            "saving as %s with %s in their place (said once per key; later ones are logged "
+            "at debug level)", config.name, ", ".join(fresh), epoch, reasons, path.name,
+            MISSING_VALUE,
         )
+        reported.update(fresh)
+    elif rendered.missing:
+        handler.logger.debug(
+            "auto-save name template %r: key(s) %s missing from the epoch-%d logs; saving as "
+            "%s", config.name, ", ".join(rendered.missing), epoch, path.name)
     if rendered.clipped_from is not None:
         handler.logger.warning(
             "auto-save name template %r gave a file name of %d bytes for epoch %d, longer "
@@ -181,7 +238,10 @@ def plan_retention(retention: Retention, rules: RetentionRules, key: str, handle
     if not rules.active:
         return None
     retention.bind(key)
+    def why_missing(key: str) -> str:
+        return missing_key_reason(key, log_sources(handler), epoch, logs).reason
+
     return retention.plan(rules, path.name, epoch, handler.global_step, logs,
                           lineage=handler.progress.lineage,
                           is_main=handler.distributed.is_main, logger=handler.logger,
-                          partial=partial)
+                          partial=partial, why_missing=why_missing)

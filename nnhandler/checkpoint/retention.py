@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -202,15 +202,20 @@ class Retention:
     # -- one save ------------------------------------------------------------------------------
     def plan(self, rules: RetentionRules, name: str, epoch: int, step: int,
              logs: Mapping[str, Any], *, lineage: str, is_main: bool,
-             logger: logging.Logger, partial: bool = False) -> RetentionPlan:
+             logger: logging.Logger, partial: bool = False,
+             why_missing: Callable[[str], str] | None = None) -> RetentionPlan:
         """Record the save of ``name`` (before its state is collected) and decide what is kept.
         ``lineage`` is taken when the bookkeeping has none yet. Non-main ranks forget earlier
         removals: removing files is rank 0's work. ``partial``: an emergency checkpoint from
-        inside an epoch (its logs are the last complete epoch's: no ``keep_best`` value)."""
+        inside an epoch (its logs are the last complete epoch's: no ``keep_best`` value).
+        ``why_missing(key)``: the reason a key is missing from ``logs``, for the notice."""
         before = self.state
         value = None if partial else monitored_value(logs, rules.monitor)
         if rules.keep_best is not None and value is None and is_main and not partial:
-            self._notice_not_a_candidate(rules.monitor, logs, epoch, logger)
+            assert rules.monitor is not None  # keep_best needs it (AutoSaveConfig)
+            reason = (why_missing(rules.monitor)
+                      if why_missing is not None and rules.monitor not in logs else None)
+            self.notice_not_a_candidate(rules.monitor, logs, epoch, logger, reason=reason)
         new = IndexEntry(name=name, epoch=epoch, step=step, seq=before.next_seq, value=value,
                          partial=partial)
         files = [entry for entry in before.files if entry.name != name] + [new]
@@ -325,12 +330,16 @@ class Retention:
         self.state = RetentionState.from_state(state, where=where)
         self.continuing = True
 
-    def _notice_not_a_candidate(self, monitor: str | None, logs: Mapping[str, Any], epoch: int,
-                                logger: logging.Logger) -> None:
+    def notice_not_a_candidate(self, monitor: str, logs: Mapping[str, Any], epoch: int,
+                               logger: logging.Logger, *, reason: str | None = None) -> None:
+        """Say that the ``monitor`` value of the epoch-``epoch`` ``logs`` is missing or not a
+        finite number, so its checkpoint is no best candidate: a warning the first time for
+        each of the two problems, debug level after. ``reason``: why it is missing."""
         problem = "missing" if monitor not in logs else "not a finite number"
-        message = ("keep_best: monitor %r is %s in the epoch-%d logs (keys: %s); that "
+        message = ("keep_best: monitor %r is %s in the epoch-%d logs (keys: %s%s); that "
                    "checkpoint is not a best candidate")
-        arguments = (monitor, problem, epoch, ", ".join(sorted(logs)))
+        arguments = (monitor, problem, epoch, ", ".join(sorted(logs)),
+                     "" if reason is None else f"; {reason}")
         if problem in self._noticed:
             logger.debug(message, *arguments)
         else:

@@ -1,4 +1,4 @@
-"""Random streams: Python, NumPy (when installed), torch CPU and CUDA — saved per rank."""
+"""Random streams: Python, NumPy, torch CPU and CUDA — saved per rank."""
 
 from __future__ import annotations
 
@@ -8,17 +8,12 @@ import random
 from collections.abc import Iterator
 from typing import Annotated, Any
 
+import numpy as np
 import torch
 from pydantic import AfterValidator, Field, InstanceOf
 
 from ..checkpoint.schema import Schema, schema_error, validate
 from ..distributed import DistributedContext, all_gather_objects
-
-np: Any
-try:  # NumPy is optional; its stream is saved when it is installed
-    import numpy as np
-except ImportError:  # pragma: no cover - exercised only without numpy
-    np = None
 
 __all__ = ["RNGState", "capture_rng", "restore_rng", "seed_everything"]
 
@@ -28,8 +23,7 @@ log = logging.getLogger("nnhandler")
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy, torch and every CUDA device with ``seed``."""
     random.seed(seed)
-    if np is not None:
-        np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
@@ -45,15 +39,16 @@ def capture_rng() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    if np is not None:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        }
+    legacy = np.random.get_state(legacy=True)  # the global stream is MT19937: a tuple
+    assert isinstance(legacy, tuple)
+    kind, keys, pos, has_gauss, cached = legacy
+    state["numpy"] = {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
     return state
 
 
@@ -72,8 +67,8 @@ def restore_rng(state: dict[str, Any]) -> None:
                 "checkpoint holds CUDA random states for %d devices, this process sees %d; "
                 "CUDA streams are not restored", len(cuda_states), torch.cuda.device_count()
             )
-    numpy_state = state.get("numpy")
-    if numpy_state is not None and np is not None:
+    numpy_state = state.get("numpy")  # absent in files saved where NumPy was not installed
+    if numpy_state is not None:
         np.random.set_state((
             numpy_state["kind"],
             numpy_state["keys"].numpy().astype(np.uint32),
