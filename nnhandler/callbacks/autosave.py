@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
 from ..checkpoint.removal import RemovalGuard
-from ..checkpoint.retention import Retention, RetentionPlan, RetentionRules, RetentionStateRecord
-from ..checkpoint.schema import Schema, validate
+from ..checkpoint.retention import Retention, RetentionPlan, RetentionRules
+from ..checkpoint.schema import validate
 from ..checkpoint.sharded import checkpoint_size, sharded_name
 from ..checkpointing import BackgroundSave, Emergency
 from ..config import AutoSaveConfig
@@ -36,6 +34,7 @@ from .autosave_files import (
     warn_if_disk_is_short,
 )
 from .autosave_options import AutoSaveOptions, auto_save_config, options_repr
+from .autosave_state import AutoSaveStateRecord
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -52,20 +51,6 @@ AUTOSAVE_KEY_PREFIX = f"{AUTOSAVE_CLAIM}:"
 
 #: (last_saved_path, last_saved_epoch, save_count, pending_removal) before a save
 _Bookkeeping = tuple[str | None, int | None, int, str | None]
-
-
-class AutoSaveStateRecord(Schema):
-    """The schema of :meth:`AutoSaveCallback.state_dict` as read back from a checkpoint
-    (``config`` is checked by :class:`~nnhandler.config.AutoSaveConfig` when the callback is
-    re-created). Files written before retention existed have no ``retention``."""
-
-    config: dict[str, Any]
-    last_saved_path: str | None
-    last_saved_epoch: int | None = Field(ge=0)
-    save_count: int = Field(ge=0)
-    failed_saves: int = Field(default=0, ge=0)
-    pending_removal: str | None = None
-    retention: RetentionStateRecord | None = None
 
 
 @dataclass(frozen=True)
