@@ -34,7 +34,7 @@ __all__ = ["ORIGINAL_CONSTRUCTOR_PARAMETERS", "ConstructorKeywords", "ModelCalls
            "constructor_keywords"]
 
 #: how close (difflib's ratio) an unknown keyword must be to one of ours to be a "near miss"
-_NEAR_MISS_CUTOFF: Final = 0.8
+_NEAR_MISS_CUTOFF: Final = 0.75
 #: the warnings point at the user's ``NNHandler(...)`` line: this module, the facade, the user
 _STACKLEVEL: Final = 4
 
