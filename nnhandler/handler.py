@@ -72,7 +72,7 @@ class NNHandler(HistoryViews, ModelCalls):
             ``seed`` of :meth:`train`.
         **kwargs: further arguments of ``model_class``. The original NNHandler's parameters
             are mapped or refused with what replaces them, near misses of ours are refused
-            (:mod:`nnhandler.compat`; ``model_kwargs`` passes such a name to the model).
+            (``nnhandler.compat``; ``model_kwargs`` passes such a name to the model).
 
     Everything that has state (model, optimizer, scheduler, grad scaler, EMA, history, random
     streams, configuration and every stateful callback) goes into each checkpoint;
