@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nnh_testing import TinyNet, make_handler
+from nnh_testing import TinyNet, make_handler, regression_dataset
 from torch import nn
 
 from nnhandler import ConfigurationError, NNHandler
@@ -81,15 +81,11 @@ def test_seeded_weights_are_the_same_in_another_process(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("call_seed", "used"), [(None, 5), (11, 11)],
                          ids=["constructor-seed", "train-seed-overrides"])
 def test_constructor_seed_is_trains_default(call_seed: int | None, used: int) -> None:
-    handler = make_handler()
     seeded = NNHandler(TinyNet, device="cpu", seed=5)
     assert seeded.settings.seed == 5
-    for source in (handler,):
-        seeded.set_optimizer(torch.optim.SGD, lr=0.01)
-        seeded.set_loss_fn(nn.MSELoss)
-        spec = source.loaders.spec("train")
-        assert spec is not None
-        seeded.set_train_loader(spec.dataset, batch_size=8, shuffle=True)
+    seeded.set_optimizer(torch.optim.SGD, lr=0.01)
+    seeded.set_loss_fn(nn.MSELoss)
+    seeded.set_train_loader(regression_dataset(), batch_size=8, shuffle=True)
     if call_seed is None:
         seeded.train(1, progress_bar=False)
     else:
