@@ -37,7 +37,7 @@ def test_every_example_is_covered() -> None:
         "ddp_train.py",  # run under torchrun by tests/test_distributed.py
         "score_based_sde.py", "preemptible_training.py",
         "fsdp_sharded.py",  # run under torchrun in tests/test_sharded_checkpoint.py
-        "custom_saver.py",
+        "custom_saver.py", "mnist_basic.py",
     }
 
 
@@ -47,6 +47,30 @@ def test_custom_saver_example_runs(mode: list[str], tmp_path: Path) -> None:
                          *mode, cwd=tmp_path)
     assert "step checkpoints: step000040.pth, step000080.pth" in stdout
     assert "best.safetensors: True" in stdout and "restored saver: best" in stdout
+
+
+def test_ported_mnist_notebook_trains_autosaves_loads_and_continues(tmp_path: Path) -> None:
+    """The original NNHandler's MNIST notebook, ported with its renames: no DeprecationWarning
+    is left (``-W error``), one overwritten auto-save remains, and training continued."""
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120", "PYTHONPATH": path}
+    completed = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning:__main__",
+         str(ROOT / "examples" / "mnist_basic.py"), "--out", "m"], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    stdout = completed.stdout
+    assert "checkpoint keys: ['format', 'meta', 'state']" in stdout
+    assert "loaded epoch 5: 5 epochs of history" in stdout
+    assert "files: ['model_epoch_07.pth']" in stdout  # overwrite=True kept only the newest
+    final = torch.load(tmp_path / "m" / "model_epoch_07.pth", weights_only=True)
+    assert len(final["state"]["history"]["train_losses"]) == 7
+    losses = final["state"]["history"]["val_losses"]
+    assert losses[-1] < losses[0]
+    right = int(re.search(r"(\d+)/20 of these digits right", stdout)[1])  # type: ignore[index]
+    assert right >= 12  # chance is 2 of 20
+    assert "model class: __main__:Net" in stdout
+    assert (tmp_path / "m" / "training.log").read_text(encoding="utf-8").count("INFO") > 0
 
 
 QUICKSTART = ROOT / "examples" / "quickstart.py"
@@ -78,7 +102,8 @@ def test_quickstart_trains_saves_and_resumes(tmp_path: Path) -> None:
     assert _printed(stdout, "newest checkpoint: ") == str(out / names[-1])
     assert _printed(stdout, "to continue this run: ") == (
         f"python {QUICKSTART} --out {out} --interval 2")
-    assert f'NNHandler.load_latest("{out}", device="cpu", model_class=SpiralNet)' in stdout
+    assert f'NNHandler.load_latest("{out}", device="cpu", model_class=SpiralNet,' in stdout
+    assert "train_data=train_set, val_data=val_set)" in stdout
 
 
 def test_quickstart_default_command_runs(tmp_path: Path) -> None:
