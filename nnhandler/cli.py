@@ -22,12 +22,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .checkpoint import Checkpoint
 from .checkpoint.discovery import (
     check_candidate,
     first_valid,
@@ -35,6 +33,7 @@ from .checkpoint.discovery import (
     read_index_or_warn,
     vanished,
 )
+from .checkpoint.format import Checkpoint
 from .checkpoint.index import INDEX_FILE, IndexSection
 from .checkpoint.integrity import read_integrity_record, verify_file
 from .checkpoint.sharded import (
@@ -49,7 +48,10 @@ __all__ = ["main"]
 
 
 def _tensor_stats(value: Any) -> tuple[int, int]:
-    """Number of tensors and their bytes inside a nested state."""
+    """Number of tensors and their bytes inside a nested state (``inspect`` has read the
+    checkpoint with torch, so importing it here costs nothing more)."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         return 1, value.numel() * value.element_size()
     items: Any = ()
