@@ -217,8 +217,7 @@ def test_tensor_facts_reads_tensors_and_references_alike() -> None:
 
 
 @pytest.fixture
-def saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
+def saved(tmp_path: Path) -> Path:
     handler = make_handler(n=16)
     return handler.save(tmp_path / "one.pth")
 
