@@ -246,7 +246,7 @@ def _fsdp_unit(value: type) -> type:
     from torch import nn  # at validation, not import (nnhandler verify/list run without torch)
 
     if not issubclass(value, nn.Module):
-        raise ValueError(f"fsdp_units must hold nn.Module subclasses, got {value!r}")
+        raise ValueError(f"should be a subclass of Module (torch.nn.Module), got {value!r}")
     return value
 
 

@@ -56,6 +56,16 @@ def at_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
     return code, ANSI.sub("", capsys.readouterr().out)  # the styles (bold, dim) NO_COLOR keeps
 
 
+def piped(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+          *arguments: str) -> tuple[int, str]:
+    """``nnhandler ARGUMENTS`` in this process, its output captured (not a terminal)."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    monkeypatch.setenv("COLUMNS", "80")
+    capsys.readouterr()
+    code = main(list(arguments))
+    return code, capsys.readouterr().out
+
+
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -63,39 +73,36 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PROBE = """
 import json, sys
 from nnhandler.cli import main
-code = main(sys.argv[1:])
+codes = [main(arguments) for arguments in json.loads(sys.argv[1])]
 heavy = sorted(m for m in ("torch", "numpy") if m in sys.modules)
-print(json.dumps({"code": code, "heavy": heavy}))
+print(json.dumps({"codes": codes, "heavy": heavy}))
 """
 
-COMMANDS = {
-    "verify": lambda ck: ["verify", str(ck / "ep004.pth"), str(ck / "ep003.pth")],
-    "verify --json": lambda ck: ["verify", "--json", str(ck / "ep004.pth")],
-    "list": lambda ck: ["list", str(ck)],
-    "list --no-verify": lambda ck: ["list", "--no-verify", str(ck)],
-    "list --json": lambda ck: ["list", "--json", str(ck)],
-}
 
-
-@pytest.mark.parametrize("command", COMMANDS.values(), ids=COMMANDS.keys())
-def test_verify_and_list_never_import_torch(listing: Path, command: object) -> None:
-    arguments = command(listing)  # type: ignore[operator]
-    finished = subprocess.run([sys.executable, "-c", PROBE, *arguments], capture_output=True,
-                              text=True, timeout=120, env=child_environment(), check=False)
+def test_verify_and_list_never_import_torch(listing: Path) -> None:
+    """verify (plain and --json) and list (verified, --no-verify, --json) in one process: none
+    of them imports torch (nor numpy)."""
+    commands = [["verify", str(listing / "ep004.pth"), str(listing / "ep003.pth")],
+                ["verify", "--json", str(listing / "ep004.pth")], ["list", str(listing)],
+                ["list", "--no-verify", str(listing)], ["list", "--json", str(listing)]]
+    finished = subprocess.run([sys.executable, "-c", PROBE, json.dumps(commands)],
+                              capture_output=True, text=True, timeout=120,
+                              env=child_environment(), check=False)
     assert finished.returncode == 0, finished.stderr
     result = json.loads(finished.stdout.strip().splitlines()[-1])
-    assert result == {"code": 0, "heavy": []}
+    assert result == {"codes": [0] * len(commands), "heavy": []}
 
 
 def test_importing_the_package_imports_no_torch_until_a_name_needs_it() -> None:
+    """``import nnhandler`` and its torch-free names (errors, LoggingMode) leave torch out;
+    the other names import it when first used (the next test)."""
     script = ("import sys, nnhandler\n"
-              "before = 'torch' in sys.modules\n"
-              "from nnhandler import NNHandler, CheckpointError\n"
-              "print(before, 'torch' in sys.modules, NNHandler.__name__)\n")
+              "from nnhandler import CheckpointError, LoggingMode, __version__\n"
+              "print('torch' in sys.modules, CheckpointError.__name__, LoggingMode.FILE.value)\n")
     finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               timeout=120, env=child_environment(), check=False)
     assert finished.returncode == 0, finished.stderr
-    assert finished.stdout.split() == ["False", "True", "NNHandler"]
+    assert finished.stdout.split() == ["False", "CheckpointError", "file"]
 
 
 def test_every_public_name_resolves_and_is_listed() -> None:
@@ -180,13 +187,14 @@ INSPECT_FIELDS = ("epoch", "step", "logs.loss", "logs.val_mae", "config.model_cl
                   "model", "optimizer", "rng")
 
 
-def test_inspect_piped_is_plain_and_complete(listing: Path) -> None:
-    finished = run_cli("inspect", str(listing / "ep004.pth"))
-    assert finished.returncode == 0, finished.stderr
-    assert "…" not in finished.stdout and "│" not in finished.stdout
+def test_inspect_piped_is_plain_and_complete(listing: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = piped(monkeypatch, capsys, "inspect", str(listing / "ep004.pth"))
+    assert code == 0
+    assert "…" not in out and "│" not in out
     for field in INSPECT_FIELDS:
-        assert field in finished.stdout, field
-    assert row_of(finished.stdout, "epoch").split() == ["epoch", "4"]
+        assert field in out, field
+    assert row_of(out, "epoch").split() == ["epoch", "4"]
 
 
 def test_inspect_at_80_columns_wraps_long_values_and_cuts_none(
@@ -211,8 +219,7 @@ def test_verify_prints_each_path_whole_on_its_line(
     broken.write_bytes(bytes(data))
     arguments = ("verify", str(long_path), str(broken))
     if where == "piped":
-        finished = run_cli(*arguments)
-        code, out = finished.returncode, finished.stdout
+        code, out = piped(monkeypatch, capsys, *arguments)
     else:
         code, out = at_a_terminal(monkeypatch, capsys, 80, *arguments)
     assert code == 1

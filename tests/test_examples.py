@@ -62,6 +62,7 @@ def test_quickstart_trains_saves_and_resumes(tmp_path: Path) -> None:
     assert len(final["state"]["history"]["train_losses"]) == 6
 
 
+@pytest.mark.slow  # the quick subset runs the quickstart once (the test above)
 def test_quickstart_default_command_runs(tmp_path: Path) -> None:
     """The README's main command, exactly as written (default output folder)."""
     stdout = run_example(ROOT / "examples" / "quickstart.py", cwd=tmp_path)
