@@ -33,7 +33,7 @@ Parallelism = Literal["ddp", "fsdp", "none"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", defer_build=True)
 
 
 class AutoSaveConfig(_Strict):
