@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -17,7 +18,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from torch import nn
 
 from .errors import ConfigurationError
 from .logging import LoggingMode
@@ -33,7 +33,7 @@ Parallelism = Literal["ddp", "fsdp", "none"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", defer_build=True)
 
 
 class AutoSaveConfig(_Strict):
@@ -242,6 +242,14 @@ _DATALOADER_FIELDS = ("num_workers", "pin_memory", "persistent_workers", "prefet
                       "timeout")
 
 
+def _fsdp_unit(value: type) -> type:
+    from torch import nn  # at validation, not import (nnhandler verify/list run without torch)
+
+    if not issubclass(value, nn.Module):
+        raise ValueError(f"should be a subclass of Module (torch.nn.Module), got {value!r}")
+    return value
+
+
 class ParallelConfig(_Strict):
     """How the handler distributes its model (``NNHandler(parallelism=..., fsdp_units=...)``).
 
@@ -256,7 +264,8 @@ class ParallelConfig(_Strict):
                               arbitrary_types_allowed=True)
 
     parallelism: Parallelism = "ddp"
-    fsdp_units: Annotated[tuple[type[nn.Module], ...], Field(strict=False)] = ()
+    fsdp_units: Annotated[tuple[Annotated[type, AfterValidator(_fsdp_unit)], ...],
+                          Field(strict=False)] = ()
 
     @model_validator(mode="after")
     def _units_need_fsdp(self) -> ParallelConfig:
@@ -315,6 +324,8 @@ def _path_like(name: str, value: Any, *, optional: bool = False) -> Any:
 
 
 def _module_class(name: str, value: Any) -> Any:
+    from torch import nn  # here, not at import: nnhandler verify/list read configs without torch
+
     if not (inspect.isclass(value) and issubclass(value, nn.Module)):
         raise ValueError(f"{name} must be an nn.Module subclass, got {value!r}")
     return value

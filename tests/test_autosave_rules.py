@@ -675,6 +675,7 @@ def test_schedule_property_on_the_callback(
     assert callback.save_count == len(expected)
 
 
+@pytest.mark.slow  # dozens of hypothesis examples, each training or writing files
 @hypothesis_settings(max_examples=25)
 @given(interval=st.sampled_from(INTERVALS), calls=schedules())
 def test_schedule_property_end_to_end(

@@ -41,6 +41,7 @@ def test_every_example_is_covered() -> None:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--background"]], ids=["sync", "background"])
 def test_custom_saver_example_runs(mode: list[str], tmp_path: Path) -> None:
     stdout = run_example(ROOT / "examples" / "custom_saver.py", "--out", str(tmp_path / "s"),
@@ -106,6 +107,7 @@ def test_quickstart_trains_saves_and_resumes(tmp_path: Path) -> None:
     assert "train_data=train_set, val_data=val_set)" in stdout
 
 
+@pytest.mark.slow  # the quick subset runs the quickstart once (the test above)
 def test_quickstart_default_command_runs(tmp_path: Path) -> None:
     """The README's main command, exactly as written (default output folder), without a
     single warning (``-W error::UserWarning``: e.g. torch's "Failed to initialize NumPy")."""
@@ -175,6 +177,7 @@ def test_quickstart_printed_snippet_continues_in_another_script(tmp_path: Path) 
     assert not list(out.glob("*NA.pth"))
 
 
+@pytest.mark.slow
 def test_manual_autosave_callbacks_example(tmp_path: Path) -> None:
     out = tmp_path / "manual"
     stdout = run_example(ROOT / "examples" / "manual_autosave_callback.py", "--out", str(out),
@@ -191,6 +194,7 @@ def test_manual_autosave_callbacks_example(tmp_path: Path) -> None:
     assert stdout.count("kept as best val_loss=") == 2
 
 
+@pytest.mark.slow
 def test_custom_state_provider_example(tmp_path: Path) -> None:
     out = tmp_path / "custom"
     stdout = run_example(ROOT / "examples" / "custom_state_provider.py", "--out", str(out),
@@ -200,6 +204,7 @@ def test_custom_state_provider_example(tmp_path: Path) -> None:
     assert f"best val loss {saved['best_loss']:.4f} at epoch {saved['best_epoch']}" in stdout
 
 
+@pytest.mark.slow
 def test_score_based_sde_example_trains_resumes_through_the_plugin_and_samples(
     tmp_path: Path,
 ) -> None:
@@ -219,6 +224,7 @@ def test_score_based_sde_example_trains_resumes_through_the_plugin_and_samples(
     assert state["samples_drawn"] == 6 * 512  # sample_every=10 over 60 epochs, across the resume
 
 
+@pytest.mark.slow
 def test_preemptible_training_example_is_requeued_and_resumes_exactly(tmp_path: Path) -> None:
     """A real SIGTERM mid-epoch to the training process, a requeue, an exact resume."""
     out = tmp_path / "ck"

@@ -280,6 +280,7 @@ def assert_same_metadata(saved: Any, loaded: Any) -> None:
             assert_same_metadata(a, b)
 
 
+@pytest.mark.slow  # dozens of hypothesis examples, each training or writing files
 @settings(max_examples=60)
 @given(state=states())
 def test_random_states_round_trip_exactly(tmp_path: Path, state: dict[str, Any]) -> None:
