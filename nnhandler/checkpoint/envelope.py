@@ -86,6 +86,8 @@ def _is_plain(value: Any) -> bool:
     kind = type(value)
     if kind is int:
         return bool(value.bit_length() <= MAX_INT_BITS)
+    if kind is bytes:  # b"" pickles as a call of builtins.bytes, which weights_only refuses
+        return bool(value)
     if kind in PLAIN_LEAF_TYPES or isinstance(value, torch.Tensor):
         return True
     if kind in _MAPPINGS:
@@ -134,6 +136,10 @@ def refusal(value: Any, where: str) -> CheckpointError:
         for index, item in enumerate(value):
             if not _is_plain(item):
                 return refusal(item, f"{where}[{index}]")
+    if kind is bytes:
+        return CheckpointError(
+            f"{where} is an empty bytes value (b''): torch.load(weights_only=True) cannot read "
+            "one back (it pickles as a call of builtins.bytes); store None or a non-empty value")
     if kind is int:
         return CheckpointError(
             f"{where} is an integer of {value.bit_length()} bits; checkpoints hold integers of "
