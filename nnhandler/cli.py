@@ -211,7 +211,9 @@ LIST_METRICS = ("loss", "val_loss")
 def list_directory(directory: str | Path, *, verify: bool = True,
                    logger: logging.Logger | None = None) -> list[dict[str, Any]]:
     """One JSON-ready row per checkpoint in ``directory``, in the order ``load_latest`` ranks
-    them (newest first): ``name``, ``path``, ``epoch``, ``step``, ``time``, ``metrics``
+    them (newest first): ``name``, ``path``, ``epoch``, ``step``, ``batch`` (a checkpoint
+    written inside an epoch by ``every_n_steps``/``every_seconds``: the batches done of the
+    epoch after ``epoch``; ``None`` at an epoch's end), ``time``, ``metrics``
     (``loss``, ``val_loss`` and every key a retention rule monitors, where recorded),
     ``size`` (bytes; a sharded directory's files summed), ``valid``, ``verified`` (whether
     the whole content was checked; without ``verify`` only the integrity record is read),
@@ -246,6 +248,7 @@ def list_directory(directory: str | Path, *, verify: bool = True,
             "path": str(candidate.path),
             "epoch": None if record is None else record.get("epoch"),
             "step": None if record is None else record.get("step"),
+            "batch": logs.get("batch") if type(logs.get("batch")) is int else None,
             "time": None if record is None else record.get("time"),
             "metrics": {key: logs[key] for key in keys if key in logs},
             "size": size,
@@ -301,7 +304,7 @@ def _print_listing(console: Console, directory: str, rows: list[dict[str, Any]],
                           "; --no-verify: only integrity records were read"))
     table.add_column("", justify="center", no_wrap=True)
     table.add_column("name", no_wrap=True, min_width=max(len(row["name"]) for row in rows))
-    for column in ("epoch", "step", *keys, "size"):
+    for column in ("epoch", "step", "batch", *keys, "size"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("kept because", ratio=1)
@@ -316,7 +319,8 @@ def _print_listing(console: Console, directory: str, rows: list[dict[str, Any]],
                    else str(row["metrics"].get(key, "")) for key in keys]
         table.add_row("*" if row["latest"] else "", row["name"],
                       "" if row["epoch"] is None else str(row["epoch"]),
-                      "" if row["step"] is None else str(row["step"]), *metrics,
+                      "" if row["step"] is None else str(row["step"]),
+                      "" if row["batch"] is None else str(row["batch"]), *metrics,
                       _size_text(row["size"]), status, _kept_text(row))
     console.print(table)
     for row in rows:

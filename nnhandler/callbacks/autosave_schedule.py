@@ -67,9 +67,10 @@ class WriteWaits:
         self.longest = max(self.longest, seconds)
 
     def report(self, logger: logging.Logger, where: str) -> None:
-        """One line for the call (nothing when no save waited)."""
+        """One line for the call (nothing when no save waited): a warning once the waits add
+        up to a second or more, else at info level."""
         if self.count:
-            logger.warning(
+            logger.log(logging.WARNING if self.seconds >= 1.0 else logging.INFO,
                 "async_save: %d save(s) into %s waited for the previous background write "
                 "(%.2f s in all, longest %.2f s): saves come faster than the disk writes them; "
                 "a larger every_n_steps/every_seconds/interval avoids the wait", self.count,
@@ -81,7 +82,7 @@ class SaveSchedule:
     DDP only rank 0's clock counts, and its elapsed time is the one checkpoints record."""
 
     __slots__ = ("_agreement", "_carried", "_deferred", "_every_n_steps", "_every_seconds",
-                 "_interval", "_mark", "clock", "epoch_batches", "saved_at", "waits")
+                 "_interval", "_mark", "_now", "clock", "epoch_batches", "saved_at", "waits")
 
     def __init__(self, config: AutoSaveConfig, clock: Callable[[], float] = time.monotonic
                  ) -> None:
@@ -93,6 +94,10 @@ class SaveSchedule:
         self._carried = 0.0
         #: the clock when the running ``train`` call's accounting started (``None`` outside)
         self._mark: float | None = None
+        #: the clock at the last decision point (train begin/end, a step with
+        #: ``every_seconds``, an epoch's end): time is read there only, so a checkpoint's
+        #: record is the elapsed time of its decision (exactly 0 for a scheduled save)
+        self._now = 0.0
         self._agreement: PipelinedAgreement | None = None
         #: a step or time trigger fired at the epoch's last step: save at its end
         self._deferred = False
@@ -112,7 +117,7 @@ class SaveSchedule:
     def begin_call(self, handler: Trainer) -> None:
         """``train`` starts: the clock runs; under DDP the ranks' agreement on the time
         trigger is set up (a collective: every rank's ``on_train_begin``)."""
-        self._mark = self.clock()
+        self._mark = self._now = self.clock()
         self._deferred = False
         self.saved_at = None
         self.waits = WriteWaits()
@@ -122,6 +127,7 @@ class SaveSchedule:
     def end_call(self) -> None:
         """``train`` ends: the time until now counts, the time until the next call does not;
         the reduction in flight is waited for (every rank's ``on_train_end``)."""
+        self._now = self.clock()
         self._carried = self.elapsed()
         self._mark = None
         if self._agreement is not None:
@@ -129,25 +135,29 @@ class SaveSchedule:
             self._agreement = None
 
     def elapsed(self) -> float:
-        """Training seconds since the last scheduled save."""
+        """Training seconds since the last scheduled save, as of the last decision point."""
         if self._mark is None:
             return self._carried
-        return self._carried + (self.clock() - self._mark)
+        return self._carried + (self._now - self._mark)
 
     def restart_clock(self) -> None:
         """A scheduled save happens now (before its state is collected, so the file records
         0): the time trigger counts from here; an agreement in flight is dropped (it carried
         the flag this save answers)."""
         self._carried = 0.0
-        self._mark = None if self._mark is None else self.clock()
+        self._mark = None if self._mark is None else self._now
         self._deferred = False
         if self._agreement is not None:
             self._agreement.drain()
 
     # -- decisions -----------------------------------------------------------------------------
     def _time_flag(self, is_main: bool) -> int:
+        """Rank 0's vote that the time trigger is due (read at this decision point)."""
         every = self._every_seconds
-        return int(is_main and every is not None and self.elapsed() >= every)
+        if every is None:
+            return 0
+        self._now = self.clock()
+        return int(is_main and self.elapsed() >= every)
 
     def at_step(self, step: int, last_of_epoch: bool, is_main: bool) -> bool:
         """After optimizer step ``step`` (absolute): save now? Every rank calls it at every
@@ -171,6 +181,7 @@ class SaveSchedule:
         time trigger deferred from the epoch's last step, or the time trigger (agreed by a
         blocking reduction under DDP: every rank calls this at every epoch end)."""
         due, self._deferred = self._deferred, False
+        self._now = self.clock()
         interval = self._interval
         if interval:
             due = due or (last_of_call if interval == -1 else epoch % interval == 0)
@@ -191,4 +202,4 @@ class SaveSchedule:
         and time triggers, which counts from 0)."""
         self._carried = 0.0 if state is None else float(state["elapsed_seconds"])
         if self._mark is not None:
-            self._mark = self.clock()
+            self._mark = self._now
