@@ -469,6 +469,7 @@ class AutoSaveCallback(Callback):
     def on_exception(self, handler: Trainer, exception: BaseException, **kwargs: Any) -> None:
         """Training is failing: wait for the write in flight (rank 0, no collective — the other
         ranks may be anywhere) and log its outcome; a failure is also noted on ``exception``."""
+        self.schedule.abandon_call()
         pending, self._in_flight = self._in_flight, None
         if pending is None:
             return

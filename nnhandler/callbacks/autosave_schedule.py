@@ -134,6 +134,13 @@ class SaveSchedule:
             self._agreement.drain()
             self._agreement = None
 
+    def abandon_call(self) -> None:
+        """``train`` fails: the time until now counts; the agreement is dropped without a
+        collective (under DDP the other ranks may be anywhere)."""
+        self._now = self.clock()
+        self._carried = self.elapsed()
+        self._mark = self._agreement = None
+
     def elapsed(self) -> float:
         """Training seconds since the last scheduled save, as of the last decision point."""
         if self._mark is None:
