@@ -101,6 +101,8 @@ def resume_each(files: list[Path], reference: dict[str, torch.Tensor],
                                  log_file=f"nnhandler_rank{RANK}.log")
         mid = resumed.stopped_mid_epoch
         attach_loaders(resumed)
+        if "mae" not in resumed.metrics:  # a test module's function is not always restored
+            resumed.add_metric("mae", mae)
         resumed.train(until_epoch=EPOCHS, progress_bar=False)
         outcome[path.name] = {"mid_epoch": mid, **differences(full_params(resumed), reference),
                               "same_history": history_of(resumed)["train_losses"]
