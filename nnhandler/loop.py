@@ -20,7 +20,7 @@ from .components import EpochPosition, History, PartialEpoch, Progress
 from .components.position import dataset_size, learning_rates_of
 from .config import TrainSettings
 from .distributed import DistributedContext, all_gather_objects
-from .events import Event, EventDispatcher
+from .events import Event, EventDispatcher, note_failure
 from .logging import TrainingProgress
 from .samplers import (
     EpochDistributedSampler,
@@ -224,15 +224,11 @@ class MidEpoch:
     are done (the one that just stepped included), ``epoch_batches`` its length (``None`` when
     the loader has none), ``step`` the absolute optimizer step (``handler.global_step``).
 
-    :meth:`recorded` is what a mid-epoch save goes through: it records the partial epoch in
-    the state (key ``"position"``, the record an emergency checkpoint makes, reason
-    ``"step"``), so a checkpoint written inside the block continues the epoch from its next
-    batch exactly, and clears it afterwards; training then goes on untouched. Under DDP both
-    :meth:`logs` and :meth:`recorded` are collectives: every rank must call them at the same
-    step (a step schedule does; a time schedule agrees first).
-
-    One object serves the whole epoch (the loop updates ``batches``/``step`` before each
-    event): keep what you need of it, not the object.
+    A mid-epoch save goes through :meth:`recorded`, which records the partial epoch as an
+    emergency checkpoint does (state key ``"position"``, reason ``"step"``): one mid-epoch
+    resume path. Under DDP :meth:`logs` and :meth:`recorded` are collectives that every rank
+    must call at the same step. One object serves the whole epoch (``batches`` and ``step``
+    are updated before each event): keep what you need of it, not the object.
     """
 
     __slots__ = ("_loop", "_totals", "batches", "epoch", "epoch_batches", "step")
@@ -381,8 +377,9 @@ class TrainingLoop:
         bar.start_epoch(epoch, batches, done=start)
         fire_begin = p.dispatcher.has_listeners(Event.TRAIN_BATCH_BEGIN)
         fire_end = p.dispatcher.has_listeners(Event.TRAIN_BATCH_END)
-        mid = (MidEpoch(self, epoch, batches, totals)
-               if p.dispatcher.has_listeners(Event.TRAIN_STEP_END) else None)
+        # called directly: a dispatch per step costs more than a small model's step can spare
+        step_hooks = p.dispatcher.hooks(Event.TRAIN_STEP_END)
+        mid = MidEpoch(self, epoch, batches, totals) if step_hooks else None
         clip = p.settings.gradient_clipping_norm
         is_ddp = isinstance(p.model, nn.parallel.DistributedDataParallel)
         stop_now = p.stop_watch.at_step if p.stop_watch is not None else None
@@ -418,9 +415,15 @@ class TrainingLoop:
                                       batch_idx=index, batch=batch, loss=loss.detach())
                 bar.advance_batch()
                 if steps_now and mid is not None:
-                    mid.batches, mid.step = done, p.progress.step
-                    p.dispatcher.fire(Event.TRAIN_STEP_END, handler=p.handler, epoch=epoch,
-                                      step=mid.step, mid_epoch=mid)
+                    mid.batches = done
+                    mid.step = step = p.progress.step
+                    for hook in step_hooks:
+                        try:
+                            hook(handler=p.handler, epoch=epoch, step=step, mid_epoch=mid)
+                        except BaseException as error:
+                            note_failure(error, getattr(hook, "__self__", hook),
+                                         Event.TRAIN_STEP_END)
+                            raise
                 if steps_now and stop_now is not None and stop_now():
                     self._stop_inside(epoch, done, totals)
                     return None
