@@ -86,7 +86,7 @@ class AutoSaveCallback(Callback):
             epoch ``epoch`` (the one in progress), ``batch`` (its batches done), ``step`` and the
             running means of ``loss`` and each metric. ``.pth`` is appended unless present
             (``.dcp``, a directory, for a model with DTensor parameters). A key missing at save
-            time is written as ``NA`` (explained once, see :mod:`nnhandler.naming`; keys that
+            time is written as ``NA`` (explained once, see ``nnhandler.naming``; keys that
             exist only at an epoch's end are not warned about inside one): the checkpoint is
             saved anyway. Rejected when configured (``ValueError`` naming the template and
             why): directory parts and ``..``, control characters, ``!r``/``!a``, the ``c``
