@@ -262,10 +262,10 @@ class PipelinedAgreement:
     training step never waits for the reduction it started (one non-blocking all-reduce per
     call; the previous one has normally long finished). Every rank gets the same answer at
     the same call, which is what lets every rank stop, or save, at the same step.
-    :meth:`settle` answers for everything up to now (blocking); :meth:`drain` waits for the
-    reduction in flight and forgets its answer (after the event it would announce has been
-    handled by other means). Used by ``save_on_signal`` (stop flags) and by the auto-saver's
-    ``every_seconds`` (rank 0's clock decides).
+    :meth:`exchange` is the same without the stickiness (any value, a new reduction every
+    call); :meth:`settle` answers for everything up to now (blocking); :meth:`drain` waits for
+    the reduction in flight and returns its answer. Used by ``save_on_signal`` (stop flags)
+    and by the auto-saver's ``every_seconds`` (rank 0's clock and cadence decide).
     """
 
     __slots__ = ("_buffers", "_group", "_next", "_work")
@@ -296,6 +296,17 @@ class PipelinedAgreement:
         self._next ^= 1
         return 0
 
+    def exchange(self, value: int) -> int:
+        """The agreed value of the previous call (0 at the first, or after :meth:`drain`);
+        this call's ``value`` starts travelling."""
+        previous = self._collect()
+        buffer = self._buffers[self._next]
+        buffer.fill_(value)
+        self._work = dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self._group,
+                                     async_op=True)
+        self._next ^= 1
+        return previous
+
     def settle(self, flag: int) -> int:
         """The agreed flag of everything so far, this call's ``flag`` included (blocking)."""
         earlier = self._collect()
@@ -304,6 +315,6 @@ class PipelinedAgreement:
         dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self._group)
         return max(earlier, int(buffer))
 
-    def drain(self) -> None:
-        """Wait for the reduction in flight, if any, and drop its answer."""
-        self._collect()
+    def drain(self) -> int:
+        """Wait for the reduction in flight, if any, and return its answer (0: none)."""
+        return self._collect()

@@ -53,7 +53,7 @@ def test_the_time_trigger_is_rank_zeros_and_every_rank_saves_at_the_same_step(
         assert after - before == 6 or after % per_epoch == 0, steps
     for result in results:
         timing = result["per_step_s"]
-        assert timing["with"] > 0 and timing["without"] > 0
+        assert all(t > 0 for t in timing["with"] + timing["without"])
 
 
 def test_fsdp2_writes_sharded_step_checkpoints_that_resume_exactly(tmp_path: Path) -> None:
