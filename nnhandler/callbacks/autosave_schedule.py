@@ -231,7 +231,10 @@ class SaveSchedule:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"elapsed_seconds": self.elapsed()}
+        """The elapsed training time; ``0.0`` without ``every_seconds`` (nothing measures it
+        then, and checkpoints of runs without a time trigger stay free of wall-clock values:
+        bit-identical for identical runs)."""
+        return {"elapsed_seconds": self.elapsed() if self._every_seconds is not None else 0.0}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Take the elapsed time a checkpoint recorded (validated by
