@@ -244,8 +244,7 @@ class MidEpoch:
 
     @property
     def last(self) -> bool:
-        """Whether this is the epoch's last batch (never when its length is unknown): a save
-        here is better made at the epoch's end, with the epoch's complete logs."""
+        """Whether this is the epoch's last batch (never when its length is unknown)."""
         return self.epoch_batches is not None and self.batches >= self.epoch_batches
 
     def logs(self) -> dict[str, Any]:
@@ -269,7 +268,8 @@ class MidEpoch:
         if position is None:
             raise RuntimeError("this training loop keeps no epoch position: it cannot record "
                                "a partial epoch")
-        position.partial = loop.partial_epoch(self.epoch, self.batches, self._totals, "step")
+        position.partial = loop.partial_epoch(self.epoch, self.batches, self._totals, "step",
+                                              self.epoch_batches)
         try:
             yield self.logs()
         finally:
@@ -425,14 +425,14 @@ class TrainingLoop:
                                          Event.TRAIN_STEP_END)
                             raise
                 if steps_now and stop_now is not None and stop_now():
-                    self._stop_inside(epoch, done, totals)
+                    self._stop_inside(epoch, done, totals, batches)
                     return None
                 stage = BEFORE_BACKWARD
         except BaseException:
             self._record_failure(epoch, done, stage, totals, batches)
             raise
         if p.stop_watch is not None and p.stop_watch.at_sync_point():
-            self._stop_inside(epoch, done, totals)
+            self._stop_inside(epoch, done, totals, batches)
             return None
         return totals, done
 
@@ -442,17 +442,17 @@ class TrainingLoop:
         partial.restore_pending_grads(self.p.module)
         return partial.batches
 
-    def _stop_inside(self, epoch: int, done: int, totals: _Totals) -> None:
+    def _stop_inside(self, epoch: int, done: int, totals: _Totals, batches: int | None) -> None:
         """Record the partial epoch so that a checkpoint written now continues it exactly."""
         p = self.p
         assert p.position is not None
-        p.position.partial = self.partial_epoch(epoch, done, totals, "signal")
+        p.position.partial = self.partial_epoch(epoch, done, totals, "signal", batches)
         self.stopped_at = (epoch, done)
 
-    def partial_epoch(self, epoch: int, done: int, totals: _Totals, reason: str) -> PartialEpoch:
-        """The record of epoch ``epoch`` after ``done`` batches, right after an optimizer step
-        (no pending gradients): every rank's sums, a collective that every rank reaches at the
-        same batch."""
+    def partial_epoch(self, epoch: int, done: int, totals: _Totals, reason: str,
+                      batches: int | None) -> PartialEpoch:
+        """Epoch ``epoch`` (``batches`` long) after ``done`` batches and an optimizer step
+        (a collective: every rank's sums)."""
         p = self.p
         return PartialEpoch(
             epoch=epoch, batches=done, batch_size=loader_batch_size(p.train_loader),
@@ -460,7 +460,7 @@ class TrainingLoop:
             metric_names=tuple(self.metric_names),
             totals=tuple(all_gather_objects(p.context, totals.export())),
             pending_grads=None, reason=reason, samples=dataset_size(p.train_loader.dataset),
-            batches_per_epoch=loader_length(p.train_loader),
+            batches_per_epoch=batches,
             learning_rates=learning_rates_of(p.optimizer))
 
     def _record_failure(self, epoch: int, done: int, stage: str, totals: _Totals,
