@@ -7,7 +7,7 @@ Scenarios (each writes ``result_rank<r>.json`` in DIR):
 * ``steps``   — DDP on N ranks: ``every_n_steps=3`` with ``interval=1`` and gradient
   accumulation; every rank records the steps saved; then each mid-epoch checkpoint is loaded
   into a fresh handler and trained to the end, compared with the uninterrupted run.
-* ``time``    — 2 ranks: ``every_seconds=5`` on a clock that only rank 0's training moves (one
+* ``time``    — N ranks: ``every_seconds=5`` on a clock that only rank 0's training moves (one
   second per batch; the other ranks' clocks stand still): rank 0 decides, every rank saves at
   the same steps. Then the per-step cost of the agreement: a run whose time trigger never
   fires against the same run without one.

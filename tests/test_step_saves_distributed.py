@@ -38,11 +38,12 @@ def test_every_rank_saves_the_same_steps_and_a_step_checkpoint_resumes(
             assert outcome["equal"] if ranks == 2 else outcome["max_abs"] < 1e-5, (name, outcome)
 
 
+@pytest.mark.parametrize("ranks", [2, 3], ids=["2-ranks", "3-ranks"])
 def test_the_time_trigger_is_rank_zeros_and_every_rank_saves_at_the_same_step(
-        tmp_path: Path) -> None:
-    results = launch_scenario(WORKER, "time", tmp_path / "run", 2, LAUNCH_TIMEOUT_S)
+        tmp_path: Path, ranks: int) -> None:
+    results = launch_scenario(WORKER, "time", tmp_path / "run", ranks, LAUNCH_TIMEOUT_S)
     saved = [r["saved"] for r in results]
-    assert saved[0] == saved[1] and saved[0]
+    assert all(s == saved[0] for s in saved) and saved[0]
     steps = [step for step, _ in saved[0]]
     per_epoch = results[0]["steps_per_epoch"]
     # rank 0's clock passes 5 s at step 5; the pipelined agreement answers one step later
