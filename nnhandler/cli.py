@@ -240,7 +240,9 @@ LIST_METRICS = ("loss", "val_loss")
 def list_directory(directory: str | Path, *, verify: bool = True,
                    logger: logging.Logger | None = None) -> list[dict[str, Any]]:
     """One JSON-ready row per checkpoint in ``directory``, in the order ``load_latest`` ranks
-    them (newest first): ``name``, ``path``, ``epoch``, ``step``, ``time``, ``metrics``
+    them (newest first): ``name``, ``path``, ``epoch``, ``step``, ``batch`` (a checkpoint
+    written inside an epoch by ``every_n_steps``/``every_seconds``: the batches done of the
+    epoch after ``epoch``; ``None`` at an epoch's end), ``time``, ``metrics``
     (``loss``, ``val_loss`` and every key a retention rule monitors, where recorded),
     ``size`` (bytes; a sharded directory's files summed), ``valid``, ``verified`` (whether
     the whole content was checked; without ``verify`` only the integrity record is read),
@@ -275,6 +277,7 @@ def list_directory(directory: str | Path, *, verify: bool = True,
             "path": str(candidate.path),
             "epoch": None if record is None else record.get("epoch"),
             "step": None if record is None else record.get("step"),
+            "batch": logs.get("batch") if type(logs.get("batch")) is int else None,
             "time": None if record is None else record.get("time"),
             "metrics": {key: logs[key] for key in keys if key in logs},
             "size": size,
@@ -320,7 +323,7 @@ def _size_text(size: int | None) -> str:
 
 #: ``list`` columns that stay at any width; the others go, in :data:`_DROP_ORDER`, when the
 #: table does not fit the terminal (named under the table; ``--json`` has everything)
-_KEY_COLUMNS = ("", "name", "epoch", "step", "status")
+_KEY_COLUMNS = ("", "name", "epoch", "step", "batch", "status")
 _KEPT = "kept because"
 
 
@@ -338,7 +341,8 @@ def _listing_cells(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict
                    else str(row["metrics"].get(key, "")) for key in keys}
         cells.append({"": "*" if row["latest"] else "", "name": row["name"],
                       "epoch": "" if row["epoch"] is None else str(row["epoch"]),
-                      "step": "" if row["step"] is None else str(row["step"]), **metrics,
+                      "step": "" if row["step"] is None else str(row["step"]),
+                      "batch": "" if row["batch"] is None else str(row["batch"]), **metrics,
                       "size": _size_text(row["size"]), "status": status,
                       _KEPT: _kept_text(row)})
     return cells
@@ -353,7 +357,9 @@ def _print_listing(console: Console, directory: str, rows: list[dict[str, Any]],
     count = f"{len(rows)} checkpoint" + ("" if len(rows) == 1 else "s")
     legend = "* = the one load_latest picks" + (
         "" if verify else "; --no-verify: only integrity records were read")
-    columns = ["", "name", "epoch", "step", *keys, "size", "status", _KEPT]
+    # batches done in the epoch: only mid-epoch (step / time / emergency) checkpoints have one
+    batch = ["batch"] if any(row["batch"] is not None for row in rows) else []
+    columns = ["", "name", "epoch", "step", *batch, *keys, "size", "status", _KEPT]
     cells = _listing_cells(rows, keys)
     if console.is_terminal:
         _print_listing_table(console, f"{directory}  ({count})", columns, keys, cells, legend)

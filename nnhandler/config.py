@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import signal
 from collections.abc import Mapping
@@ -40,6 +41,8 @@ class AutoSaveConfig(_Strict):
     """Configuration of an :class:`~nnhandler.AutoSaveCallback` (see its docstring for rules)."""
 
     interval: int | None = None
+    every_n_steps: Annotated[int, Field(ge=1)] | None = None
+    every_seconds: Annotated[float, Field(strict=False)] | None = None
     save_path: Annotated[Path, Field(strict=False)] = Path(".")
     name: str = "model_epoch{epoch:02d}"
     overwrite: bool = False
@@ -50,6 +53,7 @@ class AutoSaveConfig(_Strict):
     monitor: Annotated[str, Field(min_length=1)] | None = None
     mode: MonitorMode = "min"
     keep_every: Annotated[int, Field(ge=1)] | None = None
+    keep_every_n_steps: Annotated[int, Field(ge=1)] | None = None
     save_on_signal: bool | tuple[str, ...] = False
     save_on_exception: bool = False
 
@@ -67,6 +71,21 @@ class AutoSaveConfig(_Strict):
                 "epoch) or -1 (after the last epoch of each train call)"
             )
         return value
+
+    @field_validator("every_seconds", mode="before")
+    @classmethod
+    def _seconds_rule(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"every_seconds={value!r} is not a number of seconds: pass a "
+                             "float (or int) of at least 1.0, e.g. every_seconds=1800.0, or "
+                             "None (off)")
+        if not math.isfinite(value) or value < 1.0:
+            raise ValueError(f"every_seconds={value!r} is not allowed: pass a finite number "
+                             "of seconds of at least 1.0 (a save per second or more often "
+                             "would spend the run writing checkpoints), or None (off)")
+        return float(value)
 
     @field_validator("save_path")
     @classmethod
@@ -104,12 +123,19 @@ class AutoSaveConfig(_Strict):
         """The ``keep_*`` rules that are set (empty: every auto-save is kept)."""
         return {name: value for name, value in (("keep_last", self.keep_last),
                                                 ("keep_best", self.keep_best),
-                                                ("keep_every", self.keep_every))
+                                                ("keep_every", self.keep_every),
+                                                ("keep_every_n_steps", self.keep_every_n_steps))
                 if value is not None}
 
     @property
     def enabled(self) -> bool:
-        return bool(self.interval)
+        """Whether any schedule is on (``interval``, ``every_n_steps``, ``every_seconds``)."""
+        return bool(self.interval) or self.saves_inside_epochs
+
+    @property
+    def saves_inside_epochs(self) -> bool:
+        """Whether a step or time trigger is set (saves may fall inside an epoch)."""
+        return self.every_n_steps is not None or self.every_seconds is not None
 
     @property
     def signals(self) -> tuple[signal.Signals, ...]:
@@ -127,6 +153,8 @@ class AutoSaveConfig(_Strict):
     def to_state(self) -> dict[str, Any]:
         return {
             "interval": self.interval,
+            "every_n_steps": self.every_n_steps,
+            "every_seconds": self.every_seconds,
             "save_path": str(self.save_path),
             "name": self.name,
             "overwrite": self.overwrite,
@@ -137,6 +165,7 @@ class AutoSaveConfig(_Strict):
             "monitor": self.monitor,
             "mode": self.mode,
             "keep_every": self.keep_every,
+            "keep_every_n_steps": self.keep_every_n_steps,
             "save_on_signal": (self.save_on_signal if isinstance(self.save_on_signal, bool)
                                else list(self.save_on_signal)),
             "save_on_exception": self.save_on_exception,

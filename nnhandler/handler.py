@@ -337,7 +337,7 @@ class NNHandler(HistoryViews, ModelCalls):
 
     def auto_save(
         self,
-        interval: int | None,
+        interval: int | None = None,
         save_path: str | os.PathLike[str] = ".",
         name: str = "model_epoch{epoch:02d}",
         overwrite: bool = False,
@@ -348,7 +348,8 @@ class NNHandler(HistoryViews, ModelCalls):
         Takes exactly the arguments of :class:`AutoSaveCallback` (the seed's four positional
         ones, every other option keyword-only: ``on_save_error``, ``async_save``, retention as
         ``keep=Retention(...)`` or ``keep_last``/``keep_best``/``monitor``/``mode``/
-        ``keep_every``, emergency checkpoints as ``emergency=EmergencySaves(...)`` or
+        ``keep_every``/``keep_every_n_steps``, step and time triggers ``every_n_steps``/
+        ``every_seconds``, emergency checkpoints as ``emergency=EmergencySaves(...)`` or
         ``save_on_signal``/``save_on_exception``, see :mod:`nnhandler.preemption`). Calling it
         again reconfigures the same instance (its record of the last file it wrote, and of the
         files it keeps, is kept).

@@ -624,6 +624,7 @@ class _StubHandler:
 
     def __init__(self) -> None:
         self.epoch = 0
+        self.global_step = 0  # names may use {step}
         self.stop_requested = False
         self.saved: list[tuple[int, Path]] = []
         self.logger = logging.getLogger("nnhandler.test_autosave_rules.stub")

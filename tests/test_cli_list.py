@@ -20,8 +20,8 @@ from nnhandler.checkpoint.index import INDEX_FILE
 from nnhandler.cli import main
 
 CK = Path("ck")
-ROW_KEYS = {"name", "path", "epoch", "step", "time", "metrics", "size", "valid", "verified",
-            "problem", "latest", "in_index", "superseded", "kept_by"}
+ROW_KEYS = {"name", "path", "epoch", "step", "batch", "time", "metrics", "size", "valid",
+            "verified", "problem", "latest", "in_index", "superseded", "kept_by"}
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from nnh_testing import make_handler
 from rich.console import Console
 
 import benchmarks.__main__ as benchmarks_main
-from benchmarks import end_to_end, load_cost, loop_overhead, save_cost, save_memory
+from benchmarks import end_to_end, load_cost, loop_overhead, save_cost, save_memory, step_trigger
 from benchmarks._common import Row
 from nnhandler.logging import TrainingProgress
 
@@ -120,6 +120,7 @@ def check_rows(rows: list[Row]) -> None:
 #: each section at a tiny size (the sizes of a real run are the modules' defaults)
 TINY_SECTIONS: dict[str, Callable[[Path], list[Row]]] = {
     "loop": lambda _: loop_overhead.run(rounds=1),
+    "steps": lambda _: step_trigger.run(rounds=1),
     "load": lambda _: load_cost.run(rounds=1),
     "save": lambda where: save_cost.run_save(rounds=1, sizes=(0.25,), counts=(3, 40),
                                              directory=where),
