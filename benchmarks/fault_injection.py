@@ -446,6 +446,9 @@ class _Campaign:
                                 f"{expected} reported complete")
             if expected is not None and latest_epoch > expected + 1:
                 problems.append(f"epoch {latest_epoch} on disk, only {expected} was saved")
+            # a complete file whose writer was killed before it reported it (between the
+            # rename and its message) is a completed save: the next kill is judged against it
+            self.newest_completed = max(self.newest_completed or 0, latest_epoch)
         if expected is not None or latest_epoch is not None:
             current = report.min_valid_after_first_save
             report.min_valid_after_first_save = (len(valid) if current is None
