@@ -32,6 +32,7 @@ from .errors import (
     MissingDependencyError,
     NoCheckpointFoundError,
     PluginError,
+    RemoteStorageError,
     UnresolvableReferenceError,
 )
 from .events import Event
@@ -70,6 +71,7 @@ __all__ = [
     "PluginError",
     "PluginRegistry",
     "PreemptionReport",
+    "RemoteStorageError",
     "RestoreResult",
     "Retention",
     "SavedCheckpoint",

@@ -49,6 +49,7 @@ from .checkpoint.background import BackgroundWriter, WriteOutcome
 from .checkpoint.envelope import build_meta, ensure_plain, envelope_of, write_checkpoint
 from .checkpoint.sharded import SHARDED_KEYS, SHARDED_SUFFIX, write_sharded_checkpoint
 from .checkpoint.snapshot import Snapshot, StagingBuffers
+from .checkpoint.storage import URL, location_of, store_for
 from .components.history import is_plain
 from .distributed import run_on_rank_zero
 from .errors import ConfigurationError
@@ -79,9 +80,10 @@ def emergency_name(reason: str, epoch: int, batches: int) -> str:
 @dataclass(frozen=True)
 class SavedCheckpoint:
     """A durable checkpoint: where, for which epoch, its size in bytes and the seconds its
-    write took."""
+    write took. ``path`` is a :class:`~nnhandler.checkpoint.storage.URL` (a ``str``) for a
+    checkpoint in object storage."""
 
-    path: Path
+    path: Path | URL
     epoch: int
     size: int
     seconds: float
@@ -110,7 +112,8 @@ class Checkpointer:
 
     # -- writing -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str],
-             logs: Mapping[str, Any] | None = None) -> SavedCheckpoint:
+             logs: Mapping[str, Any] | None = None, *,
+             storage_options: Mapping[str, Any] | None = None) -> SavedCheckpoint:
         """Write the complete checkpoint to ``path`` and return once it is durable, then
         announce it (``on_checkpoint_saved``). ``logs`` go into the file's ``meta`` (plain
         scalars only) and its integrity record; the default is ``trainer.last_logs`` (those of
@@ -119,10 +122,20 @@ class Checkpointer:
         A model with DTensor parameters (``trainer.sharded_checkpoints``) is written as a
         directory: ``path`` must end in ``.dcp``, every rank writes its own shards, and the
         directory appears only once it is complete.
+
+        ``path`` may be an fsspec URL (``s3://bucket/run/ep010.pth``; ``storage_options`` go to
+        fsspec, and without them the store's standard configuration applies, such as
+        ``AWS_ENDPOINT_URL`` and credentials from the environment): the file is written
+        locally with its CRC-32, then uploaded whole, so that no partial object is ever
+        visible under its name (docs page "Object storage"). Needs ``nnhandler[remote]``.
         """
         trainer = self._trainer
-        path = Path(path)
+        location = location_of(path)
         logs = dict(trainer.last_logs if logs is None else logs)
+        if isinstance(location, URL):
+            return self._save_remote(location, logs, storage_options)
+        store_for(location, storage_options)  # local: options would be a mistake
+        path = location
 
         def write() -> tuple[int, float]:
             _refuse_directory(path)  # checked on rank 0 only: other ranks may not share its disk
@@ -148,6 +161,30 @@ class Checkpointer:
             else:
                 size, seconds = run_on_rank_zero(trainer.distributed, write)
         saved = SavedCheckpoint(path, trainer.epoch, size, seconds)
+        self.announce(saved)
+        return saved
+
+    def _save_remote(self, url: URL, logs: dict[str, Any],
+                     storage_options: Mapping[str, Any] | None) -> SavedCheckpoint:
+        """:meth:`save` to a URL: written and uploaded on rank 0 while the other ranks wait
+        (its error, a timeout after bounded retries included, is raised on every rank)."""
+        trainer = self._trainer
+        if trainer.sharded_checkpoints:
+            raise ConfigurationError(
+                f"save path {str(url)!r}: a model with DTensor parameters is saved as a sharded "
+                "directory, which is not written to URLs yet; save it to a shared filesystem")
+
+        def write() -> tuple[int, float]:
+            from .checkpoint.remote_checkpoints import publish_checkpoint
+
+            started = time.perf_counter()
+            size = publish_checkpoint(url, lambda local: write_checkpoint(
+                local, trainer.state_registry.collect(), self.meta(logs)), storage_options)
+            return size, time.perf_counter() - started
+
+        with self._rng_gathered():
+            size, seconds = run_on_rank_zero(trainer.distributed, write)
+        saved = SavedCheckpoint(url, trainer.epoch, size, seconds)
         self.announce(saved)
         return saved
 

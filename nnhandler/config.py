@@ -390,6 +390,8 @@ class LoadOptions(_Strict):
     parallelism: Parallelism | None = None
     fsdp_units: tuple[Any, ...] | None = None
     compile_model: bool | dict[str, Any] | None = None
+    #: fsspec's options for a checkpoint at a URL (docs page "Object storage")
+    storage_options: dict[str, Any] | None = None
     # ``device`` is checked by the handler (availability included); it is accepted here so
     # that load_latest can check all of its keyword arguments at once
     device: Any = None

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from .callbacks import AutoSaveCallback, Callback
 from .callbacks.autosave_options import AutoSaveOptions, auto_save_config
+from .checkpoint.storage import URL
 from .checkpointing import Checkpointer
 from .components import EpochPosition, History, ModelState, Progress, RNGState
 from .config import ParallelConfig, Parallelism, TrainCall, TrainSettings, validate_call
@@ -411,7 +412,8 @@ class NNHandler(HistoryViews):
         return self._training.train(call, changes)
 
     # ------------------------------------------------------------------ saving ---------------
-    def save(self, path: str | os.PathLike[str], logs: Mapping[str, Any] | None = None) -> Path:
+    def save(self, path: str | os.PathLike[str], logs: Mapping[str, Any] | None = None, *,
+             storage_options: Mapping[str, Any] | None = None) -> Path | URL:
         """Write the complete checkpoint to ``path`` and return once it is durable.
 
         Under DDP every rank calls it: rank 0 writes, the others wait, and an error on rank 0 is
@@ -422,8 +424,12 @@ class NNHandler(HistoryViews):
         a directory through ``torch.distributed.checkpoint``: every rank writes its own shards,
         and the directory appears under ``path`` (which must end in ``.dcp``) only once it is
         complete. ``save_path`` must then be on a filesystem that every rank shares.
+
+        ``path`` may be an fsspec URL (``s3://bucket/run/ep010.pth``, ``memory://…``) with
+        ``storage_options`` for fsspec; it is uploaded whole once written (docs page "Object
+        storage"; needs ``nnhandler[remote]``), and the returned path is then that URL.
         """
-        return self._checkpoints.save(path, logs).path
+        return self._checkpoints.save(path, logs, storage_options=storage_options).path
 
     def state_dict(self) -> dict[str, Any]:
         """``{state_key: state}`` of every provider: exactly what a checkpoint's ``state`` holds."""
@@ -490,6 +496,7 @@ class NNHandler(HistoryViews):
         parallelism: Parallelism | None = None,
         fsdp_units: Iterable[type[nn.Module]] | None = None,
         compile_model: bool | Mapping[str, Any] | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> NNHandler:
         """Rebuild a handler from a checkpoint, ready to resume with :meth:`train`.
 
@@ -524,6 +531,10 @@ class NNHandler(HistoryViews):
         world size may differ from the saving run's where DCP can reshard (FSDP2 can), with a
         warning that the run cannot then equal an uninterrupted one exactly. In one process,
         ``parallelism="none"`` reads a sharded checkpoint into a plain model.
+
+        ``path`` may be an fsspec URL (``s3://bucket/run/ep010.pth``) with ``storage_options``
+        for fsspec (without them: the store's standard configuration, e.g. ``AWS_ENDPOINT_URL``
+        and credentials from the environment); a complete copy is read and always verified.
         """
         plan = plan_load(path, device, {
             "skip_optimizer": skip_optimizer, "skip_scheduler": skip_scheduler,
@@ -531,7 +542,8 @@ class NNHandler(HistoryViews):
             "callbacks": callbacks, "model_class": model_class, "model_kwargs": model_kwargs,
             "strict": strict, "verify": verify, "logger_mode": logger_mode, "log_file": log_file,
             "use_distributed": use_distributed, "parallelism": parallelism,
-            "fsdp_units": fsdp_units, "compile_model": compile_model})
+            "fsdp_units": fsdp_units, "compile_model": compile_model,
+            "storage_options": storage_options})
         arguments = dict(plan.handler_arguments)
         handler = cls(arguments.pop("model_class"), device=plan.device, logger_mode=logger_mode,
                       log_file=log_file, use_distributed=plan.context.enabled, **arguments)
