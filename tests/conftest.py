@@ -22,3 +22,7 @@ def _in_tmp_dir(tmp_path: Path) -> Iterator[Path]:
         yield tmp_path
     finally:
         os.chdir(previous)
+
+
+# -- object storage (issue 15): moto's S3 server for the session, a bucket per test ------------
+from s3_testing import s3_bucket, s3_endpoint, silent_endpoint  # noqa: E402, F401

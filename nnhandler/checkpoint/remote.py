@@ -14,9 +14,9 @@ Bounded failure: every operation has a deadline and bounded retries with exponen
 (:class:`RemoteSettings`: ``NNHANDLER_REMOTE_TIMEOUT``, seconds per attempt, default 60;
 ``NNHANDLER_REMOTE_RETRIES``, attempts after the first, default 3). A transfer's deadline grows
 with its size (``timeout + size / 1 MB/s``). For ``s3://`` botocore's own connect/read timeouts
-are set to the same value unless ``storage_options["config_kwargs"]`` sets them, and s3fs's own
-retry loop is off (``retries=1``) unless ``storage_options["retries"]`` says otherwise, so an
-endpoint that stops answering costs at most about ``(retries + 1) x (timeout + backoff)``.
+are set to the same value unless ``storage_options["config_kwargs"]`` sets them. Each attempt is
+bounded by the deadline whatever the client does inside it (s3fs retries some errors itself), so
+an endpoint that stops answering costs at most about ``(retries + 1) x (timeout + backoff)``.
 A missing object, a refused permission or a bad argument is not retried.
 """
 
@@ -124,7 +124,6 @@ def _filesystem(url: URL, storage_options: Mapping[str, Any] | None) -> Any:
         config.setdefault("read_timeout", settings.timeout)
         config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
         options["config_kwargs"] = config
-        options.setdefault("retries", 1)
     try:
         return fsspec.filesystem(url.protocol, **options)
     except ImportError as error:
