@@ -402,3 +402,51 @@ def test_an_endpoint_that_never_answers_fails_within_the_bounded_retries(
     assert handler.epoch == 1  # the handler is intact: training can go on
     handler.train(epochs=1, progress_bar=False)
     assert handler.epoch == 2
+
+
+# ============================================================================================
+# the CLI on s3:// URLs (a real subprocess, configured by the environment like a user's shell)
+# ============================================================================================
+def run_cli(*arguments: str) -> Any:
+    import json
+    import os
+    import subprocess
+
+    process = subprocess.run([sys.executable, "-m", "nnhandler.cli", *arguments],
+                             capture_output=True, text=True, timeout=120, env=dict(os.environ),
+                             check=False)
+    parsed = json.loads(process.stdout) if "--json" in arguments and process.stdout else None
+    return process.returncode, parsed, process.stdout + process.stderr
+
+
+@pytest.mark.slow
+def test_cli_list_verify_inspect_on_s3(s3_bucket: str) -> None:
+    handler = make_handler(n=32)
+    for epoch in (1, 2):
+        handler.train(until_epoch=epoch, seed=3, progress_bar=False)
+        handler.save(f"s3://{s3_bucket}/run/ep{epoch:03d}.pth")
+    run = f"s3://{s3_bucket}/run"
+    code, rows, _ = run_cli("list", run, "--json")
+    assert code == 0
+    assert [(row["name"], row["epoch"], row["valid"], row["latest"]) for row in rows] == [
+        ("ep002.pth", 2, True, True), ("ep001.pth", 1, True, False)]
+    code, results, _ = run_cli("verify", f"{run}/ep001.pth", f"{run}/missing.pth", "--json")
+    assert code == 1
+    assert [(r["path"], r["kind"]) for r in results] == [
+        (f"{run}/ep001.pth", "checkpoint"), (f"{run}/missing.pth", "missing")]
+    code, info, _ = run_cli("inspect", f"{run}/ep002.pth", "--json")
+    assert code == 0 and info["epoch"] == 2 and info["path"] == f"{run}/ep002.pth"
+    fs = s3_filesystem()
+    data = bytearray(fs.cat_file(f"{s3_bucket}/run/ep002.pth"))
+    data[100] ^= 1
+    fs.pipe_file(f"{s3_bucket}/run/ep002.pth", bytes(data))
+    code, rows, _ = run_cli("list", run, "--json")
+    assert code == 1
+    assert [(row["name"], row["valid"], row["latest"]) for row in rows] == [
+        ("ep002.pth", False, False), ("ep001.pth", True, True)]
+    assert f"'{run}/ep002.pth' is corrupted" in rows[0]["problem"]
+    code, results, _ = run_cli("verify", f"{run}/ep002.pth", "--json")
+    assert code == 1 and results[0]["kind"] == "corrupt"
+    assert "nnhandler-staging" not in results[0]["error"]
+    code, _, text = run_cli("list", run)
+    assert code == 1 and "ep002.pth" in text and "CORRUPT" in text
