@@ -197,7 +197,7 @@ class Checkpointer:
                           world_size=trainer.distributed.world_size,
                           lineage=trainer.progress.lineage)
 
-    def snapshot(self, path: Path, logs: Mapping[str, Any],
+    def snapshot(self, path: Path | URL, logs: Mapping[str, Any],
                  staging: StagingBuffers) -> Snapshot | None:
         """The complete checkpoint (as :meth:`save` would write it to ``path``) copied into
         ``staging`` on rank 0, for a background write; ``None`` on the other ranks. Prefer
@@ -210,7 +210,8 @@ class Checkpointer:
         logs = dict(logs)
 
         def take() -> Snapshot:
-            _refuse_directory(path)
+            if isinstance(path, Path):
+                _refuse_directory(path)
             state, meta = trainer.state_registry.collect(), self.meta(logs)
             ensure_plain(state)
             ensure_plain(meta, "meta")
@@ -231,7 +232,7 @@ class Checkpointer:
 
 @dataclass(frozen=True)
 class _Pending:
-    path: Path
+    path: Path | URL
     epoch: int
 
 
@@ -254,7 +255,7 @@ class BackgroundSave:
         self._pending: _Pending | None = None
 
     @property
-    def in_flight(self) -> Path | None:
+    def in_flight(self) -> Path | URL | None:
         """The checkpoint being written whose outcome :meth:`settle` has not reported yet."""
         return None if self._pending is None else self._pending.path
 
@@ -263,20 +264,24 @@ class BackgroundSave:
         """The staging memory snapshots are copied into (``None`` before the first start)."""
         return None if self._writer is None else self._writer.staging
 
-    def start(self, trainer: Trainer, path: Path, epoch: int, logs: Mapping[str, Any], *,
-              after_commit: Callable[[], None] | None = None) -> None:
+    def start(self, trainer: Trainer, path: Path | URL, epoch: int, logs: Mapping[str, Any], *,
+              after_commit: Callable[[], None] | None = None,
+              storage_options: Mapping[str, Any] | None = None) -> None:
         """Snapshot the state (collective) and hand it to the writer thread on rank 0.
         ``after_commit`` runs in the writer thread once the file is durable (rank 0). An error
-        of the snapshot is raised on every rank and nothing is in flight then."""
+        of the snapshot is raised on every rank and nothing is in flight then. ``path`` may be
+        a URL (``storage_options`` for fsspec): the writer thread then writes a local staging
+        file and uploads it whole, so training waits for neither."""
         if self._pending is not None:
             raise RuntimeError(f"a background write of {self._pending.path} is in flight: "
                                "settle(wait=True) it first")
         if self._writer is None:
             self._writer = BackgroundWriter()
+        store = store_for(path, storage_options) if isinstance(path, URL) else None
         snapshot = trainer.checkpoints.snapshot(path, logs, self._writer.staging)
         self._pending = _Pending(path, epoch)
         if snapshot is not None:  # rank 0
-            self._writer.submit(path, epoch, snapshot, after_commit)
+            self._writer.submit(path, epoch, snapshot, after_commit, store=store)
 
     def settle(self, trainer: Trainer, *, wait: bool) -> SavedCheckpoint | None:
         """The write in flight once it is durable (``wait=False``: only if it already is;
@@ -361,7 +366,7 @@ class EmergencySaver(Protocol):
         ...
 
     @property
-    def emergency_directory(self) -> Path:
+    def emergency_directory(self) -> Path | URL:
         """Where the emergency checkpoints go (two savers may not share one)."""
         ...
 
@@ -369,7 +374,7 @@ class EmergencySaver(Protocol):
         """Settle any write in flight (collective); raise its failure if the policy says so."""
         ...
 
-    def save_emergency(self, trainer: Trainer, emergency: Emergency) -> Path | None:
+    def save_emergency(self, trainer: Trainer, emergency: Emergency) -> Path | URL | None:
         """Write the emergency checkpoint synchronously; its path, or ``None`` when none was
         written (a failure the saver reported)."""
         ...

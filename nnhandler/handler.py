@@ -567,7 +567,8 @@ class NNHandler(HistoryViews):
         """
         return load_latest(cls.load, save_path, load_arguments)
 
-    def resume_from(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
+    def resume_from(self, path: str | os.PathLike[str], *, verify: bool = True,
+                    storage_options: Mapping[str, Any] | None = None) -> None:
         """Restore this configured handler's state from a checkpoint, in place.
 
         For restartable scripts that build the handler themselves: everything with a state
@@ -579,8 +580,11 @@ class NNHandler(HistoryViews):
         replaces every param group's ``lr``, ``weight_decay``, ``betas`` …): where the
         checkpoint's run was configured with other values than this handler's
         ``set_optimizer`` call, a warning names each one, before and after.
+
+        ``path`` may be an fsspec URL (``s3://bucket/run/ep010.pth``) with ``storage_options``
+        for fsspec; it is then always verified (docs page "Object storage").
         """
-        self._restorer.resume_from(path, verify)
+        self._restorer.resume_from(path, verify, storage_options)
 
     def _adopt_own_autosave(self, own_key: str | None) -> None:
         """The file's record of which auto-saver was this handler's :meth:`auto_save` one."""

@@ -360,13 +360,16 @@ class Restorer:
         self.apply(checkpoint, skipped_keys(options, checkpoint.state))
         return None if options.skip_callbacks else config.own_autosave
 
-    def resume_from(self, path: str | os.PathLike[str], verify: bool) -> None:
+    def resume_from(self, path: str | os.PathLike[str], verify: bool,
+                    storage_options: Mapping[str, Any] | None = None) -> None:
         """:meth:`NNHandler.resume_from`: every state is checked before any is applied, so a
         failure changes nothing."""
         handler, training = self.handler, self.training
-        validate_call(ResumeCall, "resume_from", {"path": path, "verify": verify})
+        validate_call(ResumeCall, "resume_from", {"path": path, "verify": verify,
+                                                  "storage_options": storage_options})
         checkpoint = read_any_checkpoint(path, map_location=handler.device, verify=verify,
-                                         context=handler.distributed)
+                                         context=handler.distributed,
+                                         storage_options=storage_options)
         config = check_config(checkpoint.state.get("config"), str(checkpoint.path))
         if "optimizer" in checkpoint.state and config.optimizer is not None:
             replaced = self.optimization.replaced_settings(

@@ -15,6 +15,7 @@ from ..checkpoint.removal import RemovalGuard
 from ..checkpoint.retention import Retention, RetentionPlan, RetentionRules
 from ..checkpoint.schema import validate
 from ..checkpoint.sharded import checkpoint_size, sharded_name
+from ..checkpoint.storage import URL, same_location
 from ..checkpointing import BackgroundSave, Emergency
 from ..config import AutoSaveConfig
 from ..distributed import run_on_rank_zero
@@ -58,7 +59,7 @@ class _BackgroundSave:
     """An auto-save being written in the background, and the bookkeeping to restore should the
     write fail."""
 
-    path: Path
+    path: Path | URL
     epoch: int
     previous: _Bookkeeping
     retention: RetentionPlan | None = None
@@ -211,7 +212,8 @@ class AutoSaveCallback(Callback):
     # -- configuration -------------------------------------------------------------------------
     @staticmethod
     def key_for(config: AutoSaveConfig) -> str:
-        directory = Path(os.path.normpath(config.save_path)).as_posix()
+        directory = (config.save_path if isinstance(config.save_path, URL)
+                     else Path(os.path.normpath(config.save_path)).as_posix())
         return f"{AUTOSAVE_KEY_PREFIX}{directory}/{config.name}"
 
     @property
@@ -221,7 +223,7 @@ class AutoSaveCallback(Callback):
     def writes_same_files_as(self, other: AutoSaveCallback) -> bool:
         """True when both would write the same files (same directory on disk, same name)."""
         return (self.config.name == other.config.name
-                and self.config.save_path.resolve() == other.config.save_path.resolve())
+                and same_location(self.config.save_path, other.config.save_path))
 
     def check_registration(self, callbacks: Sequence[Callback]) -> None:
         """Refuse to join ``callbacks`` beside an auto-saver that writes the same files under
@@ -262,7 +264,7 @@ class AutoSaveCallback(Callback):
         return self._background
 
     @property
-    def write_in_flight(self) -> Path | None:
+    def write_in_flight(self) -> Path | URL | None:
         """The checkpoint being written in the background and not yet reported, if any."""
         return self._background.in_flight
 
@@ -344,7 +346,7 @@ class AutoSaveCallback(Callback):
 
     # -- saving --------------------------------------------------------------------------------
     def path_for(self, logs: dict[str, Any], *,
-                 sharded: bool = False) -> tuple[Path, RenderedName]:
+                 sharded: bool = False) -> tuple[Path | URL, RenderedName]:
         """Where the checkpoint for ``logs`` goes, and the rendered name (with the template
         keys missing from the logs and, for a name clipped to the filesystem's limit, the full
         name). ``sharded``: the name of a sharded checkpoint directory (``….dcp``)."""
@@ -352,7 +354,8 @@ class AutoSaveCallback(Callback):
         file_name = sharded_name(rendered.name) if sharded else rendered.name
         return self.config.save_path / file_name, rendered
 
-    def save_now(self, handler: Trainer, epoch: int, logs: dict[str, Any]) -> Path | None:
+    def save_now(self, handler: Trainer, epoch: int,
+                 logs: dict[str, Any]) -> Path | URL | None:
         """Write a checkpoint for ``epoch`` now, then apply the ``overwrite`` or retention rules.
 
         Returns the path, or ``None`` when the save failed under ``on_save_error="warn"``.
@@ -384,7 +387,7 @@ class AutoSaveCallback(Callback):
         return f"the previous checkpoint {self.last_saved_path} is intact"
 
     def _save(self, handler: Trainer, epoch: int, logs: dict[str, Any], *,
-              path: Path | None = None, synchronous: bool = False) -> Path:
+              path: Path | URL | None = None, synchronous: bool = False) -> Path | URL:
         """Save under this callback's bookkeeping: to the scheduled name for ``logs``, or to
         ``path`` (emergency checkpoints); ``synchronous`` even with ``async_save``."""
         if self._in_flight is not None:  # at most one write in flight
@@ -395,7 +398,8 @@ class AutoSaveCallback(Callback):
             path, rendered = self.path_for({**logs, "epoch": epoch},
                                            sharded=handler.sharded_checkpoints)
         warn_about_name(self.config, handler, rendered, epoch, logs, path, self._reported_keys)
-        chosen = own_target(handler, path, warn=not self._told_name_taken)
+        chosen = own_target(handler, path, warn=not self._told_name_taken,
+                            storage_options=self.config.storage_options)
         self._told_name_taken = self._told_name_taken or chosen != path
         path = chosen
         if handler.distributed.is_main:
@@ -414,13 +418,15 @@ class AutoSaveCallback(Callback):
             if self.config.async_save and not synchronous:
                 self._save_in_background(handler, path, epoch, logs, previous, plan)
                 return path
-            handler.checkpoints.save(path, logs)
+            options = self.config.storage_options  # only for a URL: seams without the keyword
+            handler.checkpoints.save(path, logs, **({"storage_options": options} if options
+                                                    else {}))
         except BaseException:
             self._roll_back(previous, plan)
             raise
         if plan is not None and handler.distributed.is_main:
             self._commit_retention(handler, plan)
-        if handler.distributed.is_main:
+        if handler.distributed.is_main and isinstance(path, Path):
             with contextlib.suppress(OSError):  # only feeds the free-space warning
                 self._last_size = checkpoint_size(path)
         if self.config.overwrite:
@@ -432,7 +438,7 @@ class AutoSaveCallback(Callback):
         return path
 
     # -- background saving ---------------------------------------------------------------------
-    def _save_in_background(self, handler: Trainer, path: Path, epoch: int,
+    def _save_in_background(self, handler: Trainer, path: Path | URL, epoch: int,
                             logs: dict[str, Any], previous: _Bookkeeping,
                             plan: RetentionPlan | None = None) -> None:
         """Snapshot the state (collective) and hand it to the writer thread (rank 0)."""
@@ -443,7 +449,8 @@ class AutoSaveCallback(Callback):
                                              self._guard(handler))
         elif plan is not None:  # index, then removals: in the writer thread, once durable
             after_commit = functools.partial(self._commit_retention, handler, plan)
-        self._background.start(handler, path, epoch, logs, after_commit=after_commit)
+        self._background.start(handler, path, epoch, logs, after_commit=after_commit,
+                               storage_options=self.config.storage_options)
         self._in_flight = _BackgroundSave(path, epoch, previous, plan)
 
     def flush(self, handler: Trainer) -> None:
@@ -508,10 +515,10 @@ class AutoSaveCallback(Callback):
         return self.config.save_on_exception
 
     @property
-    def emergency_directory(self) -> Path:
+    def emergency_directory(self) -> Path | URL:
         return self.config.save_path
 
-    def save_emergency(self, handler: Trainer, emergency: Emergency) -> Path | None:
+    def save_emergency(self, handler: Trainer, emergency: Emergency) -> Path | URL | None:
         """Write the emergency checkpoint ``emergency.file_name`` into ``save_path``
         synchronously, under this callback's bookkeeping (overwrite lineage, retention,
         ``on_checkpoint_saved``), after its background write in flight has been settled.

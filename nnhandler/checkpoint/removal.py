@@ -40,6 +40,7 @@ from typing import Final
 from ..errors import CheckpointError
 from .integrity import read_integrity_record
 from .sharded import SHARDED_SUFFIX, read_manifest
+from .storage import LOCAL_STORE, Store
 from .writer import TEMP_INFIX, remove_checkpoint_path
 
 __all__ = [
@@ -181,8 +182,11 @@ class RemovalGuard:
     ``lineage``: the run's lineage; ``logger`` receives a warning for each refusal.
     ``earlier_templates``: templates the same callback instance was configured with before
     in this process (``auto_save`` called again with another ``name``), whose files it may
-    still remove; never taken from a file.
+    still remove; never taken from a file. ``store``: where the files are (a URL's
+    ``save_path`` has :class:`~.store_files.StoreRemovalGuard`).
     """
+
+    store: Store = LOCAL_STORE
 
     def __init__(self, directory: Path, template: str, lineage: str,
                  logger: logging.Logger, earlier_templates: tuple[str, ...] = ()) -> None:
@@ -225,6 +229,10 @@ class RemovalGuard:
             raise _Refused(f"it belongs to another run (lineage {found!r}, this run "
                            f"{self.lineage or 'none yet'!r})")
         return target
+
+    def exists(self, name: str) -> bool:
+        """Whether something named ``name`` is in the folder (a symlink too)."""
+        return os.path.lexists(self.directory / name)
 
     def refusal(self, recorded: str, *, in_directory: bool = False) -> str | None:
         """Why ``recorded`` may not be removed, or ``None`` when it may (or is gone)."""

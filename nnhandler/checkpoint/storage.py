@@ -26,6 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import unquote
@@ -34,18 +35,23 @@ from ..errors import ConfigurationError
 
 __all__ = [
     "LOCAL_STORE",
+    "PROCESS_STARTED",
     "URL",
     "Entry",
     "LocalStore",
     "Store",
     "is_url",
     "location_of",
+    "same_location",
     "store_for",
 ]
 
 #: ``scheme://`` (two letters at least: ``C:\\`` is a Windows drive, not a URL)
 _URL_PATTERN: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")
 REMOTE_EXTRA: Final = "remote"
+#: when this process (first imported nnhandler and so) could first have begun an upload: an
+#: incomplete multipart upload begun earlier is no upload of this process
+PROCESS_STARTED: Final = datetime.now(timezone.utc)
 
 
 class URL(str):
@@ -119,6 +125,13 @@ def location_of(value: str | os.PathLike[str]) -> Path | URL:
             return Path(unquote(value[len("file://"):]))
         return URL(value)
     return Path(value)
+
+
+def same_location(first: Path | URL, second: Path | URL) -> bool:
+    """Whether two locations are one: resolved paths, or equal URLs."""
+    if isinstance(first, URL) or isinstance(second, URL):
+        return str(first) == str(second)
+    return first.resolve() == second.resolve()
 
 
 @dataclass(frozen=True)
