@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from typing import Any, Final
 
 from ..errors import CheckpointError, ConfigurationError
-from .removal import LINEAGE_FIELD, MAX_VERSION, Outcome, RemovalGuard, _Refused, is_own_name
+from .removal import LINEAGE_FIELD, MAX_VERSION, Outcome, Refused, RemovalGuard, is_own_name
 from .sharded import SHARDED_SUFFIX
 from .storage import PROCESS_STARTED, URL, Store, is_url
 
@@ -94,42 +94,42 @@ class StoreRemovalGuard(RemovalGuard):
 
     def locate(self, recorded: str, *, in_directory: bool = False) -> URL | None:  # type: ignore[override]
         if not isinstance(recorded, str) or not recorded:
-            raise _Refused("not a file name")
+            raise Refused("not a file name")
         folder: URL = self.directory  # type: ignore[assignment]
         if is_url(recorded):
             try:
                 candidate = URL(recorded)
             except ConfigurationError as error:
-                raise _Refused(str(error)) from None
+                raise Refused(str(error)) from None
         elif in_directory and "/" not in recorded and "\\" not in recorded:
             if recorded in (".", ".."):
-                raise _Refused("not a file name")
+                raise Refused("not a file name")
             candidate = folder / recorded
         else:
-            raise _Refused(f"not directly inside save_path {str(folder)!r}")
+            raise Refused(f"not directly inside save_path {str(folder)!r}")
         name = candidate.name
         if name in ("", ".", "..") or candidate.parent != folder or candidate == folder:
-            raise _Refused(f"not directly inside save_path {str(folder)!r}")
+            raise Refused(f"not directly inside save_path {str(folder)!r}")
         if not self.store.exists(candidate):
             return None
         if not any(is_own_name(name, template) for template in self.templates):
-            raise _Refused(f"its name does not match the name template {self.template!r}")
+            raise Refused(f"its name does not match the name template {self.template!r}")
         if self.store.is_dir(candidate):
-            raise _Refused("a prefix with objects under it (a folder), not one checkpoint "
+            raise Refused("a prefix with objects under it (a folder), not one checkpoint "
                            "object")
         found = store_lineage(self.store, candidate)
         if found is None:
-            raise _Refused("it records no lineage (not a checkpoint of this nnhandler, or "
+            raise Refused("it records no lineage (not a checkpoint of this nnhandler, or "
                            "unreadable)")
         if found != self.lineage:
-            raise _Refused(f"it belongs to another run (lineage {found!r}, this run "
+            raise Refused(f"it belongs to another run (lineage {found!r}, this run "
                            f"{self.lineage or 'none yet'!r})")
         return candidate
 
     def remove(self, recorded: str, *, what: str, in_directory: bool = False) -> Outcome:
         try:
             target = self.locate(recorded, in_directory=in_directory)
-        except _Refused as refused:
+        except Refused as refused:
             self.logger.warning("%s %r is not removed and is dropped from the bookkeeping: %s",
                                 what, recorded, refused)
             return Outcome.REFUSED
@@ -165,10 +165,11 @@ def prepare_store_directory(store: Store, directory: URL, templates: tuple[str, 
 
 
 def abort_stale_uploads(store: Store, directory: URL, templates: tuple[str, ...],
-                        logger: logging.Logger) -> list[str]:
+                        logger: logging.Logger,
+                        before: datetime = PROCESS_STARTED) -> list[str]:
     """Abort the incomplete multipart uploads directly under ``directory`` whose names
-    ``templates`` write and that began before this process started (see the module
-    docstring); returns their keys. A store without listable uploads has none."""
+    ``templates`` write and that began ``before`` (default: when this process started; see
+    the module docstring); returns their keys. A store without listable uploads has none."""
     from .remote import FsspecStore
 
     if not isinstance(store, FsspecStore):
@@ -182,7 +183,7 @@ def abort_stale_uploads(store: Store, directory: URL, templates: tuple[str, ...]
 
     def stale() -> list[dict[str, Any]]:
         return [upload for upload in lister(bucket)
-                if _is_stale(upload, prefix, templates)]
+                if _is_stale(upload, prefix, templates, before)]
 
     aborted = []
     for upload in store.call("listing of the multipart uploads in", directory, stale):
@@ -201,7 +202,8 @@ def abort_stale_uploads(store: Store, directory: URL, templates: tuple[str, ...]
     return aborted
 
 
-def _is_stale(upload: dict[str, Any], prefix: str, templates: tuple[str, ...]) -> bool:
+def _is_stale(upload: dict[str, Any], prefix: str, templates: tuple[str, ...],
+              before: datetime) -> bool:
     key = str(upload.get("Key", ""))
     if not key.startswith(prefix) or "/" in key[len(prefix):]:
         return False
@@ -212,4 +214,4 @@ def _is_stale(upload: dict[str, Any], prefix: str, templates: tuple[str, ...]) -
         return False
     if initiated.tzinfo is None:
         initiated = initiated.replace(tzinfo=timezone.utc)
-    return initiated < PROCESS_STARTED
+    return initiated < before
