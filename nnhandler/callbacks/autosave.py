@@ -31,6 +31,7 @@ from .autosave_files import (
     remove_previous,
     remove_superseded,
     resume_retention,
+    save_through_seam,
     warn_about_name,
     warn_if_disk_is_short,
 )
@@ -74,7 +75,9 @@ class AutoSaveCallback(Callback):
             each ``train`` call (also when the call stops early). Anything else, including
             ``"5"``, ``2.0`` and ``True``, is a validation error.
         save_path: directory for the files; rank 0 creates it (with parents) at the first save.
-            An existing path that is not a directory is a ``ValueError``.
+            An existing path that is not a directory is a ``ValueError``. An fsspec URL
+            (``s3://bucket/run``; keyword ``storage_options``) keeps every rule on a store
+            (docs page "Object storage").
         name: ``str.format`` template filled with the epoch-end logs (``epoch``, ``loss``,
             ``val_loss``, each metric and ``val_<metric>``, and keys added by callbacks);
             ``.pth`` is appended unless present. For a model with DTensor parameters (FSDP2)
@@ -418,9 +421,7 @@ class AutoSaveCallback(Callback):
             if self.config.async_save and not synchronous:
                 self._save_in_background(handler, path, epoch, logs, previous, plan)
                 return path
-            options = self.config.storage_options  # only for a URL: seams without the keyword
-            handler.checkpoints.save(path, logs, **({"storage_options": options} if options
-                                                    else {}))
+            save_through_seam(handler, path, logs, self.config.storage_options)
         except BaseException:
             self._roll_back(previous, plan)
             raise

@@ -43,6 +43,7 @@ __all__ = [
     "removal_guard",
     "remove_previous",
     "resume_retention",
+    "save_through_seam",
     "warn_about_name",
     "warn_if_disk_is_short",
 ]
@@ -240,6 +241,14 @@ def remove_previous(handler: Trainer, previous: str, new: Path | URL,
     elif os.path.realpath(previous) == os.path.realpath(new):
         return
     guard.remove(previous, what="overwrite: the previous auto-save")
+
+
+def save_through_seam(handler: Trainer, path: Path | URL, logs: dict[str, Any],
+                      storage_options: dict[str, Any] | None) -> None:
+    """``handler.checkpoints.save(path, logs)``; ``storage_options`` only where given (a URL),
+    so that a seam without the keyword still serves local auto-saves."""
+    extra = {"storage_options": storage_options} if storage_options else {}
+    handler.checkpoints.save(path, logs, **extra)
 
 
 def remove_superseded(handler: Trainer, superseded: list[str], new: Path | URL,

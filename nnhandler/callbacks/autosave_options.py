@@ -88,6 +88,8 @@ class AutoSaveOptions(TypedDict, total=False):
     emergency: EmergencySaves | None
     save_on_signal: bool | list[str | int] | tuple[str | int, ...]
     save_on_exception: bool
+    #: for a URL ``save_path``: passed to fsspec (``endpoint_url``, ``key``, ``secret`` …);
+    #: never saved in a checkpoint, as it may hold credentials
     storage_options: Mapping[str, Any] | None
 
 
