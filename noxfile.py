@@ -15,6 +15,14 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", *session.posargs)
 
 
+@nox.session(python=False)
+def quick(session: nox.Session) -> None:
+    """The quick subset (about a minute on 2 cores): every module's fast tests, without the
+    multi-process torch.distributed runs and the tests marked slow. CI runs ``tests``."""
+    session.run("python", "-m", "pytest", "-q", "-m", "not slow and not distributed",
+                *session.posargs)
+
+
 #: the tests of writing and reading checkpoints (~1 min): run again with the torch.save writer
 CHECKPOINT_TESTS = (
     "tests/test_writer_seam.py", "tests/test_write_path.py", "tests/test_integrity.py",

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import end_to_end, load_cost, loop_overhead, save_cost, save_memory
+from . import end_to_end, load_cost, loop_overhead, save_cost, save_memory, step_trigger
 from ._common import Row, machine_details, machine_line, print_rows
 from .save_cost import bench_directory
 
@@ -33,6 +33,7 @@ class Settings:
 
 SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
     "loop": lambda s: loop_overhead.run(rounds=5 if s.quick else 15),
+    "steps": lambda s: step_trigger.run(rounds=5 if s.quick else 15),
     "load": lambda s: load_cost.run(rounds=3 if s.quick else 9),
     "save": lambda s: save_cost.run_save(rounds=2 if s.quick else 7, directory=s.directory),
     "async": lambda s: save_cost.run_async(rounds=2 if s.quick else 7, directory=s.directory),

@@ -80,7 +80,10 @@ class CampaignConfig:
     width: int = 640
     depth: int = 4
     write_share: float = 0.5  # share of kills aimed at a save in progress
-    random_span_s: float = 0.6  # "random moment" kills land uniformly in [0, span] after start
+    #: "random moment" kills land uniformly in [0, span] after start, where span is this or,
+    #: on a slower (loaded) machine, twice the median time processes took to their first
+    #: completed save, so that the campaign keeps the same share of kills after a save
+    random_span_s: float = 0.6
     keep: int = 3  # overwrite=False: older valid checkpoints pruned after each check
     child_timeout_s: float = 120.0  # bound on every wait for a child
 
@@ -292,6 +295,7 @@ class _Campaign:
         self.newest_completed: int | None = None
         self.pending_stale: set[str] = set()
         self.save_durations: list[float] = []
+        self.first_save_after: list[float] = []  # seconds from a process's start
 
     def fail(self, message: str) -> None:
         self.report.failures.append(f"overwrite={self.overwrite}: {message}")
@@ -309,7 +313,10 @@ class _Campaign:
         hard_deadline = started + self.config.child_timeout_s
         kill_at: float | None = None
         if kill and strategy == "random":
-            kill_at = started + self.rng.uniform(0.0, self.config.random_span_s)
+            span = self.config.random_span_s
+            if self.first_save_after:
+                span = max(span, 2 * statistics.median(self.first_save_after))
+            kill_at = started + self.rng.uniform(0.0, span)
         target_saves = self.rng.randint(1, 3) if index > 0 else 2
         est_save = statistics.median(self.save_durations) if self.save_durations else 0.03
         buffer = b""
@@ -350,6 +357,8 @@ class _Campaign:
                             kill_at = save_started_at + self.rng.uniform(0.0, 1.5 * est_save)
                     elif kind == "C":
                         saves += 1
+                        if saves == 1:
+                            self.first_save_after.append(time.monotonic() - started)
                         self.save_durations.append(time.monotonic() - save_started_at)
                         epoch = int(rest.split(" ", 1)[0])
                         self.newest_completed = max(self.newest_completed or 0, epoch)

@@ -109,8 +109,10 @@ def hand_written(case: dict[str, Any]) -> Callable[[], object]:
 
 
 def with_handler(case: dict[str, Any], log_dir: Path, callbacks: int = 6,
-                 progress_bar: bool = False) -> Callable[[], object]:
-    """The same work through ``NNHandler.train``."""
+                 progress_bar: bool = False,
+                 configure: Callable[[NNHandler], object] | None = None) -> Callable[[], object]:
+    """The same work through ``NNHandler.train`` (``configure``: more set-up of the handler,
+    e.g. an auto-saver)."""
     torch.manual_seed(0)
     handler = NNHandler(case["model"], device="cpu", logger_mode=NNHandler.LoggingMode.FILE,
                         log_file=log_dir / "bench.log", use_distributed=False)
@@ -120,6 +122,8 @@ def with_handler(case: dict[str, Any], log_dir: Path, callbacks: int = 6,
                              batch_size=case["batch"], shuffle=True)
     for _ in range(callbacks):
         handler.add_callback(EpochRecorder())
+    if configure is not None:
+        configure(handler)
 
     def train() -> None:
         handler.train(case["epochs"], seed=0, progress_bar=progress_bar)

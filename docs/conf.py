@@ -59,7 +59,8 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(nnhandler\.)?(run_setup\.Unset|config\.(Parallelism|AutoSaveConfig)|"
                r"checkpoint\..*|naming\..*|events\.EventDispatcher|preemption|"
                r"callbacks\.autosave_options\._Option|ziplayout|\.checkpoint\.retention)"),
-    (r"py:class", r"Unset|Parallelism|ShardedComponents|EventDispatcher|AutoSaveStateRecord"),
+    (r"py:class", r"Unset|Parallelism|ShardedComponents|EventDispatcher|AutoSaveStateRecord|"
+                  r"MidEpoch"),  # nnhandler.loop.MidEpoch: on_train_step_end's mid_epoch
     (r"py:class", r"Path|AbstractContextManager"),  # pathlib, contextlib (see above)
     (r"py:class", r"URL"),  # nnhandler.checkpoint.storage.URL where a hint stays a string
     (r"py:func", r"local_cuda_index"),

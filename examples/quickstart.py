@@ -92,9 +92,9 @@ def main() -> None:
     train_set, val_set = two_spirals(seed=0), two_spirals(n_per_class=100, seed=1)
     report = RunReport()
 
-    torch.manual_seed(0)  # TODO(lead): NNHandler(..., seed=0) seeds the model's construction
     handler = NNHandler(model_class=SpiralNet, device="cpu",
-                        logger_mode=NNHandler.LoggingMode.CONSOLE, hidden=64)
+                        logger_mode=NNHandler.LoggingMode.CONSOLE, seed=0,  # seeds the model
+                        hidden=64)
     handler.set_optimizer(torch.optim.Adam, lr=1e-2)
     handler.set_scheduler(torch.optim.lr_scheduler.StepLR, step_size=10, gamma=0.5)
     handler.set_loss_fn(nn.CrossEntropyLoss)
@@ -112,9 +112,9 @@ def main() -> None:
 
     # A restarted job: a fresh handler from the newest checkpoint (by recorded epoch, never by
     # file name or time), trained on from there.
-    resumed = NNHandler.load_latest(args.out, device="cpu", callbacks=[report])
-    resumed.set_train_loader(train_set)  # datasets are never in the file; arguments are
-    resumed.set_val_loader(val_set)      # remembered (batch size, shuffle)
+    # datasets are never in the file (their DataLoader arguments are: batch size, shuffle)
+    resumed = NNHandler.load_latest(args.out, device="cpu", callbacks=[report],
+                                    train_data=train_set, val_data=val_set)
     final = resumed.train(epochs=args.interval)  # the seed is the run's, restored
 
     print(f"epochs trained: {resumed.epoch}; "
@@ -134,10 +134,9 @@ def print_how_to_continue(args: argparse.Namespace, newest: Path | None) -> None
     # a class or function is restored by its recorded name (here __main__.SpiralNet), which
     # another script's __main__ does not have: that script passes them again
     print(f"    handler = NNHandler.load_latest({json.dumps(str(args.out))}, device=\"cpu\", "
-          "model_class=SpiralNet)")
+          "model_class=SpiralNet,")
+    print("                                    train_data=train_set, val_data=val_set)")
     print("    handler.add_metric(\"accuracy\", accuracy)")
-    print("    handler.set_train_loader(train_set)  # datasets are never saved")
-    print("    handler.set_val_loader(val_set)")
     print(f"    handler.train(epochs={args.interval})")
 
 

@@ -14,6 +14,7 @@ PATH may be URLs (``s3://bucket/run``, configured by the environment: docs/objec
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -23,12 +24,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .checkpoint import Checkpoint
 from .checkpoint.discovery import (
     check_candidate,
     first_valid,
@@ -36,6 +37,7 @@ from .checkpoint.discovery import (
     read_index_or_warn,
     vanished,
 )
+from .checkpoint.format import Checkpoint
 from .checkpoint.index import INDEX_FILE, IndexSection
 from .checkpoint.integrity import read_integrity_record, verify_file
 from .checkpoint.sharded import (
@@ -51,7 +53,10 @@ __all__ = ["main"]
 
 
 def _tensor_stats(value: Any) -> tuple[int, int]:
-    """Number of tensors and their bytes inside a nested state."""
+    """Number of tensors and their bytes inside a nested state (``inspect`` has read the
+    checkpoint with torch, so importing it here costs nothing more)."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         return 1, value.numel() * value.element_size()
     items: Any = ()
@@ -107,27 +112,50 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def _print_inspection(console: Console, info: dict[str, Any]) -> None:
-    summary = Table(title=info["path"], show_header=False)
-    for key in ("layout", "format_version", "epoch", "step", "time", "world_size"):
-        summary.add_row(key, str(info[key]))
-    for name, version in info["versions"].items():
-        summary.add_row(f"{name} version", str(version))
-    for name, value in info["logs"].items():
-        summary.add_row(f"logs.{name}", f"{value:.6g}" if isinstance(value, float) else str(value))
+    summary: list[tuple[str, str]] = [(key, str(info[key])) for key in (
+        "layout", "format_version", "epoch", "step", "time", "world_size")]
+    summary += [(f"{name} version", str(version)) for name, version in info["versions"].items()]
+    summary += [(f"logs.{name}", f"{value:.6g}" if isinstance(value, float) else str(value))
+                for name, value in info["logs"].items()]
     if info["mid_epoch"] is not None:
         mid = info["mid_epoch"]
         pending = ", pending gradients" if mid["pending_gradients"] else ""
-        summary.add_row("mid-epoch", f"epoch {mid['epoch']} after {mid['batches_done']} "
-                        f"batches ({mid['reason']}{pending})")
-    for name, value in info["config"].items():
-        summary.add_row(f"config.{name}", str(value))
-    console.print(summary)
-    components = Table(title="components")
-    for column in ("state key", "tensors", "bytes"):
-        components.add_column(column, justify="left" if column == "state key" else "right")
-    for key, stats in info["components"].items():
-        components.add_row(key, str(stats["tensors"]), f"{stats['bytes']:,}")
-    console.print(components)
+        summary.append(("mid-epoch", f"epoch {mid['epoch']} after {mid['batches_done']} "
+                                     f"batches ({mid['reason']}{pending})"))
+    summary += [(f"config.{name}", str(value)) for name, value in info["config"].items()]
+    components = [(key, str(stats["tensors"]), f"{stats['bytes']:,}")
+                  for key, stats in info["components"].items()]
+    if not console.is_terminal:  # piped: plain aligned text, nothing cut or wrapped
+        console.out(info["path"], highlight=False)
+        console.out(plain_table(("", ""), summary, header=False), highlight=False)
+        console.out("\ncomponents", highlight=False)
+        console.out(plain_table(("state key", "tensors", "bytes"), components), highlight=False)
+        return
+    table = Table(title=escape(info["path"]), show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # long values wrap; none is cut
+    for key, value in summary:
+        table.add_row(escape(key), escape(value))
+    console.print(table)
+    parts = Table(title="components")
+    parts.add_column("state key", overflow="fold")
+    for column in ("tensors", "bytes"):
+        parts.add_column(column, justify="right", no_wrap=True)
+    for key, count, size in components:
+        parts.add_row(escape(key), count, size)
+    console.print(parts)
+
+
+def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *,
+                header: bool = True) -> str:
+    """``rows`` as text columns separated by two spaces, each as wide as its widest cell: what
+    ``nnhandler`` prints when its output is not a terminal (nothing is cut or wrapped)."""
+    lines = [tuple(headers), *rows] if header else list(rows)
+    if not lines:
+        return ""
+    widths = [max(len(line[column]) for line in lines) for column in range(len(headers))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)
+                               ).rstrip() for line in lines)
 
 
 #: ``verify`` statuses: what the file is and whether it passed
@@ -199,14 +227,15 @@ def _verify(paths: Sequence[str], console: Console, as_json: bool) -> int:
     if as_json:
         print(json.dumps(results, indent=2))
     else:
-        for result in results:
-            label = _VERIFY_LABELS[result["kind"]]
+        for result in results:  # one line each, never wrapped here (a terminal wraps it)
+            label, path = _VERIFY_LABELS[result["kind"]], escape(result["path"])
             if result["kind"] == "checkpoint":
-                console.print(f"{label}{result['path']} (epoch {result['epoch']})")
+                text = f"{label}{path} (epoch {result['epoch']})"
             elif result["kind"] == "export":
-                console.print(f"{label}{result['path']} ({result['detail']})")
+                text = f"{label}{path} ({escape(result['detail'])})"
             else:
-                console.print(f"{label}{result['path']}: {result['error']}")
+                text = f"{label}{path}: {escape(result['error'])}"
+            console.print(text, soft_wrap=True, highlight=False)
     return 0 if all(result["ok"] for result in results) else 1
 
 
@@ -217,7 +246,9 @@ LIST_METRICS = ("loss", "val_loss")
 def list_directory(directory: str | Path, *, verify: bool = True,
                    logger: logging.Logger | None = None) -> list[dict[str, Any]]:
     """One JSON-ready row per checkpoint in ``directory``, in the order ``load_latest`` ranks
-    them (newest first): ``name``, ``path``, ``epoch``, ``step``, ``time``, ``metrics``
+    them (newest first): ``name``, ``path``, ``epoch``, ``step``, ``batch`` (a checkpoint
+    written inside an epoch by ``every_n_steps``/``every_seconds``: the batches done of the
+    epoch after ``epoch``; ``None`` at an epoch's end), ``time``, ``metrics``
     (``loss``, ``val_loss`` and every key a retention rule monitors, where recorded),
     ``size`` (bytes; a sharded directory's files summed), ``valid``, ``verified`` (whether
     the whole content was checked; without ``verify`` only the integrity record is read),
@@ -252,6 +283,7 @@ def list_directory(directory: str | Path, *, verify: bool = True,
             "path": str(candidate.path),
             "epoch": None if record is None else record.get("epoch"),
             "step": None if record is None else record.get("step"),
+            "batch": logs.get("batch") if type(logs.get("batch")) is int else None,
             "time": None if record is None else record.get("time"),
             "metrics": {key: logs[key] for key in keys if key in logs},
             "size": size,
@@ -295,39 +327,113 @@ def _size_text(size: int | None) -> str:
     return f"{size} B"
 
 
+#: ``list`` columns that stay at any width; the others go, in :data:`_DROP_ORDER`, when the
+#: table does not fit the terminal (named under the table; ``--json`` has everything)
+_KEY_COLUMNS = ("", "name", "epoch", "step", "batch", "status")
+_KEPT = "kept because"
+
+
+def _listing_cells(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, str]]:
+    """Each row's cells as plain text, by column name."""
+    cells = []
+    for row in rows:
+        if not row["valid"]:
+            status = "CORRUPT"
+        elif row["verified"]:
+            status = "valid"
+        else:
+            status = "record ok"
+        metrics = {key: f"{row['metrics'][key]:.4g}" if isinstance(row["metrics"].get(key), float)
+                   else str(row["metrics"].get(key, "")) for key in keys}
+        cells.append({"": "*" if row["latest"] else "", "name": row["name"],
+                      "epoch": "" if row["epoch"] is None else str(row["epoch"]),
+                      "step": "" if row["step"] is None else str(row["step"]),
+                      "batch": "" if row["batch"] is None else str(row["batch"]), **metrics,
+                      "size": _size_text(row["size"]), "status": status,
+                      _KEPT: _kept_text(row)})
+    return cells
+
+
 def _print_listing(console: Console, directory: str, rows: list[dict[str, Any]],
                    verify: bool) -> None:
     if not rows:
-        console.print(f"no checkpoints in {directory}")
+        console.print(f"no checkpoints in {escape(directory)}", soft_wrap=True)
         return
     keys = list(dict.fromkeys(key for row in rows for key in row["metrics"]))
     count = f"{len(rows)} checkpoint" + ("" if len(rows) == 1 else "s")
-    table = Table(title=f"{directory}  ({count})", box=box.SIMPLE_HEAD,
-                  caption="* = the one load_latest picks" + ("" if verify else
-                          "; --no-verify: only integrity records were read"))
-    table.add_column("", justify="center", no_wrap=True)
-    table.add_column("name", no_wrap=True, min_width=max(len(row["name"]) for row in rows))
-    for column in ("epoch", "step", *keys, "size"):
-        table.add_column(column, justify="right", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    table.add_column("kept because", ratio=1)
-    for row in rows:
-        if not row["valid"]:
-            status = "[red]CORRUPT[/red]"
-        elif row["verified"]:
-            status = "[green]valid[/green]"
-        else:
-            status = "record ok"
-        metrics = [f"{row['metrics'][key]:.4g}" if isinstance(row["metrics"].get(key), float)
-                   else str(row["metrics"].get(key, "")) for key in keys]
-        table.add_row("*" if row["latest"] else "", row["name"],
-                      "" if row["epoch"] is None else str(row["epoch"]),
-                      "" if row["step"] is None else str(row["step"]), *metrics,
-                      _size_text(row["size"]), status, _kept_text(row))
-    console.print(table)
+    legend = "* = the one load_latest picks" + (
+        "" if verify else "; --no-verify: only integrity records were read")
+    # batches done in the epoch: only mid-epoch (step / time / emergency) checkpoints have one
+    batch = ["batch"] if any(row["batch"] is not None for row in rows) else []
+    columns = ["", "name", "epoch", "step", *batch, *keys, "size", "status", _KEPT]
+    cells = _listing_cells(rows, keys)
+    if console.is_terminal:
+        _print_listing_table(console, f"{directory}  ({count})", columns, keys, cells, legend)
+    else:  # piped: every column in full, one line per checkpoint (reasons joined)
+        console.out(f"{directory}  ({count})", highlight=False)
+        console.out(plain_table(columns, [[row[column].replace("\n", "; ") for column in columns]
+                                          for row in cells]), highlight=False)
+        console.out(legend, highlight=False)
     for row in rows:
         if row["problem"]:
-            console.print(f"[red]{row['name']}[/red]: {row['problem']}")
+            console.print(f"[red]{escape(row['name'])}[/red]: {escape(row['problem'])}",
+                          soft_wrap=True, highlight=False)
+
+
+def _print_listing_table(console: Console, title: str, columns: list[str], keys: list[str],
+                         cells: list[dict[str, str]], legend: str) -> None:
+    """The rich table at a terminal, as wide as the terminal: where the full table does not fit,
+    the size goes first, then the retention reasons, then the metrics from the right; the
+    marker, name, epoch, step and status always stay, and the caption names what went."""
+    drop_order = ["size", _KEPT, *reversed(keys)]
+    shown = list(columns)
+    dropped: list[str] = []
+    while True:
+        caption = legend + (f"\nnot shown at {console.width} columns: {', '.join(dropped)} "
+                            "(a wider terminal, or --json)" if dropped else "")
+        table = _listing_table(title, shown, cells, caption)
+        if _natural_width(table) <= console.width:
+            console.print(table)
+            return
+        if not drop_order:
+            break
+        dropped.append(drop_order.pop(0))
+        shown.remove(dropped[-1])
+    # narrower than the key columns themselves: plain lines, which the terminal wraps
+    console.out(title, highlight=False)
+    console.out(plain_table(shown, [[row[column] for column in shown] for row in cells]),
+                highlight=False)
+    console.out(caption, highlight=False)
+
+
+def _listing_table(title: str, columns: list[str], cells: list[dict[str, str]],
+                   caption: str) -> Table:
+    table = Table(title=escape(title), box=box.SIMPLE_HEAD, caption=caption)
+    for column in columns:
+        if column == "name":  # too long for the terminal even alone: it folds, never is cut
+            table.add_column(column, overflow="fold")
+            continue
+        table.add_column(column, no_wrap=True, justify="left" if column in (
+            "status", _KEPT) else "center" if column == "" else "right")
+    styles = {"CORRUPT": "[red]CORRUPT[/red]", "valid": "[green]valid[/green]"}
+    for row in cells:
+        table.add_row(*(styles.get(row[column], row[column]) if column == "status"
+                        else escape(row[column]) for column in columns))
+    return table
+
+
+def _natural_width(table: Table) -> int:
+    """How wide ``table`` is with nothing wrapped or cut (its caption and title may wrap):
+    rendered on a console too wide to constrain it."""
+    probe = Console(width=100_000, file=io.StringIO(), color_system=None)
+    table.title, title = None, table.title
+    table.caption, caption = None, table.caption
+    try:
+        with probe.capture() as captured:
+            probe.print(table)
+    finally:
+        table.title, table.caption = title, caption
+    return max(cell_len(line.rstrip()) for line in captured.get().splitlines())
 
 
 def _list(directory: str, console: Console, as_json: bool, verify: bool) -> int:
@@ -405,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Exception as error:  # never a traceback for a bad file
         Console(stderr=True).print(f"[red]error:[/red] cannot inspect {args.path!r}: "
-                                   f"{type(error).__name__}: {error}")
+                                   f"{type(error).__name__}: {error}", soft_wrap=True)
         return 1
     if args.json:
         print(json.dumps(info, indent=2, default=str))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import signal
 from collections.abc import Mapping
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -18,7 +20,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from torch import nn
 
 from .checkpoint.storage import URL, location_of
 from .errors import ConfigurationError
@@ -35,7 +36,7 @@ Parallelism = Literal["ddp", "fsdp", "none"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", defer_build=True)
 
 
 def _save_location(value: Any) -> Path | URL:
@@ -51,6 +52,8 @@ class AutoSaveConfig(_Strict):
     """Configuration of an :class:`~nnhandler.AutoSaveCallback` (see its docstring for rules)."""
 
     interval: int | None = None
+    every_n_steps: Annotated[int, Field(ge=1)] | None = None
+    every_seconds: Annotated[float, Field(strict=False)] | None = None
     #: a directory, or an fsspec URL (``s3://bucket/run``: see docs/object-storage.md)
     save_path: Annotated[Path | URL, PlainValidator(_save_location)] = Path(".")
     name: str = "model_epoch{epoch:02d}"
@@ -62,6 +65,7 @@ class AutoSaveConfig(_Strict):
     monitor: Annotated[str, Field(min_length=1)] | None = None
     mode: MonitorMode = "min"
     keep_every: Annotated[int, Field(ge=1)] | None = None
+    keep_every_n_steps: Annotated[int, Field(ge=1)] | None = None
     save_on_signal: bool | tuple[str, ...] = False
     save_on_exception: bool = False
     #: passed to fsspec for a URL ``save_path``; never saved in a checkpoint (it may hold
@@ -82,6 +86,21 @@ class AutoSaveConfig(_Strict):
                 "epoch) or -1 (after the last epoch of each train call)"
             )
         return value
+
+    @field_validator("every_seconds", mode="before")
+    @classmethod
+    def _seconds_rule(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"every_seconds={value!r} is not a number of seconds: pass a "
+                             "float (or int) of at least 1.0, e.g. every_seconds=1800.0, or "
+                             "None (off)")
+        if not math.isfinite(value) or value < 1.0:
+            raise ValueError(f"every_seconds={value!r} is not allowed: pass a finite number "
+                             "of seconds of at least 1.0 (a save per second or more often "
+                             "would spend the run writing checkpoints), or None (off)")
+        return float(value)
 
     @field_validator("save_path")
     @classmethod
@@ -119,12 +138,19 @@ class AutoSaveConfig(_Strict):
         """The ``keep_*`` rules that are set (empty: every auto-save is kept)."""
         return {name: value for name, value in (("keep_last", self.keep_last),
                                                 ("keep_best", self.keep_best),
-                                                ("keep_every", self.keep_every))
+                                                ("keep_every", self.keep_every),
+                                                ("keep_every_n_steps", self.keep_every_n_steps))
                 if value is not None}
 
     @property
     def enabled(self) -> bool:
-        return bool(self.interval)
+        """Whether any schedule is on (``interval``, ``every_n_steps``, ``every_seconds``)."""
+        return bool(self.interval) or self.saves_inside_epochs
+
+    @property
+    def saves_inside_epochs(self) -> bool:
+        """Whether a step or time trigger is set (saves may fall inside an epoch)."""
+        return self.every_n_steps is not None or self.every_seconds is not None
 
     @property
     def signals(self) -> tuple[signal.Signals, ...]:
@@ -142,6 +168,8 @@ class AutoSaveConfig(_Strict):
     def to_state(self) -> dict[str, Any]:
         return {
             "interval": self.interval,
+            "every_n_steps": self.every_n_steps,
+            "every_seconds": self.every_seconds,
             "save_path": str(self.save_path),
             "name": self.name,
             "overwrite": self.overwrite,
@@ -152,6 +180,7 @@ class AutoSaveConfig(_Strict):
             "monitor": self.monitor,
             "mode": self.mode,
             "keep_every": self.keep_every,
+            "keep_every_n_steps": self.keep_every_n_steps,
             "save_on_signal": (self.save_on_signal if isinstance(self.save_on_signal, bool)
                                else list(self.save_on_signal)),
             "save_on_exception": self.save_on_exception,
@@ -257,6 +286,14 @@ _DATALOADER_FIELDS = ("num_workers", "pin_memory", "persistent_workers", "prefet
                       "timeout")
 
 
+def _fsdp_unit(value: type) -> type:
+    from torch import nn  # at validation, not import (nnhandler verify/list run without torch)
+
+    if not issubclass(value, nn.Module):
+        raise ValueError(f"should be a subclass of Module (torch.nn.Module), got {value!r}")
+    return value
+
+
 class ParallelConfig(_Strict):
     """How the handler distributes its model (``NNHandler(parallelism=..., fsdp_units=...)``).
 
@@ -271,7 +308,8 @@ class ParallelConfig(_Strict):
                               arbitrary_types_allowed=True)
 
     parallelism: Parallelism = "ddp"
-    fsdp_units: Annotated[tuple[type[nn.Module], ...], Field(strict=False)] = ()
+    fsdp_units: Annotated[tuple[Annotated[type, AfterValidator(_fsdp_unit)], ...],
+                          Field(strict=False)] = ()
 
     @model_validator(mode="after")
     def _units_need_fsdp(self) -> ParallelConfig:
@@ -330,6 +368,8 @@ def _path_like(name: str, value: Any, *, optional: bool = False) -> Any:
 
 
 def _module_class(name: str, value: Any) -> Any:
+    from torch import nn  # here, not at import: nnhandler verify/list read configs without torch
+
     if not (inspect.isclass(value) and issubclass(value, nn.Module)):
         raise ValueError(f"{name} must be an nn.Module subclass, got {value!r}")
     return value

@@ -8,6 +8,7 @@ import datetime as _dt
 import gc
 import os
 import re
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -19,11 +20,13 @@ from .errors import CheckpointError, ConfigurationError
 
 __all__ = [
     "DistributedContext",
+    "PipelinedAgreement",
     "all_gather_objects",
     "detect_launch_environment",
     "first_host",
     "local_cuda_index",
     "run_on_rank_zero",
+    "side_group",
 ]
 
 T = TypeVar("T")
@@ -232,3 +235,86 @@ def run_on_rank_zero(
     if not ok:
         raise CheckpointError(f"rank 0 failed: {payload}")
     return cast(T, payload if share_result or not context.is_main else result)
+
+
+#: gloo groups for the ranks' small agreements, one per (owner, purpose) (see side_group)
+_SIDE_GROUPS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def side_group(owner: Any, purpose: str) -> Any:
+    """A gloo group over every rank for ``purpose`` (``"stop"``, ``"save-time"`` …), created
+    once per ``owner`` (a handler; weakly held) and reused by its later ``train`` calls.
+    Creating it is a collective: every rank must ask at the same point. Its own group keeps
+    each agreement's collectives out of the order of the training collectives and of the
+    other agreements'."""
+    groups = _SIDE_GROUPS.setdefault(owner, {})
+    group = groups.get(purpose)
+    if group is None:
+        group = groups[purpose] = dist.new_group(backend="gloo")
+    return group
+
+
+class PipelinedAgreement:
+    """The MAX of every rank's integer flag, agreed on a gloo group of its own (CPU tensors:
+    no device sync, and no ordering with the training collectives).
+
+    :meth:`pipelined` answers for the *previous* call's flags while this call's travel, so a
+    training step never waits for the reduction it started (one non-blocking all-reduce per
+    call; the previous one has normally long finished). Every rank gets the same answer at
+    the same call, which is what lets every rank stop, or save, at the same step.
+    :meth:`exchange` is the same without the stickiness (any value, a new reduction every
+    call); :meth:`settle` answers for everything up to now (blocking); :meth:`drain` waits for
+    the reduction in flight and returns its answer. Used by ``save_on_signal`` (stop flags)
+    and by the auto-saver's ``every_seconds`` (rank 0's clock and cadence decide).
+    """
+
+    __slots__ = ("_buffers", "_group", "_next", "_work")
+
+    def __init__(self, group: Any) -> None:
+        self._group = group
+        self._buffers = (torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+        self._next = 0
+        self._work: Any = None
+
+    def _collect(self) -> int:
+        if self._work is None:
+            return 0
+        self._work.wait()
+        self._work = None
+        return int(self._buffers[self._next ^ 1])
+
+    def pipelined(self, flag: int) -> int:
+        """The agreed flag of the previous call (0 at the first); this call's ``flag`` starts
+        travelling unless the answer is already non-zero."""
+        agreed = self._collect()
+        if agreed:
+            return agreed
+        buffer = self._buffers[self._next]
+        buffer.fill_(flag)
+        self._work = dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self._group,
+                                     async_op=True)
+        self._next ^= 1
+        return 0
+
+    def exchange(self, value: int) -> int:
+        """The agreed value of the previous call (0 at the first, or after :meth:`drain`);
+        this call's ``value`` starts travelling."""
+        previous = self._collect()
+        buffer = self._buffers[self._next]
+        buffer.fill_(value)
+        self._work = dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self._group,
+                                     async_op=True)
+        self._next ^= 1
+        return previous
+
+    def settle(self, flag: int) -> int:
+        """The agreed flag of everything so far, this call's ``flag`` included (blocking)."""
+        earlier = self._collect()
+        buffer = self._buffers[self._next]
+        buffer.fill_(flag)
+        dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self._group)
+        return max(earlier, int(buffer))
+
+    def drain(self) -> int:
+        """Wait for the reduction in flight, if any, and return its answer (0: none)."""
+        return self._collect()

@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
-__all__ = ["Event", "EventDispatcher", "is_default_hook"]
+__all__ = ["Event", "EventDispatcher", "is_default_hook", "note_failure"]
 
 
 class Event(enum.Enum):
@@ -22,6 +22,11 @@ class Event(enum.Enum):
     EPOCH_BEGIN = ("on_epoch_begin", ("handler", "epoch"))
     TRAIN_BATCH_BEGIN = ("on_train_batch_begin", ("handler", "epoch", "batch_idx", "batch"))
     TRAIN_BATCH_END = ("on_train_batch_end", ("handler", "epoch", "batch_idx", "batch", "loss"))
+    #: after each optimizer step, once its batch is fully accounted (after TRAIN_BATCH_END);
+    #: ``mid_epoch`` is a ``nnhandler.loop.MidEpoch`` (where the epoch stands, its running
+    #: logs, and the partial-epoch record a checkpoint written now needs). Fired only when
+    #: some callback listens (see ``EventDispatcher.rebuild``)
+    TRAIN_STEP_END = ("on_train_step_end", ("handler", "epoch", "step", "mid_epoch"))
     VALIDATION_BEGIN = ("on_validation_begin", ("handler", "epoch"))
     VALIDATION_BATCH_BEGIN = (
         "on_validation_batch_begin",
@@ -110,12 +115,23 @@ def _check_hook_signature(owner: str, hook: Any, event: Event) -> None:
         )
 
 
+def note_failure(error: BaseException, callback: object, event: Event) -> None:
+    """Add to ``error`` the note naming the callback and hook it escaped from."""
+    error.add_note(f"raised by callback {type(callback).__qualname__} in {event.hook_name}()")
+
+
+def _listens(callback: object, event: Event) -> bool:
+    listens_to = getattr(callback, "listens_to", None)
+    return True if listens_to is None else bool(listens_to(event))
+
+
 class EventDispatcher:
     """Calls, for each event, the callbacks that override its hook, in registration order.
 
     Callbacks flagged ``is_checkpoint_writer`` run after all others so that the state they
-    collect is final. The per-event lists are rebuilt only when the callback list changes, so a
-    batch event with no listener costs one dictionary lookup.
+    collect is final. The per-event lists are rebuilt only when the callback list (or a
+    callback's configuration, see :meth:`rebuild`) changes, so a batch event with no listener
+    costs one dictionary lookup.
     """
 
     __slots__ = ("_listeners",)
@@ -125,9 +141,15 @@ class EventDispatcher:
         self.rebuild(callbacks)
 
     def rebuild(self, callbacks: Iterable[object]) -> None:
+        """The listeners of each event: callbacks whose class overrides its hook, less those
+        whose ``listens_to(event)`` (an optional method) says no for this configuration: an
+        instance may decline a per-step event it has nothing to do for, so the loop's hot path
+        stays as without it."""
         ordered = sorted(callbacks, key=lambda cb: bool(getattr(cb, "is_checkpoint_writer", False)))
         self._listeners = {
-            event: tuple(cb for cb in ordered if not is_default_hook(cb, event)) for event in Event
+            event: tuple(cb for cb in ordered
+                         if not is_default_hook(cb, event) and _listens(cb, event))
+            for event in Event
         }
 
     def has_listeners(self, event: Event) -> bool:
@@ -135,6 +157,13 @@ class EventDispatcher:
 
     def listeners(self, event: Event) -> Sequence[object]:
         return self._listeners[event]
+
+    def hooks(self, event: Event) -> tuple[Callable[..., Any], ...]:
+        """The bound hook methods of ``event``'s listeners, in calling order, for a hot path
+        that calls them itself (with :func:`note_failure` on an exception): a per-step event
+        costs then one call per listener, not a dispatch. Events with ``before_writers`` need
+        :meth:`fire`."""
+        return tuple(getattr(callback, event.hook_name) for callback in self._listeners[event])
 
     def fire(
         self, event: Event, before_writers: Callable[[], None] | None = None, **arguments: Any
@@ -152,9 +181,7 @@ class EventDispatcher:
             try:
                 getattr(callback, event.hook_name)(**arguments)
             except BaseException as error:
-                error.add_note(
-                    f"raised by callback {type(callback).__qualname__} in {event.hook_name}()"
-                )
+                note_failure(error, callback, event)
                 raise
         if pending_hook is not None:
             pending_hook()

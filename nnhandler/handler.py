@@ -21,12 +21,12 @@ from .callbacks import AutoSaveCallback, Callback
 from .callbacks.autosave_options import AutoSaveOptions, auto_save_config
 from .checkpoint.storage import URL
 from .checkpointing import Checkpointer
+from .compat import ModelCalls, constructor_keywords
 from .components import EpochPosition, History, ModelState, Progress, RNGState
 from .config import ParallelConfig, Parallelism, TrainCall, TrainSettings, validate_call
 from .data import Loaders
 from .devices import parse_device, resolve_device
 from .distributed import DistributedContext
-from .errors import ConfigurationError
 from .events import EventDispatcher
 from .history_views import HistoryViews
 from .logging import LoggingMode as _LoggingMode
@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # DCP is imported only when a sharded checkpoint is written o
 __all__ = ["NNHandler"]
 
 
-class NNHandler(HistoryViews):
+class NNHandler(HistoryViews, ModelCalls):
     """Train a model with automatic, crash-safe checkpointing.
 
     Args:
@@ -68,7 +68,12 @@ class NNHandler(HistoryViews):
             DTensors, or one process reading a sharded checkpoint).
         fsdp_units: with ``"fsdp"``, submodule classes that each become their own FSDP unit
             (e.g. the transformer block class); the root module is always one.
-        **kwargs: further arguments of ``model_class``.
+        seed: construct the model under this seed (same initial weights in every process and
+            run; the caller's random streams are left as they were) and make it the default
+            ``seed`` of :meth:`train`.
+        **kwargs: further arguments of ``model_class``. The original NNHandler's parameters
+            are mapped or refused with what replaces them, near misses of ours are refused
+            (``nnhandler.compat``; ``model_kwargs`` passes such a name to the model).
 
     Everything that has state (model, optimizer, scheduler, grad scaler, EMA, history, random
     streams, configuration and every stateful callback) goes into each checkpoint;
@@ -90,6 +95,7 @@ class NNHandler(HistoryViews):
         compile_model: bool | Mapping[str, Any] = False,
         parallelism: Parallelism = "ddp",
         fsdp_units: Iterable[type[nn.Module]] = (),
+        seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         if not (inspect.isclass(model_class) and issubclass(model_class, nn.Module)):
@@ -97,15 +103,16 @@ class NNHandler(HistoryViews):
         if use_distributed not in (None, True, False):
             raise TypeError(f"use_distributed must be None, True or False, got {use_distributed!r}")
         parallel = ParallelConfig(parallelism=parallelism, fsdp_units=tuple(fsdp_units))
+        settings = validate_call(TrainSettings, "NNHandler", {"seed": seed})
+        extra = constructor_keywords(model_class, kwargs, model_kwargs, log_file,
+                                     NNHandler.__init__)
         self.distributed = DistributedContext.setup(use_distributed, parse_device(device))
         self.device = resolve_device(device, self.distributed)
-        self.logger = make_logger(logger_mode, log_file, self.distributed.is_main)
-        clash = set(kwargs) & set(model_kwargs or {})
-        if clash:
-            raise ConfigurationError(f"model argument(s) {sorted(clash)} given twice")
-        self._setup = ModelSetup.checked(model_class, {**(model_kwargs or {}), **kwargs},
-                                         compile_model, parallel, self.logger)
-        self._module, self._model = self._setup.build(self.device, self.distributed)
+        self.logger = make_logger(logger_mode, extra.log_file, self.distributed.is_main)
+        extra.apply_log_level(self.logger, self.distributed.is_main)
+        self._setup = ModelSetup.checked(model_class, extra.model_kwargs, compile_model,
+                                         parallel, self.logger)
+        self._module, self._model = self._setup.build(self.device, self.distributed, seed)
 
         self._registry = StateRegistry()
         self._optimization = Optimization(self._module, self._registry, self.device,
@@ -122,7 +129,8 @@ class NNHandler(HistoryViews):
         self._rng = RNGState(self.distributed)
         self._model_state = ModelState(lambda: self._module)
         self._training = Training(self, optimization=self._optimization, amp_ema=self._amp_ema,
-                                  position=self._position, dispatcher=self._dispatcher)
+                                  position=self._position, dispatcher=self._dispatcher,
+                                  settings=settings)
         self._restorer = Restorer(
             self, RestoreParts(self._rng, self._position, self._amp_ema,
                                self._sharded_components),
@@ -330,7 +338,7 @@ class NNHandler(HistoryViews):
 
     def auto_save(
         self,
-        interval: int | None,
+        interval: int | None = None,
         save_path: str | os.PathLike[str] = ".",
         name: str = "model_epoch{epoch:02d}",
         overwrite: bool = False,
@@ -341,7 +349,8 @@ class NNHandler(HistoryViews):
         Takes exactly the arguments of :class:`AutoSaveCallback` (the seed's four positional
         ones, every other option keyword-only: ``on_save_error``, ``async_save``, retention as
         ``keep=Retention(...)`` or ``keep_last``/``keep_best``/``monitor``/``mode``/
-        ``keep_every``, emergency checkpoints as ``emergency=EmergencySaves(...)`` or
+        ``keep_every``/``keep_every_n_steps``, step and time triggers ``every_n_steps``/
+        ``every_seconds``, emergency checkpoints as ``emergency=EmergencySaves(...)`` or
         ``save_on_signal``/``save_on_exception``, see :mod:`nnhandler.preemption`). Calling it
         again reconfigures the same instance (its record of the last file it wrote, and of the
         files it keeps, is kept).
@@ -435,7 +444,7 @@ class NNHandler(HistoryViews):
         """``{state_key: state}`` of every provider: exactly what a checkpoint's ``state`` holds."""
         return self._registry.collect()
 
-    # ------------------------------------------------------------------ plots and export -----
+    # ------------------------------------------------ export (the plots: HistoryViews) -----
     def export(self, path: str | os.PathLike[str], ema: bool = False) -> Path:
         """Write the model's weights alone as a plain state dict (CPU tensors), atomically.
 
@@ -447,20 +456,6 @@ class NNHandler(HistoryViews):
         from .export import export_weights
 
         return export_weights(self, path, ema)
-
-    def plot_losses(self, path: str | os.PathLike[str]) -> Path:
-        """Plot training and validation loss per epoch as a PNG (needs ``nnhandler[plot]``)."""
-        from .plotting import plot_losses
-
-        return plot_losses(self, path)
-
-    def plot_metrics(self, path: str | os.PathLike[str],
-                     names: Iterable[str] | None = None) -> Path:
-        """Plot each metric (training and validation) per epoch as a PNG, one panel per metric
-        (``names`` selects some; needs ``nnhandler[plot]``)."""
-        from .plotting import plot_metrics
-
-        return plot_metrics(self, path, None if names is None else list(names))
 
     def _sharded_components(self, *, with_optimizer: bool) -> ShardedComponents:
         from .checkpoint.dcp_state import ShardedComponents
@@ -496,34 +491,35 @@ class NNHandler(HistoryViews):
         parallelism: Parallelism | None = None,
         fsdp_units: Iterable[type[nn.Module]] | None = None,
         compile_model: bool | Mapping[str, Any] | None = None,
+        train_data: Dataset[Any] | None = None,
+        val_data: Dataset[Any] | None = None,
         storage_options: dict[str, Any] | None = None,
     ) -> NNHandler:
         """Rebuild a handler from a checkpoint, ready to resume with :meth:`train`.
 
         Tensors are mapped to ``device`` (``None``: each rank's own device). Classes named in the
-        file are imported and must be subclasses of the expected base; ``model_class=`` avoids
-        even that for the model. ``skip_*`` leave a component fresh. ``callbacks`` are added
-        and receive their state by ``state_key``; the file's other callbacks come back as they
-        were unless a passed callback has the same key (or ``skip_callbacks``): those whose
-        key is claimed in this process (:func:`~nnhandler.plugins.register_provider_factory`:
-        the auto-savers, third-party savers), then the providers of installed plugins
-        (entry-point group ``nnhandler.plugins``, see :mod:`nnhandler.plugins`) for the state
-        keys they claim. State without an owner is
-        kept, written into later checkpoints and reported with a warning.
-        ``compile_model`` (default: as recorded) is the constructor's; pass it when the
-        recorded options name a function (a custom ``backend``), which a file never supplies.
-        What a checkpoint may make ``load`` do is limited (docs page "Loading",
+        file must be subclasses of the expected base; ``model_class=`` avoids even resolving
+        the model's. ``skip_*`` leave a component fresh. ``callbacks`` are added and receive
+        their state by ``state_key``; the file's other callbacks come back as they were unless
+        a passed callback has the same key (or ``skip_callbacks``): those whose key is claimed
+        in this process (:func:`~nnhandler.plugins.register_provider_factory`: the auto-savers,
+        third-party savers), then the providers of installed plugins (entry-point group
+        ``nnhandler.plugins``, see :mod:`nnhandler.plugins`) for the state keys they claim.
+        State without an owner is kept, written into later checkpoints and reported with a
+        warning. ``compile_model`` (default: as recorded) is the constructor's; pass it when
+        the recorded options name a function (a custom ``backend``), which a file never
+        supplies. What a checkpoint may make ``load`` do is limited (docs page "Loading",
         docs/loading.md): it resolves classes only in modules already imported and only to
         the expected base class, never imports a module or calls a function on the file's
-        word, and everything it reads is
-        validated against a declared schema first (:class:`~nnhandler.CheckpointSchemaError`
-        names the file and the field otherwise). Arguments that are functions (a
-        ``LambdaLR``'s ``lr_lambda``, a ``collate_fn``) are never taken from the file: a
-        warning names each one and the call that supplies it again.
+        word, and everything it reads is validated against a declared schema first
+        (:class:`~nnhandler.CheckpointSchemaError` names the file and the field otherwise).
+        Arguments that are functions (a ``LambdaLR``'s ``lr_lambda``, a ``collate_fn``) are
+        never taken from the file: a warning names each one and the call that supplies it.
         ``strict`` demands that model weights match exactly. ``verify`` (default) checks the
-        file's CRC-32 first and raises :class:`~nnhandler.CheckpointCorruptedError` on any damage;
-        ``verify=False`` skips that for speed. Datasets are not saved: call
-        ``set_train_loader`` / ``set_val_loader`` again (their arguments are remembered).
+        file's CRC-32 first and raises :class:`~nnhandler.CheckpointCorruptedError` on any
+        damage; ``verify=False`` skips that for speed. Datasets are not saved: pass them as
+        ``train_data=`` / ``val_data=``, or call ``set_train_loader`` / ``set_val_loader``
+        after loading; the loader arguments the file remembered apply either way.
 
         ``path`` may be a sharded checkpoint directory (``NAME.dcp``): every rank loads its part,
         and ``verify`` checks every file against the manifest (the ranks share the reading).
@@ -543,6 +539,7 @@ class NNHandler(HistoryViews):
             "strict": strict, "verify": verify, "logger_mode": logger_mode, "log_file": log_file,
             "use_distributed": use_distributed, "parallelism": parallelism,
             "fsdp_units": fsdp_units, "compile_model": compile_model,
+            "train_data": train_data, "val_data": val_data,
             "storage_options": storage_options})
         arguments = dict(plan.handler_arguments)
         handler = cls(arguments.pop("model_class"), device=plan.device, logger_mode=logger_mode,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -20,7 +20,7 @@ from .components import EpochPosition, History, PartialEpoch, Progress
 from .components.position import dataset_size, learning_rates_of
 from .config import TrainSettings
 from .distributed import DistributedContext, all_gather_objects
-from .events import Event, EventDispatcher
+from .events import Event, EventDispatcher, note_failure
 from .logging import TrainingProgress
 from .samplers import (
     EpochDistributedSampler,
@@ -32,7 +32,7 @@ from .samplers import (
 )
 
 __all__ = ["EpochDistributedSampler", "EpochShuffleSampler", "FailurePoint", "LoopParts",
-           "ShardSampler", "StopWatch", "TrainingLoop", "loader_length",
+           "MidEpoch", "ShardSampler", "StopWatch", "TrainingLoop", "loader_length",
            "move_to_device"]
 
 Metric = Callable[[Any, Any], Any]
@@ -215,6 +215,67 @@ def _averages(packed: Sequence[float], names: Sequence[str], prefix: str) -> dic
     return logs
 
 
+class MidEpoch:
+    """Where the epoch stands after one of its optimizer steps: the ``mid_epoch`` argument of
+    ``on_train_step_end``, and the one door through which a callback writes a checkpoint
+    inside an epoch.
+
+    ``epoch`` is the epoch in progress (absolute, 1-based), ``batches`` how many of its batches
+    are done (the one that just stepped included), ``epoch_batches`` its length (``None`` when
+    the loader has none), ``step`` the absolute optimizer step (``handler.global_step``).
+
+    A mid-epoch save goes through :meth:`recorded`, which records the partial epoch as an
+    emergency checkpoint does (state key ``"position"``, reason ``"step"``): one mid-epoch
+    resume path. Under DDP :meth:`logs` and :meth:`recorded` are collectives that every rank
+    must call at the same step. One object serves the whole epoch (``batches`` and ``step``
+    are updated before each event): keep what you need of it, not the object.
+    """
+
+    __slots__ = ("_loop", "_totals", "batches", "epoch", "epoch_batches", "step")
+
+    def __init__(self, loop: TrainingLoop, epoch: int, epoch_batches: int | None,
+                 totals: _Totals) -> None:
+        self._loop = loop
+        self._totals = totals
+        self.epoch = epoch
+        self.epoch_batches = epoch_batches
+        self.batches = 0
+        self.step = 0
+
+    @property
+    def last(self) -> bool:
+        """Whether this is the epoch's last batch (never when its length is unknown)."""
+        return self.epoch_batches is not None and self.batches >= self.epoch_batches
+
+    def logs(self) -> dict[str, Any]:
+        """The epoch so far: ``epoch`` (in progress), ``batch`` (batches done), ``step`` and
+        the per-sample running means of ``loss`` and each metric over the batches done,
+        summed over every rank like the epoch logs (a collective). No ``val_*`` key: the
+        epoch has not validated; no key that callbacks add at the epoch's end."""
+        loop = self._loop
+        reduced = loop.p.context.all_reduce_sum(self._totals.packed()).tolist()
+        logs: dict[str, Any] = {"epoch": self.epoch, "batch": self.batches, "step": self.step}
+        logs.update(_averages(reduced, loop.metric_names, ""))
+        return logs
+
+    @contextlib.contextmanager
+    def recorded(self) -> Iterator[dict[str, Any]]:
+        """Inside the block the state records this partial epoch (every rank's running sums:
+        a collective), so a checkpoint written there resumes from the next batch; yields
+        :meth:`logs`. The record is cleared when the block ends, however it ends."""
+        loop = self._loop
+        position = loop.p.position
+        if position is None:
+            raise RuntimeError("this training loop keeps no epoch position: it cannot record "
+                               "a partial epoch")
+        position.partial = loop.partial_epoch(self.epoch, self.batches, self._totals, "step",
+                                              self.epoch_batches)
+        try:
+            yield self.logs()
+        finally:
+            position.partial = None
+
+
 class TrainingLoop:
     """Runs epochs ``start+1 .. end`` of one ``train`` call over :class:`LoopParts`."""
 
@@ -316,6 +377,9 @@ class TrainingLoop:
         bar.start_epoch(epoch, batches, done=start)
         fire_begin = p.dispatcher.has_listeners(Event.TRAIN_BATCH_BEGIN)
         fire_end = p.dispatcher.has_listeners(Event.TRAIN_BATCH_END)
+        # called directly: a dispatch per step costs more than a small model's step can spare
+        step_hooks = p.dispatcher.hooks(Event.TRAIN_STEP_END)
+        mid = MidEpoch(self, epoch, batches, totals) if step_hooks else None
         clip = p.settings.gradient_clipping_norm
         is_ddp = isinstance(p.model, nn.parallel.DistributedDataParallel)
         stop_now = p.stop_watch.at_step if p.stop_watch is not None else None
@@ -350,15 +414,25 @@ class TrainingLoop:
                     p.dispatcher.fire(Event.TRAIN_BATCH_END, handler=p.handler, epoch=epoch,
                                       batch_idx=index, batch=batch, loss=loss.detach())
                 bar.advance_batch()
+                if steps_now and mid is not None:
+                    mid.batches = done
+                    mid.step = step = p.progress.step
+                    for hook in step_hooks:
+                        try:
+                            hook(handler=p.handler, epoch=epoch, step=step, mid_epoch=mid)
+                        except BaseException as error:
+                            note_failure(error, getattr(hook, "__self__", hook),
+                                         Event.TRAIN_STEP_END)
+                            raise
                 if steps_now and stop_now is not None and stop_now():
-                    self._stop_inside(epoch, done, totals)
+                    self._stop_inside(epoch, done, totals, batches)
                     return None
                 stage = BEFORE_BACKWARD
         except BaseException:
             self._record_failure(epoch, done, stage, totals, batches)
             raise
         if p.stop_watch is not None and p.stop_watch.at_sync_point():
-            self._stop_inside(epoch, done, totals)
+            self._stop_inside(epoch, done, totals, batches)
             return None
         return totals, done
 
@@ -368,20 +442,26 @@ class TrainingLoop:
         partial.restore_pending_grads(self.p.module)
         return partial.batches
 
-    def _stop_inside(self, epoch: int, done: int, totals: _Totals) -> None:
-        """Record the partial epoch (every rank's sums: a collective, which every rank reaches
-        at the same batch) so that a checkpoint written now continues it exactly."""
+    def _stop_inside(self, epoch: int, done: int, totals: _Totals, batches: int | None) -> None:
+        """Record the partial epoch so that a checkpoint written now continues it exactly."""
         p = self.p
         assert p.position is not None
-        p.position.partial = PartialEpoch(
+        p.position.partial = self.partial_epoch(epoch, done, totals, "signal", batches)
+        self.stopped_at = (epoch, done)
+
+    def partial_epoch(self, epoch: int, done: int, totals: _Totals, reason: str,
+                      batches: int | None) -> PartialEpoch:
+        """Epoch ``epoch`` (``batches`` long) after ``done`` batches and an optimizer step
+        (a collective: every rank's sums)."""
+        p = self.p
+        return PartialEpoch(
             epoch=epoch, batches=done, batch_size=loader_batch_size(p.train_loader),
             accumulation=p.settings.gradient_accumulation_steps,
             metric_names=tuple(self.metric_names),
             totals=tuple(all_gather_objects(p.context, totals.export())),
-            pending_grads=None, reason="signal", samples=dataset_size(p.train_loader.dataset),
-            batches_per_epoch=loader_length(p.train_loader),
+            pending_grads=None, reason=reason, samples=dataset_size(p.train_loader.dataset),
+            batches_per_epoch=batches,
             learning_rates=learning_rates_of(p.optimizer))
-        self.stopped_at = (epoch, done)
 
     def _record_failure(self, epoch: int, done: int, stage: str, totals: _Totals,
                         batches: int | None, torch_random_state: torch.Tensor | None = None

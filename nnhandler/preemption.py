@@ -29,18 +29,17 @@ import contextlib
 import signal
 import threading
 import types
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
 from .checkpoint.storage import URL, same_location
 from .checkpointing import EXCEPTION, PREEMPTED, Emergency, EmergencySaver, emergency_name
 from .components.position import EpochPosition, PartialEpoch, pending_grads_of
+from .distributed import PipelinedAgreement, side_group
 from .errors import ConfigurationError
 from .loop import (
     BACKWARD,
@@ -55,10 +54,6 @@ if TYPE_CHECKING:
 
 __all__ = ["IgnoreInWorkers", "PreemptionGuard", "PreemptionReport", "SignalFlag",
            "emergency_name", "emergency_savers", "watched_signals"]
-
-#: the gloo group of the ranks' stop flags, one per handler (see :func:`_stop_group`)
-_STOP_GROUPS: Final[weakref.WeakKeyDictionary[Any, Any]] = weakref.WeakKeyDictionary()
-
 
 @dataclass(frozen=True)
 class PreemptionReport:
@@ -149,50 +144,12 @@ class SignalFlag:
             self.received = number
 
 
-class _RankAgreement:
-    """The MAX of every rank's flag, agreed on a gloo group of its own (CPU tensors: no device
-    sync, and no ordering with the training collectives). :meth:`pipelined` answers for the
-    previous call's flags while this call's travel, so a step never waits for the reduction it
-    started; :meth:`settle` answers for everything up to now (blocking)."""
-
-    def __init__(self, group: Any) -> None:
-        self._group = group
-        self._buffers = (torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
-        self._next = 0
-        self._work: Any = None
-
-    def _collect(self) -> int:
-        if self._work is None:
-            return 0
-        self._work.wait()
-        self._work = None
-        return int(self._buffers[self._next ^ 1])
-
-    def pipelined(self, flag: int) -> int:
-        agreed = self._collect()
-        if agreed:
-            return agreed
-        buffer = self._buffers[self._next]
-        buffer.fill_(flag)
-        self._work = dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self._group,
-                                     async_op=True)
-        self._next ^= 1
-        return 0
-
-    def settle(self, flag: int) -> int:
-        earlier = self._collect()
-        buffer = self._buffers[self._next]
-        buffer.fill_(flag)
-        dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self._group)
-        return max(earlier, int(buffer))
-
-
 class _SignalStopWatch:
     """The loop's :class:`~nnhandler.loop.StopWatch` for ``save_on_signal``."""
 
     def __init__(self, flag: SignalFlag) -> None:
         self.flag = flag
-        self.agreement: _RankAgreement | None = None
+        self.agreement: PipelinedAgreement | None = None
         self.stopped_by = 0  # the agreed signal number once the loop stops
 
     def at_step(self) -> bool:
@@ -268,7 +225,7 @@ class PreemptionGuard:
         self.flag.install()
         try:
             if handler.distributed.enabled:
-                self.watch.agreement = _RankAgreement(_stop_group(handler))
+                self.watch.agreement = PipelinedAgreement(side_group(handler, "stop"))
             yield
         finally:
             self.flag.restore()
@@ -419,14 +376,3 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-
-
-def _stop_group(handler: Trainer) -> Any:
-    """A gloo group over every rank for the stop flags, created once per handler (a
-    collective: every rank's ``train`` creates it at the same point)."""
-    group = _STOP_GROUPS.get(handler)
-    if group is None:
-        group = dist.new_group(backend="gloo")
-        _STOP_GROUPS[handler] = group
-    return group
-

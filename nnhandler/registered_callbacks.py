@@ -71,3 +71,5 @@ class RegisteredCallbacks:
             undo()
             self.registry.register(callback)
             raise
+        finally:  # the events it listens to may depend on its configuration
+            self.dispatcher.rebuild(self.callbacks)

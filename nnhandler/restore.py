@@ -10,9 +10,9 @@
   handler owns (savers, plugin providers), through the generic factory registries.
 * :func:`apply_checkpoint` checks, then applies every state (random streams last) and reports
   what did not match.
-* :func:`plan_load` reads and checks what ``load`` builds a handler from; the handler's
-  :class:`Restorer` restores into it (``load``), or into a configured handler in place
-  (``resume_from``, ``train(resume=...)``).
+* :func:`plan_load` reads and checks what ``load`` builds a handler from (with the datasets
+  given to it, :class:`LoadData`); the handler's :class:`Restorer` restores into it
+  (``load``), or into a configured handler in place (``resume_from``, ``train(resume=...)``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from .handler import NNHandler
     from .training import Training
 
-__all__ = ["CORE_KEYS", "LoadPlan", "RestoreParts", "Restorer", "apply_checkpoint",
+__all__ = ["CORE_KEYS", "LoadData", "LoadPlan", "RestoreParts", "Restorer", "apply_checkpoint",
            "check_checkpoint_path", "handler_arguments", "latest_checkpoint", "load_latest",
            "optimizer_replaced_warning", "plan_load", "recreate_providers", "skipped_keys"]
 
@@ -99,6 +99,7 @@ def latest_checkpoint(directory: str | os.PathLike[str], context: DistributedCon
 def load_latest(load: Callable[..., Loaded], save_path: str | os.PathLike[str],
                 load_arguments: dict[str, Any]) -> Loaded:
     """``load`` (:meth:`NNHandler.load`) the newest valid checkpoint in ``save_path``."""
+    data = LoadData.take(load_arguments, "NNHandler.load_latest")
     options = validate_call(LoadOptions, "NNHandler.load_latest", load_arguments)
     for name in ("callbacks", "fsdp_units"):  # iterables are read once
         if name in load_arguments:
@@ -113,7 +114,7 @@ def load_latest(load: Callable[..., Loaded], save_path: str | os.PathLike[str],
         if latest is None:
             break
         try:
-            return load(latest, **load_arguments)
+            return load(latest, **load_arguments, **data.arguments())
         except CheckpointError:
             # another job's retention may remove the chosen file before we open it; in
             # one process that is seen here alone, so choose again (under DDP the ranks
@@ -125,6 +126,50 @@ def load_latest(load: Callable[..., Loaded], save_path: str | os.PathLike[str],
 
 
 # -- building the handler -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadData:
+    """``load(..., train_data=..., val_data=...)``: the datasets a loaded handler trains and
+    validates on, set with ``set_train_loader`` / ``set_val_loader`` and the loader arguments
+    the checkpoint recorded (batch size, shuffle, workers ...; calling the setter after
+    ``load`` changes them). Datasets are never in a checkpoint."""
+
+    train: Any = None
+    val: Any = None
+
+    @classmethod
+    def take(cls, arguments: dict[str, Any], call: str) -> LoadData:
+        """Take ``train_data`` / ``val_data`` out of ``arguments``, checked before any file is
+        read: a DataLoader, or something without ``len`` and indexing, is a ``TypeError``."""
+        from torch.utils.data import DataLoader
+
+        data = cls(arguments.pop("train_data", None), arguments.pop("val_data", None))
+        for name, which, dataset in (("train_data", "train", data.train),
+                                     ("val_data", "val", data.val)):
+            if dataset is None:
+                continue
+            if isinstance(dataset, DataLoader):
+                raise TypeError(f"{call}({name}=<DataLoader>): pass the dataset; the loader "
+                                "arguments recorded in the checkpoint apply (call "
+                                f"set_{which}_loader(dataset, **kwargs) after loading to "
+                                "change them)")
+            if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+                raise TypeError(f"{call}({name}={dataset!r}): not a map-style dataset (a "
+                                "torch.utils.data.Dataset with __len__ and __getitem__)")
+        return data
+
+    def arguments(self) -> dict[str, Any]:
+        """The ``load`` keyword arguments that pass these datasets on."""
+        return {name: dataset for name, dataset in (("train_data", self.train),
+                                                    ("val_data", self.val))
+                if dataset is not None}
+
+    def attach(self, handler: NNHandler) -> None:
+        if self.train is not None:
+            handler.set_train_loader(self.train)
+        if self.val is not None:
+            handler.set_val_loader(self.val)
+
+
 def handler_arguments(config: ConfigRecord, path: str | os.PathLike[str], *,
                       model_class: Any, model_kwargs: Mapping[str, Any] | None,
                       compile_model: bool | Mapping[str, Any] | None,
@@ -304,11 +349,13 @@ class LoadPlan:
     #: the constructor's ``model_class``, ``model_kwargs``, ``compile_model``, ``parallelism``,
     #: ``fsdp_units`` (see :func:`handler_arguments`)
     handler_arguments: dict[str, Any]
+    data: LoadData = LoadData()
 
 
 def plan_load(path: str | os.PathLike[str], device: Any, arguments: dict[str, Any]) -> LoadPlan:
     """Validate ``load``'s ``arguments``, read ``path`` (verified unless ``verify=False``) and
     its configuration, and choose the constructor's arguments (passed, else recorded)."""
+    data = LoadData.take(arguments, "NNHandler.load")
     options = validate_call(LoadOptions, "NNHandler.load", arguments)
     check_checkpoint_path(path, "NNHandler.load")
     context = DistributedContext.setup(arguments["use_distributed"], parse_device(device))
@@ -322,7 +369,7 @@ def plan_load(path: str | os.PathLike[str], device: Any, arguments: dict[str, An
         model_kwargs=arguments["model_kwargs"], compile_model=arguments["compile_model"],
         parallelism=arguments["parallelism"],
         fsdp_units=options.fsdp_units)  # iterables are read once
-    return LoadPlan(checkpoint, config, options, map_device, context, constructor)
+    return LoadPlan(checkpoint, config, options, map_device, context, constructor, data)
 
 
 class Restorer:
@@ -352,13 +399,38 @@ class Restorer:
         self.model_state.strict = options.strict
         self.apply_settings(config, source)
         self.optimization.restore(config)
+        self.note_unrestored(checkpoint, config)
         self.handler.loaders.warn_unrestored()
+        plan.data.attach(self.handler)
         for callback in options.callbacks or ():
             self.handler.add_callback(callback)
         if not options.skip_callbacks:
             recreate_providers(self.handler, checkpoint.state, source)
         self.apply(checkpoint, skipped_keys(options, checkpoint.state))
         return None if options.skip_callbacks else config.own_autosave
+
+    def note_unrestored(self, checkpoint: Checkpoint, config: ConfigRecord) -> None:
+        """Tell :meth:`~nnhandler.training.Training.check_trainable` where the handler came
+        from and why a component the checkpoint's run had did not come back (the warnings
+        logged while restoring said so once; ``train`` without it says so again)."""
+        training = self.training
+        training.loaded_from = str(checkpoint.path)
+        trained = checkpoint.epoch > 0 or int(checkpoint.meta.get("step", 0) or 0) > 0
+        if config.optimizer is not None and self.optimization.optimizer is None:
+            training.unrestored["optimizer"] = (
+                f" (the checkpoint's optimizer {config.optimizer.cls} could not be re-created: "
+                "see the warning logged by load)")
+        if self.optimization.loss_fn is not None:
+            return
+        if config.loss_fn is not None:
+            training.unrestored["loss_fn"] = (
+                " (the checkpoint's loss function could not be re-created: see the warning "
+                "logged by load)")
+        elif trained:
+            training.unrestored["loss_fn"] = (
+                " (the checkpoint's run trained with a loss function that a checkpoint cannot "
+                "record: a lambda, a closure or a function defined inside another; a "
+                "module-level function or an nn.Module loss is restored by load)")
 
     def resume_from(self, path: str | os.PathLike[str], verify: bool,
                     storage_options: Mapping[str, Any] | None = None) -> None:

@@ -9,8 +9,9 @@ model (class, arguments, compilation, parallelism), and builds it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ from .optimization import Optimization
 from .recorded import maybe_reference
 from .sharding import apply_fsdp, has_dtensor_parameters
 
-__all__ = ["ConfigState", "ModelSetup", "config_dict"]
+__all__ = ["ConfigState", "ModelSetup", "config_dict", "seeded"]
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,14 @@ class ModelSetup:
                 logger.warning("%s; load() will need model_kwargs={%r: ...}", error, name)
         return cls(model_class, model_kwargs, frozenset(unstored), compile_model, parallel)
 
-    def build(self, device: torch.device,
-              context: DistributedContext) -> tuple[nn.Module, nn.Module]:
+    def build(self, device: torch.device, context: DistributedContext,
+              seed: int | None = None) -> tuple[nn.Module, nn.Module]:
         """``(module, model)``: the constructed module on ``device`` (FSDP2-sharded with
-        ``"fsdp"``) and the model as trained (``torch.compile``- and DDP-wrapped as set up)."""
-        module = self.model_class(**self.model_kwargs).to(device)
+        ``"fsdp"``) and the model as trained (``torch.compile``- and DDP-wrapped as set up).
+
+        With a ``seed``, the model is constructed under it (see :func:`seeded`)."""
+        with seeded(seed, device):
+            module = self.model_class(**self.model_kwargs).to(device)
         if self.parallel.parallelism == "fsdp":
             module = apply_fsdp(module, self.parallel.fsdp_units, device, context)
         model: nn.Module = module
@@ -86,6 +90,26 @@ class ModelSetup:
             "parallelism": self.parallel.parallelism,
             "fsdp_units": [maybe_reference(unit) for unit in self.parallel.fsdp_units],
         }
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Run the block with torch's CPU generator (and ``device``'s, on CUDA) seeded with
+    ``seed``, and give the caller's streams back afterwards (``torch.random.fork_rng``): the
+    same seed builds the same initial weights in every process and every run, and a script's
+    own random numbers do not depend on whether it passed one. ``None``: the block runs on the
+    caller's streams, untouched."""
+    if seed is None:
+        yield
+        return
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        # not torch.manual_seed: on CUDA it also seeds every other GPU (or, before CUDA is
+        # initialised, queues that for later), which the fork would not give back
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 def config_dict(setup: ModelSetup, optimization: Optimization, loaders: Loaders,

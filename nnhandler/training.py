@@ -50,14 +50,21 @@ class Training:
     """
 
     def __init__(self, handler: NNHandler, *, optimization: Optimization, amp_ema: AmpAndEma,
-                 position: EpochPosition, dispatcher: EventDispatcher) -> None:
+                 position: EpochPosition, dispatcher: EventDispatcher,
+                 settings: TrainSettings | None = None) -> None:
         self.handler = handler
         self.optimization = optimization
         self.amp_ema = amp_ema
         self.position = position
         self.dispatcher = dispatcher
-        #: the training defaults: the settings of the last call (restored by ``load``)
-        self.settings = TrainSettings()
+        #: the training defaults: the settings of the last call (restored by ``load``; before
+        #: the first call, the constructor's ``seed``)
+        self.settings = settings if settings is not None else TrainSettings()
+        #: the checkpoint ``load`` built the handler from (``None``: built by the constructor)
+        self.loaded_from: str | None = None
+        #: why a component that the loaded checkpoint's run had did not come back
+        #: (``"optimizer"``, ``"loss_fn"``): said again when ``train`` misses it
+        self.unrestored: dict[str, str] = {}
         self.stop_requested = False
         #: the logs of the last completed epoch
         self.last_logs: dict[str, Any] = {}
@@ -161,14 +168,26 @@ class Training:
         return logs
 
     def check_trainable(self) -> None:
+        """One error that lists every piece a ``train`` call lacks, each with the call that
+        supplies it (and, after ``load``, why the checkpoint did not bring it back)."""
         optimization = self.optimization
-        missing = [what for what, absent in (
-            ("an optimizer (set_optimizer)", optimization.optimizer is None),
-            ("a loss function (set_loss_fn)", optimization.loss_fn is None),
-            ("a training dataset (set_train_loader)", "train" not in self.handler.loaders),
+        loaded = self.loaded_from is not None
+        data_calls = ("NNHandler.load(path, train_data=dataset) or " if loaded else "") + \
+            "handler.set_train_loader(dataset, batch_size=...)"
+        data_note = (" (datasets are never in a checkpoint; the loader arguments it recorded "
+                     "apply)") if loaded else ""
+        missing = [f"{what}: {calls}{note}" for what, calls, note, absent in (
+            ("an optimizer (set_optimizer)", "handler.set_optimizer(torch.optim.Adam, lr=...)",
+             self.unrestored.get("optimizer", ""), optimization.optimizer is None),
+            ("a loss function (set_loss_fn)", "handler.set_loss_fn(loss)",
+             self.unrestored.get("loss_fn", ""), optimization.loss_fn is None),
+            ("a training dataset (set_train_loader)", data_calls, data_note,
+             "train" not in self.handler.loaders),
         ) if absent]
         if missing:
-            raise ConfigurationError("cannot train without " + ", ".join(missing))
+            source = f" (loaded from {self.loaded_from!r})" if loaded else ""
+            raise ConfigurationError(f"cannot train without{source}:\n"
+                                     + "\n".join(f"  - {item}" for item in missing))
 
     def check_partial_epoch(self, settings: TrainSettings) -> list[str]:
         """Check that the partial epoch (of an emergency checkpoint) can be continued, before

@@ -559,6 +559,17 @@ def scenario_callbacks(workdir: Path) -> dict[str, Any]:
     attach_loaders(resumed)
     resumed.train(until_epoch=10, seed=SEED, progress_bar=False)
     dist.barrier()
+    # load(..., train_data=, val_data=) on every rank, then train on from epoch 2
+    with_data = NNHandler.load("ck/ep2.pth", logger_mode=NNHandler.LoggingMode.FILE,
+                               log_file=f"nnhandler_rank{RANK}.log", skip_callbacks=True,
+                               train_data=regression_dataset(64),
+                               val_data=regression_dataset(32, seed=1))
+    with_data.train(until_epoch=4, seed=SEED, progress_bar=False)
+    # NNHandler(seed=) alone (no DDP broadcast to even the weights out): the same on each rank
+    torch.manual_seed(RANK)
+    seeded = NNHandler(TinyNet, device="cpu", logger_mode=NNHandler.LoggingMode.FILE,
+                       log_file=f"nnhandler_rank{RANK}.log", use_distributed=False, seed=21)
+    seeded_weights = [p.detach().tolist() for p in seeded.module.parameters()]
     tensorboard = Path("tb")
     return {
         "context": context_of(handler),
@@ -570,6 +581,9 @@ def scenario_callbacks(workdir: Path) -> dict[str, Any]:
         "weights_match": weights_match,
         "exported": str(exported),
         "plots": plots,
+        "with_data_epoch": with_data.epoch,
+        "with_data_losses": with_data.val_losses,
+        "seeded_weights": seeded_weights,
         "rows_after_first": rows_after_first,
         "rows_after_resume": Path("train.csv").read_text().splitlines(),
         "tensorboard_files": sorted(p.name for p in tensorboard.iterdir())

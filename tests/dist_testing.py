@@ -44,8 +44,25 @@ def child_environment() -> dict[str, str]:
     return env
 
 
+#: the test being set up or run (``conftest.pytest_runtest_setup`` sets it): a launch checks
+#: that it carries the ``distributed`` marker, so ``-m "not distributed"`` leaves every
+#: multi-process run out
+current_test: pytest.Item | None = None
+
+
+def require_distributed_marker() -> None:
+    """Fail the current test unless it is marked ``distributed`` (it is about to launch
+    torch.distributed processes)."""
+    if current_test is not None and current_test.get_closest_marker("distributed") is None:
+        pytest.fail(f"{current_test.nodeid} launches torch.distributed processes but is not "
+                    "marked distributed: add @pytest.mark.distributed (or DISTRIBUTED_MARKS), "
+                    "so that the quick subset leaves it out", pytrace=False)
+
+
 def torchrun(ranks: int, script: Path, *arguments: str) -> list[str]:
-    """The command that runs ``script`` on ``ranks`` local processes."""
+    """The command that runs ``script`` on ``ranks`` local processes (only from a test marked
+    ``distributed``: :func:`require_distributed_marker`)."""
+    require_distributed_marker()
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc_per_node={ranks}", str(script), *arguments]
 

@@ -388,6 +388,7 @@ main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("outcome", ["ok", "fail"])
 def test_interpreter_exit_waits_for_the_write_and_reports_a_failure(tmp_path: Path,
                                                                     outcome: str) -> None:

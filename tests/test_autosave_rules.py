@@ -624,6 +624,7 @@ class _StubHandler:
 
     def __init__(self) -> None:
         self.epoch = 0
+        self.global_step = 0  # names may use {step}
         self.stop_requested = False
         self.saved: list[tuple[int, Path]] = []
         self.logger = logging.getLogger("nnhandler.test_autosave_rules.stub")
@@ -675,6 +676,7 @@ def test_schedule_property_on_the_callback(
     assert callback.save_count == len(expected)
 
 
+@pytest.mark.slow  # dozens of hypothesis examples, each training or writing files
 @hypothesis_settings(max_examples=25)
 @given(interval=st.sampled_from(INTERVALS), calls=schedules())
 def test_schedule_property_end_to_end(

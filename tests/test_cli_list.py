@@ -20,8 +20,8 @@ from nnhandler.checkpoint.index import INDEX_FILE
 from nnhandler.cli import main
 
 CK = Path("ck")
-ROW_KEYS = {"name", "path", "epoch", "step", "time", "metrics", "size", "valid", "verified",
-            "problem", "latest", "in_index", "superseded", "kept_by"}
+ROW_KEYS = {"name", "path", "epoch", "step", "batch", "time", "metrics", "size", "valid",
+            "verified", "problem", "latest", "in_index", "superseded", "kept_by"}
 
 
 @pytest.fixture(autouse=True)
@@ -164,6 +164,7 @@ def test_an_empty_folder_and_a_missing_one(tmp_path: Path,
     assert code == 1 and "is not a directory" in err
 
 
+@pytest.mark.slow
 def test_the_installed_console_script(trained: NNHandler) -> None:
     script = Path(sys.executable).parent / "nnhandler"
     if not script.exists():

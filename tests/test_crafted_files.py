@@ -159,6 +159,7 @@ print("ALL DONE", "antigravity" in sys.modules, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_no_function_named_by_a_file_is_ever_called(tmp_path: Path) -> None:
     paths = [crafted(tmp_path / f"{name}.pth", edit) for name, edit in CALLABLE_ROUTES.items()]
     process = subprocess.Popen([sys.executable, "-c", _CHILD, *map(str, paths)],

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from dist_testing import LAUNCH_VARIABLES, child_environment
+from dist_testing import LAUNCH_VARIABLES, child_environment, require_distributed_marker
 from nnh_testing import attach_loaders, free_port
 
 from nnhandler import NNHandler, read_checkpoint
@@ -73,6 +73,7 @@ def run_bounded(commands: Sequence[tuple[list[str], dict[str, str]]], cwd: Path,
 
 
 def torchrun(world_size: int, script: Path, *arguments: str, cwd: Path, what: str) -> str:
+    require_distributed_marker()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={world_size}", str(script), *arguments]
     return run_bounded([(command, child_environment())], cwd, what)[0]

@@ -46,6 +46,7 @@ def test_hook_names_and_arguments_are_unique_per_event() -> None:
 def test_documented_hooks_are_exactly_the_events() -> None:
     documented = {
         "on_train_begin", "on_epoch_begin", "on_train_batch_begin", "on_train_batch_end",
+        "on_train_step_end",
         "on_validation_begin", "on_validation_batch_begin", "on_validation_batch_end",
         "on_validation_end", "on_epoch_end", "on_train_end", "on_checkpoint_saved",
         "on_checkpoint_loaded", "on_exception",

@@ -29,7 +29,8 @@ from nnhandler.checkpoint import read_checkpoint
 from nnhandler.checkpoint.integrity import verify_file
 from nnhandler.checkpoint.writer import is_temp_file
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
+pytestmark = [pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)"),
+              pytest.mark.slow]  # ~35 s: training processes killed and resumed
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

@@ -37,16 +37,42 @@ def test_every_example_is_covered() -> None:
         "ddp_train.py",  # run under torchrun by tests/test_distributed.py
         "score_based_sde.py", "preemptible_training.py",
         "fsdp_sharded.py",  # run under torchrun in tests/test_sharded_checkpoint.py
-        "custom_saver.py",
+        "custom_saver.py", "mnist_basic.py",
+        "long_epoch_steps.py",  # killed and resumed by tests/test_step_sigkill.py
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--background"]], ids=["sync", "background"])
 def test_custom_saver_example_runs(mode: list[str], tmp_path: Path) -> None:
     stdout = run_example(ROOT / "examples" / "custom_saver.py", "--out", str(tmp_path / "s"),
                          *mode, cwd=tmp_path)
     assert "step checkpoints: step000040.pth, step000080.pth" in stdout
     assert "best.safetensors: True" in stdout and "restored saver: best" in stdout
+
+
+def test_ported_mnist_notebook_trains_autosaves_loads_and_continues(tmp_path: Path) -> None:
+    """The original NNHandler's MNIST notebook, ported with its renames: no DeprecationWarning
+    is left (``-W error``), one overwritten auto-save remains, and training continued."""
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120", "PYTHONPATH": path}
+    completed = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning:__main__",
+         str(ROOT / "examples" / "mnist_basic.py"), "--out", "m"], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    stdout = completed.stdout
+    assert "checkpoint keys: ['format', 'meta', 'state']" in stdout
+    assert "loaded epoch 5: 5 epochs of history" in stdout
+    assert "files: ['model_epoch_07.pth']" in stdout  # overwrite=True kept only the newest
+    final = torch.load(tmp_path / "m" / "model_epoch_07.pth", weights_only=True)
+    assert len(final["state"]["history"]["train_losses"]) == 7
+    losses = final["state"]["history"]["val_losses"]
+    assert losses[-1] < losses[0]
+    right = int(re.search(r"(\d+)/20 of these digits right", stdout)[1])  # type: ignore[index]
+    assert right >= 12  # chance is 2 of 20
+    assert "model class: __main__:Net" in stdout
+    assert (tmp_path / "m" / "training.log").read_text(encoding="utf-8").count("INFO") > 0
 
 
 QUICKSTART = ROOT / "examples" / "quickstart.py"
@@ -78,9 +104,11 @@ def test_quickstart_trains_saves_and_resumes(tmp_path: Path) -> None:
     assert _printed(stdout, "newest checkpoint: ") == str(out / names[-1])
     assert _printed(stdout, "to continue this run: ") == (
         f"python {QUICKSTART} --out {out} --interval 2")
-    assert f'NNHandler.load_latest("{out}", device="cpu", model_class=SpiralNet)' in stdout
+    assert f'NNHandler.load_latest("{out}", device="cpu", model_class=SpiralNet,' in stdout
+    assert "train_data=train_set, val_data=val_set)" in stdout
 
 
+@pytest.mark.slow  # the quick subset runs the quickstart once (the test above)
 def test_quickstart_default_command_runs(tmp_path: Path) -> None:
     """The README's main command, exactly as written (default output folder), without a
     single warning (``-W error::UserWarning``: e.g. torch's "Failed to initialize NumPy")."""
@@ -150,6 +178,7 @@ def test_quickstart_printed_snippet_continues_in_another_script(tmp_path: Path) 
     assert not list(out.glob("*NA.pth"))
 
 
+@pytest.mark.slow
 def test_manual_autosave_callbacks_example(tmp_path: Path) -> None:
     out = tmp_path / "manual"
     stdout = run_example(ROOT / "examples" / "manual_autosave_callback.py", "--out", str(out),
@@ -166,6 +195,7 @@ def test_manual_autosave_callbacks_example(tmp_path: Path) -> None:
     assert stdout.count("kept as best val_loss=") == 2
 
 
+@pytest.mark.slow
 def test_custom_state_provider_example(tmp_path: Path) -> None:
     out = tmp_path / "custom"
     stdout = run_example(ROOT / "examples" / "custom_state_provider.py", "--out", str(out),
@@ -175,6 +205,7 @@ def test_custom_state_provider_example(tmp_path: Path) -> None:
     assert f"best val loss {saved['best_loss']:.4f} at epoch {saved['best_epoch']}" in stdout
 
 
+@pytest.mark.slow
 def test_score_based_sde_example_trains_resumes_through_the_plugin_and_samples(
     tmp_path: Path,
 ) -> None:
@@ -194,6 +225,7 @@ def test_score_based_sde_example_trains_resumes_through_the_plugin_and_samples(
     assert state["samples_drawn"] == 6 * 512  # sample_every=10 over 60 epochs, across the resume
 
 
+@pytest.mark.slow
 def test_preemptible_training_example_is_requeued_and_resumes_exactly(tmp_path: Path) -> None:
     """A real SIGTERM mid-epoch to the training process, a requeue, an exact resume."""
     out = tmp_path / "ck"

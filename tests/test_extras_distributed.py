@@ -66,3 +66,14 @@ def test_a_resume_on_both_ranks_keeps_one_row_per_epoch(
     assert epochs_of(rank0["rows_after_resume"]) == [1, 2, 3]
     assert rank0["rows_after_resume"][:3] == rank0["rows_after_first"][:3]
     assert rank0["resumed_history"] == rank0["history"]  # and the resume is exact
+
+
+def test_load_with_data_and_seeded_construction_on_two_ranks(
+    run: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    _, (rank0, rank1) = run
+    assert rank0["with_data_epoch"] == rank1["with_data_epoch"] == 4
+    assert len(rank0["with_data_losses"]) == 4
+    assert rank0["with_data_losses"] == rank1["with_data_losses"]  # reduced across ranks
+    # each rank seeded its global stream differently; NNHandler(seed=21) built the same model
+    assert rank0["seeded_weights"] == rank1["seeded_weights"]

@@ -296,6 +296,7 @@ MAIN_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_model_class_from_main_loads_elsewhere_only_with_model_class(tmp_path: Path) -> None:
     script = tmp_path / "train_main.py"
     script.write_text(MAIN_SCRIPT)

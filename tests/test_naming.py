@@ -330,6 +330,7 @@ any_logs_value = st.one_of(
 )
 
 
+@pytest.mark.slow
 @hypothesis_settings(max_examples=400)
 @given(
     parts=st.lists(template_parts, min_size=1, max_size=6),

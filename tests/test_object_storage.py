@@ -450,3 +450,33 @@ def test_cli_list_verify_inspect_on_s3(s3_bucket: str) -> None:
     assert "nnhandler-staging" not in results[0]["error"]
     code, _, text = run_cli("list", run)
     assert code == 1 and "ep002.pth" in text and "CORRUPT" in text
+
+
+CLI_PROBE = """
+import json, sys
+from nnhandler.cli import main
+codes = [main(arguments) for arguments in json.loads(sys.argv[1])]
+print(json.dumps({"codes": codes, "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.slow
+def test_cli_verify_and_list_of_urls_never_import_torch(s3_bucket: str) -> None:
+    """Like local paths, ``nnhandler verify``/``list`` of an ``s3://`` URL start without torch
+    (the copy is checked by the same torch-free reader)."""
+    import json
+    import os
+    import subprocess
+
+    handler = make_handler(n=32)
+    handler.train(epochs=1, seed=3, progress_bar=False)
+    run = f"s3://{s3_bucket}/run"
+    handler.save(f"{run}/ep001.pth")
+    commands = [["verify", f"{run}/ep001.pth"], ["list", run], ["list", "--no-verify", run],
+                ["list", "--json", run]]
+    finished = subprocess.run([sys.executable, "-c", CLI_PROBE, json.dumps(commands)],
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ),
+                              check=False)
+    assert finished.returncode == 0, finished.stderr
+    result = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert result == {"codes": [0] * len(commands), "torch": False}

@@ -147,6 +147,7 @@ def run_user_script(weights: Path, tmp_path: Path) -> tuple[torch.Tensor, torch.
     return torch.load(tmp_path / "out.pt", weights_only=True), inputs
 
 
+@pytest.mark.slow
 def test_exported_weights_load_into_the_users_own_model_without_nnhandler(tmp_path: Path) -> None:
     handler = make_handler()
     handler.train(2, seed=0, progress_bar=False)
@@ -157,6 +158,7 @@ def test_exported_weights_load_into_the_users_own_model_without_nnhandler(tmp_pa
         assert torch.equal(output, handler.module(inputs))
 
 
+@pytest.mark.slow
 def test_ema_export_holds_the_averaged_weights_under_the_plain_names(tmp_path: Path) -> None:
     handler = make_handler()
     handler.train(3, seed=0, ema_decay=0.9, progress_bar=False)

@@ -24,8 +24,9 @@ from nnh_testing import assert_deep_equal
 from nnhandler.checkpoint.integrity import verify_file
 from nnhandler.checkpoint.writer import is_temp_file
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32",
-                                reason="needs POSIX signals")
+pytestmark = [pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32",
+                                 reason="needs POSIX signals"),
+              pytest.mark.slow]  # ~25 s: real training processes signalled and resumed
 
 CHILD_TIMEOUT_S = 240  # a hang fails the test; a run takes a few seconds
 PREEMPTED_EXIT = 3

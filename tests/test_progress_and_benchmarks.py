@@ -3,21 +3,30 @@ section runs end to end (one round; the figures themselves are not judged here).
 
 from __future__ import annotations
 
+import io
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from nnh_testing import make_handler
+from rich.console import Console
 
 import benchmarks.__main__ as benchmarks_main
-from benchmarks import end_to_end, load_cost, loop_overhead, save_cost, save_memory
+from benchmarks import end_to_end, load_cost, loop_overhead, save_cost, save_memory, step_trigger
 from benchmarks._common import Row
 from nnhandler.logging import TrainingProgress
 
 
+def terminal(width: int = 80) -> tuple[Console, io.StringIO]:
+    screen = io.StringIO()
+    return Console(file=screen, width=width, force_terminal=True, color_system=None), screen
+
+
 @pytest.mark.parametrize("batches", [1, 7, 1000])
 def test_every_batch_reaches_the_bar_by_the_end_of_the_epoch(batches: int) -> None:
-    with TrainingProgress(True, start_epoch=0, end_epoch=2) as bar:
+    with TrainingProgress(True, start_epoch=0, end_epoch=2, console=terminal()[0]) as bar:
         for epoch in (1, 2):
             bar.start_epoch(epoch, batches)
             for _ in range(batches):
@@ -39,6 +48,67 @@ def test_a_disabled_bar_does_nothing() -> None:
         assert bar._progress is None
 
 
+STATUS = "loss=0.1234  val_loss=0.2345  mae=0.3456  val_mae=0.4567  lr=0.001"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def final_frame(screen: str) -> list[str]:
+    """What a terminal shows at the end: each line as its last redraw left it."""
+    lines = []
+    for line in ANSI.sub("", screen).split("\n"):
+        lines.append(line.split("\r")[-1].rstrip())
+    return [line for line in lines if line]
+
+
+def run_epochs(bar: TrainingProgress, epochs: range, batches: int) -> None:
+    for epoch in epochs:
+        bar.start_epoch(epoch, batches)
+        for _ in range(batches):
+            bar.advance_batch()
+        bar.end_epoch(STATUS)
+
+
+@pytest.mark.parametrize("width", [80, 140], ids=["80-columns", "140-columns"])
+def test_the_live_bar_fits_the_terminal_with_its_counters_whole(width: int) -> None:
+    console, screen = terminal(width)
+    with TrainingProgress(True, start_epoch=2, end_epoch=10, console=console) as bar:
+        run_epochs(bar, range(3, 5), batches=100)
+    epoch_row, batch_row = final_frame(screen.getvalue())[-2:]
+    assert max(len(epoch_row), len(batch_row)) <= width
+    assert epoch_row.split()[:2] == ["epoch", "4/10"] and "loss=0.1234" in epoch_row
+    assert batch_row.split()[:2] == ["batch", "100/100"]
+    assert re.search(r"\d:\d\d:\d\d", epoch_row) and re.search(r"\d:\d\d:\d\d", batch_row)
+    if width >= 140:
+        assert STATUS in epoch_row  # room for all of it
+    else:
+        assert epoch_row.endswith("…")  # only the status gives way
+
+
+def test_not_at_a_terminal_each_epoch_is_one_plain_line() -> None:
+    screen = io.StringIO()
+    console = Console(file=screen, width=80, force_terminal=False)
+    with TrainingProgress(True, start_epoch=0, end_epoch=3, console=console) as bar:
+        run_epochs(bar, range(1, 4), batches=7)
+    lines = screen.getvalue().splitlines()
+    assert "\x1b" not in screen.getvalue() and len(lines) == 3
+    for epoch, line in enumerate(lines, start=1):
+        assert line.startswith(f"epoch {epoch}/3  7 batches  {STATUS}  "), line
+        assert re.search(r"elapsed \d:\d\d:\d\d  eta \d:\d\d:\d\d$", line), line
+
+
+def test_training_piped_logs_its_epochs_as_lines(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    handler = make_handler(n=16)
+    handler.train(epochs=2, progress_bar=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if re.match(r"epoch \d/2  ", line)]
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all("loss=" in line and "batches" in line for line in lines)
+    assert "━" not in err
+
+
 def check_rows(rows: list[Row]) -> None:
     assert rows
     for row in rows:
@@ -50,6 +120,7 @@ def check_rows(rows: list[Row]) -> None:
 #: each section at a tiny size (the sizes of a real run are the modules' defaults)
 TINY_SECTIONS: dict[str, Callable[[Path], list[Row]]] = {
     "loop": lambda _: loop_overhead.run(rounds=1),
+    "steps": lambda _: step_trigger.run(rounds=1),
     "load": lambda _: load_cost.run(rounds=1),
     "save": lambda where: save_cost.run_save(rounds=1, sizes=(0.25,), counts=(3, 40),
                                              directory=where),

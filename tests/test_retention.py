@@ -349,6 +349,7 @@ def test_decide_equals_the_reference_model(steps: list[tuple[int, float | None]]
     assert not any("newest" in reasons for name, reasons in kept.items() if name != newest)
 
 
+@pytest.mark.slow  # dozens of hypothesis examples, each training or writing files
 @hypothesis_settings(max_examples=60)
 @given(histories, rule_sets, st.lists(st.sampled_from(["x.pth", "other.dcp", "notes.txt",
                                                         "ep9999.pth"]), unique=True))

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+from dist_testing import torchrun
 from nnh_testing import attach_loaders, checkpoint_files, make_handler
 
 from nnhandler import NNHandler
@@ -23,3 +25,10 @@ def test_train_save_load_resume_is_bit_exact(tmp_path: Path) -> None:
     assert resumed.train_losses == full.train_losses
     for key, value in full.module.state_dict().items():
         assert torch.equal(value, resumed.module.state_dict()[key]), key
+
+
+def test_a_torch_distributed_launch_needs_the_distributed_marker() -> None:
+    """The conftest hook names this (unmarked) test as the current one: building a torchrun
+    command from it fails, so no multi-process run hides in the quick subset."""
+    with pytest.raises(pytest.fail.Exception, match="not marked distributed"):
+        torchrun(2, Path("worker.py"))

@@ -280,6 +280,7 @@ def assert_same_metadata(saved: Any, loaded: Any) -> None:
             assert_same_metadata(a, b)
 
 
+@pytest.mark.slow  # dozens of hypothesis examples, each training or writing files
 @settings(max_examples=60)
 @given(state=states())
 def test_random_states_round_trip_exactly(tmp_path: Path, state: dict[str, Any]) -> None:
@@ -332,6 +333,19 @@ def test_an_integer_too_long_for_weights_only_loading_is_refused(tmp_path: Path,
         write_checkpoint(tmp_path / "ck.pth", state, META)
     loaded = save_and_load(tmp_path / "ok.pth", {"x": 2**2030 - 1, "y": {-(2**2030): 1}})
     assert loaded == {"x": 2**2030 - 1, "y": {-(2**2030): 1}}
+
+
+@pytest.mark.parametrize("state", [{"x": b""}, {"x": [1, b""]}, {"x": {"y": (b"",)}}],
+                         ids=["value", "in-list", "nested-tuple"])
+def test_an_empty_bytes_value_is_refused_before_anything_is_written(
+        tmp_path: Path, state: dict[str, Any]) -> None:
+    """torch.load(weights_only=True) cannot read b"" back (torch.save writes it as a call of
+    builtins.bytes): refused with the path to it, so no unloadable file is written."""
+    with pytest.raises(CheckpointError, match=r"state\['x'\].* is an empty bytes value"):
+        write_checkpoint(tmp_path / "ck.pth", state, META)
+    assert not (tmp_path / "ck.pth").exists()
+    assert save_and_load(tmp_path / "ok.pth", {"x": b"\x00", "y": [b"ab"]}) == {
+        "x": b"\x00", "y": [b"ab"]}
 
 
 def test_an_ordered_dict_attribute_that_is_not_plain_data_is_refused(tmp_path: Path) -> None:

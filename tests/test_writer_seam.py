@@ -319,6 +319,7 @@ FALLBACK_SCRIPT = """
 """
 
 
+@pytest.mark.slow
 def test_a_fast_writer_broken_by_torch_falls_back_to_torch_save_with_one_warning() -> None:
     result = _run_python(FALLBACK_SCRIPT, {**child_environment(), WRITER_ENV: "auto"})
     assert result.returncode == 0, result.stderr[-4000:]
@@ -330,6 +331,7 @@ def test_a_fast_writer_broken_by_torch_falls_back_to_torch_save_with_one_warning
     assert "written with torch.save instead" in warning
 
 
+@pytest.mark.slow
 def test_forcing_the_fast_writer_skips_the_self_check() -> None:
     env = {**child_environment(), WRITER_ENV: "fast"}
     result = _run_python("""

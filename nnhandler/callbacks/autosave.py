@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,12 @@ from ..checkpointing import BackgroundSave, Emergency
 from ..config import AutoSaveConfig
 from ..distributed import run_on_rank_zero
 from ..errors import CheckpointSchemaError, ConfigurationError, DuplicateStateKeyError
-from ..naming import RenderedName, name_limit, render_name
+from ..events import Event
+from ..naming import RenderedName, name_limit, render_name, template_fields
 from ..plugins import register_provider_factory
 from .autosave_files import (
     check_log_keys,
+    name_fields,
     own_target,
     plan_retention,
     prepare_directory,
@@ -36,12 +39,14 @@ from .autosave_files import (
     warn_if_disk_is_short,
 )
 from .autosave_options import AutoSaveOptions, auto_save_config, options_repr
+from .autosave_schedule import SaveSchedule
 from .autosave_state import AutoSaveStateRecord
 from .base import Callback
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+    from ..loop import MidEpoch
     from ..trainer import Trainer
 
 __all__ = ["AUTOSAVE_KEY_PREFIX", "AutoSaveCallback", "AutoSaveStateRecord"]
@@ -67,101 +72,54 @@ class _BackgroundSave:
 
 
 class AutoSaveCallback(Callback):
-    """Save the complete training state (a checkpoint) after selected epochs.
+    """Save the complete training state (a checkpoint) by epochs, optimizer steps or
+    training time.
 
     Args:
-        interval: ``None`` or ``0``: off. ``N > 0``: after every epoch whose absolute 1-based
-            number is a multiple of N (counted across resumes). ``-1``: after the last epoch of
-            each ``train`` call (also when the call stops early). Anything else, including
-            ``"5"``, ``2.0`` and ``True``, is a validation error.
+        interval: ``None`` or ``0``: no epoch schedule. ``N > 0``: after every epoch whose
+            absolute 1-based number is a multiple of N (counted across resumes). ``-1``: after
+            the last epoch of each ``train`` call (also when the call stops early). Anything
+            else, including ``"5"``, ``2.0`` and ``True``, is a validation error.
         save_path: directory for the files; rank 0 creates it (with parents) at the first save.
             An existing path that is not a directory is a ``ValueError``. An fsspec URL
             (``s3://bucket/run``; keyword ``storage_options``) keeps every rule on a store
             (docs page "Object storage").
-        name: ``str.format`` template filled with the epoch-end logs (``epoch``, ``loss``,
-            ``val_loss``, each metric and ``val_<metric>``, and keys added by callbacks);
-            ``.pth`` is appended unless present. For a model with DTensor parameters (FSDP2)
-            the checkpoint is a directory and its name ends in ``.dcp`` instead of ``.pth``.
-            A key missing at save time is written as
-            ``NA`` and a warning is logged: the checkpoint is saved anyway. Rejected when
-            configured (``ValueError`` naming the template and why): directory parts and
-            ``..``, control characters, ``!r``/``!a`` conversions, the ``c`` presentation type
-            and templates that can render more than
-            :data:`~nnhandler.naming.MAX_NAME_BYTES` (225) UTF-8 bytes with ordinary values
-            (``{epoch:0300d}``, a 260-character literal). Formatted values are sanitised
-            (separators, ``:`` and control characters become ``_``) to stay in ``save_path``;
-            a name still too long for the filesystem (a long string a callback logged) is
-            clipped to ``<start>~<8 hex of its SHA-1>.pth`` with a warning, so no save fails
-            over its name.
-            A rendered name that exists and is not this run's checkpoint (another run's, one
-            recording no lineage, or no checkpoint at all) is never replaced: the save goes to
-            ``<stem>-v<N>.pth`` (the smallest free or own N ≥ 1) with one warning per
-            callback; a file of this run's own lineage is replaced atomically.
+        name: ``str.format`` template filled with the logs: at an epoch's end ``epoch``,
+            ``loss``, ``val_loss``, each metric and ``val_<metric>``, keys added by callbacks,
+            ``step`` (the global optimizer step) and ``batch`` (the epoch's batches); inside an
+            epoch ``epoch`` (the one in progress), ``batch`` (its batches done), ``step`` and the
+            running means of ``loss`` and each metric. ``.pth`` is appended unless present
+            (``.dcp``, a directory, for a model with DTensor parameters). A key missing at save
+            time is written as ``NA`` (explained once, see ``nnhandler.naming``; keys that
+            exist only at an epoch's end are not warned about inside one): the checkpoint is
+            saved anyway. Rejected when configured (``ValueError`` naming the template and
+            why): directory parts and ``..``, control characters, ``!r``/``!a``, the ``c``
+            type and templates that can render more than
+            :data:`~nnhandler.naming.MAX_NAME_BYTES` (225) UTF-8 bytes. Formatted values are
+            sanitised to stay in ``save_path``; a name too long for the filesystem is clipped
+            to ``<start>~<8 hex of its SHA-1>.pth`` with a warning. A name that exists and is
+            not this run's checkpoint is never replaced: the save goes to ``<stem>-v<N>.pth``
+            with one warning per callback; a file of this run's own lineage is replaced
+            atomically.
         overwrite: keep only the latest auto-save. The new file is completely written before
             the previous one is removed; with a fixed name the new file atomically replaces the
             old one.
 
-    Keyword-only options (the same for :meth:`NNHandler.auto_save`; an unknown one is a
-    :class:`~nnhandler.ConfigurationError` that suggests the nearest name):
+    Keyword-only options (the same for :meth:`NNHandler.auto_save`): ``every_n_steps``,
+    ``every_seconds`` (save by optimizer steps, by training time), ``on_save_error``,
+    ``async_save``, ``save_on_signal``/``save_on_exception`` (or ``emergency=``),
+    ``keep_last``/``keep_best``/``monitor``/``mode``/``keep_every``/``keep_every_n_steps``
+    (or ``keep=``), each documented on :class:`~nnhandler.callbacks.AutoSaveOptions`; an
+    unknown one is a :class:`~nnhandler.ConfigurationError` that suggests the nearest name.
 
-    Keyword Args:
-        on_save_error: what a failed save (full disk, I/O or permission error, a provider
-            whose ``state_dict`` raises) does. ``"warn"`` (default): the error is logged, the
-            previous checkpoint stays intact, training goes on, the next scheduled save tries
-            again (with ``interval=-1``, whose save after the last epoch has no next one, the end
-            of ``train`` tries it once more; each failed attempt counts), and the end of
-            ``train`` reports how many saves failed. ``"raise"``: the
-            error propagates and ends ``train``. Either way no partial file is left.
-        async_save: write in the background. Training pays only for a snapshot of the state
-            into host memory (pinned for CUDA tensors; the buffers are allocated once and
-            reused for every save of a ``train`` call); a writer thread then serialises,
-            checksums and writes the file under the same atomicity rules. At most one write is
-            in flight: the next save first waits for the previous one. A background failure is
-            reported at the next epoch end (or save, or the end of ``train``) and follows
-            ``on_save_error``. ``train`` returns only once every file it saved is durable (under
-            DDP every rank waits for rank 0's write); an exception or ``KeyboardInterrupt``
-            waits for the write in flight too, and so does interpreter exit (:meth:`flush`
-            waits by hand). ``on_checkpoint_saved`` fires when the file is durable.
-        save_on_signal: ``True`` (SIGTERM and SIGUSR1) or a list of signal names/numbers
-            (``["SIGTERM", "SIGINT"]``): on such a signal the current step finishes, training
-            stops (under DDP every rank after the same step), an emergency checkpoint
-            ``preempted_ep{epoch:03d}_b{batches:05d}.pth`` is written synchronously into
-            ``save_path`` and ``train`` returns normally with ``handler.preempted == True``.
-            It records the position inside the epoch, so a resumed run continues from the next
-            batch exactly. Works with ``interval=None`` too (emergency checkpoints only). See
-            :mod:`nnhandler.preemption`.
-        save_on_exception: when an exception (``KeyboardInterrupt`` too) escapes an epoch's
-            batches or its validation, write ``exception_ep…_b….pth`` with the state as of the
-            last completed batch, then let the exception propagate unchanged (a failed
-            emergency save is a note on it). Single process only: under DDP it does nothing
-            (a warning says so when ``train`` starts).
-        keep_last: keep the N auto-saves this callback wrote most recently.
-        keep_best: keep the K auto-saves with the best ``monitor`` value (required with it).
-            A value missing from an epoch's logs (an epoch that did not validate), NaN or
-            infinite is never best (a warning says so once); ties go to the earlier epoch.
-        monitor: the log key ``keep_best`` ranks by, e.g. ``"val_loss"``.
-        mode: ``"min"`` (default): lower is better; ``"max"``: higher is better.
-        keep_every: keep the auto-saves of epochs that are multiples of E forever.
-        keep: the retention rules as one object, ``keep=Retention(last=3, best=2,
-            monitor="val_loss", mode="min", every=10)`` (the same rules as the five keywords
-            above, which it excludes).
-        emergency: the emergency checkpoints as one object,
-            ``emergency=EmergencySaves(on_signal=True, on_exception=False)`` (instead of
-            ``save_on_signal`` / ``save_on_exception``).
-
-    Retention (``keep_last``, ``keep_best``, ``keep_every``; positive ints, combinable, not with
-    ``overwrite=True``): a file is kept when *any* rule keeps it, and the newest auto-save is
-    always kept. Without a ``keep_*`` rule every file is kept. After each save, once the new
-    file is durable, rank 0 records what is kept and why in ``save_path/nnhandler-index.json``
-    (atomically, one section per callback) and only then removes this callback's files that no
-    rule keeps. Only the callback's own files are ever removed: those it wrote, and those its
-    lineage (the run a resumed run continues) wrote, as the checkpoint and the index record
-    them; a file another callback's section lists, or that no record names, is never touched.
-    See :mod:`nnhandler.checkpoint.retention`. Every removal (retention, ``overwrite``,
-    pending removals recorded in a checkpoint or the index, stale temp files) is confined by
-    :mod:`nnhandler.checkpoint.removal`: directly inside the current ``save_path``, no
-    symlink, one of this callback's names, and a file whose own record names this run's
-    lineage; anything else is dropped from the bookkeeping with a warning, never removed.
+    Retention (the ``keep_*`` rules; positive ints, combinable, not with ``overwrite=True``): a
+    file is kept when *any* rule keeps it, and the newest auto-save is always kept; without a
+    rule every file is kept. Once a new file is durable, rank 0 records what is kept and why
+    in ``save_path/nnhandler-index.json``, then removes this callback's files that no rule
+    keeps. Only the callback's own files (its lineage's, as the checkpoint and the index
+    record them) are ever removed, each confined by :mod:`nnhandler.checkpoint.removal`
+    (directly inside ``save_path``, no symlink, one of its names, its own record naming this
+    run's lineage). See :mod:`nnhandler.checkpoint.retention`.
 
     When ``train`` starts, rank 0 creates ``save_path``, checks that it can write there (an
     unwritable directory is a :class:`~nnhandler.ConfigurationError` before any epoch runs) and
@@ -169,11 +127,10 @@ class AutoSaveCallback(Callback):
     space is below twice the expected checkpoint size.
 
     The callback is a :class:`~nnhandler.StateProvider`: its configuration and bookkeeping
-    (which file it wrote last and, with ``overwrite``, which earlier file it has still to
-    remove; with retention, the files it keeps and those it has still to remove) go into every
-    checkpoint, so a resumed handler keeps saving by
-    the same rules and ``overwrite`` removes the file its own lineage wrote. Its ``state_key``
-    is derived from ``save_path`` and ``name``; two callbacks writing the same files are a
+    (the file it wrote last, with ``overwrite`` the one it has still to remove, the files it
+    keeps, the training time since its last save) go into every checkpoint, so a resumed
+    handler keeps saving by the same rules. Its ``state_key`` is derived from ``save_path``
+    and ``name``; two callbacks writing the same files are a
     :class:`~nnhandler.DuplicateStateKeyError`. Under DDP every rank runs it; rank 0 writes while
     the others wait, and an error on rank 0 is raised on every rank.
     """
@@ -182,13 +139,15 @@ class AutoSaveCallback(Callback):
 
     def __init__(
         self,
-        interval: int | None,
+        interval: int | None = None,
         save_path: str | os.PathLike[str] = ".",
         name: str = "model_epoch{epoch:02d}",
         overwrite: bool = False,
         **options: Unpack[AutoSaveOptions],
     ) -> None:
         self.config = auto_save_config(interval, save_path, name, overwrite, options)
+        #: when to save (epochs, steps, training time) and the time accounting
+        self.schedule = SaveSchedule(self.config)
         #: which of its files the callback keeps and why (see :mod:`~..checkpoint.retention`)
         self.retention = Retention()
         self.last_saved_path: str | None = None
@@ -259,6 +218,14 @@ class AutoSaveCallback(Callback):
             self._earlier_templates = (*self._earlier_templates, self.config.name)
             self._reported_keys = set()
         self.config = config
+        self.schedule.configure(config)
+
+    def listens_to(self, event: Event) -> bool:
+        """The per-step event only with a step or time trigger (or ``{batch}`` in the name,
+        which needs the epoch's length): with ``interval`` alone the loop fires nothing per
+        step for this callback (see ``EventDispatcher.rebuild`` in ``nnhandler.events``)."""
+        return (event is not Event.TRAIN_STEP_END or self.config.saves_inside_epochs
+                or "batch" in template_fields(self.config.name))
 
     @property
     def background(self) -> BackgroundSave:
@@ -273,16 +240,6 @@ class AutoSaveCallback(Callback):
 
     def __repr__(self) -> str:
         return f"AutoSaveCallback({options_repr(self.config)})"
-
-    # -- schedule ------------------------------------------------------------------------------
-    def should_save(self, epoch: int, *, last_of_call: bool) -> bool:
-        """Whether the epoch with absolute 1-based number ``epoch`` is saved."""
-        interval = self.config.interval
-        if not interval:
-            return False
-        if interval == -1:
-            return last_of_call
-        return epoch % interval == 0
 
     # -- hooks ---------------------------------------------------------------------------------
     def on_train_begin(
@@ -300,6 +257,7 @@ class AutoSaveCallback(Callback):
         self._call_end_epoch = end_epoch
         self._call_failures = 0
         self._keys_checked = False
+        self.schedule.begin_call(handler)
         if self.config.enabled or self.config.writes_emergency_checkpoints:
             guard = self._guard(handler)
             self.last_saved_path = run_on_rank_zero(
@@ -320,11 +278,25 @@ class AutoSaveCallback(Callback):
             self._settle(handler, wait=False)
         if self.config.enabled and not self._keys_checked:
             self._keys_checked = True
-            check_log_keys(self.config, handler, self.retention, epoch, logs,
+            check_log_keys(self.config, handler, self.retention, epoch,
+                           name_fields(handler, epoch, logs, self.schedule.epoch_batches),
                            self._reported_keys)
         last_of_call = epoch >= self._call_end_epoch or handler.stop_requested
-        if self.should_save(epoch, last_of_call=last_of_call):
+        if self.schedule.at_epoch_end(epoch, last_of_call=last_of_call,
+                                      is_main=handler.distributed.is_main):
             self.save_now(handler, epoch, logs)
+
+    def on_train_step_end(self, handler: Trainer, step: int, mid_epoch: MidEpoch,
+                          **kwargs: Any) -> None:
+        """After an optimizer step: a step or time trigger saves here, inside the epoch (the
+        checkpoint records the partial epoch, so it resumes from the next batch)."""
+        schedule = self.schedule
+        schedule.epoch_batches = mid_epoch.epoch_batches or mid_epoch.batches
+        if schedule.at_step(step, mid_epoch.last, handler.distributed.is_main):
+            with mid_epoch.recorded() as logs:
+                path = self.save_now(handler, handler.epoch, logs, batch=mid_epoch.batches)
+            if path is not None:  # a signal's stop at this step takes this file
+                schedule.saved_at = (step, mid_epoch.epoch, mid_epoch.batches, str(path))
 
     def on_train_end(self, handler: Trainer, logs: dict[str, Any], **kwargs: Any) -> None:
         # interval=-1 when the call ended before its planned last epoch by another route
@@ -338,6 +310,8 @@ class AutoSaveCallback(Callback):
             self.save_now(handler, handler.epoch, logs)
         if self._in_flight is not None:
             self.flush(handler)
+        self.schedule.end_call()
+        self.schedule.waits.report(handler.logger, str(self.config.save_path))
         self._background.release()
         if self._call_failures:
             handler.logger.error(
@@ -357,14 +331,18 @@ class AutoSaveCallback(Callback):
         file_name = sharded_name(rendered.name) if sharded else rendered.name
         return self.config.save_path / file_name, rendered
 
-    def save_now(self, handler: Trainer, epoch: int,
-                 logs: dict[str, Any]) -> Path | URL | None:
-        """Write a checkpoint for ``epoch`` now, then apply the ``overwrite`` or retention rules.
+    def save_now(self, handler: Trainer, epoch: int, logs: dict[str, Any], *,
+                 batch: int | None = None) -> Path | URL | None:
+        """Write a checkpoint for ``epoch`` now, then apply the ``overwrite`` or retention rules
+        (``batch``: inside the epoch after ``epoch``, after that many batches; ``logs`` are
+        then the running ones of ``MidEpoch.recorded()``, see ``nnhandler.loop``). A scheduled save:
+        the ``every_seconds`` clock restarts.
 
         Returns the path, or ``None`` when the save failed under ``on_save_error="warn"``.
         """
+        self.schedule.restart_clock()
         try:
-            return self._save(handler, epoch, logs)
+            return self._save(handler, epoch, logs, batch=batch)
         except Exception as error:
             self._save_failed(handler, epoch, error)
             return None
@@ -390,17 +368,20 @@ class AutoSaveCallback(Callback):
         return f"the previous checkpoint {self.last_saved_path} is intact"
 
     def _save(self, handler: Trainer, epoch: int, logs: dict[str, Any], *,
-              path: Path | URL | None = None, synchronous: bool = False) -> Path | URL:
+              path: Path | URL | None = None, synchronous: bool = False,
+              batch: int | None = None) -> Path | URL:
         """Save under this callback's bookkeeping: to the scheduled name for ``logs``, or to
-        ``path`` (emergency checkpoints); ``synchronous`` even with ``async_save``."""
-        if self._in_flight is not None:  # at most one write in flight
-            self.flush(handler)
+        ``path`` (emergency checkpoints); ``synchronous`` even with ``async_save``;
+        ``batch``: inside an epoch (see :meth:`save_now`)."""
+        self._wait_for_write(handler)
         rendered = RenderedName("", ())
         emergency = path is not None
         if path is None:
-            path, rendered = self.path_for({**logs, "epoch": epoch},
-                                           sharded=handler.sharded_checkpoints)
-        warn_about_name(self.config, handler, rendered, epoch, logs, path, self._reported_keys)
+            fields = logs if batch is not None else name_fields(
+                handler, epoch, logs, self.schedule.epoch_batches)
+            path, rendered = self.path_for(fields, sharded=handler.sharded_checkpoints)
+        warn_about_name(self.config, handler, rendered, epoch, logs, path, self._reported_keys,
+                        mid_epoch=batch is not None)
         chosen = own_target(handler, path, warn=not self._told_name_taken,
                             storage_options=self.config.storage_options)
         self._told_name_taken = self._told_name_taken or chosen != path
@@ -416,7 +397,7 @@ class AutoSaveCallback(Callback):
         if self.config.overwrite and previous[0] is not None and previous[0] != str(path):
             self.pending_removal = previous[0]
         plan = plan_retention(self.retention, self.retention_rules, self.state_key, handler,
-                              path, epoch, logs, partial=emergency)
+                              path, epoch, logs, partial=emergency, batch=batch)
         try:
             if self.config.async_save and not synchronous:
                 self._save_in_background(handler, path, epoch, logs, previous, plan)
@@ -439,6 +420,18 @@ class AutoSaveCallback(Callback):
         return path
 
     # -- background saving ---------------------------------------------------------------------
+    def _wait_for_write(self, handler: Trainer) -> None:
+        """At most one write in flight: a save first waits for the previous one (a scheduled
+        save is never skipped); a wait is counted and reported once at the end of ``train``."""
+        if self._in_flight is None:
+            return
+        self._settle(handler, wait=False)
+        if self._in_flight is None:
+            return
+        started = time.perf_counter()
+        self.flush(handler)
+        self.schedule.waits.add(time.perf_counter() - started)
+
     def _save_in_background(self, handler: Trainer, path: Path | URL, epoch: int,
                             logs: dict[str, Any], previous: _Bookkeeping,
                             plan: RetentionPlan | None = None) -> None:
@@ -483,6 +476,7 @@ class AutoSaveCallback(Callback):
     def on_exception(self, handler: Trainer, exception: BaseException, **kwargs: Any) -> None:
         """Training is failing: wait for the write in flight (rank 0, no collective — the other
         ranks may be anywhere) and log its outcome; a failure is also noted on ``exception``."""
+        self.schedule.abandon_call()
         pending, self._in_flight = self._in_flight, None
         if pending is None:
             return
@@ -526,15 +520,18 @@ class AutoSaveCallback(Callback):
         After a complete epoch that this callback has just saved, that file is the
         checkpoint. A failure of a signal's save follows ``on_save_error``; an exception's
         is raised (the caller notes it on the exception)."""
-        if (emergency.batches == 0 and self.last_saved_epoch == handler.epoch
-                and self.last_saved_path):
+        if self.last_saved_path and (
+                (emergency.batches == 0 and self.last_saved_epoch == handler.epoch)
+                or self.schedule.saved_at == (handler.global_step, emergency.epoch,
+                                              emergency.batches, self.last_saved_path)):
             return Path(self.last_saved_path)
         name = emergency.file_name
         target = self.config.save_path / (sharded_name(name) if handler.sharded_checkpoints
                                           else name)
         logs = dict(handler.history[-1]) if handler.history else {}
         try:
-            return self._save(handler, handler.epoch, logs, path=target, synchronous=True)
+            return self._save(handler, handler.epoch, logs, path=target, synchronous=True,
+                              batch=emergency.batches or None)
         except Exception as error:
             if emergency.reason == "exception" or self.config.on_save_error == "raise":
                 raise
@@ -570,6 +567,7 @@ class AutoSaveCallback(Callback):
             "failed_saves": self.failed_saves,
             "pending_removal": self.pending_removal,
             "retention": self.retention.state_dict(),
+            "schedule": self.schedule.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -590,6 +588,8 @@ class AutoSaveCallback(Callback):
         self.save_count = record.save_count
         self.failed_saves = record.failed_saves
         self.pending_removal = record.pending_removal
+        self.schedule.load_state_dict(None if record.schedule is None
+                                      else record.schedule.model_dump())
         if retention is not None:
             self.retention.state, self.retention.continuing = retention.state, True
             self.retention.bind(self.state_key)

@@ -37,6 +37,7 @@ __all__ = [
     "check_log_keys",
     "estimated_size",
     "log_sources",
+    "name_fields",
     "own_target",
     "plan_retention",
     "prepare_directory",
@@ -114,13 +115,22 @@ def log_sources(handler: Trainer) -> LogSources:
                       validate_every=handler.settings.validate_every)
 
 
+def name_fields(handler: Trainer, epoch: int, logs: dict[str, Any],
+                epoch_batches: int | None) -> dict[str, Any]:
+    """What an end-of-epoch name is rendered from: the epoch's logs, ``epoch``, ``step`` (the
+    global optimizer step) and ``batch`` (the epoch's batches, where known: from the step
+    events). A key a callback logged under ``step`` or ``batch`` wins."""
+    fields = {"step": handler.global_step, "batch": epoch_batches, **logs, "epoch": epoch}
+    return {key: value for key, value in fields.items() if value is not None}
+
+
 def check_log_keys(config: AutoSaveConfig, handler: Trainer, retention: Retention,
                    epoch: int, logs: dict[str, Any], reported: set[str]) -> None:
     """At the end of a call's first epoch (the logs are final: callbacks have added their
     keys): say once why a key of the name template, or the ``keep_best`` monitor, is missing
     when no epoch of this configuration will have it (see :mod:`nnhandler.naming`). The
-    template keys said are added to ``reported``."""
-    logs = {**logs, "epoch": epoch}
+    template keys said are added to ``reported``. ``logs``: as :func:`name_fields` gives
+    them."""
     keys = [key for key in dict.fromkeys(template_fields(config.name))
             if key not in logs and key not in reported]
     monitor = config.monitor
@@ -146,13 +156,23 @@ def check_log_keys(config: AutoSaveConfig, handler: Trainer, retention: Retentio
 
 
 def warn_about_name(config: AutoSaveConfig, handler: Trainer, rendered: RenderedName,
-                    epoch: int, logs: dict[str, Any], path: Path | URL,
-                    reported: set[str]) -> None:
+                    epoch: int, logs: dict[str, Any], path: Path | URL, reported: set[str], *,
+                    mid_epoch: bool = False) -> None:
     """Say why the name template's keys are missing from the logs (a warning for each key the
     first time, debug level after; ``reported`` holds the keys said), and when the name was
-    clipped to the filesystem's limit."""
+    clipped to the filesystem's limit.
+
+    ``mid_epoch``: a save inside an epoch, whose logs (:meth:`~nnhandler.loop.MidEpoch.logs`)
+    lack by nature what exists only at an epoch's end (``val_*``, keys callbacks add there):
+    its missing keys are logged at debug level only; a key that no epoch has either is
+    explained once at the first epoch's end (:func:`check_log_keys`)."""
     fresh = [key for key in rendered.missing if key not in reported]
-    if fresh:
+    if mid_epoch and rendered.missing:
+        handler.logger.debug(
+            "auto-save name template %r: key(s) %s missing from the mid-epoch logs (keys: %s; "
+            "val_* and keys callbacks add exist at an epoch's end only); saving as %s",
+            config.name, ", ".join(rendered.missing), ", ".join(logs), path.name)
+    elif fresh:
         sources = log_sources(handler)
         reasons = "; ".join(
             f"{key!r}: {missing_key_reason(key, sources, epoch, logs).reason}" for key in fresh)
@@ -274,8 +294,9 @@ def resume_retention(retention: Retention, rules: RetentionRules, key: str, hand
 
 def plan_retention(retention: Retention, rules: RetentionRules, key: str, handler: Trainer,
                    path: Path | URL, epoch: int, logs: dict[str, Any], *,
-                   partial: bool) -> RetentionPlan | None:
-    """The retention plan of saving ``path`` (``None`` without retention rules)."""
+                   partial: bool, batch: int | None = None) -> RetentionPlan | None:
+    """The retention plan of saving ``path`` (``None`` without retention rules); ``batch``:
+    written inside the epoch after ``epoch``, after that many batches."""
     if not rules.active:
         return None
     retention.bind(key)
@@ -285,4 +306,4 @@ def plan_retention(retention: Retention, rules: RetentionRules, key: str, handle
     return retention.plan(rules, path.name, epoch, handler.global_step, logs,
                           lineage=handler.progress.lineage,
                           is_main=handler.distributed.is_main, logger=handler.logger,
-                          partial=partial, why_missing=why_missing)
+                          partial=partial, batch=batch, why_missing=why_missing)

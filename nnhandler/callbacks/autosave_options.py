@@ -41,7 +41,10 @@ class Retention(_Option):
         best: the K with the best ``monitor`` value (``keep_best``; needs ``monitor``).
         monitor: the log key ``best`` ranks by, e.g. ``"val_loss"``.
         mode: ``"min"`` (lower is better) or ``"max"``.
-        every: the auto-saves of epochs that are multiples of E, forever (``keep_every``).
+        every: the auto-saves of epochs that are multiples of E, forever (``keep_every``;
+            end-of-epoch saves only).
+        every_n_steps: the auto-saves at optimizer steps that are multiples of S, forever
+            (``keep_every_n_steps``; end-of-epoch and mid-epoch saves alike).
     """
 
     last: Annotated[int, Field(ge=1)] | None = None
@@ -49,11 +52,13 @@ class Retention(_Option):
     monitor: Annotated[str, Field(min_length=1)] | None = None
     mode: MonitorMode = "min"
     every: Annotated[int, Field(ge=1)] | None = None
+    every_n_steps: Annotated[int, Field(ge=1)] | None = None
 
     def keywords(self) -> dict[str, Any]:
         """The same rules as the flat keywords of ``auto_save``."""
         return {"keep_last": self.last, "keep_best": self.best, "monitor": self.monitor,
-                "mode": self.mode, "keep_every": self.every}
+                "mode": self.mode, "keep_every": self.every,
+                "keep_every_n_steps": self.every_n_steps}
 
 
 class EmergencySaves(_Option):
@@ -74,9 +79,75 @@ class EmergencySaves(_Option):
 
 
 class AutoSaveOptions(TypedDict, total=False):
-    """The keyword-only options of ``AutoSaveCallback(...)`` and ``NNHandler.auto_save(...)``
-    (documented on :class:`~nnhandler.AutoSaveCallback`)."""
+    """The keyword-only options of :class:`~nnhandler.AutoSaveCallback` and
+    :meth:`NNHandler.auto_save <nnhandler.NNHandler.auto_save>` (after the positional
+    ``interval, save_path, name, overwrite``).
 
+    Keyword Args:
+        every_n_steps: also save after every optimizer step (after gradient accumulation)
+            whose absolute number, counted across resumes, is a multiple of S (a positive
+            int). Such a save inside an epoch records the partial epoch, so loading it
+            continues the epoch from its next batch exactly.
+        every_seconds: also save once this many seconds of training time (a finite number,
+            at least 1.0) have passed since this callback's last scheduled save: wall-clock
+            time inside ``train``, validation and saving included, between calls excluded;
+            carried across resumes in the callback's state. Under DDP rank 0's clock decides
+            and every rank saves at the same step. The three schedules combine (a save when
+            any fires, never two for one step; one due at an epoch's last step is made at the
+            epoch's end); see ``nnhandler.callbacks.autosave_schedule``.
+        on_save_error: what a failed save (full disk, I/O or permission error, a provider
+            whose ``state_dict`` raises) does. ``"warn"`` (default): the error is logged, the
+            previous checkpoint stays intact, training goes on, the next scheduled save tries
+            again (with ``interval=-1``, whose save after the last epoch has no next one, the end
+            of ``train`` tries it once more; each failed attempt counts), and the end of
+            ``train`` reports how many saves failed. ``"raise"``: the
+            error propagates and ends ``train``. Either way no partial file is left.
+        async_save: write in the background. Training pays only for a snapshot of the state
+            into host memory (pinned for CUDA tensors; the buffers are allocated once and
+            reused for every save of a ``train`` call); a writer thread then serialises,
+            checksums and writes the file under the same atomicity rules. At most one write is
+            in flight: a save that comes while the previous write runs waits for it (a
+            scheduled save is never skipped; the end of ``train`` logs how many waited, and
+            how long). A background failure is reported at the next epoch end (or save, or the
+            end of ``train``) and follows ``on_save_error``. ``train`` returns only once every
+            file it saved is durable (under DDP every rank waits for rank 0's write); an
+            exception or ``KeyboardInterrupt`` waits for the write in flight too, and so does
+            interpreter exit (:meth:`~nnhandler.AutoSaveCallback.flush` waits by hand).
+            ``on_checkpoint_saved`` fires when the file is durable.
+        save_on_signal: ``True`` (SIGTERM and SIGUSR1) or a list of signal names/numbers
+            (``["SIGTERM", "SIGINT"]``): on such a signal the current step finishes, training
+            stops (under DDP every rank after the same step), an emergency checkpoint
+            ``preempted_ep{epoch:03d}_b{batches:05d}.pth`` is written synchronously into
+            ``save_path`` (or, when this callback has just saved at that very step, that file
+            is it) and ``train`` returns normally with ``handler.preempted == True``. It
+            records the position inside the epoch, so a resumed run continues from the next
+            batch exactly. Works with no schedule too (emergency checkpoints only). See
+            :mod:`nnhandler.preemption`.
+        save_on_exception: when an exception (``KeyboardInterrupt`` too) escapes an epoch's
+            batches or its validation, write ``exception_ep…_b….pth`` with the state as of the
+            last completed batch, then let the exception propagate unchanged (a failed
+            emergency save is a note on it). Single process only: under DDP it does nothing
+            (a warning says so when ``train`` starts).
+        keep_last: keep the N auto-saves this callback wrote most recently.
+        keep_best: keep the K auto-saves with the best ``monitor`` value (required with it).
+            A value missing from the logs (an epoch that did not validate; ``val_*`` inside an
+            epoch), NaN or infinite is never best; ties go to the earlier epoch. Inside an
+            epoch the value is the running mean so far.
+        monitor: the log key ``keep_best`` ranks by, e.g. ``"val_loss"``.
+        mode: ``"min"`` (default): lower is better; ``"max"``: higher is better.
+        keep_every: keep the end-of-epoch auto-saves of epochs that are multiples of E forever.
+        keep_every_n_steps: keep the auto-saves at optimizer steps that are multiples of S
+            forever (end-of-epoch and mid-epoch ones alike).
+        keep: the retention rules as one object, ``keep=Retention(last=3, best=2,
+            monitor="val_loss", mode="min", every=10, every_n_steps=1000)`` (the same rules as
+            the six keywords above, which it excludes).
+        emergency: the emergency checkpoints as one object,
+            ``emergency=EmergencySaves(on_signal=True, on_exception=False)`` (instead of
+            ``save_on_signal`` / ``save_on_exception``).
+    """
+
+    every_n_steps: int | None
+    every_seconds: float | None
     on_save_error: SaveErrorPolicy
     async_save: bool
     keep: Retention | None
@@ -85,6 +156,7 @@ class AutoSaveOptions(TypedDict, total=False):
     monitor: str | None
     mode: MonitorMode
     keep_every: int | None
+    keep_every_n_steps: int | None
     emergency: EmergencySaves | None
     save_on_signal: bool | list[str | int] | tuple[str | int, ...]
     save_on_exception: bool
@@ -94,7 +166,8 @@ class AutoSaveOptions(TypedDict, total=False):
 
 
 _GROUPS: Final[dict[str, tuple[type[_Option], tuple[str, ...]]]] = {
-    "keep": (Retention, ("keep_last", "keep_best", "monitor", "mode", "keep_every")),
+    "keep": (Retention, ("keep_last", "keep_best", "monitor", "mode", "keep_every",
+                         "keep_every_n_steps")),
     "emergency": (EmergencySaves, ("save_on_signal", "save_on_exception")),
 }
 _OPTIONS: Final = frozenset(AutoSaveOptions.__annotations__)
@@ -142,13 +215,16 @@ def auto_save_config(interval: int | None, save_path: str | os.PathLike[str], na
 
 
 def options_repr(c: AutoSaveConfig) -> str:
-    """The arguments that configure ``c``, as an auto-saver's ``repr`` shows them (retention
-    rules only where set)."""
+    """The arguments that configure ``c``, as an auto-saver's ``repr`` shows them (step and
+    time triggers and retention rules only where set)."""
     rules = "".join(f", {name}={value!r}" for name, value in (
         *c.retention_arguments().items(), ("monitor", c.monitor), ("mode", c.mode))
         if value is not None and (name != "mode" or c.keep_best is not None))
+    triggers = "".join(f", {name}={value!r}" for name, value in (
+        ("every_n_steps", c.every_n_steps), ("every_seconds", c.every_seconds))
+        if value is not None)
     return (
-        f"interval={c.interval!r}, save_path={str(c.save_path)!r}, "
+        f"interval={c.interval!r}{triggers}, save_path={str(c.save_path)!r}, "
         f"name={c.name!r}, overwrite={c.overwrite!r}, on_save_error={c.on_save_error!r}, "
         f"async_save={c.async_save!r}, save_on_signal={c.save_on_signal!r}, "
         f"save_on_exception={c.save_on_exception!r}{rules}"

@@ -131,14 +131,14 @@ def check_contents(state: Any, path: str) -> None:
     (history, progress, random streams). Model and optimizer tensors are checked against the
     live model only when loading. Raises a :class:`~nnhandler.CheckpointError` subclass."""
     from ..components.history import History, Progress
-    from ..components.rng import RNGState
+    from ..components.rng_record import check_rng_state
     from .schema import relocate
 
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{path!r}: its state is not a dict")
     check_references(check_config(state.get("config"), path), path)
     for key, check in (("history", History.check_state), ("progress", Progress.check_state),
-                       ("rng", RNGState.check_state)):
+                       ("rng", check_rng_state)):
         if key in state:
             try:
                 check(state[key])

@@ -25,13 +25,15 @@ from typing import Any, Generic, TypeVar
 
 from ..errors import CheckpointError, CheckpointFormatError, CheckpointIndexError
 from .content import check_contents
-from .envelope import FORMAT_VERSION, read_checkpoint
+from .format import FORMAT_VERSION, Checkpoint, unpack
 from .index import IndexSection, read_index
 from .integrity import IntegrityRecord, read_integrity_record, verify_file
 from .migrations import readable_version_problem
+from .plainread import NeedsTorch, read_plain_envelope
 from .sharded import ENVELOPE_FILE, SHARDED_SUFFIX, manifest_record, verify_sharded
 from .storage import URL, location_of, store_for
 from .writer import is_temp_file
+from .ziplayout import check_zip_layout
 
 __all__ = [
     "CheckpointCandidate",
@@ -149,10 +151,13 @@ def verify_candidate(path: Path) -> IntegrityRecord:
 def check_candidate(path: Path) -> IntegrityRecord:
     """Whether ``path`` would load: every checksum, the format version, and the content
     against the declared schema (tensors are mapped, not read). Returns its record; raises a
-    :class:`~nnhandler.CheckpointError` subclass (or ``OSError``) saying what is wrong."""
+    :class:`~nnhandler.CheckpointError` subclass (or ``OSError``) saying what is wrong.
+
+    Torch is imported only for a file :mod:`.plainread` does not decode itself: the content
+    of the usual checkpoint is checked without it (``nnhandler verify`` starts fast)."""
     record = verify_candidate(path)
     envelope = path / ENVELOPE_FILE if path.is_dir() else path
-    checkpoint = read_checkpoint(envelope, map_location="cpu", verify=False, mmap=True)
+    checkpoint = _read_unverified(envelope)
     check_contents(checkpoint.state, str(path))
     # a directory is ranked by the records and loaded by the envelope: they must agree
     for key in ("epoch", "step"):
@@ -161,6 +166,21 @@ def check_candidate(path: Path) -> IntegrityRecord:
                 f"{str(path)!r}: its integrity record says {key} {record.get(key)!r}, its "
                 f"content {checkpoint.meta[key]!r}; it was altered")
     return record
+
+
+def _read_unverified(path: Path) -> Checkpoint:
+    """The envelope of ``path`` (checksums already checked) as ``read_checkpoint(verify=False,
+    mmap=True)`` reads it, with :class:`~.plainread.TensorRef` for its tensors where
+    :mod:`.plainread` can read it without torch."""
+    if path.is_file():
+        check_zip_layout(path)
+        try:
+            return unpack(path, read_plain_envelope(path))
+        except NeedsTorch:
+            pass  # torch.load decides, with its own words for what it refuses
+    from .envelope import read_checkpoint
+
+    return read_checkpoint(path, map_location="cpu", verify=False, mmap=True)
 
 
 def first_valid(candidates: Iterable[CheckpointCandidate[Where]],

@@ -15,17 +15,15 @@ import platform
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import torch
 
 from ..errors import CheckpointError, CheckpointFormatError
-from .content import check_envelope
+from .format import FORMAT_NAME, FORMAT_VERSION, Checkpoint, unpack
 from .integrity import read_integrity_record, verify_file
 from .io import CheckpointIO, checkpoint_io
-from .migrations import migrate
 from .records import StorageRecord
 from .ziplayout import check_zip_layout
 
@@ -39,23 +37,6 @@ __all__ = [
     "write_envelope",
     "write_with_record",
 ]
-
-FORMAT_NAME: Final = "nnhandler.checkpoint"
-FORMAT_VERSION: Final = 1
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A checkpoint as read from disk."""
-
-    path: Path
-    format_version: int
-    meta: dict[str, Any]
-    state: dict[str, Any]
-
-    @property
-    def epoch(self) -> int:
-        return int(self.meta["epoch"])
 
 
 def library_versions() -> dict[str, str]:
@@ -105,6 +86,8 @@ def _is_plain(value: Any) -> bool:
     kind = type(value)
     if kind is int:
         return bool(value.bit_length() <= MAX_INT_BITS)
+    if kind is bytes:  # b"" pickles as a call of builtins.bytes, which weights_only refuses
+        return bool(value)
     if kind in PLAIN_LEAF_TYPES or isinstance(value, torch.Tensor):
         return True
     if kind in _MAPPINGS:
@@ -153,6 +136,10 @@ def refusal(value: Any, where: str) -> CheckpointError:
         for index, item in enumerate(value):
             if not _is_plain(item):
                 return refusal(item, f"{where}[{index}]")
+    if kind is bytes:
+        return CheckpointError(
+            f"{where} is an empty bytes value (b''): torch.load(weights_only=True) cannot read "
+            "one back (it pickles as a call of builtins.bytes); store None or a non-empty value")
     if kind is int:
         return CheckpointError(
             f"{where} is an integer of {value.bit_length()} bits; checkpoints hold integers of "
@@ -249,7 +236,7 @@ def read_checkpoint(
         raise
     if verification is not None:
         verification.result()
-    return _unpack(path, envelope)
+    return unpack(path, envelope)
 
 
 def _start_verification(path: Path) -> Future[Any]:
@@ -269,23 +256,3 @@ def _load_envelope(path: Path, map_location: Any, mmap: bool = False) -> Any:
         ) from error
     except Exception as error:  # a damaged file (verify=False) can fail in any unpickling step
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {error}") from error
-
-
-def _unpack(path: Path, envelope: Any) -> Checkpoint:
-    """The envelope checked against the declared schema (:mod:`.content`) before anything
-    uses it; older format versions are migrated first, newer ones refused."""
-    where = str(path)
-    if not isinstance(envelope, dict) or not isinstance(envelope.get("format"), dict):
-        raise CheckpointFormatError(f"{where!r} is not an nnhandler checkpoint (no 'format')")
-    fmt = envelope["format"]
-    if fmt.get("name") != FORMAT_NAME:
-        raise CheckpointFormatError(
-            f"{where!r} has format {fmt.get('name')!r:.80}, expected {FORMAT_NAME!r}"
-        )
-    version = fmt.get("version")
-    if type(version) is not int:
-        raise CheckpointFormatError(f"{where!r} has no valid format version: {version!r:.80}")
-    envelope = migrate(envelope, version, FORMAT_VERSION, repr(where))
-    record = check_envelope(envelope, where)
-    return Checkpoint(path=path, format_version=version, meta=record.meta.model_dump(),
-                      state=envelope["state"])

@@ -12,7 +12,9 @@ auto-save callback keeps, and why.
                    "keep_every": null},
          "next_seq": 7,
          "checkpoints": [{"name": "ep006.pth", "epoch": 6, "step": 12, "seq": 6,
-                          "value": 0.25, "reasons": ["latest 1/2"]}, …],
+                          "value": 0.25, "reasons": ["latest 1/2"]},
+                         {"name": "ep007_b0003.pth", "epoch": 6, "step": 13, "seq": 7,
+                          "value": 0.24, "reasons": ["latest 2/2"], "batch": 3}, …],
          "removing": ["ep004.pth"]}}}               # superseded, removal pending or done
 
 Only rank 0 writes it, always atomically (temp file in the same directory, fsync, rename,
@@ -71,7 +73,9 @@ class IndexEntry:
     was written at, its place in the callback's write order (``seq``), the monitored value
     (``None`` when missing or not finite) and why it is kept. ``partial``: an emergency
     checkpoint written inside an epoch (preemption, exception): never ``keep_best`` or
-    ``keep_every`` material, only recent."""
+    ``keep_every`` material, only recent. ``batch``: a checkpoint written inside an epoch
+    (emergency, or by ``every_n_steps``/``every_seconds``), after that many batches of the
+    epoch after ``epoch``; ``None`` at an epoch's end."""
 
     name: str
     epoch: int
@@ -80,12 +84,15 @@ class IndexEntry:
     value: float | None = None
     reasons: tuple[str, ...] = ()
     partial: bool = False
+    batch: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = {"name": self.name, "epoch": self.epoch, "step": self.step, "seq": self.seq,
                 "value": self.value, "reasons": list(self.reasons)}
         if self.partial:
             data["partial"] = True
+        if self.batch is not None:
+            data["batch"] = self.batch
         return data
 
     @classmethod
@@ -133,10 +140,12 @@ class IndexEntryRecord(Schema):
     value: Annotated[float, Field(allow_inf_nan=False)] | None = None
     reasons: list[str] = []
     partial: bool = False
+    batch: int | None = Field(default=None, ge=0)
 
     def entry(self) -> IndexEntry:
         return IndexEntry(name=self.name, epoch=self.epoch, step=self.step, seq=self.seq,
-                          value=self.value, reasons=tuple(self.reasons), partial=self.partial)
+                          value=self.value, reasons=tuple(self.reasons), partial=self.partial,
+                          batch=self.batch)
 
 
 class IndexSectionRecord(Schema):

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from ..errors import CheckpointError, ConfigurationError
 from .discovery import CheckpointCandidate, check_candidate, first_valid
-from .envelope import Checkpoint, read_checkpoint
+from .format import Checkpoint
 from .index import INDEX_FILE
 from .integrity import TAIL_PREFETCH, IntegrityRecord, parse_integrity_record
 from .sharded import SHARDED_SUFFIX
@@ -72,6 +72,8 @@ def read_remote_checkpoint(url: URL, map_location: Any = None, *,
     store = store_for(url, storage_options)
     try:
         with store.fetch(url) as local, _named_as(url, local):
+            from .envelope import read_checkpoint  # torch: not for list/verify
+
             checkpoint = read_checkpoint(local, map_location, verify=True)
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint {str(url)!r} does not exist") from error

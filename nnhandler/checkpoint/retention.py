@@ -9,7 +9,14 @@ a file is kept when *any* rule keeps it, and every reason is recorded:
   the highest for ``"max"`` (``"best val_loss=0.123 (rank 1/K)"``). A value that is missing
   from the epoch's logs (an epoch that did not validate) or is NaN or infinite is never best.
   Ties: the earlier epoch wins.
-* ``keep_every=E``: files of epochs that are multiples of E, forever (``"every E epochs"``).
+* ``keep_every=E``: files of epochs that are multiples of E, forever (``"every E epochs"``):
+  end-of-epoch saves only (a save inside an epoch, by steps or time, is not one of epoch E).
+* ``keep_every_n_steps=S``: files written at an optimizer step that is a multiple of S,
+  forever (``"every S steps"``), end-of-epoch and mid-epoch saves alike.
+* Saves inside an epoch (``every_n_steps``, ``every_seconds``) take part in ``keep_last`` and
+  ``keep_best``; their ``monitor`` value is the epoch's running mean so far (``loss``, a
+  metric), and a ``val_*`` monitor is missing there (no validation mid-epoch): such a file is
+  then no best candidate, silently.
 * The newest file is always kept (it is the resume point), with the reason ``"newest"`` when no
   rule keeps it.
 
@@ -57,20 +64,26 @@ class RetentionRules:
     monitor: str | None = None
     mode: str = "min"
     keep_every: int | None = None
+    keep_every_n_steps: int | None = None
 
     @classmethod
     def from_config(cls, config: AutoSaveConfig) -> RetentionRules:
         return cls(keep_last=config.keep_last, keep_best=config.keep_best,
-                   monitor=config.monitor, mode=config.mode, keep_every=config.keep_every)
+                   monitor=config.monitor, mode=config.mode, keep_every=config.keep_every,
+                   keep_every_n_steps=config.keep_every_n_steps)
 
     @property
     def active(self) -> bool:
         """Whether any rule is set (otherwise nothing is tracked and nothing removed)."""
-        return any(rule is not None for rule in (self.keep_last, self.keep_best, self.keep_every))
+        return any(rule is not None for rule in (self.keep_last, self.keep_best,
+                                                 self.keep_every, self.keep_every_n_steps))
 
     def to_json(self) -> dict[str, Any]:
-        return {"keep_last": self.keep_last, "keep_best": self.keep_best,
-                "monitor": self.monitor, "mode": self.mode, "keep_every": self.keep_every}
+        rules = {"keep_last": self.keep_last, "keep_best": self.keep_best,
+                 "monitor": self.monitor, "mode": self.mode, "keep_every": self.keep_every}
+        if self.keep_every_n_steps is not None:  # indexes without it read as before
+            rules["keep_every_n_steps"] = self.keep_every_n_steps
+        return rules
 
 
 def monitored_value(logs: Mapping[str, Any], monitor: str | None) -> float | None:
@@ -105,8 +118,13 @@ def decide(files: Sequence[IndexEntry], rules: RetentionRules) -> dict[str, tupl
                 f"best {rules.monitor}={entry.value:.6g} (rank {rank}/{rules.keep_best})")
     if rules.keep_every is not None:
         for entry in files:
-            if entry.epoch > 0 and entry.epoch % rules.keep_every == 0 and not entry.partial:
+            if (entry.epoch > 0 and entry.epoch % rules.keep_every == 0 and not entry.partial
+                    and entry.batch is None):
                 reasons[entry.name].append(f"every {rules.keep_every} epochs")
+    if rules.keep_every_n_steps is not None:
+        for entry in files:
+            if entry.step > 0 and entry.step % rules.keep_every_n_steps == 0 and not entry.partial:
+                reasons[entry.name].append(f"every {rules.keep_every_n_steps} steps")
     newest = by_recency[0]
     if not reasons[newest.name]:
         reasons[newest.name].append("newest")
@@ -201,22 +219,25 @@ class Retention:
     # -- one save ------------------------------------------------------------------------------
     def plan(self, rules: RetentionRules, name: str, epoch: int, step: int,
              logs: Mapping[str, Any], *, lineage: str, is_main: bool,
-             logger: logging.Logger, partial: bool = False,
+             logger: logging.Logger, partial: bool = False, batch: int | None = None,
              why_missing: Callable[[str], str] | None = None) -> RetentionPlan:
         """Record the save of ``name`` (before its state is collected) and decide what is kept.
         ``lineage`` is taken when the bookkeeping has none yet. Non-main ranks forget earlier
         removals: removing files is rank 0's work. ``partial``: an emergency checkpoint from
         inside an epoch (its logs are the last complete epoch's: no ``keep_best`` value).
+        ``batch``: a scheduled save inside an epoch after that many of its batches (``logs``
+        are the running means so far; a monitor missing there is expected and not noticed).
         ``why_missing(key)``: the reason a key is missing from ``logs``, for the notice."""
         before = self.state
         value = None if partial else monitored_value(logs, rules.monitor)
-        if rules.keep_best is not None and value is None and is_main and not partial:
+        if (rules.keep_best is not None and value is None and is_main and not partial
+                and (batch is None or rules.monitor in logs)):
             assert rules.monitor is not None  # keep_best needs it (AutoSaveConfig)
             reason = (why_missing(rules.monitor)
                       if why_missing is not None and rules.monitor not in logs else None)
             self.notice_not_a_candidate(rules.monitor, logs, epoch, logger, reason=reason)
         new = IndexEntry(name=name, epoch=epoch, step=step, seq=before.next_seq, value=value,
-                         partial=partial)
+                         partial=partial, batch=batch)
         files = [entry for entry in before.files if entry.name != name] + [new]
         kept = decide(files, rules)
         dropped = [entry.name for entry in files if entry.name not in kept]

@@ -31,7 +31,7 @@ LogValue = bool | int | float | str | None
 class Schema(BaseModel):
     """Base of every checkpoint schema: strict types, immutable, unknown fields refused."""
 
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", defer_build=True)
 
 
 def describe_location(location: tuple[int | str, ...]) -> str:

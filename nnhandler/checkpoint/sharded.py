@@ -34,19 +34,20 @@ from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Final, Literal
 
 from pydantic import AfterValidator, Field
 
-from ..distributed import DistributedContext, all_gather_objects, run_on_rank_zero
 from ..errors import (
     CheckpointCorruptedError,
     CheckpointError,
     CheckpointFormatError,
     ConfigurationError,
 )
-from .envelope import Checkpoint, read_checkpoint, write_checkpoint
+from .format import Checkpoint
 from .integrity import IntegrityRecord, crc32, file_crc32
 from .schema import LogValue, Schema, validate
 from .writer import atomic_write, fsync_directory, remove_checkpoint_path, temp_path_for
 
-if TYPE_CHECKING:  # DCP is imported only when a sharded checkpoint is written or loaded
+if TYPE_CHECKING:  # DCP is imported only when a sharded checkpoint is written or loaded,
+    # torch only when one is written, read, or verified collectively (nnhandler verify: never)
+    from ..distributed import DistributedContext
     from .dcp_state import ShardedComponents
 
 __all__ = [
@@ -106,6 +107,7 @@ def write_sharded_checkpoint(path: Path, context: DistributedContext,
     without the model and optimizer. Returns the checkpoint's total size in bytes. An error on
     any rank is raised on every rank, and the temp directory is removed.
     """
+    from ..distributed import run_on_rank_zero
     from .dcp_state import save_tensors, split_tensors
 
     _check_name(path)  # the same on every rank: no need to wait for rank 0
@@ -153,17 +155,22 @@ def _is_sharded_directory(path: Path) -> bool:
 
 
 def _checksums(directory: Path, names: Sequence[str],
-               context: DistributedContext) -> dict[str, tuple[int, int] | str]:
+               context: DistributedContext | None) -> dict[str, tuple[int, int] | str]:
     """``(size, CRC-32)`` of each file, or why it could not be read; the ranks share the work
-    (rank ``r`` reads every ``world_size``-th file) and every rank gets every result."""
+    (rank ``r`` reads every ``world_size``-th file) and every rank gets every result.
+    ``context=None``: this process alone reads every file."""
     mine: dict[str, tuple[int, int] | str] = {}
     for index, name in enumerate(names):
-        if index % context.world_size != context.rank:
+        if context is not None and index % context.world_size != context.rank:
             continue
         try:
             mine[name] = file_crc32(directory / name)
         except OSError as error:
             mine[name] = f"{type(error).__name__}: {error.strerror or error}"
+    if context is None:
+        return mine
+    from ..distributed import all_gather_objects
+
     merged: dict[str, tuple[int, int] | str] = {}
     for part in all_gather_objects(context, mine):
         merged.update(part)
@@ -180,6 +187,8 @@ def _commit(path: Path, temp: Path, checksums: Mapping[str, tuple[int, int] | st
     clash = sorted(set(state) & set(plain))
     if clash:
         raise CheckpointError(f"state key(s) {clash} are written through DCP and the envelope")
+    from .envelope import write_checkpoint
+
     write_checkpoint(temp / ENVELOPE_FILE, {**state, **plain}, meta)
     files = {name: _entry(value) for name, value in checksums.items() if not isinstance(value, str)}
     files[ENVELOPE_FILE] = _entry(file_crc32(temp / ENVELOPE_FILE))
@@ -336,11 +345,17 @@ def verify_sharded(path: str | os.PathLike[str],
 
     With a distributed ``context`` this is collective: rank 0 reads the manifest, the ranks
     share the reading, and every rank raises :class:`CheckpointCorruptedError` naming each
-    damaged or missing file.
+    damaged or missing file. Without one (``None``) this process checks every file alone,
+    without torch.
     """
     path = Path(path)
-    context = context or DistributedContext.single()
-    body: dict[str, Any] = run_on_rank_zero(context, lambda: read_manifest(path))
+    body: dict[str, Any]
+    if context is None:
+        body = read_manifest(path)
+    else:
+        from ..distributed import run_on_rank_zero
+
+        body = run_on_rank_zero(context, lambda: read_manifest(path))
     names = sorted(body["files"])
     checksums = _checksums(path, names, context)
     problems = []
@@ -365,6 +380,9 @@ def read_sharded_checkpoint(path: str | os.PathLike[str], map_location: Any = No
     """Read a sharded checkpoint's manifest and envelope (collective with a distributed
     ``context``). With ``verify`` (the default) every file is first checked against the
     manifest. The model and optimizer tensors are read by :func:`load_sharded_state`."""
+    from ..distributed import DistributedContext, run_on_rank_zero
+    from .envelope import read_checkpoint
+
     path = Path(path)
     context = context or DistributedContext.single()
     body = (verify_sharded(path, context) if verify
@@ -381,6 +399,7 @@ def read_any_checkpoint(path: str | os.PathLike[str], map_location: Any = None, 
     """A sharded checkpoint for a directory, else the single-file envelope; a URL
     (``s3://…``, with ``storage_options`` for fsspec) is read from its store and always
     verified (:mod:`.remote_checkpoints`)."""
+    from .envelope import read_checkpoint
     from .storage import URL, location_of, store_for
 
     location = location_of(path)

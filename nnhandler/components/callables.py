@@ -9,9 +9,7 @@ lambda, a closure, a callable object — is not recorded; the user sets it again
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..checkpoint.refs import (
     NotReferenceableError,
@@ -24,11 +22,16 @@ from ..checkpoint.refs import (
 from ..checkpoint.schema import Schema
 from ..errors import UnresolvableReferenceError
 
+if TYPE_CHECKING:  # torch is imported where a callable is described or built, not by the schemas
+    from torch import nn
+
 __all__ = ["CallableSpec", "FunctionSpec", "ModuleSpec", "build_callable", "describe_callable"]
 
 
 def describe_callable(obj: Any, what: str) -> tuple[dict[str, Any] | None, str | None]:
     """``(spec, None)`` when ``obj`` can be recorded, else ``(None, reason)``."""
+    from torch import nn
+
     try:
         if isinstance(obj, nn.Module):
             return _describe_module(obj, what), None
@@ -86,6 +89,8 @@ def build_callable(spec: FunctionSpec | ModuleSpec, trusted: frozenset[str]) -> 
     must be ``nn.Module`` subclasses, and a constructor argument that is a function is never
     taken from the file (:class:`~nnhandler.UnresolvableReferenceError` says which to pass).
     """
+    from torch import nn
+
     if isinstance(spec, FunctionSpec):
         return resolve_function(spec.ref, trusted)
     cls = resolve_class(spec.ref, nn.Module)

@@ -6,7 +6,9 @@ progress, how many of its batches ran, every rank's partial epoch sums (loss, sa
 metric sums — the exact float64 values the loop keeps) and, when the stop fell inside a
 gradient-accumulation group, the gradients accumulated so far. A checkpoint written at an epoch
 boundary records no partial epoch (``{"partial": None}``); files from before this state existed
-have no ``position`` at all, which means the same.
+have no ``position`` at all, which means the same. A checkpoint an auto-saver writes by
+steps or time (``every_n_steps``, ``every_seconds``) inside an epoch records the same, with
+reason ``"step"`` (see :class:`nnhandler.loop.MidEpoch`): there is one mid-epoch resume path.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ __all__ = ["EpochPosition", "PartialEpoch", "dataset_size", "learning_rates_of",
            "pending_grads_of"]
 
 #: ``PartialEpoch.reason`` values
-REASONS = ("signal", "exception")
+REASONS = ("signal", "exception", "step")
 _WHERE = "state['position']"
 
 
@@ -73,7 +75,7 @@ class _PartialEpochSchema(_TensorSchema):
     metric_names: list[str]
     totals: Annotated[list[_RankTotalsSchema], Field(min_length=1)]
     pending_grads: dict[str, Any] | None
-    reason: Literal["signal", "exception"]
+    reason: Literal["signal", "exception", "step"]
     samples: Annotated[int, Field(ge=0)] | None = None
     batches_per_epoch: Annotated[int, Field(ge=0)] | None = None
     learning_rates: list[float] | None = None

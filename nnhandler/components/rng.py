@@ -6,14 +6,13 @@ import contextlib
 import logging
 import random
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import AfterValidator, Field, InstanceOf
 
-from ..checkpoint.schema import Schema, schema_error, validate
 from ..distributed import DistributedContext, all_gather_objects
+from .rng_record import check_rng_state
 
 __all__ = ["RNGState", "capture_rng", "restore_rng", "seed_everything"]
 
@@ -78,48 +77,6 @@ def restore_rng(state: dict[str, Any]) -> None:
         ))
 
 
-def _tensor_of(dtype: torch.dtype, length: int | None = None) -> Any:
-    """A pydantic type: a 1-D CPU-loadable tensor of ``dtype`` (and ``length``)."""
-
-    def check(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.dtype != dtype or tensor.dim() != 1:
-            raise ValueError(f"expected a 1-D {dtype} tensor, got {tensor.dtype} with shape "
-                             f"{tuple(tensor.shape)}")
-        if length is not None and tensor.numel() != length:
-            raise ValueError(f"expected {length} values, got {tensor.numel()}")
-        return tensor
-
-    return Annotated[InstanceOf[torch.Tensor], AfterValidator(check)]
-
-
-class PythonRNG(Schema):
-    version: int
-    state: _tensor_of(torch.int64, 625)  # type: ignore[valid-type]
-    gauss: float | None
-
-
-class NumpyRNG(Schema):
-    kind: str
-    keys: _tensor_of(torch.int64, 624)  # type: ignore[valid-type]
-    pos: Annotated[int, Field(ge=0, le=624)]
-    has_gauss: int
-    cached_gaussian: float
-
-
-class RankRNG(Schema):
-    python: PythonRNG
-    torch: _tensor_of(torch.uint8)  # type: ignore[valid-type]
-    cuda: list[_tensor_of(torch.uint8)]  # type: ignore[valid-type]
-    numpy: NumpyRNG | None = None
-
-
-class RNGRecord(Schema):
-    """What a checkpoint's ``rng`` state may hold: one entry per saving rank."""
-
-    world_size: Annotated[int, Field(ge=1)]
-    ranks: Annotated[list[RankRNG], Field(min_length=1)]
-
-
 class RNGState:
     """Every rank's random states.
 
@@ -151,10 +108,7 @@ class RNGState:
 
     @staticmethod
     def check_state(state: Any) -> None:
-        record = validate(RNGRecord, state, where="")
-        if record.world_size != len(record.ranks):
-            raise schema_error(f"is {record.world_size}, but the state holds "
-                               f"{len(record.ranks)} rank(s)", field=".world_size")
+        check_rng_state(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ranks = state["ranks"]

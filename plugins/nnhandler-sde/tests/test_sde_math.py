@@ -64,7 +64,9 @@ def test_marginals_match_a_simulation_of_the_forward_sde(sde: SDE) -> None:
                           rtol=0.08)
 
 
-@pytest.mark.parametrize("corrector_steps", [0, 1], ids=["predictor", "predictor-corrector"])
+@pytest.mark.parametrize("corrector_steps", [  # the corrector doubles the cost: not quick
+    pytest.param(0, id="predictor"),
+    pytest.param(1, id="predictor-corrector", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("sde", [VPSDE(), VESDE(0.01, 10.0)], ids=["vp", "ve"])
 def test_sampler_with_the_exact_score_recovers_the_data(sde: SDE, corrector_steps: int) -> None:
     sampler = EulerMaruyamaSampler(steps=200, corrector_steps=corrector_steps)
