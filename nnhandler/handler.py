@@ -445,17 +445,19 @@ class NNHandler(HistoryViews, ModelCalls):
         return self._registry.collect()
 
     # ------------------------------------------------ export (the plots: HistoryViews) -----
-    def export(self, path: str | os.PathLike[str], ema: bool = False) -> Path:
+    def export(self, path: str | os.PathLike[str], ema: bool = False, *,
+               storage_options: Mapping[str, Any] | None = None) -> Path | URL:
         """Write the model's weights alone as a plain state dict (CPU tensors), atomically.
 
         ``ema=True`` exports the EMA weights (an error when there is no EMA). The file loads into
         your own model with plain torch, without nnhandler:
         ``model.load_state_dict(torch.load(path, weights_only=True))``. Wrapper prefixes (DDP,
         ``torch.compile``, the EMA's ``AveragedModel``) and ``n_averaged`` are not in it.
+        ``path`` may be an fsspec URL (``storage_options`` for fsspec), uploaded whole.
         """
         from .export import export_weights
 
-        return export_weights(self, path, ema)
+        return export_weights(self, path, ema, storage_options)
 
     def _sharded_components(self, *, with_optimizer: bool) -> ShardedComponents:
         from .checkpoint.dcp_state import ShardedComponents
