@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .checkpoint.discovery import first_valid
+from .checkpoint.discovery import first_valid, read_index_or_warn
 from .checkpoint.remote_checkpoints import check_remote_candidate, list_remote_checkpoints
 from .checkpoint.storage import URL, store_for
 from .errors import CheckpointError
@@ -23,10 +23,11 @@ __all__ = ["list_url", "verify_url"]
 def list_url(directory: str, *, verify: bool, keys: tuple[str, ...],
              logger: logging.Logger) -> list[dict[str, Any]]:
     """The rows of ``nnhandler list`` (see :func:`nnhandler.cli.list_directory`) for the
-    objects directly under ``directory``; the retention index is not read there yet."""
+    objects directly under ``directory``, with what its retention index says of each."""
     url = URL(directory)
     store = store_for(url)
-    candidates = list_remote_checkpoints(store, url)
+    index = read_index_or_warn(url, logger, store) or {}
+    candidates = list_remote_checkpoints(store, url, index)
     rows: list[dict[str, Any]] = []
     for candidate in candidates:
         record, problem = candidate.record, candidate.problem
@@ -50,7 +51,10 @@ def list_url(directory: str, *, verify: bool, keys: tuple[str, ...],
             "metrics": {key: logs[key] for key in keys if key in logs},
             "size": size, "valid": record is not None and problem is None,
             "verified": verify and record is not None, "problem": problem, "latest": False,
-            "in_index": False, "superseded": False, "kept_by": [],
+            "in_index": candidate.indexed, "superseded": candidate.superseded,
+            "kept_by": [{"callback": key, "reasons": list(entry.reasons)}
+                        for key, section in sorted(index.items())
+                        for entry in section.checkpoints if entry.name == candidate.path.name],
         })
     if verify:
         chosen = next((row["path"] for row in rows if row["valid"]), None)

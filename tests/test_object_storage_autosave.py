@@ -342,3 +342,25 @@ def test_s3_stale_multipart_uploads_of_own_names_are_aborted(s3_bucket: str) -> 
     for key, upload in started.items():
         if key != "run/ep001.pth":
             fs.call_s3("abort_multipart_upload", Bucket=s3_bucket, Key=key, UploadId=upload)
+
+
+def test_nnhandler_list_of_a_url_shows_what_the_index_keeps(memory_root: str) -> None:
+    from nnhandler.remote_cli import list_url
+
+    handler = make_handler(n=32)
+    handler.auto_save(1, memory_root, name="ep{epoch:03d}", keep_last=2, keep_every=3)
+    handler.train(epochs=4, seed=1, progress_bar=False)
+    handler.save(f"{memory_root}/by-hand.pth")
+    rows = list_url(memory_root, verify=False, keys=("loss",), logger=LOGGER)
+    key = f"autosave:{memory_root}/ep{{epoch:03d}}"
+    got = [(row["name"], row["in_index"], row["kept_by"], row["latest"]) for row in rows]
+    # by-hand.pth has ep004's epoch and step: the one the index keeps ranks first
+    assert got == [
+        ("ep004.pth", True, [{"callback": key, "reasons": ["latest 1/2"]}], True),
+        ("by-hand.pth", False, [], False),
+        ("ep003.pth", True, [{"callback": key, "reasons": ["latest 2/2", "every 3 epochs"]}],
+         False),
+    ]
+    from nnhandler.checkpoint.discovery import find_latest_valid
+
+    assert find_latest_valid(memory_root, LOGGER) == f"{memory_root}/ep004.pth"

@@ -31,7 +31,7 @@ from .integrity import IntegrityRecord, read_integrity_record, verify_file
 from .migrations import readable_version_problem
 from .plainread import NeedsTorch, read_plain_envelope
 from .sharded import ENVELOPE_FILE, SHARDED_SUFFIX, manifest_record, verify_sharded
-from .storage import URL, location_of, store_for
+from .storage import URL, Store, location_of, store_for
 from .writer import is_temp_file
 from .ziplayout import check_zip_layout
 
@@ -77,12 +77,12 @@ class CheckpointCandidate(Generic[Where]):
         return (self.record is not None, epoch, step, self.indexed, time, self.path.name)
 
 
-def read_index_or_warn(directory: str | Path,
-                       logger: logging.Logger) -> Mapping[str, IndexSection] | None:
+def read_index_or_warn(directory: str | Path, logger: logging.Logger,
+                       store: Store | None = None) -> Mapping[str, IndexSection] | None:
     """The retention index of ``directory`` (``None`` when it has none); an unreadable one is
-    a warning and ``None``."""
+    a warning and ``None``. ``store``: the object store of a URL ``directory``."""
     try:
-        return read_index(directory)
+        return read_index(directory, store)
     except CheckpointIndexError as error:
         logger.warning("%s; ranking the checkpoints by their own records instead", error)
         return None

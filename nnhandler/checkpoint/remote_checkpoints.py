@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import CheckpointError, ConfigurationError
-from .discovery import CheckpointCandidate, check_candidate, first_valid
+from .discovery import CheckpointCandidate, check_candidate, first_valid, read_index_or_warn
 from .format import Checkpoint
-from .index import INDEX_FILE
+from .index import INDEX_FILE, IndexSection
 from .integrity import TAIL_PREFETCH, IntegrityRecord, parse_integrity_record
 from .sharded import SHARDED_SUFFIX
 from .storage import URL, Store, store_for
@@ -96,9 +96,14 @@ def remote_integrity_record(store: Store, url: URL) -> IntegrityRecord:
     return parse_integrity_record(read_tail, size, str(url))
 
 
-def list_remote_checkpoints(store: Store, directory: URL) -> list[CheckpointCandidate[URL]]:
+def list_remote_checkpoints(store: Store, directory: URL,
+                            index: Mapping[str, IndexSection] | None = None,
+                            ) -> list[CheckpointCandidate[URL]]:
     """Every ``*.pth`` object directly in ``directory`` with its integrity record, newest
-    recorded epoch first, unreadable ones last with the reason (exported weights skipped)."""
+    recorded epoch first, unreadable ones last with the reason (exported weights skipped).
+    ``index``: the folder's retention index, as :func:`~.discovery.list_checkpoints` takes it."""
+    kept = {entry.name for section in (index or {}).values() for entry in section.checkpoints}
+    removing = {name for section in (index or {}).values() for name in section.removing}
     candidates: list[CheckpointCandidate[URL]] = []
     for entry in store.entries(directory):
         url = entry.location
@@ -106,16 +111,18 @@ def list_remote_checkpoints(store: Store, directory: URL) -> list[CheckpointCand
         if entry.is_dir or url.suffix != ".pth" or url.name.startswith(".") \
                 or is_temp_file(Path(url.name)) or url.name == INDEX_FILE:
             continue
+        marks = {"indexed": url.name in kept,
+                 "superseded": url.name in removing and url.name not in kept}
         try:
             record = remote_integrity_record(store, url)
         except FileNotFoundError:
             continue  # removed meanwhile
         except (CheckpointError, OSError) as error:
-            candidates.append(CheckpointCandidate(url, None, str(error)))
+            candidates.append(CheckpointCandidate(url, None, str(error), **marks))
             continue
         if record.get("kind", "checkpoint") != "checkpoint":
             continue
-        candidates.append(CheckpointCandidate(url, record, None))
+        candidates.append(CheckpointCandidate(url, record, None, **marks))
     return sorted(candidates, key=lambda c: c.rank, reverse=True)
 
 
@@ -131,7 +138,8 @@ def find_latest_valid_remote(directory: URL, logger: logging.Logger,
     """The newest checkpoint in ``directory`` that would load, or ``None``; damaged ones are
     skipped with a warning that says why."""
     store = store_for(directory, storage_options)
-    candidates = list_remote_checkpoints(store, directory)
+    candidates = list_remote_checkpoints(store, directory,
+                                         read_index_or_warn(directory, logger, store))
     for candidate in candidates:
         if candidate.record is None:
             logger.warning("skipping %s: %s", candidate.path, candidate.problem)
