@@ -17,7 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import end_to_end, load_cost, loop_overhead, save_cost, save_memory, step_trigger
+from . import (
+    end_to_end,
+    load_cost,
+    loop_overhead,
+    remote_upload,
+    save_cost,
+    save_memory,
+    step_trigger,
+)
 from ._common import Row, machine_details, machine_line, print_rows
 from .save_cost import bench_directory
 
@@ -41,6 +49,7 @@ SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
                                     epoch_seconds=1.0 if s.quick else 2.5,
                                     directory=s.directory),
     "memory": lambda s: save_memory.run(directory=s.directory),
+    "remote": lambda s: remote_upload.run(rounds=1 if s.quick else 5, directory=s.directory),
 }
 
 

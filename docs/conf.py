@@ -62,6 +62,7 @@ nitpick_ignore_regex = [
     (r"py:class", r"Unset|Parallelism|ShardedComponents|EventDispatcher|AutoSaveStateRecord|"
                   r"MidEpoch"),  # nnhandler.loop.MidEpoch: on_train_step_end's mid_epoch
     (r"py:class", r"Path|AbstractContextManager"),  # pathlib, contextlib (see above)
+    (r"py:class", r"URL"),  # nnhandler.checkpoint.storage.URL where a hint stays a string
     (r"py:func", r"local_cuda_index"),
 ]
 # short or private names that signatures use for public types

@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name impo
         MissingDependencyError,
         NoCheckpointFoundError,
         PluginError,
+        RemoteStorageError,
         UnresolvableReferenceError,
     )
     from .events import Event
@@ -78,6 +79,7 @@ _EXPORTS = {
     "MissingDependencyError": ".errors",
     "NoCheckpointFoundError": ".errors",
     "PluginError": ".errors",
+    "RemoteStorageError": ".errors",
     "UnresolvableReferenceError": ".errors",
     "Event": ".events",
     "NNHandler": ".handler",
@@ -121,6 +123,7 @@ __all__ = [
     "PluginError",
     "PluginRegistry",
     "PreemptionReport",
+    "RemoteStorageError",
     "RestoreResult",
     "Retention",
     "SavedCheckpoint",

@@ -49,6 +49,7 @@ from .checkpoint.background import BackgroundWriter, WriteOutcome
 from .checkpoint.envelope import build_meta, ensure_plain, envelope_of, write_checkpoint
 from .checkpoint.sharded import SHARDED_KEYS, SHARDED_SUFFIX, write_sharded_checkpoint
 from .checkpoint.snapshot import Snapshot, StagingBuffers
+from .checkpoint.storage import URL, location_of, store_for
 from .components.history import is_plain
 from .distributed import run_on_rank_zero
 from .errors import ConfigurationError
@@ -79,9 +80,10 @@ def emergency_name(reason: str, epoch: int, batches: int) -> str:
 @dataclass(frozen=True)
 class SavedCheckpoint:
     """A durable checkpoint: where, for which epoch, its size in bytes and the seconds its
-    write took."""
+    write took. ``path`` is a :class:`~nnhandler.checkpoint.storage.URL` (a ``str``) for a
+    checkpoint in object storage."""
 
-    path: Path
+    path: Path | URL
     epoch: int
     size: int
     seconds: float
@@ -110,7 +112,8 @@ class Checkpointer:
 
     # -- writing -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str],
-             logs: Mapping[str, Any] | None = None) -> SavedCheckpoint:
+             logs: Mapping[str, Any] | None = None, *,
+             storage_options: Mapping[str, Any] | None = None) -> SavedCheckpoint:
         """Write the complete checkpoint to ``path`` and return once it is durable, then
         announce it (``on_checkpoint_saved``). ``logs`` go into the file's ``meta`` (plain
         scalars only) and its integrity record; the default is ``trainer.last_logs`` (those of
@@ -119,10 +122,20 @@ class Checkpointer:
         A model with DTensor parameters (``trainer.sharded_checkpoints``) is written as a
         directory: ``path`` must end in ``.dcp``, every rank writes its own shards, and the
         directory appears only once it is complete.
+
+        ``path`` may be an fsspec URL (``s3://bucket/run/ep010.pth``; ``storage_options`` go to
+        fsspec, and without them the store's standard configuration applies, such as
+        ``AWS_ENDPOINT_URL`` and credentials from the environment): the file is written
+        locally with its CRC-32, then uploaded whole, so that no partial object is ever
+        visible under its name (docs page "Object storage"). Needs ``nnhandler[remote]``.
         """
         trainer = self._trainer
-        path = Path(path)
+        location = location_of(path)
         logs = dict(trainer.last_logs if logs is None else logs)
+        if isinstance(location, URL):
+            return self._save_remote(location, logs, storage_options)
+        store_for(location, storage_options)  # local: options would be a mistake
+        path = location
 
         def write() -> tuple[int, float]:
             _refuse_directory(path)  # checked on rank 0 only: other ranks may not share its disk
@@ -151,6 +164,30 @@ class Checkpointer:
         self.announce(saved)
         return saved
 
+    def _save_remote(self, url: URL, logs: dict[str, Any],
+                     storage_options: Mapping[str, Any] | None) -> SavedCheckpoint:
+        """:meth:`save` to a URL: written and uploaded on rank 0 while the other ranks wait
+        (its error, a timeout after bounded retries included, is raised on every rank)."""
+        trainer = self._trainer
+        if trainer.sharded_checkpoints:
+            raise ConfigurationError(
+                f"save path {str(url)!r}: a model with DTensor parameters is saved as a sharded "
+                "directory, which is not written to URLs yet; save it to a shared filesystem")
+
+        def write() -> tuple[int, float]:
+            from .checkpoint.remote_checkpoints import publish_checkpoint
+
+            started = time.perf_counter()
+            size = publish_checkpoint(url, lambda local: write_checkpoint(
+                local, trainer.state_registry.collect(), self.meta(logs)), storage_options)
+            return size, time.perf_counter() - started
+
+        with self._rng_gathered():
+            size, seconds = run_on_rank_zero(trainer.distributed, write)
+        saved = SavedCheckpoint(url, trainer.epoch, size, seconds)
+        self.announce(saved)
+        return saved
+
     def meta(self, logs: Mapping[str, Any]) -> dict[str, Any]:
         """The ``meta`` of a checkpoint written now: epoch, step, the plain scalars of
         ``logs``, world size, versions, time and the run's lineage."""
@@ -160,7 +197,7 @@ class Checkpointer:
                           world_size=trainer.distributed.world_size,
                           lineage=trainer.progress.lineage)
 
-    def snapshot(self, path: Path, logs: Mapping[str, Any],
+    def snapshot(self, path: Path | URL, logs: Mapping[str, Any],
                  staging: StagingBuffers) -> Snapshot | None:
         """The complete checkpoint (as :meth:`save` would write it to ``path``) copied into
         ``staging`` on rank 0, for a background write; ``None`` on the other ranks. Prefer
@@ -173,7 +210,8 @@ class Checkpointer:
         logs = dict(logs)
 
         def take() -> Snapshot:
-            _refuse_directory(path)
+            if isinstance(path, Path):
+                _refuse_directory(path)
             state, meta = trainer.state_registry.collect(), self.meta(logs)
             ensure_plain(state)
             ensure_plain(meta, "meta")
@@ -194,7 +232,7 @@ class Checkpointer:
 
 @dataclass(frozen=True)
 class _Pending:
-    path: Path
+    path: Path | URL
     epoch: int
 
 
@@ -217,7 +255,7 @@ class BackgroundSave:
         self._pending: _Pending | None = None
 
     @property
-    def in_flight(self) -> Path | None:
+    def in_flight(self) -> Path | URL | None:
         """The checkpoint being written whose outcome :meth:`settle` has not reported yet."""
         return None if self._pending is None else self._pending.path
 
@@ -226,20 +264,24 @@ class BackgroundSave:
         """The staging memory snapshots are copied into (``None`` before the first start)."""
         return None if self._writer is None else self._writer.staging
 
-    def start(self, trainer: Trainer, path: Path, epoch: int, logs: Mapping[str, Any], *,
-              after_commit: Callable[[], None] | None = None) -> None:
+    def start(self, trainer: Trainer, path: Path | URL, epoch: int, logs: Mapping[str, Any], *,
+              after_commit: Callable[[], None] | None = None,
+              storage_options: Mapping[str, Any] | None = None) -> None:
         """Snapshot the state (collective) and hand it to the writer thread on rank 0.
         ``after_commit`` runs in the writer thread once the file is durable (rank 0). An error
-        of the snapshot is raised on every rank and nothing is in flight then."""
+        of the snapshot is raised on every rank and nothing is in flight then. ``path`` may be
+        a URL (``storage_options`` for fsspec): the writer thread then writes a local staging
+        file and uploads it whole, so training waits for neither."""
         if self._pending is not None:
             raise RuntimeError(f"a background write of {self._pending.path} is in flight: "
                                "settle(wait=True) it first")
         if self._writer is None:
             self._writer = BackgroundWriter()
+        store = store_for(path, storage_options) if isinstance(path, URL) else None
         snapshot = trainer.checkpoints.snapshot(path, logs, self._writer.staging)
         self._pending = _Pending(path, epoch)
         if snapshot is not None:  # rank 0
-            self._writer.submit(path, epoch, snapshot, after_commit)
+            self._writer.submit(path, epoch, snapshot, after_commit, store=store)
 
     def settle(self, trainer: Trainer, *, wait: bool) -> SavedCheckpoint | None:
         """The write in flight once it is durable (``wait=False``: only if it already is;
@@ -324,7 +366,7 @@ class EmergencySaver(Protocol):
         ...
 
     @property
-    def emergency_directory(self) -> Path:
+    def emergency_directory(self) -> Path | URL:
         """Where the emergency checkpoints go (two savers may not share one)."""
         ...
 
@@ -332,7 +374,7 @@ class EmergencySaver(Protocol):
         """Settle any write in flight (collective); raise its failure if the policy says so."""
         ...
 
-    def save_emergency(self, trainer: Trainer, emergency: Emergency) -> Path | None:
+    def save_emergency(self, trainer: Trainer, emergency: Emergency) -> Path | URL | None:
         """Write the emergency checkpoint synchronously; its path, or ``None`` when none was
         written (a failure the saver reported)."""
         ...

@@ -7,7 +7,8 @@
                                     (an export() weights file is recognised as such)
     nnhandler inspect PATH [--json] epoch, logs, components (tensors, bytes), versions, config
 
-PATH may be a checkpoint file (``.pth``) or a sharded checkpoint directory (``.dcp``).
+PATH may be a checkpoint file (``.pth``) or a sharded checkpoint directory (``.dcp``); DIR and
+PATH may be URLs (``s3://bucket/run``, configured by the environment: docs/object-storage.md).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from .checkpoint.sharded import (
     describe_sharded,
     read_any_checkpoint,
 )
+from .checkpoint.storage import is_url
 from .errors import CheckpointCorruptedError, CheckpointError
 
 __all__ = ["main"]
@@ -173,6 +175,10 @@ def verify_path(path: str) -> dict[str, Any]:
     ``invalid`` — checksums match but it would not load —, ``not-a-checkpoint`` — e.g. a plain
     ``torch.save`` file, which carries no checksum —, ``missing``) and ``epoch`` or
     ``error``. Never raises for a bad file."""
+    if is_url(path):  # object storage (docs/object-storage.md): a complete copy, checked here
+        from .remote_cli import verify_url
+
+        return verify_url(path, verify_path)
     target = Path(path)
     try:
         if not os.path.lexists(target):
@@ -431,7 +437,8 @@ def _natural_width(table: Table) -> int:
 
 
 def _list(directory: str, console: Console, as_json: bool, verify: bool) -> int:
-    if not Path(directory).is_dir():
+    remote = is_url(directory)  # object storage (docs/object-storage.md)
+    if not remote and not Path(directory).is_dir():
         Console(stderr=True).print(f"[red]error:[/red] {directory!r} is not a directory")
         return 1
     errors = Console(stderr=True)
@@ -439,13 +446,21 @@ def _list(directory: str, console: Console, as_json: bool, verify: bool) -> int:
     handler = _ConsoleWarnings(errors)
     logger.addHandler(handler)
     try:
-        rows = list_directory(directory, verify=verify, logger=logger)
+        if remote:
+            from .remote_cli import list_url
+
+            rows = list_url(directory, verify=verify, keys=LIST_METRICS, logger=logger)
+        else:
+            rows = list_directory(directory, verify=verify, logger=logger)
+    except (CheckpointError, OSError, ValueError) as error:  # a store that cannot be reached
+        Console(stderr=True).print(f"[red]error:[/red] {error}")
+        return 1
     finally:
         logger.removeHandler(handler)
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
     else:
-        if not (Path(directory) / INDEX_FILE).exists():
+        if not remote and not (Path(directory) / INDEX_FILE).exists():
             console.print(f"(no retention index {INDEX_FILE} in {directory})")
         _print_listing(console, directory, rows, verify)
     return 0 if all(row["valid"] for row in rows) else 1

@@ -15,11 +15,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from .checkpoint.storage import URL, location_of
 from .errors import ConfigurationError
 from .logging import LoggingMode
 from .naming import validate_template
@@ -37,13 +39,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid", defer_build=True)
 
 
+def _save_location(value: Any) -> Path | URL:
+    """``save_path``: a ``Path``, or a :class:`~nnhandler.checkpoint.storage.URL` for
+    ``scheme://…`` (``file://`` is a local path)."""
+    if isinstance(value, (str, os.PathLike)):
+        return location_of(value)
+    raise ValueError(f"save_path={value!r}: give a directory path (str or os.PathLike) or a "
+                     "URL such as 's3://bucket/run'")
+
+
 class AutoSaveConfig(_Strict):
     """Configuration of an :class:`~nnhandler.AutoSaveCallback` (see its docstring for rules)."""
 
     interval: int | None = None
     every_n_steps: Annotated[int, Field(ge=1)] | None = None
     every_seconds: Annotated[float, Field(strict=False)] | None = None
-    save_path: Annotated[Path, Field(strict=False)] = Path(".")
+    #: a directory, or an fsspec URL (``s3://bucket/run``: see docs/object-storage.md)
+    save_path: Annotated[Path | URL, PlainValidator(_save_location)] = Path(".")
     name: str = "model_epoch{epoch:02d}"
     overwrite: bool = False
     on_save_error: SaveErrorPolicy = "warn"
@@ -56,6 +68,9 @@ class AutoSaveConfig(_Strict):
     keep_every_n_steps: Annotated[int, Field(ge=1)] | None = None
     save_on_signal: bool | tuple[str, ...] = False
     save_on_exception: bool = False
+    #: passed to fsspec for a URL ``save_path``; never saved in a checkpoint (it may hold
+    #: credentials)
+    storage_options: Annotated[dict[str, Any], Field(strict=False)] | None = None
 
     @field_validator("save_on_signal", mode="before")
     @classmethod
@@ -89,8 +104,8 @@ class AutoSaveConfig(_Strict):
 
     @field_validator("save_path")
     @classmethod
-    def _save_path_rule(cls, value: Path) -> Path:
-        if value.exists() and not value.is_dir():
+    def _save_path_rule(cls, value: Path | URL) -> Path | URL:
+        if isinstance(value, Path) and value.exists() and not value.is_dir():
             raise ValueError(f"save_path {str(value)!r} exists and is not a directory")
         return value
 
@@ -399,6 +414,7 @@ class ResumeCall(_Strict):
 
     path: Any
     verify: bool = True
+    storage_options: Annotated[dict[str, Any], Field(strict=False)] | None = None
 
     @field_validator("path", mode="before")
     @classmethod
@@ -430,6 +446,8 @@ class LoadOptions(_Strict):
     parallelism: Parallelism | None = None
     fsdp_units: tuple[Any, ...] | None = None
     compile_model: bool | dict[str, Any] | None = None
+    #: fsspec's options for a checkpoint at a URL (docs page "Object storage")
+    storage_options: dict[str, Any] | None = None
     # ``device`` is checked by the handler (availability included); it is accepted here so
     # that load_latest can check all of its keyword arguments at once
     device: Any = None

@@ -18,6 +18,7 @@ __all__ = [
     "MissingDependencyError",
     "NoCheckpointFoundError",
     "PluginError",
+    "RemoteStorageError",
     "UnresolvableReferenceError",
 ]
 
@@ -78,3 +79,10 @@ class UnresolvableReferenceError(CheckpointError):
 class CheckpointIndexError(CheckpointError):
     """The retention index of an auto-save directory (``nnhandler-index.json``) cannot be read:
     missing permissions, damaged JSON, a wrong structure or a newer format version."""
+
+
+class RemoteStorageError(OSError):
+    """An operation on object storage (an ``s3://``, ``gs://`` … URL) failed after its bounded
+    retries, or ran past its deadline; the message names the operation, the URL, the attempts
+    and the last error. Being an ``OSError``, a failed save follows ``on_save_error`` like a
+    disk error."""

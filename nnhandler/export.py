@@ -5,18 +5,21 @@ ready for ``model.load_state_dict(...)`` on the user's own model — no nnhandle
 wrapper prefixes (``module.`` of DDP or of the EMA's ``AveragedModel``, ``_orig_mod.`` of
 ``torch.compile``), no EMA bookkeeping (``n_averaged``). The file also carries nnhandler's
 integrity record, of kind ``"export"``: ``nnhandler verify`` checks its CRC-32 and says what it
-is, and ``load_latest`` never takes it for a checkpoint.
+is, and ``load_latest`` never takes it for a checkpoint. ``path`` may be an fsspec URL: the file
+is written locally and published whole, as a checkpoint is (:mod:`.checkpoint.remote`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .checkpoint.envelope import write_with_record
+from .checkpoint.storage import URL, location_of, store_for
 from .components import unwrap_model
 from .distributed import run_on_rank_zero
 from .errors import ConfigurationError
@@ -44,15 +47,24 @@ def model_weights(handler: NNHandler, ema: bool = False) -> dict[str, torch.Tens
             unwrap_model(module).state_dict().items()}
 
 
-def export_weights(handler: NNHandler, path: str | os.PathLike[str], ema: bool = False) -> Path:
+def export_weights(handler: NNHandler, path: str | os.PathLike[str], ema: bool = False,
+                   storage_options: Mapping[str, Any] | None = None) -> Path | URL:
     """Write :func:`model_weights` to ``path`` atomically (rank 0 under DDP; every rank returns
-    once the file is there, or raises rank 0's error)."""
-    target = Path(path)
-    if target.is_dir():
+    once the file is there, or raises rank 0's error). A URL (``storage_options`` for fsspec)
+    is written to a local staging file and uploaded whole: never visible partially."""
+    target = location_of(path)
+    store = store_for(target, storage_options)  # local: options are refused, naming them
+    if isinstance(target, Path) and target.is_dir():
         raise ConfigurationError(f"export path {str(target)!r} is a directory")
     weights = model_weights(handler, ema)
 
     def write() -> None:
+        if isinstance(target, URL):  # rank 0 alone asks the store
+            if store.is_dir(target):
+                raise ConfigurationError(f"export path {str(target)!r} is a directory")
+            store.publish(target, lambda local: write_with_record(local, weights,
+                                                                  {"kind": "export"}))
+            return
         target.parent.mkdir(parents=True, exist_ok=True)
         write_with_record(target, weights, {"kind": "export"})
 

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from .callbacks import AutoSaveCallback, Callback
 from .callbacks.autosave_options import AutoSaveOptions, auto_save_config
+from .checkpoint.storage import URL
 from .checkpointing import Checkpointer
 from .compat import ModelCalls, constructor_keywords
 from .components import EpochPosition, History, ModelState, Progress, RNGState
@@ -420,7 +421,8 @@ class NNHandler(HistoryViews, ModelCalls):
         return self._training.train(call, changes)
 
     # ------------------------------------------------------------------ saving ---------------
-    def save(self, path: str | os.PathLike[str], logs: Mapping[str, Any] | None = None) -> Path:
+    def save(self, path: str | os.PathLike[str], logs: Mapping[str, Any] | None = None, *,
+             storage_options: Mapping[str, Any] | None = None) -> Path | URL:
         """Write the complete checkpoint to ``path`` and return once it is durable.
 
         Under DDP every rank calls it: rank 0 writes, the others wait, and an error on rank 0 is
@@ -431,45 +433,31 @@ class NNHandler(HistoryViews, ModelCalls):
         a directory through ``torch.distributed.checkpoint``: every rank writes its own shards,
         and the directory appears under ``path`` (which must end in ``.dcp``) only once it is
         complete. ``save_path`` must then be on a filesystem that every rank shares.
+
+        ``path`` may be an fsspec URL (``s3://bucket/run/ep010.pth``, ``memory://…``) with
+        ``storage_options`` for fsspec; it is uploaded whole once written (docs page "Object
+        storage"; needs ``nnhandler[remote]``), and the returned path is then that URL.
         """
-        return self._checkpoints.save(path, logs).path
+        return self._checkpoints.save(path, logs, storage_options=storage_options).path
 
     def state_dict(self) -> dict[str, Any]:
         """``{state_key: state}`` of every provider: exactly what a checkpoint's ``state`` holds."""
         return self._registry.collect()
 
-    # ------------------------------------------------------------------ plots and export -----
-    def export(self, path: str | os.PathLike[str], ema: bool = False) -> Path:
+    # ------------------------------------------------ export (the plots: HistoryViews) -----
+    def export(self, path: str | os.PathLike[str], ema: bool = False, *,
+               storage_options: Mapping[str, Any] | None = None) -> Path | URL:
         """Write the model's weights alone as a plain state dict (CPU tensors), atomically.
 
         ``ema=True`` exports the EMA weights (an error when there is no EMA). The file loads into
         your own model with plain torch, without nnhandler:
         ``model.load_state_dict(torch.load(path, weights_only=True))``. Wrapper prefixes (DDP,
         ``torch.compile``, the EMA's ``AveragedModel``) and ``n_averaged`` are not in it.
+        ``path`` may be an fsspec URL (``storage_options`` for fsspec), uploaded whole.
         """
         from .export import export_weights
 
-        return export_weights(self, path, ema)
-
-    def plot_losses(self, path: str | os.PathLike[str] | None = None, *,
-                    log_y_scale: bool = False, show: bool = False) -> Any:
-        """Plot training and validation loss per epoch (needs ``nnhandler[plot]``): a PNG at
-        ``path`` (returns the path), else the matplotlib ``Figure`` (a notebook displays it);
-        ``show=True`` also shows it through pyplot. The original NNHandler's
-        ``plot_losses(True)`` (its ``log_y_scale``) is taken, with a ``DeprecationWarning``."""
-        from .plotting import plot_losses
-
-        return plot_losses(self, path, log_y_scale=log_y_scale, show=show)
-
-    def plot_metrics(self, path: str | os.PathLike[str] | None = None,
-                     names: Iterable[str] | None = None, *, log_y_scale: bool = False,
-                     show: bool = False) -> Any:
-        """Plot each metric (training and validation) per epoch, one panel per metric
-        (``names`` selects some); the rest as :meth:`plot_losses`."""
-        from .plotting import plot_metrics
-
-        return plot_metrics(self, path, None if names is None else list(names),
-                            log_y_scale=log_y_scale, show=show)
+        return export_weights(self, path, ema, storage_options)
 
     def _sharded_components(self, *, with_optimizer: bool) -> ShardedComponents:
         from .checkpoint.dcp_state import ShardedComponents
@@ -507,6 +495,7 @@ class NNHandler(HistoryViews, ModelCalls):
         compile_model: bool | Mapping[str, Any] | None = None,
         train_data: Dataset[Any] | None = None,
         val_data: Dataset[Any] | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> NNHandler:
         """Rebuild a handler from a checkpoint, ready to resume with :meth:`train`.
 
@@ -540,6 +529,10 @@ class NNHandler(HistoryViews, ModelCalls):
         world size may differ from the saving run's where DCP can reshard (FSDP2 can), with a
         warning that the run cannot then equal an uninterrupted one exactly. In one process,
         ``parallelism="none"`` reads a sharded checkpoint into a plain model.
+
+        ``path`` may be an fsspec URL (``s3://bucket/run/ep010.pth``) with ``storage_options``
+        for fsspec (without them: the store's standard configuration, e.g. ``AWS_ENDPOINT_URL``
+        and credentials from the environment); a complete copy is read and always verified.
         """
         plan = plan_load(path, device, {
             "skip_optimizer": skip_optimizer, "skip_scheduler": skip_scheduler,
@@ -548,7 +541,8 @@ class NNHandler(HistoryViews, ModelCalls):
             "strict": strict, "verify": verify, "logger_mode": logger_mode, "log_file": log_file,
             "use_distributed": use_distributed, "parallelism": parallelism,
             "fsdp_units": fsdp_units, "compile_model": compile_model,
-            "train_data": train_data, "val_data": val_data})
+            "train_data": train_data, "val_data": val_data,
+            "storage_options": storage_options})
         arguments = dict(plan.handler_arguments)
         handler = cls(arguments.pop("model_class"), device=plan.device, logger_mode=logger_mode,
                       log_file=log_file, use_distributed=plan.context.enabled, **arguments)
@@ -572,7 +566,8 @@ class NNHandler(HistoryViews, ModelCalls):
         """
         return load_latest(cls.load, save_path, load_arguments)
 
-    def resume_from(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
+    def resume_from(self, path: str | os.PathLike[str], *, verify: bool = True,
+                    storage_options: Mapping[str, Any] | None = None) -> None:
         """Restore this configured handler's state from a checkpoint, in place.
 
         For restartable scripts that build the handler themselves: everything with a state
@@ -584,8 +579,11 @@ class NNHandler(HistoryViews, ModelCalls):
         replaces every param group's ``lr``, ``weight_decay``, ``betas`` …): where the
         checkpoint's run was configured with other values than this handler's
         ``set_optimizer`` call, a warning names each one, before and after.
+
+        ``path`` may be an fsspec URL (``s3://bucket/run/ep010.pth``) with ``storage_options``
+        for fsspec; it is then always verified (docs page "Object storage").
         """
-        self._restorer.resume_from(path, verify)
+        self._restorer.resume_from(path, verify, storage_options)
 
     def _adopt_own_autosave(self, own_key: str | None) -> None:
         """The file's record of which auto-saver was this handler's :meth:`auto_save` one."""

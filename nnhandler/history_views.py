@@ -5,15 +5,21 @@ from the handler's :class:`~nnhandler.components.History` and
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 from .components import History, Progress
+
+if TYPE_CHECKING:
+    from .handler import NNHandler
 
 __all__ = ["HistoryViews"]
 
 
 class HistoryViews:
-    """Mixed into :class:`~nnhandler.NNHandler`; reads only ``history_state`` and ``progress``."""
+    """Mixed into :class:`~nnhandler.NNHandler`; reads only ``history_state`` and ``progress``
+    (the plots hand the handler to :mod:`nnhandler.plotting`)."""
 
     history_state: History
     progress: Progress
@@ -52,3 +58,26 @@ class HistoryViews:
     def global_step(self) -> int:
         """Number of optimizer steps taken (absolute, across resumes)."""
         return self.progress.step
+
+    def plot_losses(self, path: str | os.PathLike[str] | None = None, *,
+                    log_y_scale: bool = False, show: bool = False) -> Any:
+        """Plot training and validation loss per epoch (needs ``nnhandler[plot]``): a PNG at
+        ``path`` (returns the path), else the matplotlib ``Figure`` (a notebook displays it);
+        ``show=True`` also shows it through pyplot. The original NNHandler's
+        ``plot_losses(True)`` (its ``log_y_scale``) is taken, with a ``DeprecationWarning``."""
+        from .plotting import plot_losses
+
+        return plot_losses(self._plotted(), path, log_y_scale=log_y_scale, show=show)
+
+    def plot_metrics(self, path: str | os.PathLike[str] | None = None,
+                     names: Iterable[str] | None = None, *, log_y_scale: bool = False,
+                     show: bool = False) -> Any:
+        """Plot each metric (training and validation) per epoch, one panel per metric
+        (``names`` selects some); the rest as :meth:`plot_losses`."""
+        from .plotting import plot_metrics
+
+        return plot_metrics(self._plotted(), path, None if names is None else list(names),
+                            log_y_scale=log_y_scale, show=show)
+
+    def _plotted(self) -> NNHandler:
+        return cast("NNHandler", self)  # HistoryViews is mixed into NNHandler only

@@ -284,6 +284,10 @@ def name_limit(directory: str | os.PathLike[str]) -> int:
     Raises :class:`~nnhandler.ConfigurationError` for a filesystem whose names are too short to
     hold even a clipped checkpoint name.
     """
+    from .checkpoint.storage import URL, location_of
+
+    if isinstance(location_of(directory), URL):
+        return MAX_NAME_BYTES  # an object key (S3: up to 1024 bytes)
     path = Path(directory)
     existing = next((p for p in (path, *path.parents) if p.is_dir()), None)
     pathconf = getattr(os, "pathconf", None)  # absent on Windows

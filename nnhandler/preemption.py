@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .checkpoint.storage import URL, same_location
 from .checkpointing import EXCEPTION, PREEMPTED, Emergency, EmergencySaver, emergency_name
 from .components.position import EpochPosition, PartialEpoch, pending_grads_of
 from .distributed import PipelinedAgreement, side_group
@@ -67,7 +68,8 @@ class PreemptionReport:
     signal: str
     epoch: int
     batches: int
-    paths: tuple[Path, ...]
+    #: a URL (a ``str``) for a checkpoint in object storage
+    paths: tuple[Path | URL, ...]
 
 
 def emergency_savers(callbacks: Iterable[object]) -> list[EmergencySaver]:
@@ -190,7 +192,7 @@ class PreemptionGuard:
             return None
         for index, saver in enumerate(savers):
             for other in savers[:index]:
-                if saver.emergency_directory.resolve() == other.emergency_directory.resolve():
+                if same_location(saver.emergency_directory, other.emergency_directory):
                     raise ConfigurationError(
                         f"{other!r} and {saver!r} would both write emergency checkpoints into "
                         f"{str(saver.emergency_directory)!r}: enable save_on_signal / "

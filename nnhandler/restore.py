@@ -37,6 +37,7 @@ from .checkpoint.sharded import (
     load_sharded_state,
     read_any_checkpoint,
 )
+from .checkpoint.storage import is_url
 from .components import EpochPosition, ModelState, RNGState
 from .config import LoadOptions, ResumeCall, validate_call
 from .devices import parse_device, resolve_device
@@ -85,10 +86,13 @@ def check_checkpoint_path(path: Any, call: str) -> None:
 
 # -- choosing the file -------------------------------------------------------------------------
 def latest_checkpoint(directory: str | os.PathLike[str], context: DistributedContext,
-                      logger: logging.Logger) -> str | None:
+                      logger: logging.Logger,
+                      storage_options: Mapping[str, Any] | None = None) -> str | None:
     """The newest valid checkpoint in ``directory`` (see ``NNHandler.load_latest``), chosen
-    by rank 0 and the same on every rank; ``None`` when there is none."""
-    found = find_latest_valid(Path(directory), logger) if context.is_main else None
+    by rank 0 and the same on every rank; ``None`` when there is none. ``directory`` may be
+    a URL (``storage_options`` for fsspec)."""
+    found = (find_latest_valid(directory, logger, storage_options=storage_options)
+             if context.is_main else None)
     return context.broadcast_object(str(found) if found is not None else None)
 
 
@@ -105,7 +109,8 @@ def load_latest(load: Callable[..., Loaded], save_path: str | os.PathLike[str],
                                        parse_device(load_arguments.get("device")))
     load_arguments.setdefault("verify", False)  # verified while choosing it
     for _attempt in range(_CHOICES_BEFORE_GIVING_UP):
-        latest = latest_checkpoint(save_path, context, _LOGGER)
+        latest = latest_checkpoint(save_path, context, _LOGGER,
+                                   load_arguments.get("storage_options"))
         if latest is None:
             break
         try:
@@ -114,7 +119,7 @@ def load_latest(load: Callable[..., Loaded], save_path: str | os.PathLike[str],
             # another job's retention may remove the chosen file before we open it; in
             # one process that is seen here alone, so choose again (under DDP the ranks
             # could disagree about it: the error stands)
-            if context.enabled or os.path.lexists(latest):
+            if context.enabled or os.path.lexists(latest) or is_url(latest):
                 raise
             _LOGGER.info("%s was removed while it was being loaded; choosing again", latest)
     raise NoCheckpointFoundError(f"no valid checkpoint in {str(save_path)!r}")
@@ -356,7 +361,8 @@ def plan_load(path: str | os.PathLike[str], device: Any, arguments: dict[str, An
     context = DistributedContext.setup(arguments["use_distributed"], parse_device(device))
     map_device = resolve_device(device, context)
     checkpoint = read_any_checkpoint(path, map_location=map_device, verify=arguments["verify"],
-                                     context=context)
+                                     context=context,
+                                     storage_options=arguments.get("storage_options"))
     config = check_config(checkpoint.state.get("config"), str(checkpoint.path))
     constructor = handler_arguments(
         config, path, model_class=arguments["model_class"],
@@ -426,13 +432,16 @@ class Restorer:
                 "record: a lambda, a closure or a function defined inside another; a "
                 "module-level function or an nn.Module loss is restored by load)")
 
-    def resume_from(self, path: str | os.PathLike[str], verify: bool) -> None:
+    def resume_from(self, path: str | os.PathLike[str], verify: bool,
+                    storage_options: Mapping[str, Any] | None = None) -> None:
         """:meth:`NNHandler.resume_from`: every state is checked before any is applied, so a
         failure changes nothing."""
         handler, training = self.handler, self.training
-        validate_call(ResumeCall, "resume_from", {"path": path, "verify": verify})
+        validate_call(ResumeCall, "resume_from", {"path": path, "verify": verify,
+                                                  "storage_options": storage_options})
         checkpoint = read_any_checkpoint(path, map_location=handler.device, verify=verify,
-                                         context=handler.distributed)
+                                         context=handler.distributed,
+                                         storage_options=storage_options)
         config = check_config(checkpoint.state.get("config"), str(checkpoint.path))
         if "optimizer" in checkpoint.state and config.optimizer is not None:
             replaced = self.optimization.replaced_settings(

@@ -218,12 +218,14 @@ class Training:
             raise ConfigurationError("train(resume='latest') looks in the auto-save directory; "
                                      "call auto_save(...) first or pass resume=<path>")
         directory = saver.config.save_path
-        latest = latest_checkpoint(directory, handler.distributed, handler.logger)
+        options = saver.config.storage_options  # a URL save_path's
+        latest = latest_checkpoint(directory, handler.distributed, handler.logger, options)
         if latest is None:
             handler.logger.info("resume='latest': no valid checkpoint in %s; starting fresh",
                                 directory)
             return
-        handler.resume_from(latest, verify=False)  # verified while choosing it
+        handler.resume_from(latest, verify=False,  # verified while choosing it
+                            storage_options=options)
 
     def target_epoch(self, epochs: int | None, until_epoch: int | None) -> int:
         """The absolute epoch a call trains to (its arguments checked by :class:`TrainCall`)."""

@@ -33,3 +33,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     launcher = sys.modules.get("dist_testing")
     if launcher is not None:
         launcher.current_test = item
+
+
+# -- object storage (issue 15): moto's S3 server for the session, a bucket per test ------------
+from s3_testing import s3_bucket, s3_endpoint, silent_endpoint  # noqa: E402, F401

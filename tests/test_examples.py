@@ -39,7 +39,27 @@ def test_every_example_is_covered() -> None:
         "fsdp_sharded.py",  # run under torchrun in tests/test_sharded_checkpoint.py
         "custom_saver.py", "mnist_basic.py",
         "long_epoch_steps.py",  # killed and resumed by tests/test_step_sigkill.py
+        "remote_checkpoints.py",
     }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["own", "session"], ids=["starts-moto", "endpoint"])
+def test_remote_checkpoints_example_saves_resumes_and_exports_on_s3(
+        server: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The example against S3: the moto server it starts itself (its default command), and
+    the session's server given as ``--endpoint`` (a user's MinIO, say)."""
+    arguments: list[str] = []
+    if server == "session":
+        arguments = ["--endpoint", request.getfixturevalue("s3_endpoint"),
+                     "--bucket", request.getfixturevalue("s3_bucket")]
+    stdout = run_example(ROOT / "examples" / "remote_checkpoints.py", *arguments, cwd=tmp_path)
+    assert "first run: 3 epochs, objects ['ep002.pth', 'ep003.pth', 'nnhandler-index.json']" \
+        in stdout
+    assert re.search(r"\*\s+ep003\.pth\s+3\s+24 .* valid\s+latest 1/2", stdout), stdout
+    assert ("second run resumed: epoch 5, 5 epochs of history, objects ['ep004.pth', "
+            "'ep005.pth', 'nnhandler-index.json']") in stdout
+    assert "plain torch loads it, same weights as epoch 5: True" in stdout
 
 
 @pytest.mark.slow

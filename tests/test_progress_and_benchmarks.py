@@ -14,7 +14,15 @@ from nnh_testing import make_handler
 from rich.console import Console
 
 import benchmarks.__main__ as benchmarks_main
-from benchmarks import end_to_end, load_cost, loop_overhead, save_cost, save_memory, step_trigger
+from benchmarks import (
+    end_to_end,
+    load_cost,
+    loop_overhead,
+    remote_upload,
+    save_cost,
+    save_memory,
+    step_trigger,
+)
 from benchmarks._common import Row
 from nnhandler.logging import TrainingProgress
 
@@ -129,6 +137,7 @@ TINY_SECTIONS: dict[str, Callable[[Path], list[Row]]] = {
     "e2e": lambda where: end_to_end.run(rounds=1, epochs=2, epoch_seconds=0.02, width=16,
                                         hidden=32, directory=where),
     "memory": lambda where: save_memory.run(megabytes=2, counts=(20,), directory=where),
+    "remote": lambda where: remote_upload.run(rounds=1, megabytes=2, directory=where),
 }
 
 

@@ -16,6 +16,7 @@ from ..checkpoint.removal import RemovalGuard
 from ..checkpoint.retention import Retention, RetentionPlan, RetentionRules
 from ..checkpoint.schema import validate
 from ..checkpoint.sharded import checkpoint_size, sharded_name
+from ..checkpoint.storage import URL, same_location
 from ..checkpointing import BackgroundSave, Emergency
 from ..config import AutoSaveConfig
 from ..distributed import run_on_rank_zero
@@ -33,6 +34,7 @@ from .autosave_files import (
     remove_previous,
     remove_superseded,
     resume_retention,
+    save_through_seam,
     warn_about_name,
     warn_if_disk_is_short,
 )
@@ -63,7 +65,7 @@ class _BackgroundSave:
     """An auto-save being written in the background, and the bookkeeping to restore should the
     write fail."""
 
-    path: Path
+    path: Path | URL
     epoch: int
     previous: _Bookkeeping
     retention: RetentionPlan | None = None
@@ -79,7 +81,9 @@ class AutoSaveCallback(Callback):
             the last epoch of each ``train`` call (also when the call stops early). Anything
             else, including ``"5"``, ``2.0`` and ``True``, is a validation error.
         save_path: directory for the files; rank 0 creates it (with parents) at the first save.
-            An existing path that is not a directory is a ``ValueError``.
+            An existing path that is not a directory is a ``ValueError``. An fsspec URL
+            (``s3://bucket/run``; keyword ``storage_options``) keeps every rule on a store
+            (docs page "Object storage").
         name: ``str.format`` template filled with the logs: at an epoch's end ``epoch``,
             ``loss``, ``val_loss``, each metric and ``val_<metric>``, keys added by callbacks,
             ``step`` (the global optimizer step) and ``batch`` (the epoch's batches); inside an
@@ -170,7 +174,8 @@ class AutoSaveCallback(Callback):
     # -- configuration -------------------------------------------------------------------------
     @staticmethod
     def key_for(config: AutoSaveConfig) -> str:
-        directory = Path(os.path.normpath(config.save_path)).as_posix()
+        directory = (config.save_path if isinstance(config.save_path, URL)
+                     else Path(os.path.normpath(config.save_path)).as_posix())
         return f"{AUTOSAVE_KEY_PREFIX}{directory}/{config.name}"
 
     @property
@@ -180,7 +185,7 @@ class AutoSaveCallback(Callback):
     def writes_same_files_as(self, other: AutoSaveCallback) -> bool:
         """True when both would write the same files (same directory on disk, same name)."""
         return (self.config.name == other.config.name
-                and self.config.save_path.resolve() == other.config.save_path.resolve())
+                and same_location(self.config.save_path, other.config.save_path))
 
     def check_registration(self, callbacks: Sequence[Callback]) -> None:
         """Refuse to join ``callbacks`` beside an auto-saver that writes the same files under
@@ -229,7 +234,7 @@ class AutoSaveCallback(Callback):
         return self._background
 
     @property
-    def write_in_flight(self) -> Path | None:
+    def write_in_flight(self) -> Path | URL | None:
         """The checkpoint being written in the background and not yet reported, if any."""
         return self._background.in_flight
 
@@ -318,7 +323,7 @@ class AutoSaveCallback(Callback):
 
     # -- saving --------------------------------------------------------------------------------
     def path_for(self, logs: dict[str, Any], *,
-                 sharded: bool = False) -> tuple[Path, RenderedName]:
+                 sharded: bool = False) -> tuple[Path | URL, RenderedName]:
         """Where the checkpoint for ``logs`` goes, and the rendered name (with the template
         keys missing from the logs and, for a name clipped to the filesystem's limit, the full
         name). ``sharded``: the name of a sharded checkpoint directory (``….dcp``)."""
@@ -327,7 +332,7 @@ class AutoSaveCallback(Callback):
         return self.config.save_path / file_name, rendered
 
     def save_now(self, handler: Trainer, epoch: int, logs: dict[str, Any], *,
-                 batch: int | None = None) -> Path | None:
+                 batch: int | None = None) -> Path | URL | None:
         """Write a checkpoint for ``epoch`` now, then apply the ``overwrite`` or retention rules
         (``batch``: inside the epoch after ``epoch``, after that many batches; ``logs`` are
         then the running ones of ``MidEpoch.recorded()``, see ``nnhandler.loop``). A scheduled save:
@@ -363,8 +368,8 @@ class AutoSaveCallback(Callback):
         return f"the previous checkpoint {self.last_saved_path} is intact"
 
     def _save(self, handler: Trainer, epoch: int, logs: dict[str, Any], *,
-              path: Path | None = None, synchronous: bool = False,
-              batch: int | None = None) -> Path:
+              path: Path | URL | None = None, synchronous: bool = False,
+              batch: int | None = None) -> Path | URL:
         """Save under this callback's bookkeeping: to the scheduled name for ``logs``, or to
         ``path`` (emergency checkpoints); ``synchronous`` even with ``async_save``;
         ``batch``: inside an epoch (see :meth:`save_now`)."""
@@ -377,7 +382,8 @@ class AutoSaveCallback(Callback):
             path, rendered = self.path_for(fields, sharded=handler.sharded_checkpoints)
         warn_about_name(self.config, handler, rendered, epoch, logs, path, self._reported_keys,
                         mid_epoch=batch is not None)
-        chosen = own_target(handler, path, warn=not self._told_name_taken)
+        chosen = own_target(handler, path, warn=not self._told_name_taken,
+                            storage_options=self.config.storage_options)
         self._told_name_taken = self._told_name_taken or chosen != path
         path = chosen
         if handler.distributed.is_main:
@@ -396,13 +402,13 @@ class AutoSaveCallback(Callback):
             if self.config.async_save and not synchronous:
                 self._save_in_background(handler, path, epoch, logs, previous, plan)
                 return path
-            handler.checkpoints.save(path, logs)
+            save_through_seam(handler, path, logs, self.config.storage_options)
         except BaseException:
             self._roll_back(previous, plan)
             raise
         if plan is not None and handler.distributed.is_main:
             self._commit_retention(handler, plan)
-        if handler.distributed.is_main:
+        if handler.distributed.is_main and isinstance(path, Path):
             with contextlib.suppress(OSError):  # only feeds the free-space warning
                 self._last_size = checkpoint_size(path)
         if self.config.overwrite:
@@ -426,7 +432,7 @@ class AutoSaveCallback(Callback):
         self.flush(handler)
         self.schedule.waits.add(time.perf_counter() - started)
 
-    def _save_in_background(self, handler: Trainer, path: Path, epoch: int,
+    def _save_in_background(self, handler: Trainer, path: Path | URL, epoch: int,
                             logs: dict[str, Any], previous: _Bookkeeping,
                             plan: RetentionPlan | None = None) -> None:
         """Snapshot the state (collective) and hand it to the writer thread (rank 0)."""
@@ -437,7 +443,8 @@ class AutoSaveCallback(Callback):
                                              self._guard(handler))
         elif plan is not None:  # index, then removals: in the writer thread, once durable
             after_commit = functools.partial(self._commit_retention, handler, plan)
-        self._background.start(handler, path, epoch, logs, after_commit=after_commit)
+        self._background.start(handler, path, epoch, logs, after_commit=after_commit,
+                               storage_options=self.config.storage_options)
         self._in_flight = _BackgroundSave(path, epoch, previous, plan)
 
     def flush(self, handler: Trainer) -> None:
@@ -503,10 +510,10 @@ class AutoSaveCallback(Callback):
         return self.config.save_on_exception
 
     @property
-    def emergency_directory(self) -> Path:
+    def emergency_directory(self) -> Path | URL:
         return self.config.save_path
 
-    def save_emergency(self, handler: Trainer, emergency: Emergency) -> Path | None:
+    def save_emergency(self, handler: Trainer, emergency: Emergency) -> Path | URL | None:
         """Write the emergency checkpoint ``emergency.file_name`` into ``save_path``
         synchronously, under this callback's bookkeeping (overwrite lineage, retention,
         ``on_checkpoint_saved``), after its background write in flight has been settled.

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..checkpoint.removal import RemovalGuard, distinct_target, remove_stale_temp_files
 from ..checkpoint.retention import Retention, RetentionPlan, RetentionRules
+from ..checkpoint.storage import URL, location_of, store_for
 from ..config import AutoSaveConfig
 from ..distributed import run_on_rank_zero
 from ..errors import ConfigurationError
@@ -43,6 +44,7 @@ __all__ = [
     "removal_guard",
     "remove_previous",
     "resume_retention",
+    "save_through_seam",
     "warn_about_name",
     "warn_if_disk_is_short",
 ]
@@ -52,7 +54,13 @@ def removal_guard(config: AutoSaveConfig, handler: Trainer,
                   earlier_templates: tuple[str, ...]) -> RemovalGuard:
     """The confinement of an auto-saver's removals: its current folder and name template (and
     the ones it was configured with before), the run's lineage (see
-    :mod:`nnhandler.checkpoint.removal`)."""
+    :mod:`nnhandler.checkpoint.removal`; for a URL, :mod:`nnhandler.checkpoint.store_files`)."""
+    if isinstance(config.save_path, URL):
+        from ..checkpoint.store_files import StoreRemovalGuard
+
+        return StoreRemovalGuard(config.save_path, config.name, handler.progress.lineage,
+                                 handler.logger, earlier_templates,
+                                 store=store_for(config.save_path, config.storage_options))
     return RemovalGuard(config.save_path, config.name, handler.progress.lineage,
                         handler.logger, earlier_templates)
 
@@ -62,8 +70,31 @@ def prepare_directory(config: AutoSaveConfig, handler: Trainer, guard: RemovalGu
     """Rank 0 when ``train`` starts: create and probe ``save_path``, remove stale temp
     files, finish the pending ``overwrite`` removal of this lineage; returns
     ``last_saved_path`` as it may stay recorded (``None`` with ``overwrite`` when it is no
-    file this callback could ever remove)."""
+    file this callback could ever remove). A URL: see
+    :func:`~nnhandler.checkpoint.store_files.prepare_store_directory`."""
     directory = config.save_path
+    if isinstance(directory, URL):
+        from ..checkpoint.store_files import prepare_store_directory
+
+        prepare_store_directory(guard.store, directory, guard.templates, handler.logger)
+    else:
+        _prepare_local_directory(directory, handler)
+    pending, last = pending_removal, last_saved_path
+    if not config.overwrite:
+        return last
+    if pending is not None and pending != last:
+        # the checkpoint this run resumed from was written, its predecessor never removed
+        remove_previous(handler, pending, location_of(last or pending), guard)
+    reason = None if last is None else guard.refusal(last)
+    if reason is not None:
+        handler.logger.warning(
+            "overwrite: the previous auto-save %r recorded in the checkpoint is dropped from "
+            "the bookkeeping and will not be removed: %s", last, reason)
+        return None
+    return last
+
+
+def _prepare_local_directory(directory: Path, handler: Trainer) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".nnhandler-write-probe-{os.getpid()}"
@@ -76,19 +107,6 @@ def prepare_directory(config: AutoSaveConfig, handler: Trainer, guard: RemovalGu
     name_limit(directory)  # a filesystem too short for checkpoint names fails here
     for stale in remove_stale_temp_files(directory, handler.logger):
         handler.logger.warning("removed temp file %s left by an interrupted save", stale)
-    pending, last = pending_removal, last_saved_path
-    if not config.overwrite:
-        return last
-    if pending is not None and pending != last:
-        # the checkpoint this run resumed from was written, its predecessor never removed
-        remove_previous(handler, pending, Path(last or pending), guard)
-    reason = None if last is None else guard.refusal(last)
-    if reason is not None:
-        handler.logger.warning(
-            "overwrite: the previous auto-save %r recorded in the checkpoint is dropped from "
-            "the bookkeeping and will not be removed: %s", last, reason)
-        return None
-    return last
 
 
 def log_sources(handler: Trainer) -> LogSources:
@@ -138,7 +156,7 @@ def check_log_keys(config: AutoSaveConfig, handler: Trainer, retention: Retentio
 
 
 def warn_about_name(config: AutoSaveConfig, handler: Trainer, rendered: RenderedName,
-                    epoch: int, logs: dict[str, Any], path: Path, reported: set[str], *,
+                    epoch: int, logs: dict[str, Any], path: Path | URL, reported: set[str], *,
                     mid_epoch: bool = False) -> None:
     """Say why the name template's keys are missing from the logs (a warning for each key the
     first time, debug level after; ``reported`` holds the keys said), and when the name was
@@ -179,13 +197,21 @@ def warn_about_name(config: AutoSaveConfig, handler: Trainer, rendered: Rendered
         )
 
 
-def own_target(handler: Trainer, path: Path, *, warn: bool) -> Path:
+def own_target(handler: Trainer, path: Path | URL, *, warn: bool,
+               storage_options: dict[str, Any] | None = None) -> Path | URL:
     """``path``, or ``<stem>-v<N><suffix>`` when ``path`` holds another run's file (or
     anything that is not this lineage's checkpoint): never replace what another run wrote.
     Rank 0 decides, every rank takes its answer; ``warn``: say so (rank 0) when it differs."""
     lineage = handler.progress.lineage
-    chosen = Path(run_on_rank_zero(handler.distributed,
-                                   lambda: str(distinct_target(path, lineage))))
+
+    def choose() -> str:
+        if isinstance(path, URL):
+            from ..checkpoint.store_files import distinct_store_target
+
+            return distinct_store_target(store_for(path, storage_options), path, lineage)
+        return str(distinct_target(path, lineage))
+
+    chosen = location_of(run_on_rank_zero(handler.distributed, choose))
     if chosen != path and warn and handler.distributed.is_main:
         handler.logger.warning(
             "auto-save: %s exists and is not this run's checkpoint (another run, or "
@@ -200,8 +226,10 @@ def warn_if_disk_is_short(config: AutoSaveConfig, handler: Trainer,
                           last_size: int | None) -> None:
     """Warn when ``save_path`` has less than twice the expected checkpoint size free (the
     last checkpoint's size, or :func:`estimated_size` before the first)."""
-    expected = last_size or estimated_size(handler)
     directory = config.save_path
+    if isinstance(directory, URL):  # object stores do not run out of space
+        return
+    expected = last_size or estimated_size(handler)
     try:
         free = shutil.disk_usage(directory if directory.exists() else Path.cwd()).free
     except OSError:
@@ -220,18 +248,30 @@ def estimated_size(handler: Trainer) -> int:
     return int(3 * sum(t.numel() * t.element_size() for t in tensors))
 
 
-def remove_previous(handler: Trainer, previous: str, new: Path, guard: RemovalGuard) -> None:
+def remove_previous(handler: Trainer, previous: str, new: Path | URL,
+                    guard: RemovalGuard) -> None:
     """Rank 0, ``overwrite``: remove the recorded previous auto-save ``previous`` (unless
     it is ``new``), through ``guard``: a value that is not this callback's own file is
     left alone with a warning."""
     if not handler.distributed.is_main:
         return
-    if os.path.realpath(previous) == os.path.realpath(new):
+    if isinstance(new, URL):
+        if previous == new:
+            return
+    elif os.path.realpath(previous) == os.path.realpath(new):
         return
     guard.remove(previous, what="overwrite: the previous auto-save")
 
 
-def remove_superseded(handler: Trainer, superseded: list[str], new: Path,
+def save_through_seam(handler: Trainer, path: Path | URL, logs: dict[str, Any],
+                      storage_options: dict[str, Any] | None) -> None:
+    """``handler.checkpoints.save(path, logs)``; ``storage_options`` only where given (a URL),
+    so that a seam without the keyword still serves local auto-saves."""
+    extra = {"storage_options": storage_options} if storage_options else {}
+    handler.checkpoints.save(path, logs, **extra)
+
+
+def remove_superseded(handler: Trainer, superseded: list[str], new: Path | URL,
                       guard: RemovalGuard) -> None:
     """:func:`remove_previous` for each of ``superseded`` (after a background write)."""
     for old in superseded:
@@ -253,7 +293,7 @@ def resume_retention(retention: Retention, rules: RetentionRules, key: str, hand
 
 
 def plan_retention(retention: Retention, rules: RetentionRules, key: str, handler: Trainer,
-                   path: Path, epoch: int, logs: dict[str, Any], *,
+                   path: Path | URL, epoch: int, logs: dict[str, Any], *,
                    partial: bool, batch: int | None = None) -> RetentionPlan | None:
     """The retention plan of saving ``path`` (``None`` without retention rules); ``batch``:
     written inside the epoch after ``epoch``, after that many batches."""

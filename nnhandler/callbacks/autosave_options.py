@@ -17,11 +17,11 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, Final, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..checkpoint.storage import location_of, store_for
 from ..config import AutoSaveConfig, MonitorMode, SaveErrorPolicy
 from ..errors import ConfigurationError
 
@@ -160,6 +160,9 @@ class AutoSaveOptions(TypedDict, total=False):
     emergency: EmergencySaves | None
     save_on_signal: bool | list[str | int] | tuple[str | int, ...]
     save_on_exception: bool
+    #: for a URL ``save_path``: passed to fsspec (``endpoint_url``, ``key``, ``secret`` …);
+    #: never saved in a checkpoint, as it may hold credentials
+    storage_options: Mapping[str, Any] | None
 
 
 _GROUPS: Final[dict[str, tuple[type[_Option], tuple[str, ...]]]] = {
@@ -202,8 +205,13 @@ def auto_save_config(interval: int | None, save_path: str | os.PathLike[str], na
     if not isinstance(save_path, (str, os.PathLike)):
         raise ConfigurationError(f"save_path={save_path!r}: give a directory path (str or "
                                  "os.PathLike)")
-    return AutoSaveConfig(interval=interval, save_path=Path(save_path), name=name,
-                          overwrite=overwrite, **flat)
+    if flat.get("storage_options") is not None:
+        flat["storage_options"] = dict(flat["storage_options"])
+    config = AutoSaveConfig(interval=interval, save_path=location_of(save_path), name=name,
+                            overwrite=overwrite, **flat)
+    # a URL without nnhandler[remote], or options for a local path: refused now, not at a save
+    store_for(config.save_path, config.storage_options)
+    return config
 
 
 def options_repr(c: AutoSaveConfig) -> str:

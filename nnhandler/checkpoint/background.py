@@ -27,10 +27,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .envelope import write_envelope
 from .snapshot import Snapshot, StagingBuffers
+
+if TYPE_CHECKING:
+    from .storage import URL, Store
 
 __all__ = ["BackgroundWriter", "WriteOutcome"]
 
@@ -46,7 +49,7 @@ _UNCOLLECTED_LOCK: Final = threading.Lock()
 class WriteOutcome:
     """What a background write did: the file's size and the seconds it took, or its error."""
 
-    path: Path
+    path: Path | URL
     epoch: int
     size: int = 0
     seconds: float = 0.0
@@ -64,11 +67,12 @@ def _yield_cpu_to_training() -> None:
 
 
 class _Job:
-    __slots__ = ("_after_commit", "_go", "_snapshot", "outcome", "thread")
+    __slots__ = ("_after_commit", "_go", "_snapshot", "_store", "outcome", "thread")
 
-    def __init__(self, path: Path, epoch: int, snapshot: Snapshot,
-                 after_commit: Callable[[], None] | None) -> None:
+    def __init__(self, path: Path | URL, epoch: int, snapshot: Snapshot,
+                 after_commit: Callable[[], None] | None, store: Store | None = None) -> None:
         self.outcome = WriteOutcome(path, epoch)
+        self._store = store
         self._snapshot: Snapshot | None = snapshot
         self._after_commit = after_commit
         self._go = threading.Event()
@@ -91,9 +95,15 @@ class _Job:
         assert snapshot is not None
         try:
             snapshot.wait()
-            outcome.path.parent.mkdir(parents=True, exist_ok=True)
-            outcome.size = write_envelope(outcome.path, snapshot.value, snapshot.records,
-                                          io=snapshot.io)
+            store = self._store
+            if store is not None and not store.local:  # a URL: staged locally, uploaded whole
+                outcome.size = store.publish(outcome.path, lambda local: write_envelope(
+                    local, snapshot.value, snapshot.records, io=snapshot.io))
+            else:
+                assert isinstance(outcome.path, Path)
+                outcome.path.parent.mkdir(parents=True, exist_ok=True)
+                outcome.size = write_envelope(outcome.path, snapshot.value, snapshot.records,
+                                              io=snapshot.io)
             if self._after_commit is not None:
                 self._after_commit()
         except BaseException as error:  # kept for the training thread, never lost
@@ -119,13 +129,16 @@ class BackgroundWriter:
         """A write was submitted and its outcome not collected yet (it may have finished)."""
         return self._job is not None
 
-    def submit(self, path: Path, epoch: int, snapshot: Snapshot,
-               after_commit: Callable[[], None] | None = None) -> None:
+    def submit(self, path: Path | URL, epoch: int, snapshot: Snapshot,
+               after_commit: Callable[[], None] | None = None, *,
+               store: Store | None = None) -> None:
         """Start writing ``snapshot`` to ``path``; ``after_commit`` runs in the writer thread
-        once the file is durable (removing a superseded file, say)."""
+        once the file is durable (removing a superseded file, say). ``store``: the object
+        store of a URL ``path`` (the file is written to a local staging file, then uploaded
+        whole, both in the writer thread)."""
         if self._job is not None:
             raise RuntimeError("a background write is still in flight: wait() for it first")
-        job = _Job(path, epoch, snapshot, after_commit)
+        job = _Job(path, epoch, snapshot, after_commit, store)
         self._job = job
         with _UNCOLLECTED_LOCK:
             _UNCOLLECTED.add(job)

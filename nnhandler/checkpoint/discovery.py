@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from ..errors import CheckpointError, CheckpointFormatError, CheckpointIndexError
 from .content import check_contents
@@ -30,6 +31,7 @@ from .integrity import IntegrityRecord, read_integrity_record, verify_file
 from .migrations import readable_version_problem
 from .plainread import NeedsTorch, read_plain_envelope
 from .sharded import ENVELOPE_FILE, SHARDED_SUFFIX, manifest_record, verify_sharded
+from .storage import URL, Store, location_of, store_for
 from .writer import is_temp_file
 from .ziplayout import check_zip_layout
 
@@ -47,9 +49,14 @@ __all__ = [
 CHECKPOINT_GLOB = "*.pth"
 
 
+#: where a candidate lives: a local ``Path``, or a :class:`~.storage.URL`
+Where = TypeVar("Where", Path, URL)
+
+
 @dataclass(frozen=True)
-class CheckpointCandidate:
-    path: Path
+class CheckpointCandidate(Generic[Where]):
+    #: a local file or directory, or an object at a URL (:mod:`.remote_checkpoints`)
+    path: Where
     record: IntegrityRecord | None
     problem: str | None
     #: the retention index records it for removal: no keep rule holds it any more
@@ -70,19 +77,20 @@ class CheckpointCandidate:
         return (self.record is not None, epoch, step, self.indexed, time, self.path.name)
 
 
-def read_index_or_warn(directory: str | Path,
-                       logger: logging.Logger) -> Mapping[str, IndexSection] | None:
+def read_index_or_warn(directory: str | Path, logger: logging.Logger,
+                       store: Store | None = None) -> Mapping[str, IndexSection] | None:
     """The retention index of ``directory`` (``None`` when it has none); an unreadable one is
-    a warning and ``None``."""
+    a warning and ``None``. ``store``: the object store of a URL ``directory``."""
     try:
-        return read_index(directory)
+        return read_index(directory, store)
     except CheckpointIndexError as error:
         logger.warning("%s; ranking the checkpoints by their own records instead", error)
         return None
 
 
 def list_checkpoints(directory: str | Path,
-                     index: Mapping[str, IndexSection] | None = None) -> list[CheckpointCandidate]:
+                     index: Mapping[str, IndexSection] | None = None
+                     ) -> list[CheckpointCandidate[Path]]:
     """Every ``*.pth`` file and ``*.dcp`` directory in ``directory`` (temp files excluded) with
     its integrity record (read from the file's tail or the manifest), newest recorded epoch
     first; unreadable ones last, with the reason. ``index``: the directory's retention index
@@ -116,8 +124,10 @@ def list_checkpoints(directory: str | Path,
     return sorted(candidates, key=lambda c: c.rank, reverse=True)
 
 
-def vanished(path: Path, error: BaseException) -> bool:
+def vanished(path: Path | URL, error: BaseException) -> bool:
     """Whether ``error`` only means that ``path`` was removed while it was being read."""
+    if isinstance(path, URL):  # a store says so itself; there is nothing to look at here
+        return isinstance(error, FileNotFoundError)
     return isinstance(error, FileNotFoundError) or not os.path.lexists(path)
 
 
@@ -173,10 +183,10 @@ def _read_unverified(path: Path) -> Checkpoint:
     return read_checkpoint(path, map_location="cpu", verify=False, mmap=True)
 
 
-def first_valid(candidates: Iterable[CheckpointCandidate],
-                check: Callable[[Path], object] = check_candidate,
-                on_problem: Callable[[CheckpointCandidate, str], None] | None = None,
-                ) -> CheckpointCandidate | None:
+def first_valid(candidates: Iterable[CheckpointCandidate[Where]],
+                check: Callable[[Where], object] = check_candidate,  # type: ignore[assignment]
+                on_problem: Callable[[CheckpointCandidate[Where], str], None] | None = None,
+                ) -> CheckpointCandidate[Where] | None:
     """The first candidate (in ranking order) that passes ``check``; files that vanish are
     skipped silently, other failures go to ``on_problem``."""
     for candidate in candidates:
@@ -192,13 +202,22 @@ def first_valid(candidates: Iterable[CheckpointCandidate],
     return None
 
 
-def find_latest_valid(directory: str | Path, logger: logging.Logger) -> Path | None:
+def find_latest_valid(directory: str | os.PathLike[str], logger: logging.Logger, *,
+                      storage_options: Mapping[str, Any] | None = None) -> Path | URL | None:
     """The newest checkpoint in ``directory`` whose whole content verifies, or ``None``.
 
     Damaged or truncated files are skipped with a warning that says why. The retention index,
     where there is one, orders checkpoints of equal epoch and step (module docstring); an
-    unreadable index is a warning.
+    unreadable index is a warning. ``directory`` may be a URL (``storage_options`` for
+    fsspec; :func:`~.remote_checkpoints.find_latest_valid_remote`).
     """
+    location = location_of(directory)
+    if isinstance(location, URL):
+        from .remote_checkpoints import find_latest_valid_remote
+
+        return find_latest_valid_remote(location, logger, storage_options)
+    store_for(location, storage_options)  # local: options would be a mistake
+    directory = location
     candidates = list_checkpoints(directory, read_index_or_warn(directory, logger))
     for candidate in candidates:
         # unreadable records come last in the ranking, but their epoch is unknown (often the

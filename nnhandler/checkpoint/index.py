@@ -21,6 +21,11 @@ Only rank 0 writes it, always atomically (temp file in the same directory, fsync
 directory fsync) and only after the checkpoint it describes is durable. Each callback replaces
 only its own section; a lock per directory orders the read-modify-write of callbacks (and
 background writer threads) in one process. Two jobs must not share one ``save_path``.
+
+In object storage (a URL ``save_path``, given with its :class:`~.storage.Store`) the index is
+one object, replaced whole by a single PUT after the checkpoint it describes is complete:
+readers see the old index or the new one, never a mix. (The write is not conditional: one
+writer, rank 0, owns a prefix, as locally.)
 """
 
 from __future__ import annotations
@@ -31,13 +36,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, Final
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Final
 
 from pydantic import Field
 
 from ..errors import CheckpointIndexError, CheckpointSchemaError
 from .schema import Schema, validate
 from .writer import atomic_write
+
+if TYPE_CHECKING:
+    from .storage import Store
 
 __all__ = [
     "INDEX_FILE",
@@ -55,7 +63,7 @@ INDEX_FILE: Final = "nnhandler-index.json"
 INDEX_FORMAT: Final = "nnhandler.index"
 INDEX_VERSION: Final = 1
 
-_LOCKS: Final[dict[Path, threading.Lock]] = {}
+_LOCKS: Final[dict[Path | str, threading.Lock]] = {}
 _LOCKS_GUARD: Final = threading.Lock()
 
 
@@ -154,17 +162,22 @@ def index_path(directory: str | Path) -> Path:
     return Path(directory) / INDEX_FILE
 
 
-def read_index(directory: str | Path) -> dict[str, IndexSection] | None:
+def read_index(directory: str | Path,
+               store: Store | None = None) -> dict[str, IndexSection] | None:
     """The sections of the index in ``directory`` by ``state_key``; ``None`` when there is no
     index. An index that cannot be read, is not valid JSON, has the wrong structure or a newer
-    format version raises :class:`~nnhandler.CheckpointIndexError` saying why."""
-    path = index_path(directory)
+    format version raises :class:`~nnhandler.CheckpointIndexError` saying why. ``store``:
+    the object store of a URL ``directory``."""
+    remote = store if store is not None and not store.local else None
+    path: Any = directory / INDEX_FILE if remote else index_path(directory)  # type: ignore[operator]
     try:
-        raw = path.read_bytes()
+        raw = remote.get_bytes(path) if remote else path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as error:
         raise CheckpointIndexError(f"cannot read the index {str(path)!r}: {error}") from error
+    if raw is None:
+        return None
     try:
         data = json.loads(raw)
         name, version = data["format"]["name"], data["format"]["version"]
@@ -189,17 +202,22 @@ def read_index(directory: str | Path) -> dict[str, IndexSection] | None:
                                    f"{type(error).__name__}: {error}") from error
 
 
-def update_index(directory: str | Path, key: str,
-                 section: IndexSection) -> tuple[dict[str, IndexSection], str | None]:
+def update_index(directory: str | Path, key: str, section: IndexSection,
+                 store: Store | None = None) -> tuple[dict[str, IndexSection], str | None]:
     """Replace ``key``'s section of the index in ``directory`` (creating the index if need be)
     and write it atomically. Returns every section now in the index and, when the old index
-    could not be read (it is then rebuilt from ``section`` alone), the reason."""
-    directory = Path(directory)
+    could not be read (it is then rebuilt from ``section`` alone), the reason. ``store``: the
+    object store of a URL ``directory`` (the index is then one object, put whole)."""
+    remote = store is not None and not store.local
+    if not remote:
+        directory = Path(directory)
     with _lock_for(directory):
         problem = None
         try:
-            sections = read_index(directory) or {}
+            sections = read_index(directory, store) or {}
         except CheckpointIndexError as error:
+            if remote and isinstance(error.__cause__, OSError):
+                raise  # the store did not answer: never rebuild over others' sections
             sections, problem = {}, str(error)
         sections[key] = section
         document = {
@@ -212,12 +230,16 @@ def update_index(directory: str | Path, key: str,
         def write(file: BinaryIO) -> None:
             file.write(data)
 
-        atomic_write(index_path(directory), write)
+        if remote:
+            assert store is not None
+            store.put_bytes(directory / INDEX_FILE, data)  # type: ignore[operator]
+        else:
+            atomic_write(index_path(directory), write)
         return sections, problem
 
 
-def _lock_for(directory: Path) -> threading.Lock:
-    key = directory.resolve()
+def _lock_for(directory: str | Path) -> threading.Lock:
+    key = directory.resolve() if isinstance(directory, Path) else str(directory)
     with _LOCKS_GUARD:
         return _LOCKS.setdefault(key, threading.Lock())
 

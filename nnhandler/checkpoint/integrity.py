@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
@@ -60,8 +61,8 @@ except ImportError:  # pragma: no cover - platforms without an isal wheel
             square = _multiply(square, square)
         return power
 
-__all__ = ["IntegrityRecord", "crc32", "crc32_combine", "file_crc32", "integrity_record",
-           "read_integrity_record", "verify_file"]
+__all__ = ["TAIL_PREFETCH", "IntegrityRecord", "crc32", "crc32_combine", "file_crc32",
+           "integrity_record", "parse_integrity_record", "read_integrity_record", "verify_file"]
 
 MAGIC: Final = b"\nNNHANDLER-INTEGRITY\n"
 TAG: Final = b"NNHI"
@@ -114,38 +115,52 @@ def read_integrity_record(path: Path) -> IntegrityRecord:
     """Read and check the record at the end of ``path`` (a few hundred bytes are read)."""
     size = path.stat().st_size
     with open(path, "rb") as file:
-        if size < _FOOTER.size + len(MAGIC) + _EOCD_SIZE:
-            raise CheckpointCorruptedError(f"{str(path)!r}: {size} bytes is too short to be a "
-                                           "checkpoint (truncated?)")
-        file.seek(size - _FOOTER.size)
-        json_length, head_crc, tag = _FOOTER.unpack(file.read(_FOOTER.size))
-        record_length = len(MAGIC) + json_length + _FOOTER.size
-        if tag != TAG or record_length > min(size - _EOCD_SIZE, _MAX_RECORD):
-            raise CheckpointCorruptedError(
-                f"{str(path)!r} has no intact integrity record at its end (truncated, damaged, "
-                "or not written by nnhandler)"
-            )
-        file.seek(size - record_length - 2)
-        comment_length = struct.unpack("<H", file.read(2))[0]
-        head = file.read(len(MAGIC) + json_length)
+        def read_tail(length: int) -> bytes:
+            file.seek(size - length)
+            return file.read(length)
+
+        return parse_integrity_record(read_tail, size, str(path))
+
+
+#: bytes a remote tail read fetches at once: the record of an ordinary checkpoint fits
+TAIL_PREFETCH: Final = 16 * 1024
+
+
+def parse_integrity_record(read_tail: Callable[[int], bytes], size: int,
+                           where: str) -> IntegrityRecord:
+    """Check the integrity record of a file of ``size`` bytes, read by ``read_tail(n)`` (the
+    file's last ``n`` bytes; called twice: the footer, then the record); ``where`` names it."""
+    if size < _FOOTER.size + len(MAGIC) + _EOCD_SIZE:
+        raise CheckpointCorruptedError(f"{where!r}: {size} bytes is too short to be a "
+                                       "checkpoint (truncated?)")
+    json_length, head_crc, tag = _FOOTER.unpack(read_tail(_FOOTER.size))
+    record_length = len(MAGIC) + json_length + _FOOTER.size
+    if tag != TAG or record_length > min(size - _EOCD_SIZE, _MAX_RECORD):
+        raise CheckpointCorruptedError(
+            f"{where!r} has no intact integrity record at its end (truncated, damaged, "
+            "or not written by nnhandler)"
+        )
+    tail = read_tail(record_length + 2)
+    comment_length = struct.unpack("<H", tail[:2])[0]
+    head = tail[2:2 + len(MAGIC) + json_length]
     if crc32(head) != head_crc or not head.startswith(MAGIC):
-        raise CheckpointCorruptedError(f"{str(path)!r}: the integrity record is damaged")
+        raise CheckpointCorruptedError(f"{where!r}: the integrity record is damaged")
     if comment_length != record_length:
-        raise CheckpointCorruptedError(f"{str(path)!r}: the zip comment length is damaged")
+        raise CheckpointCorruptedError(f"{where!r}: the zip comment length is damaged")
     try:
         data = json.loads(head[len(MAGIC):])
     except ValueError as error:  # cannot happen with a matching CRC unless written wrongly
-        raise CheckpointCorruptedError(f"{str(path)!r}: unreadable integrity record") from error
-    validate(IntegrityRecordSchema, data, where="integrity record", path=str(path))
+        raise CheckpointCorruptedError(f"{where!r}: unreadable integrity record") from error
+    validate(IntegrityRecordSchema, data, where="integrity record", path=where)
     record = IntegrityRecord(data)
     if record.get("kind", "checkpoint") == "checkpoint":
         for key in ("format_version", "epoch", "step"):
             if record.get(key) is None:
                 raise schema_error("is missing (a checkpoint's record names it)",
-                                   field=f"integrity record.{key}", path=str(path))
+                                   field=f"integrity record.{key}", path=where)
     if record["covered_size"] != size - record_length - 2:
         raise CheckpointCorruptedError(
-            f"{str(path)!r}: the file is {size} bytes, its record expects "
+            f"{where!r}: the file is {size} bytes, its record expects "
             f"{record['covered_size'] + record_length + 2} (truncated or extended)"
         )
     return record

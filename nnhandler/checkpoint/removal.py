@@ -40,11 +40,13 @@ from typing import Final
 from ..errors import CheckpointError
 from .integrity import read_integrity_record
 from .sharded import SHARDED_SUFFIX, read_manifest
+from .storage import LOCAL_STORE, Store
 from .writer import TEMP_INFIX, remove_checkpoint_path
 
 __all__ = [
     "LINEAGE_FIELD",
     "Outcome",
+    "Refused",
     "RemovalGuard",
     "distinct_target",
     "is_own_name",
@@ -74,7 +76,7 @@ class Outcome(enum.Enum):
     FAILED = "failed"  # passed the checks, the removal raised an OSError (a warning said so)
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """A recorded value that fails a check; the message is the reason."""
 
 
@@ -181,8 +183,11 @@ class RemovalGuard:
     ``lineage``: the run's lineage; ``logger`` receives a warning for each refusal.
     ``earlier_templates``: templates the same callback instance was configured with before
     in this process (``auto_save`` called again with another ``name``), whose files it may
-    still remove; never taken from a file.
+    still remove; never taken from a file. ``store``: where the files are (a URL's
+    ``save_path`` has :class:`~.store_files.StoreRemovalGuard`).
     """
+
+    store: Store = LOCAL_STORE
 
     def __init__(self, directory: Path, template: str, lineage: str,
                  logger: logging.Logger, earlier_templates: tuple[str, ...] = ()) -> None:
@@ -194,43 +199,47 @@ class RemovalGuard:
 
     def locate(self, recorded: str, *, in_directory: bool = False) -> Path | None:
         """The entry ``recorded`` names if it may be removed, ``None`` when nothing is there;
-        raises :class:`_Refused` with the reason otherwise. ``in_directory``: a relative
+        raises :class:`Refused` with the reason otherwise. ``in_directory``: a relative
         value is a name in the folder (retention), else relative to the working directory
         (paths recorded by ``overwrite``)."""
         if not isinstance(recorded, str) or not recorded:
-            raise _Refused("not a file name")
+            raise Refused("not a file name")
         candidate = Path(recorded)
         if in_directory and not candidate.is_absolute():
             candidate = self.directory / candidate
         name = candidate.name
         if name in ("", ".", ".."):
-            raise _Refused("not a file name")
+            raise Refused("not a file name")
         folder = os.path.realpath(self.directory)
         if os.path.realpath(candidate.parent) != folder:
-            raise _Refused(f"not directly inside save_path {folder!r}")
+            raise Refused(f"not directly inside save_path {folder!r}")
         target = self.directory / name  # the same entry: its parent resolves to the folder
         if target.is_symlink():
-            raise _Refused("a symbolic link (never followed)")
+            raise Refused("a symbolic link (never followed)")
         if not os.path.lexists(target):
             return None
         if not any(is_own_name(name, template) for template in self.templates):
-            raise _Refused(f"its name does not match the name template {self.template!r}")
+            raise Refused(f"its name does not match the name template {self.template!r}")
         if target.is_dir() and not name.endswith(SHARDED_SUFFIX):
-            raise _Refused(f"a directory (only sharded {SHARDED_SUFFIX} checkpoints are)")
+            raise Refused(f"a directory (only sharded {SHARDED_SUFFIX} checkpoints are)")
         found = recorded_lineage(target)
         if found is None:
-            raise _Refused("it records no lineage (not a checkpoint of this nnhandler, or "
+            raise Refused("it records no lineage (not a checkpoint of this nnhandler, or "
                            "unreadable)")
         if found != self.lineage:
-            raise _Refused(f"it belongs to another run (lineage {found!r}, this run "
+            raise Refused(f"it belongs to another run (lineage {found!r}, this run "
                            f"{self.lineage or 'none yet'!r})")
         return target
+
+    def exists(self, name: str) -> bool:
+        """Whether something named ``name`` is in the folder (a symlink too)."""
+        return os.path.lexists(self.directory / name)
 
     def refusal(self, recorded: str, *, in_directory: bool = False) -> str | None:
         """Why ``recorded`` may not be removed, or ``None`` when it may (or is gone)."""
         try:
             self.locate(recorded, in_directory=in_directory)
-        except _Refused as refused:
+        except Refused as refused:
             return str(refused)
         return None
 
@@ -239,7 +248,7 @@ class RemovalGuard:
         what the value is (``"overwrite: the previous auto-save"``). Never raises."""
         try:
             target = self.locate(recorded, in_directory=in_directory)
-        except _Refused as refused:
+        except Refused as refused:
             self.logger.warning("%s %r is not removed and is dropped from the bookkeeping: %s",
                                 what, recorded, refused)
             return Outcome.REFUSED

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -265,7 +264,7 @@ class Retention:
         removal, one that fails a check is dropped from the bookkeeping."""
         directory, logger = guard.directory, guard.logger
         try:
-            sections, problem = update_index(directory, key, state.section(rules))
+            sections, problem = update_index(directory, key, state.section(rules), guard.store)
         except Exception as error:  # an I/O error must not cost the checkpoint just written
             logger.warning("retention: could not write the index in %s (%s: %s); no file is "
                            "removed until it is written", directory, type(error).__name__, error)
@@ -294,7 +293,7 @@ class Retention:
             return
         final = replace(state, removing=tuple(failed))
         try:  # the index stops listing what is gone (were this lost, a resume drops them)
-            update_index(directory, key, final.section(rules))
+            update_index(directory, key, final.section(rules), guard.store)
         except Exception as error:
             logger.warning("retention: could not update the index in %s after removing "
                            "files (%s: %s)", directory, type(error).__name__, error)
@@ -321,7 +320,7 @@ class Retention:
                  else replace(self.state, lineage=guard.lineage))
         section = None
         try:
-            section = (read_index(directory) or {}).get(key)
+            section = (read_index(directory, guard.store) or {}).get(key)
         except CheckpointIndexError as error:
             logger.warning("retention: %s; it is rebuilt from the checkpointed bookkeeping at "
                            "the next save, and no file only it listed is removed", error)
@@ -398,4 +397,4 @@ def _vetted(guard: RemovalGuard, name: str, what: str) -> bool:
         guard.logger.warning("retention: %s %r is dropped from the bookkeeping and never "
                              "removed: %s", what, name, reason)
         return False
-    return os.path.lexists(guard.directory / name)
+    return guard.exists(name)

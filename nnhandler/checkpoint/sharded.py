@@ -394,13 +394,24 @@ def read_sharded_checkpoint(path: str | os.PathLike[str], map_location: Any = No
 
 def read_any_checkpoint(path: str | os.PathLike[str], map_location: Any = None, *,
                         verify: bool = True,
-                        context: DistributedContext | None = None) -> Checkpoint:
-    """A sharded checkpoint for a directory, else the single-file envelope."""
+                        context: DistributedContext | None = None,
+                        storage_options: Mapping[str, Any] | None = None) -> Checkpoint:
+    """A sharded checkpoint for a directory, else the single-file envelope; a URL
+    (``s3://…``, with ``storage_options`` for fsspec) is read from its store and always
+    verified (:mod:`.remote_checkpoints`)."""
     from .envelope import read_checkpoint
+    from .storage import URL, location_of, store_for
 
-    if Path(path).is_dir():
-        return read_sharded_checkpoint(path, map_location, verify=verify, context=context)
-    return read_checkpoint(path, map_location, verify=verify)
+    location = location_of(path)
+    if isinstance(location, URL):
+        from .remote_checkpoints import read_remote_checkpoint
+
+        return read_remote_checkpoint(location, map_location, storage_options=storage_options)
+    if storage_options:
+        store_for(location, storage_options)  # the error naming the misplaced options
+    if location.is_dir():
+        return read_sharded_checkpoint(location, map_location, verify=verify, context=context)
+    return read_checkpoint(location, map_location, verify=verify)
 
 
 def load_sharded_state(checkpoint: ShardedCheckpoint, components: ShardedComponents,

@@ -1,0 +1,53 @@
+"""Auto-save to S3 on two real DDP ranks (torchrun, gloo, CPU; moto's S3 server): rank 0
+uploads while the other waits, retention and ``train(resume="latest")`` work on the URL, and
+a store that stops answering fails on every rank within the bounded retries, never as a hang;
+under ``on_save_error="warn"`` both ranks train on.
+
+Launched like tests/test_retention_distributed.py: ``tests/remote_ddp_worker.py`` under
+``python -m torch.distributed.run`` in a subprocess with a timeout that fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dist_testing import DISTRIBUTED_MARKS, launch_scenario
+
+pytestmark = [*DISTRIBUTED_MARKS, pytest.mark.slow]
+
+WORKER = Path(__file__).resolve().parent / "remote_ddp_worker.py"
+WORLD_SIZE = 2
+LAUNCH_TIMEOUT_S = 180
+
+
+def test_two_ranks_auto_save_to_s3_and_resume_latest(
+        s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NNH_TEST_URL", f"s3://{s3_bucket}/ddp")
+    rank0, rank1 = launch_scenario(WORKER, "train", tmp_path / "train", WORLD_SIZE,
+                                   LAUNCH_TIMEOUT_S)
+    assert rank0["first"] == rank1["first"] and rank0["resumed"] == rank1["resumed"]
+    assert rank0["failed"] == rank1["failed"] == [0, 0]
+    assert rank0["files_first"] == ["async_ep003.pth", "ep002.pth", "ep003.pth",
+                                    "nnhandler-index.json"]
+    assert rank0["files_resumed"] == ["async_ep003.pth", "ep003.pth", "ep004.pth",
+                                      "nnhandler-index.json"]
+    first, resumed = rank0["first"], rank0["resumed"]
+    assert resumed["epoch"] == 4 and resumed["train_losses"][:3] == first["train_losses"]
+
+
+def test_a_store_that_stops_answering_fails_on_every_rank_within_seconds(
+        silent_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("NNH_SILENT_ENDPOINT", silent_endpoint)
+    results: list[dict[str, Any]] = launch_scenario(WORKER, "failure", tmp_path / "failure",
+                                                    WORLD_SIZE, LAUNCH_TIMEOUT_S)
+    for result in results:
+        # rank 0's error on every rank: two attempts of 1 s and one backoff (<= 0.5 s)
+        assert "s3://stuck/ep001.pth" in result["error"] and "2 attempt" in result["error"]
+        assert result["epoch"] == 3 and result["failed_saves"] == 2
+    with capsys.disabled():
+        print("\nstore stopped answering: every rank knew after "
+              + ", ".join(f"rank {r['rank']}: {r['knew_after_s']:.2f} s" for r in results)
+              + " (timeout 1 s, 1 retry)")
