@@ -480,3 +480,20 @@ def test_cli_verify_and_list_of_urls_never_import_torch(s3_bucket: str) -> None:
     assert finished.returncode == 0, finished.stderr
     result = json.loads(finished.stdout.strip().splitlines()[-1])
     assert result == {"codes": [0] * len(commands), "torch": False}
+
+
+def test_an_endpoint_from_the_environment_is_part_of_the_cached_filesystems_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsspec caches filesystems by their arguments: a process whose AWS_ENDPOINT_URL changes
+    (a second S3 server) must not keep writing through the first one."""
+    url = location_of("s3://bucket/run/ck.pth")
+    assert isinstance(url, URL)
+    endpoints = []
+    for endpoint in ("http://127.0.0.1:1", "http://127.0.0.1:2"):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+        store = FsspecStore.for_url(url, None)
+        endpoints.append(store.fs.client_kwargs["endpoint_url"])
+    assert endpoints == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    explicit = FsspecStore.for_url(url, {"client_kwargs": {"endpoint_url": "http://127.0.0.1:3"}})
+    assert explicit.fs.client_kwargs["endpoint_url"] == "http://127.0.0.1:3"

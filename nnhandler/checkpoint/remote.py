@@ -124,6 +124,14 @@ def _filesystem(url: URL, storage_options: Mapping[str, Any] | None) -> Any:
         config.setdefault("read_timeout", settings.timeout)
         config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
         options["config_kwargs"] = config
+        # fsspec caches filesystems by their arguments, not by the environment: an endpoint
+        # taken from AWS_ENDPOINT_URL goes into the arguments, so that a process whose
+        # environment names another endpoint later never writes through the old one
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        client = dict(options.get("client_kwargs") or {})
+        if endpoint and "endpoint_url" not in client and "endpoint_url" not in options:
+            client["endpoint_url"] = endpoint
+            options["client_kwargs"] = client
     try:
         return fsspec.filesystem(url.protocol, **options)
     except ImportError as error:
