@@ -6,7 +6,8 @@ it), rank 0 hands it to :class:`MirrorUploads`:
 
 * a hard link to the file (a hidden temp name beside it, so local retention may remove the
   checkpoint meanwhile and a crash leaves only a stale temp file, removed at the next start)
-  is queued; one non-daemon thread uploads the queue in order, one object at a time, each
+  is queued (a name that holds another run's object goes to ``<stem>-v<N>.pth``, never
+  replacing it); one non-daemon thread uploads the queue in order, one object at a time, each
   with one ``put_file`` (a PUT or a completed multipart upload: never a partial object), under
   the store's deadline and bounded retries (:class:`~nnhandler.checkpoint.remote.FsspecStore`).
   A checkpoint that completes while an upload runs waits for it (logged);
@@ -43,7 +44,11 @@ from ..checkpoint.index import IndexSection, read_index, update_index
 from ..checkpoint.integrity import read_integrity_record
 from ..checkpoint.remote_checkpoints import find_latest_valid_remote, remote_integrity_record
 from ..checkpoint.storage import URL, store_for
-from ..checkpoint.store_files import StoreRemovalGuard, abort_stale_uploads
+from ..checkpoint.store_files import (
+    StoreRemovalGuard,
+    abort_stale_uploads,
+    distinct_store_target,
+)
 from ..checkpoint.writer import temp_path_for
 from ..distributed import run_on_rank_zero
 from ..errors import CheckpointError, CheckpointIndexError, ConfigurationError
@@ -179,12 +184,15 @@ class MirrorUploads:
                                mirror, error)
         size = upload.link.stat().st_size
         started = time.perf_counter()
-        store.call("upload to", upload.url,
-                   lambda: store.fs.put_file(str(upload.link), upload.url.key),
+        url = distinct_store_target(store, upload.url, guard.lineage)  # never another run's
+        if url != upload.url:
+            logger.warning("mirror: %s holds another run's checkpoint; uploading to %s",
+                           upload.url, url)
+        store.call("upload to", url, lambda: store.fs.put_file(str(upload.link), url.key),
                    store.settings.transfer_deadline(size))
-        self._uploaded.add(upload.url.name)
+        self._uploaded.add(url.name)
         self.uploads += 1
-        logger.info("mirrored checkpoint %s (%.1f MB, %.2f s)", upload.url, size / 1e6,
+        logger.info("mirrored checkpoint %s (%.1f MB, %.2f s)", url, size / 1e6,
                     time.perf_counter() - started)
         candidates = set(upload.superseded)
         if upload.section is not None:
@@ -196,7 +204,7 @@ class MirrorUploads:
                 candidates |= set(before.removing)
             candidates |= self._uploaded | set(upload.section.removing)
             candidates -= kept
-        candidates.discard(upload.url.name)
+        candidates -= {upload.url.name, url.name}
         for name in sorted(candidates):
             guard.remove(name, what="mirror retention: the object", in_directory=True)
             self._uploaded.discard(name)
