@@ -110,7 +110,7 @@ class AutoSaveCallback(Callback):
     ``async_save``, ``save_on_signal``/``save_on_exception`` (or ``emergency=``),
     ``keep_last``/``keep_best``/``monitor``/``mode``/``keep_every``/``keep_every_n_steps``
     (or ``keep=``), ``mirror`` (each checkpoint uploaded to a URL too, in the background:
-    :attr:`mirror`, docs page "Object storage"), each documented on
+    ``nnhandler.callbacks.autosave_mirror``, docs page "Object storage"), each documented on
     :class:`~nnhandler.callbacks.AutoSaveOptions`; an unknown one is a
     :class:`~nnhandler.ConfigurationError` that suggests the nearest name.
 

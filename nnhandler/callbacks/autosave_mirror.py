@@ -107,7 +107,13 @@ class MirrorUploads:
         rank 0 queues its upload (nothing without a ``mirror``). ``previous``: the saver's
         bookkeeping before it (with ``overwrite``, the auto-saves it replaced)."""
         config, state_key, earlier = self._source()
-        if config.mirror is None or not handler.distributed.is_main:
+        if config.mirror is None:
+            return
+        if handler.sharded_checkpoints:  # every rank: the same error everywhere
+            raise ConfigurationError(
+                f"mirror={str(config.mirror)!r}: sharded checkpoints (a model with DTensor "
+                "parameters) cannot be mirrored yet; use mirror=None")
+        if not handler.distributed.is_main:
             return
         assert isinstance(path, Path)
         names = (tuple(Path(old).name for old in (previous[0], previous[3]) if old)

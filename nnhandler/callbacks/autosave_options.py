@@ -165,7 +165,7 @@ class AutoSaveOptions(TypedDict, total=False):
     storage_options: Mapping[str, Any] | None
     #: an fsspec URL (``s3://bucket/run``) that each completed local checkpoint is uploaded to
     #: in the background, under the same retention (see
-    #: :mod:`nnhandler.callbacks.autosave_mirror`)
+    #: ``nnhandler.callbacks.autosave_mirror``)
     mirror: str | None
 
 
