@@ -48,6 +48,17 @@ def _save_location(value: Any) -> Path | URL:
                      "URL such as 's3://bucket/run'")
 
 
+def _mirror_location(value: Any) -> URL | None:
+    """``mirror``: ``None`` or an fsspec URL (a local folder is no mirror)."""
+    if value is None:
+        return None
+    location = _save_location(value) if isinstance(value, (str, os.PathLike)) else value
+    if not isinstance(location, URL):
+        raise ValueError(f"mirror={value!r} is not an object-storage URL: give one such as "
+                         "'s3://bucket/run' (a local folder is no mirror; use save_path)")
+    return location
+
+
 class AutoSaveConfig(_Strict):
     """Configuration of an :class:`~nnhandler.AutoSaveCallback` (see its docstring for rules)."""
 
@@ -71,6 +82,9 @@ class AutoSaveConfig(_Strict):
     #: passed to fsspec for a URL ``save_path``; never saved in a checkpoint (it may hold
     #: credentials)
     storage_options: Annotated[dict[str, Any], Field(strict=False)] | None = None
+    #: a URL each completed local checkpoint is uploaded to in the background
+    #: (:mod:`nnhandler.callbacks.autosave_mirror`); ``storage_options`` are then its options
+    mirror: Annotated[URL | None, PlainValidator(_mirror_location)] = None
 
     @field_validator("save_on_signal", mode="before")
     @classmethod
@@ -132,7 +146,16 @@ class AutoSaveConfig(_Strict):
                              "None: pass keep_best=K too (or drop monitor)")
         if self.mode != "min" and self.keep_best is None:
             raise ValueError(f"mode={self.mode!r} is only used by keep_best, which is None")
+        if self.mirror is not None and isinstance(self.save_path, URL):
+            raise ValueError(f"mirror={str(self.mirror)!r} needs a local save_path; "
+                             f"save_path={str(self.save_path)!r} is object storage already")
         return self
+
+    @property
+    def save_path_options(self) -> dict[str, Any] | None:
+        """The ``storage_options`` of ``save_path`` (with a ``mirror`` they are the
+        mirror's, and a local ``save_path`` takes none)."""
+        return None if self.mirror is not None else self.storage_options
 
     def retention_arguments(self) -> dict[str, int]:
         """The ``keep_*`` rules that are set (empty: every auto-save is kept)."""
@@ -184,6 +207,7 @@ class AutoSaveConfig(_Strict):
             "save_on_signal": (self.save_on_signal if isinstance(self.save_on_signal, bool)
                                else list(self.save_on_signal)),
             "save_on_exception": self.save_on_exception,
+            "mirror": None if self.mirror is None else str(self.mirror),
         }
 
 

@@ -218,8 +218,14 @@ class Training:
             raise ConfigurationError("train(resume='latest') looks in the auto-save directory; "
                                      "call auto_save(...) first or pass resume=<path>")
         directory = saver.config.save_path
-        options = saver.config.storage_options  # a URL save_path's
-        latest = latest_checkpoint(directory, handler.distributed, handler.logger, options)
+        options = saver.config.save_path_options  # a URL save_path's
+        if saver.config.mirror is not None:  # the newer of save_path's and the mirror's
+            from .callbacks.autosave_mirror import latest_with_mirror
+
+            latest, options = latest_with_mirror(saver.config, handler.distributed,
+                                                 handler.logger)
+        else:
+            latest = latest_checkpoint(directory, handler.distributed, handler.logger, options)
         if latest is None:
             handler.logger.info("resume='latest': no valid checkpoint in %s; starting fresh",
                                 directory)

@@ -38,6 +38,7 @@ from .autosave_files import (
     warn_about_name,
     warn_if_disk_is_short,
 )
+from .autosave_mirror import MirrorUploads
 from .autosave_options import AutoSaveOptions, auto_save_config, options_repr
 from .autosave_schedule import SaveSchedule
 from .autosave_state import AutoSaveStateRecord
@@ -62,8 +63,7 @@ _Bookkeeping = tuple[str | None, int | None, int, str | None]
 
 @dataclass(frozen=True)
 class _BackgroundSave:
-    """An auto-save being written in the background, and the bookkeeping to restore should the
-    write fail."""
+    """An auto-save written in the background, and the bookkeeping to restore if it fails."""
 
     path: Path | URL
     epoch: int
@@ -109,8 +109,10 @@ class AutoSaveCallback(Callback):
     ``every_seconds`` (save by optimizer steps, by training time), ``on_save_error``,
     ``async_save``, ``save_on_signal``/``save_on_exception`` (or ``emergency=``),
     ``keep_last``/``keep_best``/``monitor``/``mode``/``keep_every``/``keep_every_n_steps``
-    (or ``keep=``), each documented on :class:`~nnhandler.callbacks.AutoSaveOptions`; an
-    unknown one is a :class:`~nnhandler.ConfigurationError` that suggests the nearest name.
+    (or ``keep=``), ``mirror`` (each checkpoint uploaded to a URL too, in the background:
+    ``nnhandler.callbacks.autosave_mirror``, docs page "Object storage"), each documented on
+    :class:`~nnhandler.callbacks.AutoSaveOptions`; an unknown one is a
+    :class:`~nnhandler.ConfigurationError` that suggests the nearest name.
 
     Retention (the ``keep_*`` rules; positive ints, combinable, not with ``overwrite=True``): a
     file is kept when *any* rule keeps it, and the newest auto-save is always kept; without a
@@ -163,6 +165,7 @@ class AutoSaveCallback(Callback):
         self._last_size: int | None = None
         self._background = BackgroundSave()
         self._in_flight: _BackgroundSave | None = None
+        self.mirror = MirrorUploads(lambda: (self.config, self.state_key, self._earlier_templates))
         self._told_name_taken = False
         #: name template keys whose absence from the logs has been explained (said once)
         self._reported_keys: set[str] = set()
@@ -183,7 +186,7 @@ class AutoSaveCallback(Callback):
         return self.key_for(self.config)
 
     def writes_same_files_as(self, other: AutoSaveCallback) -> bool:
-        """True when both would write the same files (same directory on disk, same name)."""
+        """True when both would write the same files (same directory, same name)."""
         return (self.config.name == other.config.name
                 and same_location(self.config.save_path, other.config.save_path))
 
@@ -202,8 +205,7 @@ class AutoSaveCallback(Callback):
     @classmethod
     def from_state(cls, state_key: str, state: Any) -> AutoSaveCallback:
         """The auto-saver a checkpoint's ``state[state_key]`` describes, configured as it was
-        (its bookkeeping is restored with the other states). ``state`` is untrusted: its
-        ``config`` is validated by :class:`~nnhandler.config.AutoSaveConfig`."""
+        (bookkeeping restored with the other states); ``config`` validated (untrusted)."""
         where = f"state[{state_key!r}]"
         if not isinstance(state, dict):
             raise CheckpointSchemaError(f"{where} is {state!r:.80}, not a dict", field=where)
@@ -221,16 +223,14 @@ class AutoSaveCallback(Callback):
         self.schedule.configure(config)
 
     def listens_to(self, event: Event) -> bool:
-        """The per-step event only with a step or time trigger (or ``{batch}`` in the name,
-        which needs the epoch's length): with ``interval`` alone the loop fires nothing per
-        step for this callback (see ``EventDispatcher.rebuild`` in ``nnhandler.events``)."""
+        """The per-step event only with a step or time trigger or ``{batch}`` in the name (the
+        epoch's length): with ``interval`` alone no per-step event (``EventDispatcher.rebuild``)."""
         return (event is not Event.TRAIN_STEP_END or self.config.saves_inside_epochs
                 or "batch" in template_fields(self.config.name))
 
     @property
     def background(self) -> BackgroundSave:
-        """The background writes of ``async_save`` (its ``staging`` memory, the write
-        ``in_flight``)."""
+        """The background writes of ``async_save`` (``staging`` memory, ``in_flight``)."""
         return self._background
 
     @property
@@ -310,6 +310,7 @@ class AutoSaveCallback(Callback):
             self.save_now(handler, handler.epoch, logs)
         if self._in_flight is not None:
             self.flush(handler)
+        self.mirror.report(handler, wait=True)
         self.schedule.end_call()
         self.schedule.waits.report(handler.logger, str(self.config.save_path))
         self._background.release()
@@ -353,16 +354,13 @@ class AutoSaveCallback(Callback):
             raise error
         self.failed_saves += 1
         self._call_failures += 1
-        handler.logger.error(
-            "AUTO-SAVE FAILED at epoch %d (%s: %s); %s and training continues; the next "
-            "scheduled save will try again",
-            epoch, type(error).__name__, error, self.previous_checkpoint_note(),
-        )
+        handler.logger.error("AUTO-SAVE FAILED at epoch %d (%s: %s); %s and training continues; "
+                             "the next scheduled save will try again", epoch,
+                             type(error).__name__, error, self.previous_checkpoint_note())
 
     def previous_checkpoint_note(self) -> str:
-        """What a failure report says about the checkpoint before it: ``"the previous
-        checkpoint ck/ep004.pth is intact"``, or ``"no earlier checkpoint exists"`` when this
-        callback has not saved yet."""
+        """What a failure report says of the checkpoint before it: ``"the previous checkpoint
+        ck/ep004.pth is intact"`` (``"no earlier checkpoint exists"`` before a first save)."""
         if self.last_saved_path is None:
             return "no earlier checkpoint exists"
         return f"the previous checkpoint {self.last_saved_path} is intact"
@@ -374,6 +372,7 @@ class AutoSaveCallback(Callback):
         ``path`` (emergency checkpoints); ``synchronous`` even with ``async_save``;
         ``batch``: inside an epoch (see :meth:`save_now`)."""
         self._wait_for_write(handler)
+        self.mirror.report(handler)
         rendered = RenderedName("", ())
         emergency = path is not None
         if path is None:
@@ -383,7 +382,7 @@ class AutoSaveCallback(Callback):
         warn_about_name(self.config, handler, rendered, epoch, logs, path, self._reported_keys,
                         mid_epoch=batch is not None)
         chosen = own_target(handler, path, warn=not self._told_name_taken,
-                            storage_options=self.config.storage_options)
+                            storage_options=self.config.save_path_options)
         self._told_name_taken = self._told_name_taken or chosen != path
         path = chosen
         if handler.distributed.is_main:
@@ -402,7 +401,7 @@ class AutoSaveCallback(Callback):
             if self.config.async_save and not synchronous:
                 self._save_in_background(handler, path, epoch, logs, previous, plan)
                 return path
-            save_through_seam(handler, path, logs, self.config.storage_options)
+            save_through_seam(handler, path, logs, self.config.save_path_options)
         except BaseException:
             self._roll_back(previous, plan)
             raise
@@ -417,6 +416,7 @@ class AutoSaveCallback(Callback):
                 if old is not None:
                     remove_previous(handler, old, path, guard)
             self.pending_removal = None
+        self.mirror.completed(handler, path, previous)
         return path
 
     # -- background saving ---------------------------------------------------------------------
@@ -444,7 +444,7 @@ class AutoSaveCallback(Callback):
         elif plan is not None:  # index, then removals: in the writer thread, once durable
             after_commit = functools.partial(self._commit_retention, handler, plan)
         self._background.start(handler, path, epoch, logs, after_commit=after_commit,
-                               storage_options=self.config.storage_options)
+                               storage_options=self.config.save_path_options)
         self._in_flight = _BackgroundSave(path, epoch, previous, plan)
 
     def flush(self, handler: Trainer) -> None:
@@ -472,6 +472,7 @@ class AutoSaveCallback(Callback):
         if self.config.overwrite:
             self.pending_removal = None
         handler.checkpoints.announce(saved)
+        self.mirror.completed(handler, saved.path, pending.previous)
 
     def on_exception(self, handler: Trainer, exception: BaseException, **kwargs: Any) -> None:
         """Training is failing: wait for the write in flight (rank 0, no collective — the other
@@ -593,7 +594,6 @@ class AutoSaveCallback(Callback):
         if retention is not None:
             self.retention.state, self.retention.continuing = retention.state, True
             self.retention.bind(self.state_key)
-
 
 
 # restored on NNHandler.load through the same door as any third-party saver

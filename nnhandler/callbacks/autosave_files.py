@@ -60,7 +60,7 @@ def removal_guard(config: AutoSaveConfig, handler: Trainer,
 
         return StoreRemovalGuard(config.save_path, config.name, handler.progress.lineage,
                                  handler.logger, earlier_templates,
-                                 store=store_for(config.save_path, config.storage_options))
+                                 store=store_for(config.save_path, config.save_path_options))
     return RemovalGuard(config.save_path, config.name, handler.progress.lineage,
                         handler.logger, earlier_templates)
 

@@ -161,8 +161,12 @@ class AutoSaveOptions(TypedDict, total=False):
     save_on_signal: bool | list[str | int] | tuple[str | int, ...]
     save_on_exception: bool
     #: for a URL ``save_path``: passed to fsspec (``endpoint_url``, ``key``, ``secret`` …);
-    #: never saved in a checkpoint, as it may hold credentials
+    #: never saved in a checkpoint, as it may hold credentials; with ``mirror``, the mirror's
     storage_options: Mapping[str, Any] | None
+    #: an fsspec URL (``s3://bucket/run``) that each completed local checkpoint is uploaded to
+    #: in the background, under the same retention (see
+    #: ``nnhandler.callbacks.autosave_mirror``)
+    mirror: str | None
 
 
 _GROUPS: Final[dict[str, tuple[type[_Option], tuple[str, ...]]]] = {
@@ -210,7 +214,9 @@ def auto_save_config(interval: int | None, save_path: str | os.PathLike[str], na
     config = AutoSaveConfig(interval=interval, save_path=location_of(save_path), name=name,
                             overwrite=overwrite, **flat)
     # a URL without nnhandler[remote], or options for a local path: refused now, not at a save
-    store_for(config.save_path, config.storage_options)
+    store_for(config.save_path, config.save_path_options)
+    if config.mirror is not None:
+        store_for(config.mirror, config.storage_options)
     return config
 
 
@@ -228,4 +234,5 @@ def options_repr(c: AutoSaveConfig) -> str:
         f"name={c.name!r}, overwrite={c.overwrite!r}, on_save_error={c.on_save_error!r}, "
         f"async_save={c.async_save!r}, save_on_signal={c.save_on_signal!r}, "
         f"save_on_exception={c.save_on_exception!r}{rules}"
+        + ("" if c.mirror is None else f", mirror={str(c.mirror)!r}")
     )
