@@ -182,11 +182,9 @@ def _model_type(value: Any) -> ModelType:
         return value
     if isinstance(value, enum.Enum):  # the original library's own ModelType members
         value = value.value
-    if isinstance(value, str):
-        try:
-            return ModelType(value.lower())
-        except ValueError:
-            pass
+    known = {member.value: member for member in ModelType}
+    if isinstance(value, str) and value.lower() in known:
+        return known[value.lower()]
     choices = ", ".join(repr(member.value) for member in ModelType)
     raise ConfigurationError(f"NNHandler(model_type={value!r}): not a model type (the "
                              f"original NNHandler's were {choices}; the argument is deprecated)")
