@@ -222,13 +222,7 @@ class RemovalGuard:
             raise Refused(f"its name does not match the name template {self.template!r}")
         if target.is_dir() and not name.endswith(SHARDED_SUFFIX):
             raise Refused(f"a directory (only sharded {SHARDED_SUFFIX} checkpoints are)")
-        found = recorded_lineage(target)
-        if found is None:
-            raise Refused("it records no lineage (not a checkpoint of this nnhandler, or "
-                           "unreadable)")
-        if found != self.lineage:
-            raise Refused(f"it belongs to another run (lineage {found!r}, this run "
-                           f"{self.lineage or 'none yet'!r})")
+        require_own_lineage(recorded_lineage(target), self.lineage)
         return target
 
     def exists(self, name: str) -> bool:
@@ -307,3 +301,14 @@ def remove_stale_temp_files(directory: Path,
             continue
         removed.append(path)
     return removed
+
+
+def require_own_lineage(found: str | None, lineage: str | None) -> None:
+    """Raise :class:`Refused` unless ``found`` (the lineage a checkpoint records) is this
+    run's ``lineage``: the last rule of every removal, local or on a store."""
+    if found is None:
+        raise Refused("it records no lineage (not a checkpoint of this nnhandler, or "
+                      "unreadable)")
+    if found != lineage:
+        raise Refused(f"it belongs to another run (lineage {found!r}, this run "
+                      f"{lineage or 'none yet'!r})")

@@ -31,7 +31,15 @@ from datetime import datetime, timezone
 from typing import Any, Final
 
 from ..errors import CheckpointError, ConfigurationError
-from .removal import LINEAGE_FIELD, MAX_VERSION, Outcome, Refused, RemovalGuard, is_own_name
+from .removal import (
+    LINEAGE_FIELD,
+    MAX_VERSION,
+    Outcome,
+    Refused,
+    RemovalGuard,
+    is_own_name,
+    require_own_lineage,
+)
 from .sharded import SHARDED_SUFFIX
 from .storage import PROCESS_STARTED, URL, Store, is_url
 
@@ -117,13 +125,7 @@ class StoreRemovalGuard(RemovalGuard):
         if self.store.is_dir(candidate):
             raise Refused("a prefix with objects under it (a folder), not one checkpoint "
                            "object")
-        found = store_lineage(self.store, candidate)
-        if found is None:
-            raise Refused("it records no lineage (not a checkpoint of this nnhandler, or "
-                           "unreadable)")
-        if found != self.lineage:
-            raise Refused(f"it belongs to another run (lineage {found!r}, this run "
-                           f"{self.lineage or 'none yet'!r})")
+        require_own_lineage(store_lineage(self.store, candidate), self.lineage)
         return candidate
 
     def remove(self, recorded: str, *, what: str, in_directory: bool = False) -> Outcome:
