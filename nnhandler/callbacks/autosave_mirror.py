@@ -56,7 +56,7 @@ from ..checkpoint.store_files import (
 )
 from ..checkpoint.writer import temp_path_for
 from ..distributed import run_on_rank_zero
-from ..errors import CheckpointIndexError, ConfigurationError
+from ..errors import CheckpointIndexError, ConfigurationError, RemoteStorageError
 
 if TYPE_CHECKING:
     from ..checkpoint.remote import FsspecStore
@@ -252,8 +252,11 @@ class MirrorUploads:
             with self._lock:
                 errors, self._errors = self._errors, []
             for url, error in errors:
-                if config.on_save_error == "raise":
+                if config.on_save_error == "raise" and str(url) in str(error):
                     raise error
+                if config.on_save_error == "raise":  # a store's own error names no URL
+                    raise RemoteStorageError(f"mirror: the upload to {str(url)!r} failed: "
+                                             f"{type(error).__name__}: {error}") from error
                 handler.logger.error(
                     "MIRROR UPLOAD FAILED for %s (%s: %s); the local checkpoint stands and "
                     "training continues", url, type(error).__name__, error)
