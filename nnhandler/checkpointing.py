@@ -244,8 +244,9 @@ class BackgroundSave:
 
     Use, from hooks that every rank runs: :meth:`start` a write, later :meth:`settle` it
     (``wait=False`` in a hot path, ``wait=True`` before the next start and at the end of
-    ``train``) and announce what it returns with :meth:`Checkpointer.announce`. Call
-    :meth:`release` when ``train`` ends to give the staging memory back.
+    ``train``) and announce what it returns with :meth:`Checkpointer.announce`. The staging
+    memory and its plan are kept for the next snapshot (a first one plans anew, ~30 us per
+    tensor), also across ``train`` calls; :meth:`release` gives them back.
     """
 
     __slots__ = ("_pending", "_writer")
@@ -319,7 +320,7 @@ class BackgroundSave:
         return self._writer.wait()
 
     def release(self) -> None:
-        """Give the staging memory back (the next snapshot allocates it again)."""
+        """Give the staging memory and its plan back (the next snapshot makes them again)."""
         if self._writer is not None:
             self._writer.staging.release()
 
