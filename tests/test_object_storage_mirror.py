@@ -130,9 +130,8 @@ def test_a_wiped_local_folder_resumes_from_the_mirror(tmp_path: Path, mirror_roo
     assert again.epoch == 4 and len(again.train_losses) == 4
     assert again.train_losses[:3] == handler.train_losses
     assert local_names(tmp_path / "ck") == ["ep004.pth", INDEX_FILE]
-    # the resumed bookkeeping drops ep003 (gone locally), so the mirror follows the local
-    # index and keeps ep004 only (a known limit: see docs/object-storage.md, "Mirror")
-    assert object_names(mirror_root) == ["ep004.pth", INDEX_FILE]
+    # the resumed bookkeeping keeps ep003 (on the mirror), as the lost folder would have
+    assert object_names(mirror_root) == ["ep003.pth", "ep004.pth", INDEX_FILE]
 
 
 @pytest.mark.parametrize("newer", ["local", "mirror", "tie"], ids=["local", "mirror", "tie"])
@@ -259,4 +258,4 @@ def test_s3_mirror_with_retention_and_resume(tmp_path: Path, s3_bucket: str) -> 
     assert again.epoch == 4 and again.train_losses[:3] == handler.train_losses
     fs.invalidate_cache()
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/run")) == [
-        "ep004.pth", INDEX_FILE]
+        "ep003.pth", "ep004.pth", INDEX_FILE]

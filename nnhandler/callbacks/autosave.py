@@ -266,7 +266,7 @@ class AutoSaveCallback(Callback):
                     pending_removal=self.pending_removal))
             self.pending_removal = None
             resume_retention(self.retention, self.retention_rules, self.state_key, handler,
-                             guard)
+                             guard, self.mirror)
 
     def _guard(self, handler: Trainer) -> RemovalGuard:
         return removal_guard(self.config, handler, self._earlier_templates)
