@@ -97,6 +97,8 @@ __all__ = [
 _LOGGER: Final = logging.getLogger("nnhandler")
 #: the name of a generation prefix inside ``NAME.dcp/``
 GENERATION_PATTERN: Final = re.compile(r"g-[0-9a-f]{16}")
+#: set on an error of the manifest's PUT, after which the new generation may be live
+_PUBLICATION_UNCERTAIN: Final = "nnhandler_publication_uncertain"
 
 Result = TypeVar("Result")
 Envelope = Callable[[], tuple[dict[str, Any], dict[str, Any]]]
@@ -229,8 +231,8 @@ def write_remote_sharded(url: URL, context: DistributedContext, components: Shar
             files.update(part)
         return run_on_rank_zero(context, lambda: _commit(
             store, url, generation, staging, files, plain, envelope, context.world_size))
-    except BaseException:
-        if context.is_main:
+    except BaseException as error:
+        if context.is_main and not getattr(error, _PUBLICATION_UNCERTAIN, False):
             try:
                 store.remove(prefix)  # the new generation only: the old one is untouched
             except OSError as error:
@@ -283,7 +285,14 @@ def _commit(store: FsspecStore, url: URL, generation: str, staging: Path,
     files[ENVELOPE_FILE] = _upload_file(store, url / generation / ENVELOPE_FILE,
                                         staging / ENVELOPE_FILE)
     manifest = manifest_bytes(files, meta, world_size, generation)
-    store.put_bytes(url / MANIFEST_FILE, manifest)
+    try:
+        store.put_bytes(url / MANIFEST_FILE, manifest)
+    except BaseException as error:
+        # The PUT may have landed although this side saw it fail (a timeout after the store
+        # took it): the live manifest may name this generation, so none of it is removed;
+        # the next save of the name retires whichever generation the manifest does not name.
+        setattr(error, _PUBLICATION_UNCERTAIN, True)
+        raise
     _retire(store, url, generation)
     return sum(size for size, _ in files.values()) + len(manifest)
 
