@@ -15,8 +15,7 @@ from typing import Any
 
 from .checkpoint.discovery import first_valid, read_index_or_warn
 from .checkpoint.remote_checkpoints import check_remote_candidate, list_remote_checkpoints
-from .checkpoint.remote_sharded import sharded_copy
-from .checkpoint.sharded import SHARDED_SUFFIX
+from .checkpoint.remote_sharded import complete_copy
 from .checkpoint.storage import URL, store_for
 from .errors import CheckpointCorruptedError, CheckpointError
 
@@ -80,8 +79,7 @@ def verify_url(path: str, verify_local: Callable[[str], dict[str, Any]]) -> dict
     store = store_for(url)
     try:
         # a sharded checkpoint (a prefix): its files, each checked against the manifest
-        with (sharded_copy(store, url) if url.suffix == SHARDED_SUFFIX
-              else store.fetch(url)) as local:
+        with complete_copy(store, url) as local:
             result = verify_local(str(local))
             text = str(local)
     except FileNotFoundError:

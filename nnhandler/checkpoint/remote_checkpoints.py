@@ -29,7 +29,7 @@ from .discovery import CheckpointCandidate, check_candidate, first_valid, read_i
 from .format import Checkpoint
 from .index import INDEX_FILE, IndexSection
 from .integrity import TAIL_PREFETCH, IntegrityRecord, parse_integrity_record
-from .remote_sharded import remote_manifest_record, sharded_copy
+from .remote_sharded import complete_copy, remote_manifest_record
 from .sharded import SHARDED_SUFFIX
 from .storage import URL, Store, store_for
 from .writer import is_temp_file
@@ -134,9 +134,8 @@ def check_remote_candidate(store: Store, url: URL) -> IntegrityRecord:
     """Whether the object ``url`` would load (every checksum, format version, content
     schema: :func:`~.discovery.check_candidate` on a complete copy); returns its record.
     A sharded checkpoint (``….dcp``) is copied file by file
-    (:func:`~.remote_sharded.sharded_copy`)."""
-    copy = sharded_copy(store, url) if url.suffix == SHARDED_SUFFIX else store.fetch(url)
-    with copy as local, named_as(url, local):
+    (:func:`~.remote_sharded.complete_copy`)."""
+    with complete_copy(store, url) as local, named_as(url, local):
         return check_candidate(local)
 
 

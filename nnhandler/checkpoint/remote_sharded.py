@@ -115,14 +115,19 @@ def _staging(url: URL, role: str) -> Path:
 
 
 # -- the manifest -------------------------------------------------------------------------------
-def remote_manifest(store: Store, url: URL) -> dict[str, Any]:
-    """The checked manifest of the sharded checkpoint ``url`` (one small GET)."""
+def _manifest_bytes_at(store: Store, url: URL) -> bytes:
+    """The raw ``manifest.json`` of ``url`` (one small GET); its absence is an error."""
     raw = store.get_bytes(url / MANIFEST_FILE)
     if raw is None:
         raise CheckpointCorruptedError(
             f"{str(url)!r} has no {MANIFEST_FILE}: not a complete nnhandler sharded checkpoint "
             "(an interrupted save leaves its files without one)")
-    return parse_manifest(raw, str(url))
+    return raw
+
+
+def remote_manifest(store: Store, url: URL) -> dict[str, Any]:
+    """The checked manifest of the sharded checkpoint ``url`` (one small GET)."""
+    return parse_manifest(_manifest_bytes_at(store, url), str(url))
 
 
 def remote_manifest_record(store: Store, url: URL) -> IntegrityRecord:
@@ -141,11 +146,6 @@ def remote_lineage(store: Store, url: URL) -> str | None:
     except (CheckpointError, OSError):
         return None
     return value if isinstance(value, str) and value else None
-
-
-def _files_prefix(url: URL, body: Mapping[str, Any]) -> URL:
-    generation = body.get("generation")
-    return url / generation if isinstance(generation, str) else url
 
 
 def is_leftover(store: Store, url: URL) -> bool:
@@ -375,7 +375,7 @@ def read_remote_sharded(url: URL, map_location: Any = None, *,
     store = _fsspec_store(url, storage_options)
     body = run_on_rank_zero(context, lambda: remote_manifest(store, url))
     staging = _staging(url, f"read-rank{context.rank}")
-    fetch = ShardFetcher(store, _files_prefix(url, body), body["files"], staging)
+    fetch = ShardFetcher(store, files_directory(url, body), body["files"], staging)
 
     def read_envelope() -> Any:
         fetch([ENVELOPE_FILE, *(name for name in body["files"] if name == ".metadata")])
@@ -395,15 +395,18 @@ def read_remote_sharded(url: URL, map_location: Any = None, *,
     return checkpoint
 
 
+def complete_copy(store: Store, url: URL) -> contextlib.AbstractContextManager[Path]:
+    """A complete local copy of the checkpoint at ``url``: a sharded one file by file
+    (:func:`sharded_copy`), any other the object itself (``store.fetch``)."""
+    return sharded_copy(store, url) if url.suffix == SHARDED_SUFFIX else store.fetch(url)
+
+
 @contextlib.contextmanager
 def sharded_copy(store: Store, url: URL) -> Iterator[Path]:
     """A complete local copy of the sharded checkpoint ``url`` (its manifest and every file
     it lists, each checked while fetched), laid out as :mod:`.sharded` reads it."""
     assert isinstance(store, FsspecStore)
-    raw = store.get_bytes(url / MANIFEST_FILE)
-    if raw is None:
-        remote_manifest(store, url)  # the error naming what is missing
-    assert raw is not None
+    raw = _manifest_bytes_at(store, url)
     body = parse_manifest(raw, str(url))
     holder = _staging(url, "copy")
     try:
@@ -412,7 +415,7 @@ def sharded_copy(store: Store, url: URL) -> Iterator[Path]:
         (root / MANIFEST_FILE).write_bytes(raw)
         folder = files_directory(root, body)
         folder.mkdir(exist_ok=True)
-        ShardFetcher(store, _files_prefix(url, body), body["files"], folder)(body["files"])
+        ShardFetcher(store, files_directory(url, body), body["files"], folder)(body["files"])
         yield root
     finally:
         shutil.rmtree(holder, ignore_errors=True)

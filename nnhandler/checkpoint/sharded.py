@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Final, Literal, TypeVar
 
 from pydantic import AfterValidator, Field
 
@@ -48,12 +48,16 @@ from ..errors import (
 from .format import Checkpoint
 from .integrity import IntegrityRecord, crc32, file_crc32
 from .schema import LogValue, Schema, validate
+from .storage import URL
 from .writer import atomic_write, fsync_directory, remove_checkpoint_path, temp_path_for
 
 if TYPE_CHECKING:  # DCP is imported only when a sharded checkpoint is written or loaded,
     # torch only when one is written, read, or verified collectively (nnhandler verify: never)
     from ..distributed import DistributedContext
     from .dcp_state import ShardedComponents
+
+#: a sharded checkpoint's place: a local folder or a prefix in object storage
+Location = TypeVar("Location", Path, URL)
 
 __all__ = [
     "ENVELOPE_FILE",
@@ -370,9 +374,10 @@ class ManifestBody(Schema):
     generation: Annotated[str, AfterValidator(_shard_name)] | None = None
 
 
-def files_directory(path: Path, body: Mapping[str, Any]) -> Path:
-    """Where the files of the checkpoint ``path`` with manifest ``body`` lie: ``path``
-    itself, or its generation folder (a checkpoint copied from object storage)."""
+def files_directory(path: Location, body: Mapping[str, Any]) -> Location:
+    """Where the files of the checkpoint ``path`` (a folder, or a prefix in object storage)
+    with manifest ``body`` lie: ``path`` itself, or the generation folder the manifest
+    names (a checkpoint in, or copied from, object storage)."""
     generation = body.get("generation")
     return path / generation if isinstance(generation, str) else path
 
