@@ -20,6 +20,7 @@ import fsspec
 import pytest
 import torch
 from dist_testing import launch_scenario
+from fsspec.implementations.memory import MemoryFileSystem
 from nnh_testing import TinyNet
 from s3_testing import s3_filesystem
 from torch import nn
@@ -120,6 +121,43 @@ def test_an_overwrite_keeps_the_old_checkpoint_until_the_new_manifest(
     assert sorted(p.rsplit("/", 1)[-1] for p in listed) == sorted(
         [MANIFEST_FILE, second["generation"]])
     assert NNHandler.load(url, device="cpu").epoch == 3
+
+
+class LandedThenFailedMemory(MemoryFileSystem):
+    """``memory://`` whose PUT of a manifest stores it and then fails, as a request whose
+    answer timed out after the store took it."""
+
+    protocol = "landedmemory"
+
+    def pipe_file(self, path: str, value: bytes, *args: Any, **kwargs: Any) -> None:
+        super().pipe_file(path, value, *args, **kwargs)
+        if path.endswith(f"/{MANIFEST_FILE}"):
+            raise TimeoutError(f"no answer for the PUT of {path}")
+
+
+fsspec.register_implementation("landedmemory", LandedThenFailedMemory, clobber=True)
+
+
+def test_a_manifest_put_that_failed_here_but_landed_removes_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NNHANDLER_REMOTE_RETRIES", "0")
+    handler = trained()
+    prefix = f"landedmemory://dcp-landed-{torch.randint(0, 10**9, ()).item()}"
+    url = f"{prefix}/last.dcp"
+    fs = fsspec.filesystem("landedmemory")
+    try:
+        with pytest.raises(OSError, match="no answer"):
+            write_sharded(handler, url)
+        # the store holds the manifest: the generation it names must still be complete
+        loaded = NNHandler.load(url, device="cpu")
+        assert loaded.epoch == 2
+        for a, b in zip(loaded.module.state_dict().values(),
+                        handler.module.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+    finally:
+        key = fs._strip_protocol(prefix)
+        if fs.exists(key):
+            fs.rm(key, recursive=True)
 
 
 def test_a_prefix_without_manifest_is_no_checkpoint(
