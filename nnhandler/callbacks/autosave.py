@@ -312,8 +312,7 @@ class AutoSaveCallback(Callback):
             self.flush(handler)
         self.mirror.report(handler, wait=True)
         self.schedule.end_call()
-        # the staging memory and its plan stay for the next train call (a first save plans
-        # anew: ~30 us per tensor); they go with the callback, or when the layout changes
+        # the staging memory and plan stay for the next call: they go with the callback
         self.schedule.waits.report(handler.logger, str(self.config.save_path))
         if self._call_failures:
             handler.logger.error(
