@@ -312,7 +312,7 @@ class AutoSaveCallback(Callback):
             self.flush(handler)
         self.mirror.report(handler, wait=True)
         self.schedule.end_call()
-        # staging memory and plan stay for the next train call (re-planning: ~30 us/tensor)
+        # the staging memory and plan stay for the next call: they go with the callback
         self.schedule.waits.report(handler.logger, str(self.config.save_path))
         if self._call_failures:
             handler.logger.error(
