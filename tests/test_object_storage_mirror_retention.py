@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from memory_store import drop_memory_root, memory_object_names
 from nnh_testing import make_handler
 
 from nnhandler import NNHandler
@@ -35,26 +36,12 @@ def fresh_mirror() -> str:
     return f"memory://nnh-mirror-retention-{next(_COUNTER)}-{id(object()):x}"
 
 
-def object_names(root: str) -> list[str]:
-    fs = fsspec.filesystem("memory")
-    try:
-        return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(URL(root).key, detail=False))
-    except FileNotFoundError:
-        return []
-
-
 def mirror_entries(root: str) -> list[tuple[str, int, int, tuple[str, ...]]]:
     """The mirror index's kept entries (name, epoch, step, reasons), lineage aside."""
     raw = fsspec.filesystem("memory").cat_file(f"{URL(root).key}/{INDEX_FILE}")
     sections = json.loads(raw)["callbacks"]
     return sorted((entry["name"], entry["epoch"], entry["step"], tuple(entry["reasons"]))
                   for section in sections.values() for entry in section["checkpoints"])
-
-
-def drop(root: str) -> None:
-    fs = fsspec.filesystem("memory")
-    if fs.exists(URL(root).key):
-        fs.rm(URL(root).key, recursive=True)
 
 
 def run(local: Path, mirror: str, saver: dict[str, Any], first: int, total: int, *,
@@ -80,7 +67,7 @@ def check_same_as_surviving(saver: dict[str, Any], first: int, total: int) -> No
             reference = run(kept_local, survived, saver, first, total, wipe=False)
             resumed = run(lost_local, wiped, saver, first, total, wipe=True)
             assert resumed.train_losses == reference.train_losses  # the same run
-            assert object_names(wiped) == object_names(survived)
+            assert memory_object_names(wiped) == memory_object_names(survived)
             assert mirror_entries(wiped) == mirror_entries(survived)
             # locally: what the surviving folder keeps of the files written after the wipe
             reference_local = {p.name for p in kept_local.iterdir()}
@@ -88,14 +75,13 @@ def check_same_as_surviving(saver: dict[str, Any], first: int, total: int) -> No
             assert written_after <= reference_local
             assert set(mirror_entries(survived)) and INDEX_FILE in written_after
         finally:
-            drop(survived)
-            drop(wiped)
+            drop_memory_root(survived)
+            drop_memory_root(wiped)
 
 
 @pytest.mark.parametrize(("saver", "first", "total"), [
-    ({"interval": 1, "name": "ep{epoch:03d}", "keep_last": 2}, 3, 4),
-    ({"interval": 1, "name": "ep{epoch:03d}", "keep_best": 1, "monitor": "val_loss",
-      "mode": "max"}, 3, 6),
+    ({"interval": 1, "name": "ep{epoch:03d}", "keep_last": 2}, 3, 5),
+    ({"interval": 1, "name": "ep{epoch:03d}", "keep_best": 1, "monitor": "val_loss"}, 3, 6),
     ({"interval": 1, "name": "ep{epoch:03d}", "keep_last": 1, "keep_every": 2}, 3, 6),
     ({"interval": None, "every_n_steps": 3, "name": "s{step:04d}", "keep_last": 1,
       "keep_every_n_steps": 6}, 3, 6),
@@ -128,17 +114,23 @@ def test_mirror_retention_after_a_wipe_equals_the_surviving_run(
     check_same_as_surviving(saver, first, first + more)
 
 
+def mirrored_run_index(tmp_path: Path, mirror: str) -> tuple[Any, str, dict[str, Any]]:
+    """Three epochs saved under ``tmp_path/ck`` with ``mirror`` (keep_last=2); the memory
+    filesystem, the key of the mirror's index and its parsed document."""
+    handler = make_handler(n=16)
+    handler.auto_save(1, tmp_path / "ck", name="ep{epoch:03d}", keep_last=2, mirror=mirror)
+    handler.train(epochs=3, seed=1, progress_bar=False)
+    fs = fsspec.filesystem("memory")
+    index_key = f"{URL(mirror).key}/{INDEX_FILE}"
+    return fs, index_key, json.loads(fs.cat_file(index_key))
+
+
 # -- the trust rule ------------------------------------------------------------------------------
 def test_the_mirrors_index_never_removes_a_local_file_nor_adopts_another_lineage(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     mirror = fresh_mirror()
     try:
-        handler = make_handler(n=16)
-        handler.auto_save(1, tmp_path / "ck", name="ep{epoch:03d}", keep_last=2, mirror=mirror)
-        handler.train(epochs=3, seed=1, progress_bar=False)
-        fs = fsspec.filesystem("memory")
-        index_key = f"{URL(mirror).key}/{INDEX_FILE}"
-        document = json.loads(fs.cat_file(index_key))
+        fs, index_key, document = mirrored_run_index(tmp_path, mirror)
         (section,) = document["callbacks"].values()
         # a crafted index: the local ep002 "to be removed", an entry for ep001 (which another
         # run's object now holds on the mirror), a newer write order
@@ -161,24 +153,19 @@ def test_the_mirrors_index_never_removes_a_local_file_nor_adopts_another_lineage
         assert "belongs to another run" in caplog.text  # the crafted ep001 was not adopted
         assert NNHandler.load(f"{mirror}/ep001.pth").progress.lineage == \
             other.progress.lineage
-        assert object_names(mirror) == ["ep001.pth", "ep002.pth", "ep003.pth", "ep004.pth",
+        assert memory_object_names(mirror) == ["ep001.pth", "ep002.pth", "ep003.pth", "ep004.pth",
                                         INDEX_FILE]
         assert [name for name, *_ in mirror_entries(mirror)] == [
             "ep002.pth", "ep003.pth", "ep004.pth"]
     finally:
-        drop(mirror)
+        drop_memory_root(mirror)
 
 
 def test_another_lineages_section_on_the_mirror_is_left_alone(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     mirror = fresh_mirror()
     try:
-        handler = make_handler(n=16)
-        handler.auto_save(1, tmp_path / "ck", name="ep{epoch:03d}", keep_last=2, mirror=mirror)
-        handler.train(epochs=3, seed=1, progress_bar=False)
-        fs = fsspec.filesystem("memory")
-        index_key = f"{URL(mirror).key}/{INDEX_FILE}"
-        document = json.loads(fs.cat_file(index_key))
+        fs, index_key, document = mirrored_run_index(tmp_path, mirror)
         for section in document["callbacks"].values():
             section["lineage"] = "0" * 32  # no longer this run's
         fs.pipe_file(index_key, json.dumps(document).encode())
@@ -190,6 +177,6 @@ def test_another_lineages_section_on_the_mirror_is_left_alone(
         assert "from another run" in caplog.text
         # the checkpoint's own bookkeeping (ep002, ep003: its lineage on the mirror) still
         # decides: keep_last=2 keeps ep003 and ep004, as if the folder had survived
-        assert object_names(mirror) == ["ep003.pth", "ep004.pth", INDEX_FILE]
+        assert memory_object_names(mirror) == ["ep003.pth", "ep004.pth", INDEX_FILE]
     finally:
-        drop(mirror)
+        drop_memory_root(mirror)

@@ -312,8 +312,8 @@ class AutoSaveCallback(Callback):
             self.flush(handler)
         self.mirror.report(handler, wait=True)
         self.schedule.end_call()
+        # the staging memory and plan stay for the next call: they go with the callback
         self.schedule.waits.report(handler.logger, str(self.config.save_path))
-        self._background.release()
         if self._call_failures:
             handler.logger.error(
                 "%d auto-save(s) to %s failed during this train call (see the errors above); "
