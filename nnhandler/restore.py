@@ -22,6 +22,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -38,11 +39,11 @@ from .checkpoint.sharded import (
     load_sharded_state,
     read_any_checkpoint,
 )
-from .checkpoint.storage import URL, is_url
+from .checkpoint.storage import URL, is_url, location_of
 from .components import EpochPosition, ModelState, RNGState
 from .config import LoadOptions, ResumeCall, mirror_location, validate_call
 from .devices import parse_device, resolve_device
-from .distributed import DistributedContext
+from .distributed import DistributedContext, run_on_rank_zero
 from .errors import (
     CheckpointError,
     CheckpointSchemaError,
@@ -118,9 +119,8 @@ def load_latest(load: Callable[..., Loaded], save_path: str | os.PathLike[str],
         if mirrored is None:
             latest = latest_checkpoint(save_path, context, _LOGGER, storage_options)
         else:
-            found = (newest_of_local_and_mirror(Path(save_path), mirrored, _LOGGER,
-                                                storage_options) if context.is_main else None)
-            latest = context.broadcast_object(None if found is None else str(found))
+            # run_on_rank_zero: an error while choosing reaches every rank, never a hang
+            latest = run_on_rank_zero(context, partial(_newest_name, *mirrored, storage_options))
         if latest is None:
             break
         remote = is_url(latest)
@@ -135,20 +135,30 @@ def load_latest(load: Callable[..., Loaded], save_path: str | os.PathLike[str],
                 raise
             _LOGGER.info("%s was removed while it was being loaded; choosing again", latest)
     raise NoCheckpointFoundError(f"no valid checkpoint in {str(save_path)!r}" + (
-        "" if mirrored is None else f" nor in its mirror {str(mirrored)!r}"))
+        "" if mirrored is None else f" nor in its mirror {str(mirrored[1])!r}"))
 
 
-def _mirror_of(save_path: str | os.PathLike[str], mirror: Any) -> URL | None:
-    """``load_latest``'s ``mirror``, checked: an object-storage URL, beside a local folder."""
+def _newest_name(local: Path, mirror: URL, storage_options: Mapping[str, Any] | None
+                 ) -> str | None:
+    found = newest_of_local_and_mirror(local, mirror, _LOGGER, storage_options)
+    return None if found is None else str(found)
+
+
+def _mirror_of(save_path: str | os.PathLike[str], mirror: Any) -> tuple[Path, URL] | None:
+    """``load_latest``'s ``mirror``, checked: an object-storage URL beside a local folder
+    (a ``file://`` URL is one); the folder and the mirror, ``None`` without a mirror."""
     try:
         location = mirror_location(mirror)
     except ValueError as error:
         raise ConfigurationError(f"NNHandler.load_latest: {error}") from None
-    if location is not None and is_url(save_path):
+    if location is None:
+        return None
+    local = location_of(save_path)
+    if not isinstance(local, Path):
         raise ConfigurationError(
             f"NNHandler.load_latest(mirror={str(location)!r}): save_path "
             f"{os.fspath(save_path)!r} is a URL; a mirror is the copy of a local folder")
-    return location
+    return local, location
 
 
 # -- building the handler -----------------------------------------------------------------------

@@ -23,7 +23,7 @@ from memory_store import drop_memory_root, memory_object_names
 from nnh_testing import make_handler
 from s3_testing import s3_filesystem
 
-from nnhandler import NNHandler, NoCheckpointFoundError, RemoteStorageError
+from nnhandler import ConfigurationError, NNHandler, NoCheckpointFoundError, RemoteStorageError
 from nnhandler.callbacks.autosave_mirror import latest_with_mirror
 from nnhandler.checkpoint.index import INDEX_FILE
 from nnhandler.checkpoint.storage import URL
@@ -204,10 +204,18 @@ def test_load_latest_with_a_mirror_that_does_not_answer_takes_the_local_one(
     assert loaded.epoch == 1 and "did not answer" in caplog.text
 
 
+def test_load_latest_with_a_mirror_takes_a_file_url_as_the_local_folder(
+        tmp_path: Path, mirror_root: str, caplog: pytest.LogCaptureFixture) -> None:
+    mirrored_run(tmp_path / "ck", mirror_root, epochs=2)
+    with caplog.at_level(logging.INFO, "nnhandler"):
+        loaded = NNHandler.load_latest(f"file://{tmp_path / 'ck'}", mirror=mirror_root)
+    assert loaded_from(caplog) == str(tmp_path / "ck" / "ep002.pth") and loaded.epoch == 2
+
+
 @pytest.mark.parametrize(("save_path", "mirror", "error", "message"), [
-    ("ck", "elsewhere", ValueError, r"mirror='elsewhere' is not an object-storage URL"),
-    ("ck", 5, ValueError, r"mirror=5 is not an object-storage URL"),
-    ("memory://bucket/run", "memory://bucket/copy", ValueError,
+    ("ck", "elsewhere", ConfigurationError, r"mirror='elsewhere' is not an object-storage URL"),
+    ("ck", 5, ConfigurationError, r"mirror=5 is not an object-storage URL"),
+    ("memory://bucket/run", "memory://bucket/copy", ConfigurationError,
      r"save_path 'memory://bucket/run' is a URL"),
     ("ck", "memory://nnh-nothing-here/run", NoCheckpointFoundError,
      r"no valid checkpoint in '.*ck' nor in its mirror 'memory://nnh-nothing-here/run'"),
