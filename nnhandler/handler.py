@@ -563,10 +563,10 @@ class NNHandler(HistoryViews, ModelCalls):
         without rules) stay candidates, and an unreadable index is a warning.
         Under DDP rank 0 chooses and every rank loads the same file. Raises
         :class:`~nnhandler.NoCheckpointFoundError` when there is no valid checkpoint.
-        ``load_arguments`` are those of :meth:`load`. ``mirror``: the URL an auto-saver
-        mirrors the local ``save_path`` to; the newest valid one of both by recorded epoch,
-        then step (the local one on a tie) is loaded, as ``train(resume="latest")`` does, and
-        ``storage_options`` are the mirror's (docs page "Object storage", "Mirror").
+        ``load_arguments`` are those of :meth:`load`. ``mirror``: the object-storage URL an
+        auto-saver mirrors the local ``save_path`` to; the newest valid checkpoint of both by
+        epoch, then step, past damaged ones on either side (local wins a tie), as
+        ``train(resume="latest")`` picks; ``storage_options`` are the mirror's (docs "Mirror").
         """
         return load_latest(cls.load, save_path, load_arguments, mirror)
 

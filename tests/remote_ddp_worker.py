@@ -4,8 +4,9 @@ gloo, CPU): auto-saves to moto's S3 server, and a store that stops answering.
     python -m torch.distributed.run --nproc_per_node=2 tests/remote_ddp_worker.py SCENARIO DIR
 
 ``NNH_TEST_URL`` names the S3 prefix, ``NNH_TEST_TAG`` a name part unique to the test,
-``NNH_SILENT_ENDPOINT`` a TCP server that never answers; ``AWS_ENDPOINT_URL`` and credentials come from the environment. Scenarios (each
-writes ``result_rank<r>.json`` into DIR):
+``NNH_SILENT_ENDPOINT`` a TCP server that never answers; ``AWS_ENDPOINT_URL`` and
+credentials come from the environment. Scenarios (each writes ``result_rank<r>.json`` into
+DIR):
 
 * ``train`` — a ``keep_last=2`` auto-save (``async_save`` in a second auto-saver) to S3 for 3
   epochs, then a fresh handler continues with ``train(resume="latest")`` to epoch 4.

@@ -252,14 +252,17 @@ class MirrorUploads:
             with self._lock:
                 errors, self._errors = self._errors, []
             for url, error in errors:
-                if config.on_save_error == "raise" and str(url) in str(error):
-                    raise error
-                if config.on_save_error == "raise":  # a store's own error names no URL
-                    raise RemoteStorageError(f"mirror: the upload to {str(url)!r} failed: "
-                                             f"{type(error).__name__}: {error}") from error
                 handler.logger.error(
-                    "MIRROR UPLOAD FAILED for %s (%s: %s); the local checkpoint stands and "
-                    "training continues", url, type(error).__name__, error)
+                    "MIRROR UPLOAD FAILED for %s (%s: %s); the local checkpoint stands%s",
+                    url, type(error).__name__, error,
+                    "" if config.on_save_error == "raise" else " and training continues")
+            if errors and config.on_save_error == "raise":  # the first failure, on every rank
+                url, error = errors[0]
+                if not isinstance(error, Exception) or str(url) in str(error):
+                    raise error
+                # a store's own error (s3fs' FileNotFoundError of a removed bucket) names no URL
+                raise RemoteStorageError(f"mirror: the upload to {str(url)!r} failed: "
+                                         f"{type(error).__name__}: {error}") from error
 
         run_on_rank_zero(handler.distributed, collect)
 
