@@ -25,6 +25,7 @@ from .format import FORMAT_NAME, FORMAT_VERSION, Checkpoint, unpack
 from .integrity import read_integrity_record, verify_file
 from .io import CheckpointIO, checkpoint_io
 from .records import StorageRecord
+from .writer import Destination
 from .ziplayout import check_zip_layout
 
 __all__ = [
@@ -157,9 +158,10 @@ def envelope_of(state: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
             "state": state}
 
 
-def write_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any], *,
+def write_checkpoint(path: Destination, state: dict[str, Any], meta: dict[str, Any], *,
                      io: CheckpointIO | None = None) -> int:
-    """Write the envelope atomically to ``path`` with ``io`` (``None``: the writer
+    """Write the envelope atomically to ``path`` (or into a stream that publishes it whole:
+    :data:`~.writer.Destination`) with ``io`` (``None``: the writer
     ``NNHANDLER_WRITER`` chooses, see :func:`~.io.checkpoint_io`); returns its size in bytes.
 
     Raises :class:`CheckpointError` (before anything is written) if the state holds anything but
@@ -171,7 +173,7 @@ def write_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any], *,
 
 
 def write_envelope(
-    path: Path, envelope: dict[str, Any], staged: Sequence[StorageRecord] = (), *,
+    path: Destination, envelope: dict[str, Any], staged: Sequence[StorageRecord] = (), *,
     io: CheckpointIO | None = None,
 ) -> int:
     """Write a checked envelope durably with its integrity record through ``io`` (see
@@ -191,7 +193,7 @@ def write_envelope(
     return write_with_record(path, envelope, summary, staged, io=io)
 
 
-def write_with_record(path: Path, payload: Any, summary: dict[str, Any],
+def write_with_record(path: Destination, payload: Any, summary: dict[str, Any],
                       staged: Sequence[StorageRecord] = (), *,
                       io: CheckpointIO | None = None) -> int:
     """Write ``payload`` (tensors and plain data) as a torch zip file that

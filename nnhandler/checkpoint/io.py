@@ -39,7 +39,6 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import IO, Any, BinaryIO, Final, cast
 
@@ -49,7 +48,7 @@ from torch import nn
 from ..errors import ConfigurationError
 from .integrity import crc32, integrity_record
 from .records import StorageRecord, find_mixed_dtypes
-from .writer import atomic_write
+from .writer import Destination, write_destination
 from .zipwriter import WRITE_BUFFER, write_torch_zip
 
 __all__ = [
@@ -95,10 +94,11 @@ class CheckpointIO(ABC):
     pickled_snapshots: bool
 
     @abstractmethod
-    def write(self, path: Path, payload: Any, summary: Mapping[str, Any],
+    def write(self, path: Destination, payload: Any, summary: Mapping[str, Any],
               staged: Sequence[StorageRecord] = ()) -> int:
         """Write ``payload`` (checked tensors and plain data, or the value of a snapshot taken
-        for this writer) to ``path``; ``summary`` goes into the integrity record; ``staged``
+        for this writer) to ``path`` (a file written atomically, or a stream such as an upload:
+        :func:`~.writer.write_destination`); ``summary`` goes into the integrity record; ``staged``
         are the storage records of a snapshot's placeholders (writers with
         :attr:`pickled_snapshots` only). Returns the file size in bytes."""
 
@@ -113,15 +113,16 @@ class FastWriter(CheckpointIO):
     name = "fast"
     pickled_snapshots = True
 
-    def write(self, path: Path, payload: Any, summary: Mapping[str, Any],
+    def write(self, path: Destination, payload: Any, summary: Mapping[str, Any],
               staged: Sequence[StorageRecord] = ()) -> int:
         pickled, storages = pickling_module().pickle_with_storages(payload, staged)
 
         def comment(covered_size: int, crc: int) -> bytes:
             return integrity_record(dict(summary), covered_size, crc)
 
-        return atomic_write(path, lambda file: write_torch_zip(file, pickled, storages, comment),
-                            buffering=WRITE_BUFFER)
+        return write_destination(
+            path, lambda file: write_torch_zip(file, pickled, storages, comment),
+            buffering=WRITE_BUFFER)
 
 
 class TorchSaveWriter(CheckpointIO):
@@ -134,7 +135,7 @@ class TorchSaveWriter(CheckpointIO):
     name = "torch"
     pickled_snapshots = False
 
-    def write(self, path: Path, payload: Any, summary: Mapping[str, Any],
+    def write(self, path: Destination, payload: Any, summary: Mapping[str, Any],
               staged: Sequence[StorageRecord] = ()) -> int:
         # ``staged`` back the snapshot's tensors already (they view the staging memory)
         def write(file: BinaryIO) -> int:
@@ -152,7 +153,7 @@ class TorchSaveWriter(CheckpointIO):
             return out.finish(lambda covered_size, crc: integrity_record(
                 dict(summary), covered_size, crc))
 
-        return atomic_write(path, write, buffering=WRITE_BUFFER)
+        return write_destination(path, write, buffering=WRITE_BUFFER)
 
 
 #: bytes held back from the file: the end-of-central-directory record (22 bytes, ending in the
