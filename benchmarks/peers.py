@@ -78,16 +78,16 @@ def quiet_peers() -> Iterator[None]:
     """The peers' info logging and warnings (GPU available: False, weights_only defaults, few
     dataloader workers ...) silenced; nnhandler's own warnings still show. The installed peers
     are imported first: Lightning sets its loggers' levels when it is imported."""
-    for module in _PEER_MODULES:
-        if not missing(module.partition(".")[0]):
-            importlib.import_module(module)
-    levels = {name: logging.getLogger(name).level for name in _PEER_LOGGERS}
-    for name in _PEER_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=_PEER_WARNINGS)
         warnings.filterwarnings("ignore", message=r".*(weights_only|num_workers|LeafSpec|"
-                                                  r"process group|ProcessGroup)")
+                                                  r"process group|ProcessGroup|torch\.jit)")
+        for module in _PEER_MODULES:
+            if not missing(module.partition(".")[0]):
+                importlib.import_module(module)
+        levels = {name: logging.getLogger(name).level for name in _PEER_LOGGERS}
+        for name in _PEER_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
         try:
             yield
         finally:
@@ -193,7 +193,7 @@ def _training_rows(every: list[Contender], rounds: int, epochs: int, case: str) 
     medians = {name: statistics.median(times) for name, times in samples.items()}
     baseline = every[0]
     return [Row("peers", f"{c.name}{'' if isinstance(c, HandWritten) else f' [{c.fsync}]'}: "
-                f"train {epochs} epochs, {_saving(c)}, {case}",
+                f"train {epochs} epoch{'' if epochs == 1 else 's'}, {_saving(c)}, {case}",
                 baseline.name, medians[baseline.name], medians[c.name])
             for c in every[1:]]
 
