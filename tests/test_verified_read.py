@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nnh_testing import make_handler
 
 from nnhandler import CheckpointCorruptedError
 from nnhandler.checkpoint import read_checkpoint
@@ -98,7 +99,7 @@ def test_a_flip_anywhere_in_a_large_record_or_around_it_is_detected(
     damaged[int(where * (len(data) - 1))] ^= 0x10
     path = tmp_path / "ck.pth"
     path.write_bytes(bytes(damaged))
-    with pytest.raises(CheckpointCorruptedError, match="ck.pth"):
+    with pytest.raises(CheckpointCorruptedError, match=r"ck\.pth"):
         read_checkpoint(path)
 
 
@@ -116,3 +117,33 @@ def test_a_flip_in_the_weights_is_named_as_corruption(
     with pytest.raises(CheckpointCorruptedError, match="CRC-32 of its content is"):
         read_checkpoint(path, mmap=mmap)
     assert torch.load(path, weights_only=True)["state"]["model"]["weight"].numel() == 200_000
+
+
+def test_a_damaged_file_leaves_a_live_handler_exactly_as_it_was(tmp_path: Path) -> None:
+    """resume_from a file with a flipped weight byte (in a record checked as it is read):
+    the error comes before anything is applied, so no weight, moment or step changes."""
+    saved = make_handler(hidden=5000)  # first layer's weight: 80 KB, above LARGE_READ
+    saved.train(1, seed=0, progress_bar=False)
+    weight = saved.module.state_dict()["net.0.weight"]
+    assert weight.numel() * weight.element_size() >= LARGE_READ
+    data = bytearray(saved.save(tmp_path / "ck.pth").read_bytes())
+    start = bytes(data).find(weight.numpy().tobytes()[:256])
+    assert start > 0
+    data[start + 40_000] ^= 0x04
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    live = make_handler(hidden=5000, init_seed=1)
+    live.train(1, seed=1, progress_bar=False)
+    optimizer = live.optimizer
+    assert optimizer is not None
+    before = ({k: v.clone() for k, v in live.module.state_dict().items()},
+              [{k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
+               for s in optimizer.state_dict()["state"].values()])
+    with pytest.raises(CheckpointCorruptedError, match=r"damaged\.pth"):
+        live.resume_from(damaged)
+    after_model = live.module.state_dict()
+    assert all(torch.equal(after_model[k], v) for k, v in before[0].items())
+    after_optimizer = list(optimizer.state_dict()["state"].values())
+    assert all(torch.equal(after[k], v)
+               for state, after in zip(before[1], after_optimizer, strict=True)
+               for k, v in state.items())
