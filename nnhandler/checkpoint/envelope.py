@@ -14,17 +14,17 @@ import pickle
 import platform
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final, cast
 
 import torch
 
 from ..errors import CheckpointError, CheckpointFormatError
 from .format import FORMAT_NAME, FORMAT_VERSION, Checkpoint, unpack
-from .integrity import read_integrity_record, verify_file
+from .integrity import corruption, read_integrity_record, verify_file
 from .io import CheckpointIO, checkpoint_io
 from .records import StorageRecord
+from .verified_read import CheckingReader
 from .writer import Destination
 from .ziplayout import check_zip_layout
 
@@ -211,46 +211,46 @@ def read_checkpoint(
     """Read and check an envelope; never executes code from the file.
 
     With ``verify`` (the default) the integrity record at the file's end is checked first (a
-    truncated file fails here), then the whole file is checked against its CRC-32 while
-    ``torch.load(weights_only=True)`` reads it; any damage raises
-    :class:`CheckpointCorruptedError` and no data is returned. Before ``torch.load`` opens it,
-    verified or not, the zip's central directory is checked (:mod:`.ziplayout`): compressed
-    records, records beyond the file or overlapping each other are a
-    :class:`CheckpointFormatError` (or, where the CRC fails too, corruption) and nothing is
-    inflated. ``mmap`` maps the tensors' storages instead of reading them (for checking what a
-    file holds without loading it).
+    truncated file fails here), then the whole file is checked against its CRC-32 in the same
+    read that loads it (:mod:`.verified_read`: the CRC of each large record is computed on the
+    tensor storage it was read into); any damage raises :class:`CheckpointCorruptedError`
+    and no data is returned. Before ``torch.load`` opens it, verified or not, the zip's
+    central directory is checked (:mod:`.ziplayout`): compressed records, records beyond the
+    file or overlapping each other are a :class:`CheckpointFormatError` (or, where the CRC
+    fails too, corruption) and nothing is inflated. ``mmap`` maps the tensors' storages
+    instead of reading them (for checking what a file holds without loading it); with
+    ``verify`` the file is checked completely before it is mapped.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    # The CRC check runs in a thread beside torch.load (zlib releases the GIL), so verifying
-    # costs little extra time; the result is used only once the check has passed. Unpickling
-    # first is safe: weights_only never executes code from the file.
-    if verify:
-        read_integrity_record(path)
-    verification = _start_verification(path) if verify else None
-    try:
+    if not verify:
         check_zip_layout(path)  # nothing is inflated or allocated on a hostile layout's word
-        envelope = _load_envelope(path, map_location, mmap)
+        return unpack(path, _load_envelope(path, path, map_location, mmap))
+    record = read_integrity_record(path)
+    if mmap:  # nothing is read to check on the way: check first
+        verify_file(path)
+        check_zip_layout(path)
+        return unpack(path, _load_envelope(path, path, map_location, mmap))
+    try:
+        check_zip_layout(path)
+        with CheckingReader(path) as reader:
+            envelope = _load_envelope(reader, path, map_location)
+            size, crc = reader.file_crc32(int(record["covered_size"]))
     except CheckpointError:
-        if verification is not None:
-            verification.result()  # damage explains the failure: report it as such
+        verify_file(path)  # damage explains the failure: report it as such
         raise
-    if verification is not None:
-        verification.result()
+    if size != record["covered_size"] or crc != record["crc32"]:
+        raise corruption(path, crc, int(record["crc32"]))
     return unpack(path, envelope)
 
 
-def _start_verification(path: Path) -> Future[Any]:
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnhandler-verify")
-    future = executor.submit(verify_file, path)
-    executor.shutdown(wait=False)
-    return future
-
-
-def _load_envelope(path: Path, map_location: Any, mmap: bool = False) -> Any:
+def _load_envelope(source: Path | CheckingReader, path: Path, map_location: Any,
+                   mmap: bool = False) -> Any:
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        # torch.load reads any object with read/readinto/seek/tell (typed as IO[bytes])
+        file = cast(BinaryIO, source) if isinstance(source, CheckingReader) else source
+        return torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise CheckpointFormatError(
             f"{str(path)!r} holds objects other than tensors and plain data and was refused "
