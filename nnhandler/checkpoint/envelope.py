@@ -24,6 +24,7 @@ from ..errors import CheckpointError, CheckpointFormatError
 from .format import FORMAT_NAME, FORMAT_VERSION, Checkpoint, unpack
 from .integrity import read_integrity_record, verify_file
 from .io import CheckpointIO, checkpoint_io
+from .packing import split_packs
 from .records import StorageRecord
 from .ziplayout import check_zip_layout
 
@@ -188,18 +189,20 @@ def write_envelope(
     }
     if "lineage" in meta:  # read back by a tail read before any replacement or removal
         summary["lineage"] = meta["lineage"]
-    return write_with_record(path, envelope, summary, staged, io=io)
+    return write_with_record(path, envelope, summary, staged, io=io, pack=True)
 
 
 def write_with_record(path: Path, payload: Any, summary: dict[str, Any],
                       staged: Sequence[StorageRecord] = (), *,
-                      io: CheckpointIO | None = None) -> int:
+                      io: CheckpointIO | None = None, pack: bool = False) -> int:
     """Write ``payload`` (tensors and plain data) as a torch zip file that
     ``torch.load(weights_only=True)`` opens, with an integrity record holding ``summary``,
     durably through :func:`~.writer.atomic_write`, with ``io`` (``None``: the writer
-    ``NNHANDLER_WRITER`` chooses, see :func:`~.io.checkpoint_io`). Returns the file size."""
+    ``NNHANDLER_WRITER`` chooses, see :func:`~.io.checkpoint_io`). ``pack``: small storages
+    may be packed (:mod:`.packing`; envelopes only, which :func:`read_checkpoint` splits
+    again). Returns the file size."""
     writer = io if io is not None else checkpoint_io()
-    return writer.write(path, payload, summary, staged)
+    return writer.write(path, payload, summary, staged, pack=pack)
 
 
 def read_checkpoint(
@@ -236,7 +239,7 @@ def read_checkpoint(
         raise
     if verification is not None:
         verification.result()
-    return unpack(path, envelope)
+    return unpack(path, split_packs(envelope, clone=not mmap))
 
 
 def _start_verification(path: Path) -> Future[Any]:
