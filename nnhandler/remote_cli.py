@@ -1,6 +1,7 @@
 """``nnhandler list`` / ``verify`` on URLs (``s3://bucket/run``): the rows and results of
 :mod:`nnhandler.cli`, for objects in a store (the store's standard configuration applies:
-``AWS_ENDPOINT_URL``, credentials from the environment). ``inspect`` needs nothing extra:
+``AWS_ENDPOINT_URL``, credentials from the environment), sharded ``….dcp`` prefixes
+included. ``inspect`` needs nothing extra:
 :func:`~nnhandler.checkpoint.sharded.read_any_checkpoint` reads URLs.
 
 Imported by the CLI only for a URL argument.
@@ -14,8 +15,9 @@ from typing import Any
 
 from .checkpoint.discovery import first_valid, read_index_or_warn
 from .checkpoint.remote_checkpoints import check_remote_candidate, list_remote_checkpoints
+from .checkpoint.remote_sharded import complete_copy
 from .checkpoint.storage import URL, store_for
-from .errors import CheckpointError
+from .errors import CheckpointCorruptedError, CheckpointError
 
 __all__ = ["list_url", "verify_url"]
 
@@ -40,7 +42,10 @@ def list_url(directory: str, *, verify: bool, keys: tuple[str, ...],
                 problem = str(error)
         logs: dict[str, Any] = (record.get("logs") if record is not None else None) or {}
         size: int | None = None
-        if record is not None:  # the record says how large the object is
+        listed = candidate.record
+        if listed is not None and "size" in listed:  # a sharded checkpoint's manifest
+            size = int(listed["size"])
+        elif record is not None:  # the record says how large the object is
             size = int(record["covered_size"]) + 2
         rows.append({
             "name": candidate.path.name, "path": str(candidate.path),
@@ -71,12 +76,16 @@ def verify_url(path: str, verify_local: Callable[[str], dict[str, Any]]) -> dict
     """``nnhandler verify``'s result for the object ``path``: ``verify_local`` (the CLI's
     check of a local file) run on a complete copy, reported under the URL."""
     url = URL(path)
+    store = store_for(url)
     try:
-        with store_for(url).fetch(url) as local:
+        # a sharded checkpoint (a prefix): its files, each checked against the manifest
+        with complete_copy(store, url) as local:
             result = verify_local(str(local))
             text = str(local)
     except FileNotFoundError:
         return {"path": path, "ok": False, "kind": "missing", "error": "no such object"}
+    except CheckpointCorruptedError as error:
+        return {"path": path, "ok": False, "kind": "corrupt", "error": str(error)}
     except (CheckpointError, OSError) as error:
         return {"path": path, "ok": False, "kind": "invalid", "error": str(error)}
     return {key: value.replace(text, path) if isinstance(value, str) else value

@@ -10,11 +10,13 @@ Background writes are held back where a test needs them in flight: ``write_envel
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -560,7 +562,21 @@ def test_staging_memory_is_allocated_once_and_reused() -> None:
     train(handler, 5)
     assert len(recorder.pointers) == 5 and len(set(recorder.pointers)) == 1
     staging = callback.background.staging
-    assert staging is not None and staging.arena is None  # released
+    assert staging is not None and staging.arena is not None  # kept for the next call
+    train(handler, 2)  # the next train call reuses the arena and the plan
+    assert len(recorder.pointers) == 7 and len(set(recorder.pointers)) == 1
+
+
+def test_staging_memory_goes_with_the_handler() -> None:
+    handler = make_handler()
+    callback = handler.auto_save(1, CK, name=NAME, async_save=True)
+    train(handler, 2)
+    staging = callback.background.staging
+    assert staging is not None and staging.arena is not None
+    arena = weakref.ref(staging.arena)
+    del handler, callback, staging
+    gc.collect()
+    assert arena() is None
 
 
 def test_staging_buffers_follow_the_layout() -> None:

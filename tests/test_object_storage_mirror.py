@@ -19,6 +19,7 @@ from typing import Any
 import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
+from memory_store import drop_memory_root, memory_object_names
 from nnh_testing import make_handler
 from s3_testing import s3_filesystem
 
@@ -54,17 +55,7 @@ def mirror_root() -> Iterator[str]:
     """A fresh ``memory://`` folder, emptied afterwards."""
     root = f"memory://nnh-mirror-{id(object()):x}"
     yield root
-    fs = fsspec.filesystem("memory")
-    if fs.exists(URL(root).key):
-        fs.rm(URL(root).key, recursive=True)
-
-
-def object_names(root: str) -> list[str]:
-    fs = fsspec.filesystem("memory")
-    try:
-        return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(URL(root).key, detail=False))
-    except FileNotFoundError:
-        return []
+    drop_memory_root(root)
 
 
 def local_names(folder: Path) -> list[str]:
@@ -80,7 +71,7 @@ def test_mirror_holds_complete_copies_under_the_same_retention(
     handler.train(epochs=4, seed=1, progress_bar=False)
     assert callback.mirror.pending == 0 and callback.mirror.uploads == 4
     assert local_names(tmp_path / "ck") == ["ep003.pth", "ep004.pth", INDEX_FILE]
-    assert object_names(mirror_root) == ["ep003.pth", "ep004.pth", INDEX_FILE]
+    assert memory_object_names(mirror_root) == ["ep003.pth", "ep004.pth", INDEX_FILE]
     fs = fsspec.filesystem("memory")
     for name in ("ep003.pth", "ep004.pth"):  # byte for byte the local file
         assert fs.cat_file(f"{URL(mirror_root).key}/{name}") == (tmp_path / "ck" / name
@@ -98,7 +89,7 @@ def test_overwrite_keeps_only_the_latest_on_the_mirror_too(tmp_path: Path,
     handler.auto_save(1, tmp_path, name="ep{epoch:03d}", overwrite=True, mirror=mirror_root)
     handler.train(epochs=3, seed=1, progress_bar=False)
     assert [p.name for p in tmp_path.glob("*.pth")] == ["ep003.pth"]
-    assert object_names(mirror_root) == ["ep003.pth"]
+    assert memory_object_names(mirror_root) == ["ep003.pth"]
 
 
 def test_mirror_retention_never_removes_another_runs_object(tmp_path: Path,
@@ -112,7 +103,7 @@ def test_mirror_retention_never_removes_another_runs_object(tmp_path: Path,
     handler.train(epochs=2, seed=1, progress_bar=False)
     # the other run's ep001 is untouched; this run's went to ep001-v1, then retention
     # removed it (its own lineage) and kept the newest
-    assert object_names(mirror_root) == ["ep001.pth", "ep002.pth", INDEX_FILE]
+    assert memory_object_names(mirror_root) == ["ep001.pth", "ep002.pth", INDEX_FILE]
     assert NNHandler.load(f"{mirror_root}/ep001.pth").progress.lineage == \
         other.progress.lineage
 
@@ -130,9 +121,8 @@ def test_a_wiped_local_folder_resumes_from_the_mirror(tmp_path: Path, mirror_roo
     assert again.epoch == 4 and len(again.train_losses) == 4
     assert again.train_losses[:3] == handler.train_losses
     assert local_names(tmp_path / "ck") == ["ep004.pth", INDEX_FILE]
-    # the resumed bookkeeping drops ep003 (gone locally), so the mirror follows the local
-    # index and keeps ep004 only (a known limit: see docs/object-storage.md, "Mirror")
-    assert object_names(mirror_root) == ["ep004.pth", INDEX_FILE]
+    # the resumed bookkeeping keeps ep003 (on the mirror), as the lost folder would have
+    assert memory_object_names(mirror_root) == ["ep003.pth", "ep004.pth", INDEX_FILE]
 
 
 @pytest.mark.parametrize("newer", ["local", "mirror", "tie"], ids=["local", "mirror", "tie"])
@@ -193,7 +183,7 @@ def test_a_queued_upload_waits_and_says_so(tmp_path: Path, mirror_root: str,
         gate.set()
         callback.mirror.report(handler, wait=True)
     assert callback.mirror.pending == 0 and callback.mirror.uploads == 2
-    assert object_names(mirror_root) == ["ep001.pth"]
+    assert memory_object_names(mirror_root) == ["ep001.pth"]
 
 
 def test_an_upload_failure_under_raise_reaches_the_next_save(
@@ -259,4 +249,4 @@ def test_s3_mirror_with_retention_and_resume(tmp_path: Path, s3_bucket: str) -> 
     assert again.epoch == 4 and again.train_losses[:3] == handler.train_losses
     fs.invalidate_cache()
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/run")) == [
-        "ep004.pth", INDEX_FILE]
+        "ep003.pth", "ep004.pth", INDEX_FILE]

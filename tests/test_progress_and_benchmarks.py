@@ -134,8 +134,11 @@ TINY_SECTIONS: dict[str, Callable[[Path], list[Row]]] = {
                                              directory=where),
     "async": lambda where: save_cost.run_async(rounds=1, sizes=(0.25,), counts=(3, 40),
                                                directory=where),
-    "e2e": lambda where: end_to_end.run(rounds=1, epochs=2, epoch_seconds=0.02, width=16,
-                                        hidden=32, directory=where),
+    "e2e": lambda where: end_to_end.run(rounds=1, epochs=2, epoch_seconds=0.02,
+                                        directory=where, shapes=(
+        end_to_end.Shape("tiny MLP", end_to_end.WideMLP, 16, {"width": 16, "hidden": 32}),
+        end_to_end.Shape("many tensors", loop_overhead.ManyLayers, 8,
+                         {"width": 8, "layers": 20}, threads=1))),
     "memory": lambda where: save_memory.run(megabytes=2, counts=(20,), directory=where),
     "remote": lambda where: remote_upload.run(rounds=1, megabytes=2, directory=where),
 }

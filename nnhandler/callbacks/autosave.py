@@ -266,7 +266,7 @@ class AutoSaveCallback(Callback):
                     pending_removal=self.pending_removal))
             self.pending_removal = None
             resume_retention(self.retention, self.retention_rules, self.state_key, handler,
-                             guard)
+                             guard, self.mirror)
 
     def _guard(self, handler: Trainer) -> RemovalGuard:
         return removal_guard(self.config, handler, self._earlier_templates)
@@ -312,8 +312,8 @@ class AutoSaveCallback(Callback):
             self.flush(handler)
         self.mirror.report(handler, wait=True)
         self.schedule.end_call()
+        # the staging memory and plan stay for the next call: they go with the callback
         self.schedule.waits.report(handler.logger, str(self.config.save_path))
-        self._background.release()
         if self._call_failures:
             handler.logger.error(
                 "%d auto-save(s) to %s failed during this train call (see the errors above); "

@@ -32,6 +32,7 @@ from ..naming import (
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
+    from .autosave_mirror import MirrorUploads
 
 __all__ = [
     "check_log_keys",
@@ -279,14 +280,16 @@ def remove_superseded(handler: Trainer, superseded: list[str], new: Path | URL,
 
 
 def resume_retention(retention: Retention, rules: RetentionRules, key: str, handler: Trainer,
-                     guard: RemovalGuard) -> None:
+                     guard: RemovalGuard, mirror: MirrorUploads | None = None) -> None:
     """When ``train`` starts: rank 0 merges the restored bookkeeping with the index (records
-    ``guard`` refuses are dropped), every rank takes the result, and rank 0 records it and
-    finishes removals already decided."""
+    ``guard`` refuses are dropped) and, with a ``mirror``, with the mirror's where the local
+    folder lost files (:meth:`~nnhandler.checkpoint.retention.Retention.resume`); every rank
+    takes the result, and rank 0 records it and finishes removals already decided."""
     if not rules.active:
         return
     retention.bind(key)
-    merged = run_on_rank_zero(handler.distributed, lambda: retention.resume(guard, key))
+    merged = run_on_rank_zero(handler.distributed, lambda: retention.resume(
+        guard, key, None if mirror is None else mirror.replica(handler)))
     retention.state = merged
     if handler.distributed.is_main and (merged.files or merged.removing):
         retention.commit(merged, guard, key, rules)

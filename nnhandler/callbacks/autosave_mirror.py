@@ -120,6 +120,19 @@ class MirrorUploads:
                  if config.overwrite else ())
         self.enqueue(handler, config, state_key, (config.name, *earlier), path, names)
 
+    def replica(self, handler: Trainer, templates: tuple[str, ...] | None = None
+                ) -> StoreRemovalGuard | None:
+        """The guard of every removal on the mirror (``None`` without one): directly under
+        it, the saver's name ``templates`` (default: its current and earlier ones), the run's
+        lineage. Retention's resume reads the mirror through it too."""
+        config, _, earlier = self._source()
+        if config.mirror is None:
+            return None
+        store = store_for(config.mirror, config.storage_options)
+        templates = (config.name, *earlier) if templates is None else templates
+        return StoreRemovalGuard(config.mirror, templates[0], handler.progress.lineage,
+                                 handler.logger, templates[1:], store=store)
+
     def enqueue(self, handler: Trainer, config: AutoSaveConfig, state_key: str,
                 templates: tuple[str, ...], path: Path, superseded: tuple[str, ...] = ()
                 ) -> None:
@@ -133,11 +146,9 @@ class MirrorUploads:
                 "mirrored yet; use mirror=None for a model with DTensor parameters")
         from ..checkpoint.remote import FsspecStore
 
-        store = store_for(mirror, config.storage_options)
-        assert isinstance(store, FsspecStore)
-        self._store, self._key = store, state_key
-        self._guard = StoreRemovalGuard(mirror, config.name, handler.progress.lineage,
-                                        handler.logger, templates[1:], store=store)
+        self._guard = guard = self.replica(handler, templates)
+        assert guard is not None and isinstance(guard.store, FsspecStore)
+        self._store, self._key = guard.store, state_key
         section = None
         try:
             section = (read_index(path.parent) or {}).get(state_key)

@@ -19,7 +19,7 @@ import contextlib
 import io
 import pickle
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from ..errors import CheckpointError, CheckpointFormatError
+from ..errors import CheckpointCorruptedError, CheckpointError, CheckpointFormatError
 
 __all__ = [
     "UNSTEPPED_KEY",
@@ -155,7 +155,7 @@ def merge_tensors(tensors: Mapping[str, Any], plain: Mapping[str, Any]) -> dict[
 
 
 @contextlib.contextmanager
-def _dcp_errors(what: str, directory: Path) -> Iterator[None]:
+def _dcp_errors(what: str, directory: Path | str) -> Iterator[None]:
     """DCP raises a failure of any rank on every rank as ``CheckpointException``, which is a
     ``BaseException``; turn it into a :class:`CheckpointError` that names each rank's error
     (an interrupt stays an interrupt)."""
@@ -168,7 +168,11 @@ def _dcp_errors(what: str, directory: Path) -> Iterator[None]:
                 raise raised from error
         details = "; ".join(f"rank {rank}: {type(raised).__name__}: {raised}"
                             for rank, (raised, _trace) in failures)
-        raise CheckpointError(f"{what} {str(directory)!r} failed: {details}") from error
+        # a damaged file found by any rank is damage on every rank (load_latest passes it by)
+        kind = (CheckpointCorruptedError
+                if any(isinstance(raised, CheckpointCorruptedError) for _, (raised, _t) in failures)
+                else CheckpointError)
+        raise kind(f"{what} {str(directory)!r} failed: {details}") from error
 
 
 @contextlib.contextmanager
@@ -182,7 +186,7 @@ def _single_process_is_meant() -> Iterator[None]:
 
 
 def save_tensors(directory: Path, tensors: dict[str, Any], distributed: bool, *,
-                 name: Path) -> None:
+                 name: Path | str) -> None:
     """Write ``tensors`` (each rank its own shards) into ``directory``; collective when
     ``distributed``. Files are fsynced. An error on any rank is raised on every rank as a
     :class:`CheckpointError` naming the rank, its error and the checkpoint ``name``."""
@@ -192,10 +196,13 @@ def save_tensors(directory: Path, tensors: dict[str, Any], distributed: bool, *,
 
 
 def load_tensors(directory: Path, target: dict[str, Any], distributed: bool, *,
-                 files: Iterable[str], strict: bool = True) -> None:
+                 files: Iterable[str], strict: bool = True,
+                 fetch: Callable[[Iterable[str]], None] | None = None) -> None:
     """Fill the tensors of ``target`` in place from ``directory`` (collective when
-    ``distributed``), resharding where the saved layout differs. Only ``files`` may be read."""
-    reader = _SafeReader(directory, frozenset(files))
+    ``distributed``), resharding where the saved layout differs. Only ``files`` may be read.
+    ``fetch(names)``: brings the files this rank's read plan needs into ``directory`` first
+    (a checkpoint in object storage: each rank downloads only its part)."""
+    reader = _SafeReader(directory, frozenset(files), fetch)
     reader.read_metadata()  # checked here, so a refusal is raised as itself, not inside DCP
     try:
         with _dcp_errors("loading the shards of", directory), _single_process_is_meant():
@@ -260,10 +267,18 @@ class _SafeReader(FileSystemReader):
     """A ``FileSystemReader`` whose metadata is unpickled by :class:`_MetadataUnpickler` and
     whose shard files must be among ``files`` (the manifest's list)."""
 
-    def __init__(self, path: Path, files: frozenset[str]) -> None:
+    def __init__(self, path: Path, files: frozenset[str],
+                 fetch: Callable[[Iterable[str]], None] | None = None) -> None:
         super().__init__(path)
         self._files = files
+        self._fetch = fetch
         self._checked_metadata: Metadata | None = None
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
+        if self._fetch is not None:
+            self._fetch({self.storage_data[item.storage_index].relative_path
+                         for item in plan.items})
+        return super().read_data(plan, planner)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:

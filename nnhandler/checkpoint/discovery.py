@@ -30,7 +30,14 @@ from .index import IndexSection, read_index
 from .integrity import IntegrityRecord, read_integrity_record, verify_file
 from .migrations import readable_version_problem
 from .plainread import NeedsTorch, read_plain_envelope
-from .sharded import ENVELOPE_FILE, SHARDED_SUFFIX, manifest_record, verify_sharded
+from .sharded import (
+    ENVELOPE_FILE,
+    SHARDED_SUFFIX,
+    files_directory,
+    manifest_record,
+    read_manifest,
+    verify_sharded,
+)
 from .storage import URL, Store, location_of, store_for
 from .writer import is_temp_file
 from .ziplayout import check_zip_layout
@@ -156,7 +163,8 @@ def check_candidate(path: Path) -> IntegrityRecord:
     Torch is imported only for a file :mod:`.plainread` does not decode itself: the content
     of the usual checkpoint is checked without it (``nnhandler verify`` starts fast)."""
     record = verify_candidate(path)
-    envelope = path / ENVELOPE_FILE if path.is_dir() else path
+    envelope = (files_directory(path, read_manifest(path)) / ENVELOPE_FILE if path.is_dir()
+                else path)
     checkpoint = _read_unverified(envelope)
     check_contents(checkpoint.state, str(path))
     # a directory is ranked by the records and loaded by the envelope: they must agree

@@ -7,8 +7,10 @@ The same files and the same rules as on a local disk, on a store without rename:
 * :func:`read_remote_checkpoint` reads a complete copy and always verifies its CRC-32 (the
   object may have been replaced since it was chosen);
 * :func:`list_remote_checkpoints` ranks a folder's ``*.pth`` objects by the integrity record
-  at each one's end (one ranged read per object), as :func:`~.discovery.list_checkpoints`
-  does locally; :func:`find_latest_valid_remote` takes the newest that would load.
+  at each one's end (one ranged read per object) and its ``*.dcp`` prefixes by their
+  manifest (:mod:`.remote_sharded`; one without is listed as incomplete), as
+  :func:`~.discovery.list_checkpoints` does locally; :func:`find_latest_valid_remote` takes
+  the newest that would load.
 
 Errors name the URL, never the local staging copy.
 """
@@ -27,12 +29,13 @@ from .discovery import CheckpointCandidate, check_candidate, first_valid, read_i
 from .format import Checkpoint
 from .index import INDEX_FILE, IndexSection
 from .integrity import TAIL_PREFETCH, IntegrityRecord, parse_integrity_record
+from .remote_sharded import complete_copy, remote_manifest_record
 from .sharded import SHARDED_SUFFIX
 from .storage import URL, Store, store_for
 from .writer import is_temp_file
 
 __all__ = ["check_remote_candidate", "find_latest_valid_remote", "list_remote_checkpoints",
-           "publish_checkpoint", "read_remote_checkpoint", "remote_integrity_record"]
+           "named_as", "publish_checkpoint", "read_remote_checkpoint", "remote_integrity_record"]
 
 Result = TypeVar("Result")
 
@@ -43,14 +46,15 @@ def publish_checkpoint(url: URL, write: Callable[[Path], int],
     record), then it is published whole. Returns its size."""
     if url.suffix == SHARDED_SUFFIX:
         raise ConfigurationError(
-            f"save path {str(url)!r}: sharded ({SHARDED_SUFFIX}) checkpoints are not written "
-            "to URLs yet; save a '.pth' or use a shared local filesystem")
+            f"save path {str(url)!r}: {SHARDED_SUFFIX!r} names a sharded checkpoint directory, "
+            "but this model has no DTensor parameters; use '.pth'")
     return store_for(url, storage_options).publish(url, write)
 
 
 @contextmanager
-def _named_as(url: URL, local: Path) -> Iterator[None]:
-    """Errors raised about ``local`` (a staging copy) name ``url`` instead."""
+def named_as(url: URL, local: Path) -> Iterator[None]:
+    """Errors raised about ``local`` (a staging copy) name ``url`` instead (a sharded
+    checkpoint's files too: ``local/name`` becomes ``url/name``)."""
     try:
         yield
     except (CheckpointError, OSError) as error:
@@ -66,12 +70,9 @@ def read_remote_checkpoint(url: URL, map_location: Any = None, *,
                            storage_options: Mapping[str, Any] | None = None) -> Checkpoint:
     """Read the checkpoint at ``url`` (a complete copy, verified against its CRC-32 while it
     is read); its ``path`` is ``url``."""
-    if url.suffix == SHARDED_SUFFIX:
-        raise ConfigurationError(f"{str(url)!r}: sharded ({SHARDED_SUFFIX}) checkpoints are "
-                                 "not read from URLs yet")
     store = store_for(url, storage_options)
     try:
-        with store.fetch(url) as local, _named_as(url, local):
+        with store.fetch(url) as local, named_as(url, local):
             from .envelope import read_checkpoint  # torch: not for list/verify
 
             checkpoint = read_checkpoint(local, map_location, verify=True)
@@ -108,13 +109,16 @@ def list_remote_checkpoints(store: Store, directory: URL,
     for entry in store.entries(directory):
         url = entry.location
         assert isinstance(url, URL)
-        if entry.is_dir or url.suffix != ".pth" or url.name.startswith(".") \
-                or is_temp_file(Path(url.name)) or url.name == INDEX_FILE:
+        sharded = entry.is_dir and url.suffix == SHARDED_SUFFIX  # a prefix with a manifest
+        if (entry.is_dir and not sharded) or url.suffix not in (".pth", SHARDED_SUFFIX) \
+                or url.name.startswith(".") or is_temp_file(Path(url.name)) \
+                or url.name == INDEX_FILE:
             continue
         marks = {"indexed": url.name in kept,
                  "superseded": url.name in removing and url.name not in kept}
         try:
-            record = remote_integrity_record(store, url)
+            record = (remote_manifest_record(store, url) if sharded
+                      else remote_integrity_record(store, url))
         except FileNotFoundError:
             continue  # removed meanwhile
         except (CheckpointError, OSError) as error:
@@ -128,8 +132,10 @@ def list_remote_checkpoints(store: Store, directory: URL,
 
 def check_remote_candidate(store: Store, url: URL) -> IntegrityRecord:
     """Whether the object ``url`` would load (every checksum, format version, content
-    schema: :func:`~.discovery.check_candidate` on a complete copy); returns its record."""
-    with store.fetch(url) as local, _named_as(url, local):
+    schema: :func:`~.discovery.check_candidate` on a complete copy); returns its record.
+    A sharded checkpoint (``….dcp``) is copied file by file
+    (:func:`~.remote_sharded.complete_copy`)."""
+    with complete_copy(store, url) as local, named_as(url, local):
         return check_candidate(local)
 
 

@@ -45,14 +45,15 @@ from pydantic import Field
 
 from ..errors import CheckpointIndexError
 from .index import IndexEntry, IndexEntryRecord, IndexSection, read_index, update_index
-from .removal import Outcome, RemovalGuard
+from .removal import Outcome, Refused, RemovalGuard
 from .schema import Schema, validate
 
 if TYPE_CHECKING:
     from ..config import AutoSaveConfig
 
 __all__ = ["Retention", "RetentionPlan", "RetentionRules", "RetentionState",
-           "RetentionStateRecord", "decide", "monitored_value"]
+           "RetentionStateRecord", "adopt_replica", "decide", "held_on_replica",
+           "monitored_value"]
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,8 @@ class Retention:
             self.state = final
 
     # -- resuming ------------------------------------------------------------------------------
-    def resume(self, guard: RemovalGuard, key: str) -> RetentionState:
+    def resume(self, guard: RemovalGuard, key: str,
+               replica: RemovalGuard | None = None) -> RetentionState:
         """Rank 0, when ``train`` starts: this lineage's files as the index and the restored
         bookkeeping know them together, without files that no longer exist and without
         records that fail ``guard``'s checks (outside ``guard.directory``, another name, a
@@ -314,6 +316,14 @@ class Retention:
         callback's own files and follow the same rules. The section of a fresh run's key (an
         earlier run into the same folder) or of another lineage is not adopted: its files are
         never removed by this run.
+
+        ``replica``: the guard of a second copy of the folder (the auto-saver's ``mirror``).
+        When the continued bookkeeping records a file the folder no longer has, or the folder
+        has no section of this lineage (the local disk was lost), the replica's index is
+        merged in as the local one is (:func:`adopt_replica`), and a recorded file missing
+        locally stays in the bookkeeping while the replica holds it as this lineage's own
+        (:func:`held_on_replica`): the rules then decide over the same files as if the folder
+        had survived, on both sides.
         """
         directory, logger = guard.directory, guard.logger
         state = (self.state if self.state.lineage
@@ -333,12 +343,18 @@ class Retention:
             section = None
         if section is not None:
             state = _merge(state, RetentionState.from_section(section))
+        held: frozenset[str] = frozenset()
+        if replica is not None and self.continuing:
+            if section is None or any(not guard.exists(name) for name in _names(state)):
+                state = adopt_replica(state, guard, replica, key)
+            held = held_on_replica(replica, [name for name in _names(state)
+                                             if not guard.exists(name)])
         return replace(
             state,
             files=tuple(entry for entry in state.files
-                        if _vetted(guard, entry.name, "checkpoint recorded as kept")),
+                        if _vetted(guard, entry.name, "checkpoint recorded as kept", held)),
             removing=tuple(name for name in state.removing
-                           if _vetted(guard, name, "checkpoint recorded for removal")))
+                           if _vetted(guard, name, "checkpoint recorded for removal", held)))
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -389,12 +405,87 @@ def _unique(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _vetted(guard: RemovalGuard, name: str, what: str) -> bool:
+def _names(state: RetentionState) -> list[str]:
+    return [*(entry.name for entry in state.files), *state.removing]
+
+
+def _vetted(guard: RemovalGuard, name: str, what: str,
+            held: frozenset[str] = frozenset()) -> bool:
     """Whether the recorded ``name`` stays in the bookkeeping: it passes every check of
-    ``guard`` (a failure is a warning naming it and the reason) and still exists."""
+    ``guard`` (a failure is a warning naming it and the reason) and still exists, in the
+    folder or among the names a replica ``held``."""
     reason = guard.refusal(name, in_directory=True)
     if reason is not None:
         guard.logger.warning("retention: %s %r is dropped from the bookkeeping and never "
                              "removed: %s", what, name, reason)
         return False
-    return guard.exists(name)
+    return guard.exists(name) or name in held
+
+
+def adopt_replica(state: RetentionState, guard: RemovalGuard, replica: RemovalGuard,
+                  key: str) -> RetentionState:
+    """``state`` merged with ``key``'s section of the replica's index, as :meth:`Retention.
+    resume` merges the local one (the later record wins on each file).
+
+    The replica's index is data from a store: read through the schema of :mod:`.index`
+    (a damaged or off-schema index is a warning and is not used), adopted only when its
+    section is of ``state``'s lineage, and only about files the local folder does not have:
+    a file in ``guard.directory`` follows the local bookkeeping alone, so no replica can make
+    a local file be removed (or kept). Whether a name it adds is really this lineage's own is
+    :func:`held_on_replica`'s test."""
+    logger = guard.logger
+    try:
+        section = (read_index(replica.directory, replica.store) or {}).get(key)
+    except CheckpointIndexError as error:
+        logger.warning("retention: %s; the bookkeeping of the files missing in %s is not "
+                       "completed from it", error, guard.directory)
+        return state
+    if section is None:
+        return state
+    if section.lineage != state.lineage:
+        logger.warning("retention: the index in %s records %d checkpoint(s) for %s from another "
+                       "run (lineage %r, this run %r); they are left alone and never removed by "
+                       "this run", replica.directory, len(section.checkpoints), key,
+                       section.lineage, state.lineage)
+        return state
+    elsewhere = RetentionState(
+        lineage=section.lineage, next_seq=section.next_seq,
+        files=tuple(entry for entry in section.checkpoints if not guard.exists(entry.name)),
+        removing=tuple(name for name in section.removing if not guard.exists(name)))
+    return _merge(state, elsewhere)
+
+
+def held_on_replica(replica: RemovalGuard, names: Sequence[str]) -> frozenset[str]:
+    """Which of ``names`` (recorded files the local folder lacks) the replica holds as this
+    lineage's own: listed directly in ``replica.directory`` and passing every check of
+    ``replica`` (the name template, one object and not a folder, the lineage in the object's
+    own record: :func:`~.removal.require_own_lineage`). A name that fails is a warning and is
+    dropped from the bookkeeping (never removed). A replica that does not answer keeps every
+    name (a warning says so): the rules go on deciding over them, and every removal on the
+    replica checks again."""
+    if not names:
+        return frozenset()
+    logger = replica.logger
+    try:
+        listed = {entry.location.name for entry in replica.store.entries(replica.directory)
+                  if not entry.is_dir}
+    except OSError as error:
+        logger.warning("retention: %s did not answer (%s); the %d checkpoint(s) the local "
+                       "bookkeeping records there stay in it unchecked", replica.directory,
+                       error, len(names))
+        return frozenset(names)
+    held = set()
+    for name in dict.fromkeys(names):
+        if name not in listed:
+            continue  # gone on both sides
+        try:
+            if replica.locate(name, in_directory=True) is not None:
+                held.add(name)
+        except Refused as refused:
+            logger.warning("retention: %s/%s is dropped from the bookkeeping and never "
+                           "removed: %s", replica.directory, name, refused)
+        except OSError as error:
+            logger.warning("retention: could not check %s/%s (%s); it stays in the "
+                           "bookkeeping", replica.directory, name, error)
+            held.add(name)
+    return frozenset(held)

@@ -9,6 +9,11 @@ Layout of ``NAME.dcp/``::
     manifest.json      size and CRC-32 of every file above, epoch/step/time/logs, world size
                        and the format version; itself guarded by a CRC-32 (written last)
 
+In object storage (:mod:`.remote_sharded`) the files other than ``manifest.json`` lie one
+level down, under a generation prefix the manifest names (``NAME.dcp/g-<hex>/…``): a store
+without rename publishes a new checkpoint of the same name by putting its manifest, never by
+touching the previous generation's files first.
+
 Every rank writes its shards into a hidden temp directory beside the final name (named like the
 temp files of :func:`~nnhandler.checkpoint.writer.atomic_write`, so the stale-temp cleanup
 removes one a crash left behind); the ranks checksum the files between them; rank 0 writes the
@@ -27,10 +32,10 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Final, Literal, TypeVar
 
 from pydantic import AfterValidator, Field
 
@@ -43,12 +48,16 @@ from ..errors import (
 from .format import Checkpoint
 from .integrity import IntegrityRecord, crc32, file_crc32
 from .schema import LogValue, Schema, validate
+from .storage import URL
 from .writer import atomic_write, fsync_directory, remove_checkpoint_path, temp_path_for
 
 if TYPE_CHECKING:  # DCP is imported only when a sharded checkpoint is written or loaded,
     # torch only when one is written, read, or verified collectively (nnhandler verify: never)
     from ..distributed import DistributedContext
     from .dcp_state import ShardedComponents
+
+#: a sharded checkpoint's place: a local folder or a prefix in object storage
+Location = TypeVar("Location", Path, URL)
 
 __all__ = [
     "ENVELOPE_FILE",
@@ -57,8 +66,12 @@ __all__ = [
     "SHARDED_SUFFIX",
     "ShardedCheckpoint",
     "checkpoint_size",
+    "checksum_problem",
     "describe_sharded",
+    "files_directory",
     "load_sharded_state",
+    "manifest_bytes",
+    "parse_manifest",
     "read_any_checkpoint",
     "read_manifest",
     "read_sharded_checkpoint",
@@ -86,10 +99,22 @@ class ShardedCheckpoint(Checkpoint):
     :func:`load_sharded_state`), ``manifest`` the checked manifest."""
 
     manifest: dict[str, Any] = field(default_factory=dict)
+    #: the local folder DCP reads the files from (``None``: where the manifest says, under
+    #: ``path``); for a checkpoint in object storage a staging folder that ``fetch`` fills
+    shards: Path | None = None
+    #: downloads and checks the named files into ``shards`` before DCP reads them (a
+    #: checkpoint in object storage); ``None``: the files are there already
+    fetch: Callable[[Iterable[str]], None] | None = None
 
     @property
     def files(self) -> list[str]:
         return sorted(self.manifest["files"])
+
+    @property
+    def shards_directory(self) -> Path:
+        """The local folder holding (or, with :attr:`fetch`, receiving) the listed files."""
+        return self.shards if self.shards is not None else files_directory(self.path,
+                                                                           self.manifest)
 
 
 def sharded_name(file_name: str) -> str:
@@ -190,9 +215,25 @@ def _commit(path: Path, temp: Path, checksums: Mapping[str, tuple[int, int] | st
     from .envelope import write_checkpoint
 
     write_checkpoint(temp / ENVELOPE_FILE, {**state, **plain}, meta)
-    files = {name: _entry(value) for name, value in checksums.items() if not isinstance(value, str)}
-    files[ENVELOPE_FILE] = _entry(file_crc32(temp / ENVELOPE_FILE))
-    body = {
+    files = {name: value for name, value in checksums.items() if not isinstance(value, str)}
+    files[ENVELOPE_FILE] = file_crc32(temp / ENVELOPE_FILE)
+    manifest = manifest_bytes(files, meta, world_size)
+
+    def write_manifest(file: BinaryIO) -> None:
+        file.write(manifest)
+
+    atomic_write(temp / MANIFEST_FILE, write_manifest)
+    fsync_directory(temp)
+    _install(temp, path)
+    return sum(size for size, _ in files.values()) + len(manifest)
+
+
+def manifest_bytes(files: Mapping[str, tuple[int, int]], meta: Mapping[str, Any],
+                   world_size: int, generation: str | None = None) -> bytes:
+    """The content of ``manifest.json``: ``files`` (name: ``(size, CRC-32)``), the envelope
+    ``meta``'s epoch, step, time, logs and lineage, guarded by a CRC-32 of its own.
+    ``generation``: the prefix under which the files lie (object storage only)."""
+    body: dict[str, Any] = {
         "format": {"name": MANIFEST_FORMAT, "version": MANIFEST_VERSION},
         "epoch": meta["epoch"],
         "step": meta["step"],
@@ -201,22 +242,12 @@ def _commit(path: Path, temp: Path, checksums: Mapping[str, tuple[int, int] | st
         "world_size": world_size,
         "lineage": meta.get("lineage", ""),
         "algorithm": "crc32",
-        "files": files,
+        "files": {name: {"size": size, "crc32": crc} for name, (size, crc) in files.items()},
     }
+    if generation is not None:
+        body["generation"] = generation
     text = json.dumps(body, allow_nan=True, separators=(",", ":"), sort_keys=True)
-    manifest = json.dumps({"body": text, "crc32": crc32(text.encode())}).encode()
-
-    def write_manifest(file: BinaryIO) -> None:
-        file.write(manifest)
-
-    atomic_write(temp / MANIFEST_FILE, write_manifest)
-    fsync_directory(temp)
-    _install(temp, path)
-    return sum(entry["size"] for entry in files.values()) + len(manifest)
-
-
-def _entry(checksum: tuple[int, int]) -> dict[str, int]:
-    return {"size": checksum[0], "crc32": checksum[1]}
+    return json.dumps({"body": text, "crc32": crc32(text.encode())}).encode()
 
 
 def _install(temp: Path, final: Path) -> None:
@@ -275,6 +306,14 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointCorruptedError(
             f"{str(path)!r} has no {MANIFEST_FILE}: not a complete nnhandler sharded checkpoint"
         ) from None
+    return parse_manifest(raw, str(path))
+
+
+def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    """The checked body of the manifest ``raw`` of the sharded checkpoint ``where`` (a
+    directory or a URL): its own CRC-32, format and version, then its schema."""
+    file = f"{where}/{MANIFEST_FILE}"
+    path = where
     try:
         outer = json.loads(raw)
         text, recorded = outer["body"], outer["crc32"]
@@ -295,7 +334,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{str(path)!r} has sharded format version {version}, newer than version "
             f"{MANIFEST_VERSION} that this nnhandler reads; upgrade nnhandler to load it"
         )
-    checked = validate(ManifestBody, body, where="manifest", path=str(file))
+    checked = validate(ManifestBody, body, where="manifest", path=file)
     if ENVELOPE_FILE not in checked.files:
         raise CheckpointCorruptedError(f"{str(file)!r} does not list {ENVELOPE_FILE}")
     return dict(body)
@@ -331,6 +370,16 @@ class ManifestBody(Schema):
     algorithm: Literal["crc32"]
     files: dict[Annotated[str, AfterValidator(_shard_name)], ManifestFile]
     lineage: str | None = None
+    #: the prefix inside the checkpoint that holds the files (written in object storage)
+    generation: Annotated[str, AfterValidator(_shard_name)] | None = None
+
+
+def files_directory(path: Location, body: Mapping[str, Any]) -> Location:
+    """Where the files of the checkpoint ``path`` (a folder, or a prefix in object storage)
+    with manifest ``body`` lie: ``path`` itself, or the generation folder the manifest
+    names (a checkpoint in, or copied from, object storage)."""
+    generation = body.get("generation")
+    return path / generation if isinstance(generation, str) else path
 
 
 def manifest_record(path: Path) -> IntegrityRecord:
@@ -357,21 +406,30 @@ def verify_sharded(path: str | os.PathLike[str],
 
         body = run_on_rank_zero(context, lambda: read_manifest(path))
     names = sorted(body["files"])
-    checksums = _checksums(path, names, context)
+    folder = files_directory(path, body)
+    checksums = _checksums(folder, names, context)
     problems = []
     for name in names:
-        expected, found = body["files"][name], checksums[name]
+        found = checksums[name]
         if isinstance(found, str):
-            problems.append(f"{str(path / name)!r} cannot be read ({found})")
-        elif found != (expected["size"], expected["crc32"]):
-            problems.append(
-                f"{str(path / name)!r} is corrupted: {found[0]} bytes with CRC-32 "
-                f"{found[1]:08x}, the manifest recorded {expected['size']} bytes with "
-                f"{expected['crc32']:08x}"
-            )
+            problems.append(f"{str(folder / name)!r} cannot be read ({found})")
+        else:
+            problem = checksum_problem(str(folder / name), found, body["files"][name])
+            if problem is not None:
+                problems.append(problem)
     if problems:
         raise CheckpointCorruptedError("; ".join(problems))
     return body
+
+
+def checksum_problem(where: str, found: tuple[int, int],
+                     expected: Mapping[str, int]) -> str | None:
+    """Why a file of ``found`` ``(size, CRC-32)`` is not the one the manifest recorded as
+    ``expected`` (``None`` when it is)."""
+    if found == (expected["size"], expected["crc32"]):
+        return None
+    return (f"{where!r} is corrupted: {found[0]} bytes with CRC-32 {found[1]:08x}, the "
+            f"manifest recorded {expected['size']} bytes with {expected['crc32']:08x}")
 
 
 def read_sharded_checkpoint(path: str | os.PathLike[str], map_location: Any = None, *,
@@ -387,7 +445,8 @@ def read_sharded_checkpoint(path: str | os.PathLike[str], map_location: Any = No
     context = context or DistributedContext.single()
     body = (verify_sharded(path, context) if verify
             else run_on_rank_zero(context, lambda: read_manifest(path)))
-    envelope = read_checkpoint(path / ENVELOPE_FILE, map_location, verify=False)
+    envelope = read_checkpoint(files_directory(path, body) / ENVELOPE_FILE, map_location,
+                               verify=False)
     return ShardedCheckpoint(path=path, format_version=envelope.format_version,
                              meta=envelope.meta, state=envelope.state, manifest=body)
 
@@ -403,6 +462,11 @@ def read_any_checkpoint(path: str | os.PathLike[str], map_location: Any = None, 
     from .storage import URL, location_of, store_for
 
     location = location_of(path)
+    if isinstance(location, URL) and location.suffix == SHARDED_SUFFIX:
+        from .remote_sharded import read_remote_sharded
+
+        return read_remote_sharded(location, map_location, context=context,
+                                   storage_options=storage_options)
     if isinstance(location, URL):
         from .remote_checkpoints import read_remote_checkpoint
 
@@ -422,8 +486,8 @@ def load_sharded_state(checkpoint: ShardedCheckpoint, components: ShardedCompone
 
     target = components.load_target(checkpoint.state)
     tensors = {key: split_tensors(value)[0] for key, value in target.items()}
-    load_tensors(checkpoint.path, tensors, context.enabled, files=checkpoint.files,
-                 strict=components.strict)
+    load_tensors(checkpoint.shards_directory, tensors, context.enabled,
+                 files=checkpoint.files, strict=components.strict, fetch=checkpoint.fetch)
     state = {key: merge_tensors(tensors[key], checkpoint.state.get(key, {})) for key in tensors}
     try:
         components.load_state_dict(state, checkpoint.state)
@@ -436,7 +500,7 @@ def describe_sharded(checkpoint: ShardedCheckpoint) -> dict[str, dict[str, int]]
     """Tensor count and bytes per DCP key (``model``, ``optimizer``), from the DCP metadata."""
     from .dcp_state import describe_tensors
 
-    return describe_tensors(checkpoint.path, checkpoint.files)
+    return describe_tensors(checkpoint.shards_directory, checkpoint.files)
 
 
 def checkpoint_size(path: Path) -> int:

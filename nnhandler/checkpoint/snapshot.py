@@ -466,9 +466,8 @@ def _staged_placeholders(signatures: list[_Signature], records: list[StorageReco
     pickling = pickling_module()
     refs = []
     for record, dtype, storage in zip(records, dtypes, storages, strict=True):
-        element = torch.empty((), dtype=dtype).element_size()
         refs.append(pickling.storage_ref(pickling.storage_type_of(dtype), record.key,
-                                         location_tag(storage), storage.nbytes() // element))
+                                         location_tag(storage), storage.nbytes() // dtype.itemsize))
     placeholders = []
     for signature in signatures:
         grad = signature.requires_grad and not signature.is_parameter

@@ -17,6 +17,12 @@ An auto-save to a URL (``save_path="s3://bucket/run"``) keeps every local guaran
   aborted — the object store's stale temp files. Only uploads of this callback's names,
   initiated before this process started, are aborted (each one is named in a warning); on a
   store without multipart uploads (or without a way to list them) there is nothing to do.
+  Sharded ``.dcp`` prefixes that an interrupted save left without a manifest are named in a
+  warning (:func:`report_incomplete_sharded`); the next save of that name removes them.
+
+A sharded checkpoint is a prefix (``NAME.dcp/``, :mod:`.remote_sharded`): the guard takes it
+when its name ends in ``.dcp``, with the lineage its manifest records, and removes its
+manifest first.
 
 Nothing here raises into training except the probe: a failed removal is a warning and the
 name stays recorded, as locally.
@@ -44,7 +50,8 @@ from .sharded import SHARDED_SUFFIX
 from .storage import PROCESS_STARTED, URL, Store, is_url
 
 __all__ = ["StoreRemovalGuard", "abort_stale_uploads", "distinct_store_target",
-           "prepare_store_directory", "store_lineage", "versioned_url"]
+           "prepare_store_directory", "report_incomplete_sharded", "store_lineage",
+           "versioned_url"]
 
 _PROBE: Final = ".nnhandler-write-probe-"
 
@@ -54,6 +61,10 @@ def store_lineage(store: Store, url: URL) -> str | None:
     ``None`` when it records none, is no checkpoint or cannot be read."""
     from .remote_checkpoints import remote_integrity_record
 
+    if url.name.endswith(SHARDED_SUFFIX):  # a prefix: its manifest records the lineage
+        from .remote_sharded import remote_lineage
+
+        return remote_lineage(store, url)
     try:
         record = remote_integrity_record(store, url)
     except (CheckpointError, OSError):
@@ -73,7 +84,8 @@ def distinct_store_target(store: Store, url: URL, lineage: str) -> URL:
     lineage's own checkpoint, else the first free or own ``-v<N>`` name."""
     def owned_or_free(candidate: URL) -> bool:
         return (not store.exists(candidate)
-                or (bool(lineage) and store_lineage(store, candidate) == lineage))
+                or (bool(lineage) and store_lineage(store, candidate) == lineage)
+                or _sharded_leftover(store, candidate))
 
     if owned_or_free(url):
         return url
@@ -84,6 +96,14 @@ def distinct_store_target(store: Store, url: URL, lineage: str) -> URL:
     raise CheckpointError(
         f"{str(url)!r} and its -v1 … -v{MAX_VERSION} variants all belong to other runs; "
         "use another save_path or name")
+
+
+def _sharded_leftover(store: Store, url: URL) -> bool:
+    """An interrupted sharded save's prefix (no manifest, generation folders only): no
+    checkpoint of anyone's, so a save of that name may go there (and removes it)."""
+    from .remote_sharded import is_leftover
+
+    return url.name.endswith(SHARDED_SUFFIX) and is_leftover(store, url)
 
 
 class StoreRemovalGuard(RemovalGuard):
@@ -122,9 +142,9 @@ class StoreRemovalGuard(RemovalGuard):
             return None
         if not any(is_own_name(name, template) for template in self.templates):
             raise Refused(f"its name does not match the name template {self.template!r}")
-        if self.store.is_dir(candidate):
+        if self.store.is_dir(candidate) and not name.endswith(SHARDED_SUFFIX):
             raise Refused("a prefix with objects under it (a folder), not one checkpoint "
-                           "object")
+                           "object (only sharded .dcp checkpoints are prefixes)")
         require_own_lineage(store_lineage(self.store, candidate), self.lineage)
         return candidate
 
@@ -141,7 +161,12 @@ class StoreRemovalGuard(RemovalGuard):
         if target is None:
             return Outcome.GONE
         try:
-            self.store.remove(target)
+            if target.name.endswith(SHARDED_SUFFIX):
+                from .remote_sharded import remove_remote_sharded
+
+                remove_remote_sharded(self.store, target)  # its manifest first
+            else:
+                self.store.remove(target)
         except OSError as error:
             self.logger.warning("%s: could not remove %s: %s", what, target, error)
             return Outcome.FAILED
@@ -163,7 +188,30 @@ def prepare_store_directory(store: Store, directory: URL, templates: tuple[str, 
     except OSError as error:
         raise ConfigurationError(
             f"auto-save cannot write to save_path {str(directory)!r}: {error}") from error
+    report_incomplete_sharded(store, directory, templates, logger)
     return abort_stale_uploads(store, directory, templates, logger)
+
+
+def report_incomplete_sharded(store: Store, directory: URL, templates: tuple[str, ...],
+                              logger: logging.Logger) -> list[URL]:
+    """Name, in a warning each, the prefixes of ``templates``' sharded names under
+    ``directory`` that an interrupted save left without a manifest (never loaded; the next
+    save of that name removes them); returns them."""
+    from .remote_sharded import is_leftover
+
+    found = []
+    for entry in store.entries(directory):
+        url = entry.location
+        assert isinstance(url, URL)
+        if not (entry.is_dir and url.name.endswith(SHARDED_SUFFIX)
+                and any(is_own_name(url.name, template) for template in templates)):
+            continue
+        if is_leftover(store, url):
+            logger.warning("%s holds the files of an interrupted sharded save and no "
+                           "manifest: it is no checkpoint and is never loaded; the next save "
+                           "of that name removes it", url)
+            found.append(url)
+    return found
 
 
 def abort_stale_uploads(store: Store, directory: URL, templates: tuple[str, ...],
