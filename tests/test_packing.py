@@ -154,13 +154,54 @@ def test_a_loaded_handler_holds_independent_tensors(tmp_path: Path,
     loaded.train(1, progress_bar=False, seed=0)
 
 
+def crafted_packs() -> list[tuple[str, dict[str, Any], Any, str]]:
+    """(case, state, 'packs' entry, the error it must raise): files a writer of ours never
+    writes, each with a valid CRC (a crafted file, not a damaged one)."""
+    base = torch.arange(6.0)
+    return [
+        ("not a list", {"w": torch.ones(2)}, "not tensors",
+         "'packs' entry is not a list of tensors: str"),
+        ("not tensors", {"w": base}, [base, "x"], "item 1 is a str"),
+        ("dtype", {"w": torch.ones(2, dtype=torch.complex64)},
+         [torch.ones(2, dtype=torch.complex64)], "has dtype torch.complex64, which is never"),
+        ("two of a dtype", {"a": base, "b": torch.ones(2)}, [base, torch.ones(2)],
+         "entry 1 is a second pack of dtype torch.float32"),
+        ("a slice", {"w": base}, [base[2:]], r"does not span its storage of 24 bytes: shape "
+         r"\(4,\), stride \(1,\), offset 2"),
+        ("two dimensions", {"w": base}, [base.view(2, 3)], r"shape \(2, 3\)"),
+        ("empty", {"w": torch.zeros(0)}, [torch.zeros(0)], "storage of 0 bytes"),
+        ("tied weights", {"encoder": base, "decoder": base}, [base],
+         r"entry 0 \(24 bytes\) do not tile it: bytes 0-24 overlap the tensor before them"),
+        ("bytes left over", {"w": base[:3]}, [base], "bytes 12-24 are in no tensor"),
+        ("a gap", {"a": base[:2], "b": base[4:]}, [base], "bytes 8-16 are in no tensor"),
+        ("transposed", {"w": base.view(2, 3).t()}, [base],
+         r"not contiguous: shape \(3, 2\), stride \(1, 3\)"),
+    ]
+
+
 @fast_writer_only
-def test_a_packs_entry_that_is_not_a_list_of_tensors_is_refused(tmp_path: Path) -> None:
-    envelope = envelope_of({"w": torch.ones(2)}, META)
-    envelope[PACKS_KEY] = "not tensors"
+@pytest.mark.parametrize(("state", "packs", "error"),
+                         [case[1:] for case in crafted_packs()],
+                         ids=[case[0] for case in crafted_packs()])
+def test_a_crafted_packs_entry_is_refused_naming_the_bad_value(
+        tmp_path: Path, state: dict[str, Any], packs: Any, error: str) -> None:
+    envelope = envelope_of(state, META)
+    envelope[PACKS_KEY] = packs
     FAST_WRITER.write(tmp_path / "ck.pth", envelope, SUMMARY)  # unpacked: written as it is
-    with pytest.raises(CheckpointFormatError, match="'packs' entry is not a list of tensors"):
+    with pytest.raises(CheckpointFormatError, match=error):
         read_checkpoint(tmp_path / "ck.pth")
+
+
+@fast_writer_only
+def test_a_genuine_packs_entry_passes_the_same_checks(tmp_path: Path) -> None:
+    base = torch.arange(6.0)
+    envelope = envelope_of({"a": base[:2], "b": base[2:].view(2, 2)}, META)
+    envelope[PACKS_KEY] = [base]  # tiled exactly, as the writer lays a pack out
+    FAST_WRITER.write(tmp_path / "ck.pth", envelope, SUMMARY)
+    state = read_checkpoint(tmp_path / "ck.pth").state
+    assert torch.equal(state["b"], torch.tensor([[2.0, 3.0], [4.0, 5.0]]))
+    assert state["a"].untyped_storage().data_ptr() != state["b"].untyped_storage().data_ptr()
+    assert state["b"].storage_offset() == 0 and state["b"].untyped_storage().nbytes() == 16
 
 
 def test_packing_needs_a_dict_without_the_packs_key() -> None:
@@ -200,6 +241,26 @@ def test_any_sharing_pattern_round_trips_as_torch_save_gives_it(state: dict[str,
         assert archive.testzip() is None
     loaded = split_packs(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
     assert first_difference(torch_saved(state), loaded) == ""
+
+
+def test_a_storage_met_again_through_another_path_keeps_its_sharing() -> None:
+    """A held candidate met again as a parameter's data, or by the C pickler (a tensor with
+    attributes), is written as a record of its own, shared as torch.save shares it."""
+    parameter = nn.Parameter(torch.ones(3))
+    tagged_base = torch.arange(4.0)
+    tagged = tagged_base.view(2, 2)
+    tagged.tag = "x"  # type: ignore[attr-defined]
+    for state in ({"plain": parameter.detach(), "parameter": parameter},
+                  {"plain": tagged_base, "tagged": tagged}):
+        pickled, storages = pickle_with_storages(state, pack=True)
+        assert len(storages) == 1
+        buffer = io.BytesIO()
+        write_torch_zip(buffer, pickled, storages, lambda size, crc: b"")
+        loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+        assert PACKS_KEY not in loaded
+        first, second = loaded.values()
+        assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+        assert torch.equal(first.reshape(-1), second.reshape(-1))
 
 
 def test_parameters_and_snapshot_placeholders_are_never_packed(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ from .opcodes import (
     storage_ref,
     tensor_tail,
 )
-from .packing import PACK_BELOW, PACKS_KEY
+from .packing import PACK_BELOW, PACKED_DTYPES, PACKS_KEY
 from .records import Pack, StagedTensor, StorageRecord, mixed_dtypes_error
 
 __all__ = [
@@ -156,14 +156,24 @@ class _StorageTable:
     """Live storages by identity, keyed ``"0"``, ``"1"`` … in order of first use (after the
     keys of pre-registered snapshot records)."""
 
-    __slots__ = ("_dtype_by_ptr", "_locations", "records", "refs")
+    __slots__ = ("_dtype_by_ptr", "_locations", "held", "parts", "records", "refs")
 
-    def __init__(self, staged: Sequence[StorageRecord]) -> None:
+    def __init__(self, staged: Sequence[StorageRecord], parts: list[bytes],
+                 pack: bool = False) -> None:
         self.records: list[StorageRecord] = list(staged)
         #: storage ``_cdata`` -> (the dtype it is recorded with, its reference)
         self.refs: dict[int, tuple[torch.dtype, StorageRef]] = {}
         self._dtype_by_ptr: dict[int, torch.dtype] = {}
         self._locations: dict[torch.device, str] = {}
+        #: the emitter's output, where the placeholders of held storages are filled in
+        self.parts = parts
+        #: with packing, the storages that may be packed (see :mod:`.packing`), held until the
+        #: state is done: ``_cdata`` -> (the index in ``parts`` of the placeholder for their
+        #: tensor's reference, the tensor, the storage, its bytes, the dtype). Any other use
+        #: of a held storage, by whatever path it is met (a second view, a parameter, the C
+        #: pickler), registers it in :meth:`ref` and so writes it as a record of its own.
+        self.held: dict[int, tuple[int, torch.Tensor, torch.UntypedStorage, int, torch.dtype]
+                        ] | None = {} if pack else None
 
     def ref(self, storage: torch.UntypedStorage, dtype: torch.dtype, storage_type: Any,
             numel: int) -> StorageRef:
@@ -174,11 +184,18 @@ class _StorageTable:
             if known[0] is not dtype:
                 raise mixed_dtypes_error(known[0], dtype)
             return known[1]
+        held = self.held
+        first = held.pop(cdata, None) if held else None
+        if first is not None and first[4] is not dtype:
+            raise mixed_dtypes_error(first[4], dtype)
         self.claim(storage.data_ptr(), dtype)
         key = str(len(self.records))
         ref = storage_ref(storage_type, key, self.location(storage), numel)
         self.refs[cdata] = (dtype, ref)
         self.records.append(StorageRecord(key, storage))
+        if first is not None:  # the held tensor was the storage's first use: it views it whole
+            index, tensor = first[0], first[1]
+            self.parts[index] = ref.marked + tensor_tail(0, tensor.shape, tensor.stride(), False)
         return ref
 
     def claim(self, ptr: int, dtype: torch.dtype) -> None:
@@ -231,9 +248,7 @@ class _StorageTable:
 #: dtypes whose tensors the emitter writes without asking for conjugate bits or quantization
 #: (neither exists for them) and may pack: real, non-quantized, with a legacy storage class
 _PLAIN_TYPES: Final[dict[torch.dtype, Any]] = {
-    dtype: _STORAGE_TYPES[dtype] for dtype in (
-        torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-        torch.int16, torch.int8, torch.uint8, torch.bool)}
+    dtype: _STORAGE_TYPES[dtype] for dtype in PACKED_DTYPES}
 _ELEMENT_SIZES: Final = {dtype: torch.empty(0, dtype=dtype).element_size()
                          for dtype in _PLAIN_TYPES}
 
@@ -263,19 +278,14 @@ _STRINGS_LIMIT: Final = 1 << 14
 class _Emitter:
     """Writes protocol-2 opcodes for plain data into ``parts`` (see the module docstring)."""
 
-    __slots__ = ("_buffer", "_declared", "_held", "_pickler", "parts", "table")
+    __slots__ = ("_buffer", "_declared", "_pickler", "parts", "table")
 
-    def __init__(self, table: _StorageTable, pack: bool = False) -> None:
+    def __init__(self, table: _StorageTable) -> None:
         self.table = table
-        self.parts: list[bytes] = []
+        self.parts = table.parts
         self._declared = list(_NOTHING_DECLARED)
         self._buffer: io.BytesIO | None = None
         self._pickler: _Pickler | None = None
-        #: with packing, the storages that may be packed (see :mod:`.packing`), held until the
-        #: state is done: ``_cdata`` -> (the index of the placeholder for their tensor's
-        #: reference, the tensor, the storage, its bytes, the dtype)
-        self._held: dict[int, tuple[int, torch.Tensor, torch.UntypedStorage, int, torch.dtype]
-                         ] | None = {} if pack else None
 
     def emit(self, value: Any) -> None:
         _DISPATCH.get(type(value), _Emitter.other)(self, value)
@@ -344,21 +354,20 @@ class _Emitter:
         if known is not None and known[0] is dtype:
             ref = known[1]
         else:
-            held = self._held
-            if known is None and held is not None:
-                if cdata in held:  # a second view: the storage is written alone after all
-                    self._release(cdata)
-                elif cpu and not tensor.requires_grad:
-                    nbytes = storage.nbytes()
-                    if (0 < nbytes < PACK_BELOW and tensor.storage_offset() == 0
-                            and tensor.nbytes == nbytes and tensor.is_contiguous()):
-                        if self._declared[REBUILD_V2]:
-                            parts.append(_GETS[REBUILD_V2])
-                        else:
-                            self.named(REBUILD_V2)
-                        held[cdata] = (len(parts), tensor, storage, nbytes, dtype)
-                        parts.append(b"")  # its reference, once the state is done
-                        return
+            held = table.held
+            # a held storage met again is registered by table.ref below: a record of its own
+            if (known is None and held is not None and cdata not in held and cpu
+                    and not tensor.requires_grad):
+                nbytes = storage.nbytes()
+                if (0 < nbytes < PACK_BELOW and tensor.storage_offset() == 0
+                        and tensor.nbytes == nbytes and tensor.is_contiguous()):
+                    if self._declared[REBUILD_V2]:
+                        parts.append(_GETS[REBUILD_V2])
+                    else:
+                        self.named(REBUILD_V2)
+                    held[cdata] = (len(parts), tensor, storage, nbytes, dtype)
+                    parts.append(b"")  # its reference, once the state is done
+                    return
             ref = table.ref(storage, dtype, storage_type,
                             storage.nbytes() // _ELEMENT_SIZES[dtype])
         if self._declared[REBUILD_V2]:
@@ -377,20 +386,12 @@ class _Emitter:
         self.pieces(tensor_pieces(self.table.tensor_ref(tensor), dtype, tensor.storage_offset(),
                                   tensor.shape, tensor.stride(), tensor.requires_grad))
 
-    def _release(self, cdata: int) -> None:
-        """The held storage ``cdata`` as a record of its own (a second tensor views it), its
-        first tensor's reference filled in."""
-        assert self._held is not None
-        index, tensor, storage, nbytes, dtype = self._held.pop(cdata)
-        ref = self.table.ref(storage, dtype, _PLAIN_TYPES[dtype], nbytes // _ELEMENT_SIZES[dtype])
-        self.parts[index] = ref.marked + tensor_tail(0, tensor.shape, tensor.stride(), False)
-
     def finish_packs(self) -> None:
         """Pack the storages still held, one record per dtype (:class:`~.records.Pack`, in
         the order their tensors were met), fill in their tensors' references, and add the list
         of tensors over the packs to the top-level dict (just emitted, so still on the stack)
         under :data:`~.packing.PACKS_KEY`."""
-        held = self._held
+        held = self.table.held
         if not held:
             return
         table, parts = self.table, self.parts
@@ -536,8 +537,8 @@ def pickle_with_storages(
     if pack and (type(obj) is not dict or PACKS_KEY in obj):
         raise ValueError(f"packing needs a dict without the key {PACKS_KEY!r} to list the "
                          f"packs in, not a {type(obj).__qualname__}")
-    table = _StorageTable(staged)
-    emitter = _Emitter(table, pack)
+    table = _StorageTable(staged, [], pack)
+    emitter = _Emitter(table)
     emitter.parts.append(b"\x80" + bytes([PICKLE_PROTOCOL]))
     emitter.emit(obj)
     emitter.finish_packs()
