@@ -23,6 +23,7 @@ from ..errors import CheckpointError, CheckpointFormatError
 from .format import FORMAT_NAME, FORMAT_VERSION, Checkpoint, unpack
 from .integrity import corruption, read_integrity_record, verify_file
 from .io import CheckpointIO, checkpoint_io
+from .packing import split_packs
 from .records import StorageRecord
 from .verified_read import CheckingReader
 from .writer import Destination
@@ -190,18 +191,20 @@ def write_envelope(
     }
     if "lineage" in meta:  # read back by a tail read before any replacement or removal
         summary["lineage"] = meta["lineage"]
-    return write_with_record(path, envelope, summary, staged, io=io)
+    return write_with_record(path, envelope, summary, staged, io=io, pack=True)
 
 
 def write_with_record(path: Destination, payload: Any, summary: dict[str, Any],
                       staged: Sequence[StorageRecord] = (), *,
-                      io: CheckpointIO | None = None) -> int:
+                      io: CheckpointIO | None = None, pack: bool = False) -> int:
     """Write ``payload`` (tensors and plain data) as a torch zip file that
     ``torch.load(weights_only=True)`` opens, with an integrity record holding ``summary``,
     durably through :func:`~.writer.atomic_write`, with ``io`` (``None``: the writer
-    ``NNHANDLER_WRITER`` chooses, see :func:`~.io.checkpoint_io`). Returns the file size."""
+    ``NNHANDLER_WRITER`` chooses, see :func:`~.io.checkpoint_io`). ``pack``: small storages
+    may be packed (:mod:`.packing`; envelopes only, which :func:`read_checkpoint` splits
+    again). Returns the file size."""
     writer = io if io is not None else checkpoint_io()
-    return writer.write(path, payload, summary, staged)
+    return writer.write(path, payload, summary, staged, pack=pack)
 
 
 def read_checkpoint(
@@ -226,12 +229,14 @@ def read_checkpoint(
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
     if not verify:
         check_zip_layout(path)  # nothing is inflated or allocated on a hostile layout's word
-        return unpack(path, _load_envelope(path, path, map_location, mmap))
+        return unpack(path, split_packs(_load_envelope(path, path, map_location, mmap),
+                                        clone=not mmap))
     record = read_integrity_record(path)
     if mmap:  # nothing is read to check on the way: check first
         verify_file(path)
         check_zip_layout(path)
-        return unpack(path, _load_envelope(path, path, map_location, mmap))
+        return unpack(path, split_packs(_load_envelope(path, path, map_location, mmap),
+                                        clone=False))
     try:
         check_zip_layout(path)
         with CheckingReader(path) as reader:
@@ -242,7 +247,7 @@ def read_checkpoint(
         raise
     if size != record["covered_size"] or crc != record["crc32"]:
         raise corruption(path, crc, int(record["crc32"]))
-    return unpack(path, envelope)
+    return unpack(path, split_packs(envelope, clone=True))
 
 
 def _load_envelope(source: Path | CheckingReader, path: Path, map_location: Any,
