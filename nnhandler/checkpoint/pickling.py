@@ -227,8 +227,9 @@ class _StorageTable:
         """The persistent id of a storage object from torch's own reductions."""
         if isinstance(obj, torch.storage.TypedStorage):
             storage_type = getattr(torch, obj._pickle_storage_type())  # type: ignore[no-untyped-call]
-            return self.ref(obj._untyped_storage, obj.dtype, storage_type,
-                            obj._size()).pid  # type: ignore[no-untyped-call]
+            untyped = obj._untyped_storage
+            return self.ref(untyped, obj.dtype, storage_type,
+                            untyped.nbytes() // obj.dtype.itemsize).pid
         return self.ref(obj, torch.uint8, torch.UntypedStorage, obj.nbytes()).pid
 
     def reduce_tensor(self, tensor: torch.Tensor) -> Any:
