@@ -92,10 +92,13 @@ def latest_checkpoint(directory: str | os.PathLike[str], context: DistributedCon
                       storage_options: Mapping[str, Any] | None = None) -> str | None:
     """The newest valid checkpoint in ``directory`` (see ``NNHandler.load_latest``), chosen
     by rank 0 and the same on every rank; ``None`` when there is none. ``directory`` may be
-    a URL (``storage_options`` for fsspec)."""
-    found = (find_latest_valid(directory, logger, storage_options=storage_options)
-             if context.is_main else None)
-    return context.broadcast_object(str(found) if found is not None else None)
+    a URL (``storage_options`` for fsspec). An error while rank 0 chooses (a store that does
+    not answer, options given for a local folder) is raised on every rank, never a hang."""
+    def choose() -> str | None:
+        found = find_latest_valid(directory, logger, storage_options=storage_options)
+        return str(found) if found is not None else None
+
+    return run_on_rank_zero(context, choose)
 
 
 def load_latest(load: Callable[..., Loaded], save_path: str | os.PathLike[str],

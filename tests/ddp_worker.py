@@ -458,6 +458,12 @@ def scenario_errors(workdir: Path) -> dict[str, Any]:
     handler.save("fine.pth")
     dist.barrier()
 
+    # 4b. load_latest whose choice fails on rank 0 (storage options for a local folder): the
+    # error reaches every rank instead of leaving them in the broadcast of the choice
+    result["load_latest_bad_options"] = timed_error(lambda: NNHandler.load_latest(
+        "auto", storage_options={"anon": True}))
+    result["after_load_latest_bad_options"] = group_still_works()
+
     # 5. seed=None: the drawn seed must be the same on every rank (rank 0's, broadcast)
     fresh = new_handler()
     fresh.train(1, seed=None, progress_bar=False)

@@ -417,6 +417,7 @@ def test_error_on_rank_zero_during_save_raises_on_every_rank(
     assert_raised_everywhere(results, "autosave_in_train", "RuntimeError", "boom on rank 0")
     assert_raised_everywhere(results, "disk_full_raise", "OSError", "No space left on device")
     assert_raised_everywhere(results, "unwritable_path", None, "blocker")
+    assert_raised_everywhere(results, "load_latest_bad_options", "ConfigurationError", "anon")
 
     for result in results:
         # the failed auto-save happened at the end of epoch 1 on every rank and left no file
