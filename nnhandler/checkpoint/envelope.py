@@ -215,8 +215,8 @@ def read_checkpoint(
 
     With ``verify`` (the default) the integrity record at the file's end is checked first (a
     truncated file fails here), then the whole file is checked against its CRC-32 in the same
-    read that loads it (:mod:`.verified_read`: the CRC of each large record is computed on the
-    tensor storage it was read into); any damage raises :class:`CheckpointCorruptedError`
+    read that loads it (``nnhandler.checkpoint.verified_read``: the CRC of each large record
+    is computed on the tensor storage it was read into); any damage raises :class:`CheckpointCorruptedError`
     and no data is returned. Before ``torch.load`` opens it, verified or not, the zip's
     central directory is checked (:mod:`.ziplayout`): compressed records, records beyond the
     file or overlapping each other are a :class:`CheckpointFormatError` (or, where the CRC
