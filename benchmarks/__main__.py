@@ -21,6 +21,7 @@ from . import (
     end_to_end,
     load_cost,
     loop_overhead,
+    peers,
     remote_upload,
     save_cost,
     save_memory,
@@ -50,6 +51,11 @@ SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
                                     directory=s.directory),
     "memory": lambda s: save_memory.run(directory=s.directory),
     "remote": lambda s: remote_upload.run(rounds=1 if s.quick else 5, directory=s.directory),
+    "peers": lambda s: peers.run(rounds=2 if s.quick else 5, train_rounds=1 if s.quick else 3,
+                                 epochs=2 if s.quick else 3,
+                                 epoch_seconds=0.5 if s.quick else 1.0,
+                                 load_rounds=2 if s.quick else 5,
+                                 megabytes=50 if s.quick else 200, directory=s.directory),
 }
 
 

@@ -28,7 +28,7 @@ from .naming import validate_template
 
 __all__ = ["AutoSaveConfig", "LoadOptions", "LoaderConfig", "MonitorMode", "ParallelConfig",
            "Parallelism", "ResumeCall", "SaveErrorPolicy", "TrainCall", "TrainSettings",
-           "validate_call"]
+           "mirror_location", "validate_call"]
 
 SaveErrorPolicy = Literal["warn", "raise"]
 MonitorMode = Literal["min", "max"]
@@ -48,7 +48,7 @@ def _save_location(value: Any) -> Path | URL:
                      "URL such as 's3://bucket/run'")
 
 
-def _mirror_location(value: Any) -> URL | None:
+def mirror_location(value: Any) -> URL | None:
     """``mirror``: ``None`` or an fsspec URL (a local folder is no mirror)."""
     if value is None:
         return None
@@ -84,7 +84,7 @@ class AutoSaveConfig(_Strict):
     storage_options: Annotated[dict[str, Any], Field(strict=False)] | None = None
     #: a URL each completed local checkpoint is uploaded to in the background
     #: (:mod:`nnhandler.callbacks.autosave_mirror`); ``storage_options`` are then its options
-    mirror: Annotated[URL | None, PlainValidator(_mirror_location)] = None
+    mirror: Annotated[URL | None, PlainValidator(mirror_location)] = None
 
     @field_validator("save_on_signal", mode="before")
     @classmethod

@@ -51,7 +51,9 @@ def export_weights(handler: NNHandler, path: str | os.PathLike[str], ema: bool =
                    storage_options: Mapping[str, Any] | None = None) -> Path | URL:
     """Write :func:`model_weights` to ``path`` atomically (rank 0 under DDP; every rank returns
     once the file is there, or raises rank 0's error). A URL (``storage_options`` for fsspec)
-    is written to a local staging file and uploaded whole: never visible partially."""
+    is published by the store (:meth:`~.checkpoint.remote.FsspecStore.publish`: streamed into a
+    multipart upload on S3, a local staging file uploaded whole elsewhere): never visible
+    partially."""
     target = location_of(path)
     store = store_for(target, storage_options)  # local: options are refused, naming them
     if isinstance(target, Path) and target.is_dir():

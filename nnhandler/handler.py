@@ -550,7 +550,8 @@ class NNHandler(HistoryViews, ModelCalls):
         return handler
 
     @classmethod
-    def load_latest(cls, save_path: str | os.PathLike[str], **load_arguments: Any) -> NNHandler:
+    def load_latest(cls, save_path: str | os.PathLike[str], *, mirror: str | None = None,
+                    **load_arguments: Any) -> NNHandler:
         """:meth:`load` the newest valid checkpoint in ``save_path``.
 
         "Newest" is the highest recorded epoch (then step, then save time), read from each
@@ -562,9 +563,12 @@ class NNHandler(HistoryViews, ModelCalls):
         without rules) stay candidates, and an unreadable index is a warning.
         Under DDP rank 0 chooses and every rank loads the same file. Raises
         :class:`~nnhandler.NoCheckpointFoundError` when there is no valid checkpoint.
-        ``load_arguments`` are those of :meth:`load`.
+        ``load_arguments`` are those of :meth:`load`. ``mirror``: the object-storage URL an
+        auto-saver mirrors the local ``save_path`` to; the newest valid checkpoint of both by
+        epoch, then step, past damaged ones on either side (local wins a tie), as
+        ``train(resume="latest")`` picks; ``storage_options`` are the mirror's (docs "Mirror").
         """
-        return load_latest(cls.load, save_path, load_arguments)
+        return load_latest(cls.load, save_path, load_arguments, mirror)
 
     def resume_from(self, path: str | os.PathLike[str], *, verify: bool = True,
                     storage_options: Mapping[str, Any] | None = None) -> None:

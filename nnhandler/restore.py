@@ -22,6 +22,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -29,6 +30,7 @@ from .callbacks import Callback
 from .checkpoint import Checkpoint
 from .checkpoint.content import ConfigRecord, check_config
 from .checkpoint.discovery import find_latest_valid
+from .checkpoint.newest import newest_of_local_and_mirror
 from .checkpoint.refs import decode_arguments
 from .checkpoint.schema import relocate
 from .checkpoint.sharded import (
@@ -37,11 +39,11 @@ from .checkpoint.sharded import (
     load_sharded_state,
     read_any_checkpoint,
 )
-from .checkpoint.storage import is_url
+from .checkpoint.storage import URL, is_url, location_of
 from .components import EpochPosition, ModelState, RNGState
-from .config import LoadOptions, ResumeCall, validate_call
+from .config import LoadOptions, ResumeCall, mirror_location, validate_call
 from .devices import parse_device, resolve_device
-from .distributed import DistributedContext
+from .distributed import DistributedContext, run_on_rank_zero
 from .errors import (
     CheckpointError,
     CheckpointSchemaError,
@@ -97,32 +99,66 @@ def latest_checkpoint(directory: str | os.PathLike[str], context: DistributedCon
 
 
 def load_latest(load: Callable[..., Loaded], save_path: str | os.PathLike[str],
-                load_arguments: dict[str, Any]) -> Loaded:
-    """``load`` (:meth:`NNHandler.load`) the newest valid checkpoint in ``save_path``."""
+                load_arguments: dict[str, Any], mirror: Any = None) -> Loaded:
+    """``load`` (:meth:`NNHandler.load`) the newest valid checkpoint in ``save_path`` (and,
+    with a ``mirror`` URL, of the folder and the mirror:
+    :func:`~.checkpoint.newest.newest_of_local_and_mirror`; ``storage_options`` are then the
+    mirror's)."""
     data = LoadData.take(load_arguments, "NNHandler.load_latest")
     options = validate_call(LoadOptions, "NNHandler.load_latest", load_arguments)
     for name in ("callbacks", "fsdp_units"):  # iterables are read once
         if name in load_arguments:
             load_arguments[name] = getattr(options, name)
     check_checkpoint_path(save_path, "NNHandler.load_latest")
+    mirrored = _mirror_of(save_path, mirror)
     context = DistributedContext.setup(load_arguments.get("use_distributed"),
                                        parse_device(load_arguments.get("device")))
     load_arguments.setdefault("verify", False)  # verified while choosing it
+    storage_options = load_arguments.pop("storage_options", None)
     for _attempt in range(_CHOICES_BEFORE_GIVING_UP):
-        latest = latest_checkpoint(save_path, context, _LOGGER,
-                                   load_arguments.get("storage_options"))
+        if mirrored is None:
+            latest = latest_checkpoint(save_path, context, _LOGGER, storage_options)
+        else:
+            # run_on_rank_zero: an error while choosing reaches every rank, never a hang
+            latest = run_on_rank_zero(context, partial(_newest_name, *mirrored, storage_options))
         if latest is None:
             break
+        remote = is_url(latest)
         try:
-            return load(latest, **load_arguments, **data.arguments())
+            return load(latest, **load_arguments, **data.arguments(),
+                        storage_options=storage_options if remote else None)
         except CheckpointError:
             # another job's retention may remove the chosen file before we open it; in
             # one process that is seen here alone, so choose again (under DDP the ranks
             # could disagree about it: the error stands)
-            if context.enabled or os.path.lexists(latest) or is_url(latest):
+            if context.enabled or os.path.lexists(latest) or remote:
                 raise
             _LOGGER.info("%s was removed while it was being loaded; choosing again", latest)
-    raise NoCheckpointFoundError(f"no valid checkpoint in {str(save_path)!r}")
+    raise NoCheckpointFoundError(f"no valid checkpoint in {str(save_path)!r}" + (
+        "" if mirrored is None else f" nor in its mirror {str(mirrored[1])!r}"))
+
+
+def _newest_name(local: Path, mirror: URL, storage_options: Mapping[str, Any] | None
+                 ) -> str | None:
+    found = newest_of_local_and_mirror(local, mirror, _LOGGER, storage_options)
+    return None if found is None else str(found)
+
+
+def _mirror_of(save_path: str | os.PathLike[str], mirror: Any) -> tuple[Path, URL] | None:
+    """``load_latest``'s ``mirror``, checked: an object-storage URL beside a local folder
+    (a ``file://`` URL is one); the folder and the mirror, ``None`` without a mirror."""
+    try:
+        location = mirror_location(mirror)
+    except ValueError as error:
+        raise ConfigurationError(f"NNHandler.load_latest: {error}") from None
+    if location is None:
+        return None
+    local = location_of(save_path)
+    if not isinstance(local, Path):
+        raise ConfigurationError(
+            f"NNHandler.load_latest(mirror={str(location)!r}): save_path "
+            f"{os.fspath(save_path)!r} is a URL; a mirror is the copy of a local folder")
+    return local, location
 
 
 # -- building the handler -----------------------------------------------------------------------

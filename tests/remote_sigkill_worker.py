@@ -5,9 +5,9 @@ checkpoint each time it is started.
     python tests/remote_sigkill_worker.py URL BALLAST_MIB UNTIL_EPOCH
 
 ``AWS_ENDPOINT_URL`` and credentials come from the environment (moto's server), the staging
-folder from ``NNHANDLER_STAGING_DIR`` (the test watches it). A ballast state provider makes
-each checkpoint large enough for a multipart upload (s3fs: above 2 x 50 MiB). A watchdog ends
-a hung run.
+folder of downloads from ``NNHANDLER_STAGING_DIR``. A ballast state provider makes each
+checkpoint large enough for a multipart upload of several parts (the test watches the
+bucket's incomplete uploads). A watchdog ends a hung run.
 """
 
 from __future__ import annotations

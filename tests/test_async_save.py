@@ -33,6 +33,7 @@ import nnhandler.checkpoint.writer as writer_module
 from nnhandler import AutoSaveCallback, Callback, NNHandler, read_checkpoint
 from nnhandler.checkpoint.envelope import build_meta, ensure_plain, envelope_of, write_envelope
 from nnhandler.checkpoint.integrity import verify_file
+from nnhandler.checkpoint.packing import split_packs
 from nnhandler.checkpoint.snapshot import StagingBuffers
 
 CK = Path("ck")
@@ -47,7 +48,7 @@ def train(handler: NNHandler, epochs: int) -> dict[str, Any]:
 
 
 def load_envelope(path: Path) -> dict[str, Any]:
-    envelope: dict[str, Any] = torch.load(path, weights_only=True)
+    envelope: dict[str, Any] = split_packs(torch.load(path, weights_only=True))  # as we read
     return envelope
 
 

@@ -82,7 +82,7 @@ def test_ported_mnist_notebook_trains_autosaves_loads_and_continues(tmp_path: Pa
         capture_output=True, text=True, timeout=180)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     stdout = completed.stdout
-    assert "checkpoint keys: ['format', 'meta', 'state']" in stdout
+    assert "checkpoint keys: ['format', 'meta', 'packs', 'state']" in stdout
     assert "loaded epoch 5: 5 epochs of history" in stdout
     assert "files: ['model_epoch_07.pth']" in stdout  # overwrite=True kept only the newest
     final = torch.load(tmp_path / "m" / "model_epoch_07.pth", weights_only=True)

@@ -5,8 +5,9 @@ integrity record is complete), the next run resumes from the newest complete che
 the multipart uploads the kills left incomplete are aborted at the next start.
 
 Each run is a real subprocess (``tests/remote_sigkill_worker.py``) bounded by timeouts; the
-test watches the staging folder (``NNHANDLER_STAGING_DIR``): a complete staging file is the
-upload phase (it is written first, then uploaded, then removed).
+test watches the bucket's incomplete multipart uploads: the checkpoint is written straight into
+one (its parts go up while the rest is written), so an upload listed for the epoch is the
+upload phase, which ends when the upload is completed after the integrity record.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dist_testing import TESTS_DIR, child_environment, communicate_bounded
 from s3_testing import s3_filesystem
 
-from nnhandler.checkpoint.integrity import read_integrity_record
 from nnhandler.checkpoint.remote_checkpoints import list_remote_checkpoints
 from nnhandler.checkpoint.storage import URL, store_for
 
@@ -34,28 +35,31 @@ pytestmark = [pytest.mark.slow,
 WORKER = TESTS_DIR / "remote_sigkill_worker.py"
 KILLS = 20
 MAX_RUNS = 45
-#: above s3fs's multipart threshold (2 x 50 MiB): every upload is a multipart upload
+#: several parts (nnhandler.checkpoint.multipart.PART_SIZE): every upload is a multipart upload
 BALLAST_MIB = 104
 RUN_TIMEOUT_S = 180
-_STAGED = re.compile(r"\.ep(?P<epoch>[0-9]{3})\.pth\.tmp-[0-9]+-[0-9a-f]{8}")
+_UPLOADED = re.compile(r"run/ep(?P<epoch>[0-9]{3})\.pth")
 
 
-def upload_in_progress(staging: Path, process: subprocess.Popen[str],
-                       epoch: int) -> Path | None:
-    """The complete staging file of the upload of epoch ``epoch`` or later, once there is one
-    (``None`` if the process ended first). Bounded by :data:`RUN_TIMEOUT_S`."""
+def uploads_in_progress(fs: Any, bucket: str, epoch: int) -> set[str]:
+    """The upload ids of the incomplete multipart uploads of epoch ``epoch`` or later."""
+    fs.invalidate_cache()
+    return {upload["UploadId"] for upload in fs.list_multipart_uploads(bucket)
+            if (match := _UPLOADED.fullmatch(upload["Key"])) and int(match["epoch"]) >= epoch}
+
+
+def upload_in_progress(fs: Any, bucket: str, process: subprocess.Popen[str],
+                       epoch: int, earlier: set[str]) -> set[str]:
+    """The upload ids of :func:`uploads_in_progress` but the ``earlier`` ones (left by the
+    previous kill, aborted when the run starts) once there is one (empty if the process ended
+    first). Bounded by :data:`RUN_TIMEOUT_S`."""
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while time.monotonic() < deadline and process.poll() is None:
-        for path in staging.iterdir() if staging.is_dir() else ():
-            match = _STAGED.fullmatch(path.name)
-            if match is not None and int(match["epoch"]) >= epoch:
-                try:
-                    read_integrity_record(path)  # its record is written last: complete
-                except Exception:  # still being written locally
-                    continue
-                return path
-        time.sleep(0.005)
-    return None
+        found = uploads_in_progress(fs, bucket, epoch) - earlier
+        if found:
+            return found
+        time.sleep(0.02)  # the server shares this process: do not flood it
+    return set()
 
 
 def test_sigkill_during_uploads_never_lists_a_partial_checkpoint(s3_bucket: str,
@@ -70,14 +74,16 @@ def test_sigkill_during_uploads_never_lists_a_partial_checkpoint(s3_bucket: str,
         runs += 1
         listed = list_remote_checkpoints(store, url)
         newest = max((c.record["epoch"] for c in listed if c.record), default=None)
+        earlier = uploads_in_progress(fs, s3_bucket, 0)
         process = subprocess.Popen([sys.executable, str(WORKER), url, str(BALLAST_MIB), "999"],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    env=environment, cwd=tmp_path, start_new_session=True)
         # every other run lets its first upload complete: the runs make progress
-        staged = upload_in_progress(staging, process, (newest or 0) + 1 + runs % 2)
-        if staged is not None:
+        epoch = (newest or 0) + 1 + runs % 2
+        begun = upload_in_progress(fs, s3_bucket, process, epoch, earlier)
+        if begun:
             time.sleep(rng.uniform(0.0, 0.4))
-            in_upload = staged.exists()
+            in_upload = bool(begun & uploads_in_progress(fs, s3_bucket, epoch))
             os.kill(process.pid, signal.SIGKILL)
         else:
             in_upload = False
@@ -93,8 +99,8 @@ def test_sigkill_during_uploads_never_lists_a_partial_checkpoint(s3_bucket: str,
             assert re.search(rf"loaded\s+{re.escape(url)}/ep{newest:03d}\.pth\s+\(epoch "
                              rf"{newest}\)", output), output[-3000:]
             resumed += 1
-        for leftover in staging.iterdir():  # the killed process could not remove its own
-            leftover.unlink()
+        for leftover in staging.iterdir() if staging.is_dir() else ():
+            leftover.unlink()  # downloads of a killed process (it could not remove its own)
         # nothing partial is ever listed: every object's integrity record is complete
         after = list_remote_checkpoints(store, url)
         assert all(c.record is not None for c in after), after

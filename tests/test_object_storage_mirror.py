@@ -23,7 +23,7 @@ from memory_store import drop_memory_root, memory_object_names
 from nnh_testing import make_handler
 from s3_testing import s3_filesystem
 
-from nnhandler import NNHandler, RemoteStorageError
+from nnhandler import ConfigurationError, NNHandler, NoCheckpointFoundError, RemoteStorageError
 from nnhandler.callbacks.autosave_mirror import latest_with_mirror
 from nnhandler.checkpoint.index import INDEX_FILE
 from nnhandler.checkpoint.storage import URL
@@ -139,6 +139,92 @@ def test_resume_latest_takes_the_newer_and_the_local_one_on_a_tie(
     expected = {"local": str(tmp_path / "ep002.pth"), "mirror": f"{mirror_root}/ep002.pth",
                 "tie": str(tmp_path / "ep002.pth")}[newer]
     assert chosen == expected and options is None
+
+
+def mirrored_run(tmp_path: Path, mirror_root: str, epochs: int = 3) -> NNHandler:
+    handler = make_handler(n=16)
+    handler.auto_save(1, tmp_path, name="ep{epoch:03d}", mirror=mirror_root)
+    handler.train(epochs=epochs, seed=1, progress_bar=False)
+    return handler
+
+
+def loaded_from(caplog: pytest.LogCaptureFixture) -> str:
+    (message,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
+    return message.split()[1]
+
+
+@pytest.mark.parametrize(("damage", "expected"), [
+    ("none", "local ep003"),
+    ("local-newest-gone", "mirror ep003"),
+    ("mirror-newest-gone", "local ep003"),
+    ("local-newest-corrupt", "mirror ep003"),
+    ("mirror-newest-truncated-local-gone", "local ep002"),  # both sides fall back; a tie
+    ("local-folder-lost", "mirror ep003"),
+], ids=lambda value: value.replace(" ", "-"))
+def test_load_latest_with_a_mirror_takes_the_newest_valid_of_both(
+        tmp_path: Path, mirror_root: str, damage: str, expected: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    mirrored_run(tmp_path / "ck", mirror_root)
+    fs, key = fsspec.filesystem("memory"), f"{URL(mirror_root).key}/ep003.pth"
+    local = tmp_path / "ck" / "ep003.pth"
+    if damage == "local-newest-gone":
+        local.unlink()
+    elif damage == "mirror-newest-gone":
+        fs.rm(key)
+    elif damage == "local-newest-corrupt":
+        data = bytearray(local.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        local.write_bytes(bytes(data))
+    elif damage == "mirror-newest-truncated-local-gone":
+        fs.pipe_file(key, fs.cat_file(key)[:-100])
+        local.unlink()
+    elif damage == "local-folder-lost":
+        shutil.rmtree(tmp_path / "ck")
+    with caplog.at_level(logging.INFO, "nnhandler"):
+        loaded = NNHandler.load_latest(tmp_path / "ck", mirror=mirror_root,
+                                       storage_options={"skip_instance_cache": True})
+    side, name = expected.split()
+    where = f"{mirror_root}/{name}.pth" if side == "mirror" else str(tmp_path / "ck" /
+                                                                       f"{name}.pth")
+    assert loaded_from(caplog) == where and loaded.epoch == int(name[2:])
+    if "corrupt" in damage or "truncated" in damage:
+        assert "skipping" in caplog.text
+
+
+def test_load_latest_with_a_mirror_that_does_not_answer_takes_the_local_one(
+        tmp_path: Path, mirror_root: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    mirrored_run(tmp_path, mirror_root, epochs=1)
+    monkeypatch.setenv("NNHANDLER_REMOTE_TIMEOUT", "0.2")
+    monkeypatch.setenv("NNHANDLER_REMOTE_RETRIES", "0")
+    with caplog.at_level(logging.WARNING, "nnhandler"):
+        loaded = NNHandler.load_latest(tmp_path, mirror="s3://nnh-no-such-endpoint/run",
+                                       storage_options={"endpoint_url": "http://127.0.0.1:9",
+                                                        "key": "k", "secret": "s"})
+    assert loaded.epoch == 1 and "did not answer" in caplog.text
+
+
+def test_load_latest_with_a_mirror_takes_a_file_url_as_the_local_folder(
+        tmp_path: Path, mirror_root: str, caplog: pytest.LogCaptureFixture) -> None:
+    mirrored_run(tmp_path / "ck", mirror_root, epochs=2)
+    with caplog.at_level(logging.INFO, "nnhandler"):
+        loaded = NNHandler.load_latest(f"file://{tmp_path / 'ck'}", mirror=mirror_root)
+    assert loaded_from(caplog) == str(tmp_path / "ck" / "ep002.pth") and loaded.epoch == 2
+
+
+@pytest.mark.parametrize(("save_path", "mirror", "error", "message"), [
+    ("ck", "elsewhere", ConfigurationError, r"mirror='elsewhere' is not an object-storage URL"),
+    ("ck", 5, ConfigurationError, r"mirror=5 is not an object-storage URL"),
+    ("memory://bucket/run", "memory://bucket/copy", ConfigurationError,
+     r"save_path 'memory://bucket/run' is a URL"),
+    ("ck", "memory://nnh-nothing-here/run", NoCheckpointFoundError,
+     r"no valid checkpoint in '.*ck' nor in its mirror 'memory://nnh-nothing-here/run'"),
+], ids=["local-folder", "not-a-string", "url-save-path", "nothing-anywhere"])
+def test_load_latest_refuses_a_wrong_mirror(tmp_path: Path, save_path: str, mirror: Any,
+                                            error: type[Exception], message: str) -> None:
+    target = save_path if "://" in save_path else tmp_path / save_path
+    with pytest.raises(error, match=message):
+        NNHandler.load_latest(target, mirror=mirror)
 
 
 def test_an_unresponsive_mirror_under_warn_does_not_stop_training(

@@ -13,11 +13,12 @@ import torch
 from test_write_path import assert_same, storage_groups
 
 from nnhandler.checkpoint.envelope import build_meta, ensure_plain, envelope_of, write_envelope
+from nnhandler.checkpoint.packing import split_packs
 from nnhandler.checkpoint.snapshot import StagingBuffers
 
 
 def load_envelope(path: Path) -> dict[str, Any]:
-    envelope: dict[str, Any] = torch.load(path, weights_only=True)
+    envelope: dict[str, Any] = split_packs(torch.load(path, weights_only=True))  # as we read
     return envelope
 
 

@@ -109,7 +109,8 @@ def as_zip64(count: int | None = None) -> Callable[[bytes], bytes]:
 @pytest.fixture
 def ours(tmp_path: Path) -> Path:
     path = tmp_path / "ours.pth"
-    state = {"model": {"w": torch.arange(1000.0), "b": torch.ones(7)}}
+    # two records: small storages of one dtype share a pack (checkpoint/packing.py)
+    state = {"model": {"w": torch.arange(1000.0), "b": torch.ones(7, dtype=torch.int64)}}
     write_checkpoint(path, state, build_meta(epoch=1, step=2, logs={"loss": 0.5}, world_size=1))
     return path
 

@@ -23,7 +23,14 @@ it), rank 0 hands it to :class:`MirrorUploads`:
 
 :func:`latest_with_mirror` is what ``train(resume="latest")`` picks: the newest valid
 checkpoint of the local folder and of the mirror by recorded epoch, then step; the local one
-wins a tie.
+wins a tie (:mod:`nnhandler.checkpoint.newest`, the rule ``NNHandler.load_latest(path,
+mirror=URL)`` follows too).
+
+When ``train`` starts after the local folder lost files (a new VM), retention completes its
+bookkeeping from the mirror (:meth:`MirrorUploads.replica`, :meth:`~nnhandler.checkpoint.
+retention.Retention.resume`): the mirror's index section of this lineage, only about files the
+local folder lacks, and only files the mirror holds as this lineage's own, so the mirror keeps
+what it would have kept had the folder survived.
 """
 
 from __future__ import annotations
@@ -39,10 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint.discovery import find_latest_valid
 from ..checkpoint.index import IndexSection, read_index, update_index
-from ..checkpoint.integrity import read_integrity_record
-from ..checkpoint.remote_checkpoints import find_latest_valid_remote, remote_integrity_record
+from ..checkpoint.newest import newest_of_local_and_mirror
 from ..checkpoint.storage import URL, store_for
 from ..checkpoint.store_files import (
     StoreRemovalGuard,
@@ -51,7 +56,7 @@ from ..checkpoint.store_files import (
 )
 from ..checkpoint.writer import temp_path_for
 from ..distributed import run_on_rank_zero
-from ..errors import CheckpointError, CheckpointIndexError, ConfigurationError
+from ..errors import CheckpointIndexError, ConfigurationError, RemoteStorageError
 
 if TYPE_CHECKING:
     from ..checkpoint.remote import FsspecStore
@@ -247,11 +252,17 @@ class MirrorUploads:
             with self._lock:
                 errors, self._errors = self._errors, []
             for url, error in errors:
-                if config.on_save_error == "raise":
-                    raise error
                 handler.logger.error(
-                    "MIRROR UPLOAD FAILED for %s (%s: %s); the local checkpoint stands and "
-                    "training continues", url, type(error).__name__, error)
+                    "MIRROR UPLOAD FAILED for %s (%s: %s); the local checkpoint stands%s",
+                    url, type(error).__name__, error,
+                    "" if config.on_save_error == "raise" else " and training continues")
+            if errors and config.on_save_error == "raise":  # the first failure, on every rank
+                url, error = errors[0]
+                if not isinstance(error, Exception) or str(url) in str(error):
+                    raise error
+                # a store's own error (s3fs' FileNotFoundError of a removed bucket) names no URL
+                raise RemoteStorageError(f"mirror: the upload to {str(url)!r} failed: "
+                                         f"{type(error).__name__}: {error}") from error
 
         run_on_rank_zero(handler.distributed, collect)
 
@@ -259,30 +270,17 @@ class MirrorUploads:
 def latest_with_mirror(config: AutoSaveConfig, context: DistributedContext,
                        logger: logging.Logger) -> tuple[str | None, dict[str, Any] | None]:
     """``train(resume="latest")`` of a saver with a ``mirror``: the newest valid checkpoint
-    of ``save_path`` and of the mirror by recorded (epoch, step), the local one on a tie;
-    with the ``storage_options`` to read it. Rank 0 chooses; every rank gets its choice."""
-    mirror = config.mirror
-    assert mirror is not None and isinstance(config.save_path, Path)
+    of ``save_path`` and of the mirror
+    (:func:`~nnhandler.checkpoint.newest.newest_of_local_and_mirror`: by recorded epoch, then
+    step, the local one on a tie), with the ``storage_options`` to read it. Rank 0 chooses;
+    every rank gets its choice."""
+    mirror, local = config.mirror, config.save_path
+    assert mirror is not None and isinstance(local, Path)
 
     def choose() -> str | None:
-        local = find_latest_valid(config.save_path, logger)
-        try:
-            remote = find_latest_valid_remote(mirror, logger, config.storage_options)
-        except OSError as error:
-            logger.warning("resume='latest': the mirror %s did not answer (%s); looking at "
-                           "%s only", mirror, error, config.save_path)
-            remote = None
-        if remote is None or local is None:
-            return None if local is None and remote is None else str(local or remote)
-        assert isinstance(local, Path)
-        try:
-            mine = read_integrity_record(local)
-            theirs = remote_integrity_record(store_for(mirror, config.storage_options), remote)
-        except (CheckpointError, OSError):
-            return str(local)
-        order = [(int(r.get("epoch", -1)), int(r.get("step", -1))) for r in (mine, theirs)]
-        return str(remote) if order[1] > order[0] else str(local)
+        found = newest_of_local_and_mirror(local, mirror, logger, config.storage_options)
+        return None if found is None else str(found)
 
     chosen = run_on_rank_zero(context, choose)
-    return chosen, (config.storage_options if chosen is not None and isinstance(
-        chosen, str) and chosen.startswith(f"{mirror.protocol}://") else None)
+    return chosen, (config.storage_options if chosen is not None
+                    and chosen.startswith(f"{mirror.protocol}://") else None)

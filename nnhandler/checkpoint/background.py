@@ -96,7 +96,7 @@ class _Job:
         try:
             snapshot.wait()
             store = self._store
-            if store is not None and not store.local:  # a URL: staged locally, uploaded whole
+            if store is not None and not store.local:  # a URL: the store publishes it whole
                 outcome.size = store.publish(outcome.path, lambda local: write_envelope(
                     local, snapshot.value, snapshot.records, io=snapshot.io))
             else:
@@ -134,8 +134,8 @@ class BackgroundWriter:
                store: Store | None = None) -> None:
         """Start writing ``snapshot`` to ``path``; ``after_commit`` runs in the writer thread
         once the file is durable (removing a superseded file, say). ``store``: the object
-        store of a URL ``path`` (the file is written to a local staging file, then uploaded
-        whole, both in the writer thread)."""
+        store of a URL ``path`` (the store publishes the file whole, in the writer thread:
+        streamed into a multipart upload on S3, a local staging file uploaded elsewhere)."""
         if self._job is not None:
             raise RuntimeError("a background write is still in flight: wait() for it first")
         job = _Job(path, epoch, snapshot, after_commit, store)

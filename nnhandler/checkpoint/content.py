@@ -48,6 +48,9 @@ class EnvelopeRecord(Schema):
     format: FormatRecord
     meta: MetaRecord
     state: dict[str, Any]
+    #: tensors over the packs of small storages (:mod:`.packing`), where the file has any
+    #: and a reader has not split them off yet
+    packs: list[Any] = []
 
 
 class ComponentRecord(Schema):

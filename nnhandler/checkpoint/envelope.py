@@ -14,17 +14,19 @@ import pickle
 import platform
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final, cast
 
 import torch
 
 from ..errors import CheckpointError, CheckpointFormatError
 from .format import FORMAT_NAME, FORMAT_VERSION, Checkpoint, unpack
-from .integrity import read_integrity_record, verify_file
+from .integrity import corruption, read_integrity_record, verify_file
 from .io import CheckpointIO, checkpoint_io
+from .packing import split_packs
 from .records import StorageRecord
+from .verified_read import CheckingReader
+from .writer import Destination
 from .ziplayout import check_zip_layout
 
 __all__ = [
@@ -157,9 +159,10 @@ def envelope_of(state: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
             "state": state}
 
 
-def write_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any], *,
+def write_checkpoint(path: Destination, state: dict[str, Any], meta: dict[str, Any], *,
                      io: CheckpointIO | None = None) -> int:
-    """Write the envelope atomically to ``path`` with ``io`` (``None``: the writer
+    """Write the envelope atomically to ``path`` (or into a stream that publishes it whole:
+    :data:`~.writer.Destination`) with ``io`` (``None``: the writer
     ``NNHANDLER_WRITER`` chooses, see :func:`~.io.checkpoint_io`); returns its size in bytes.
 
     Raises :class:`CheckpointError` (before anything is written) if the state holds anything but
@@ -171,7 +174,7 @@ def write_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any], *,
 
 
 def write_envelope(
-    path: Path, envelope: dict[str, Any], staged: Sequence[StorageRecord] = (), *,
+    path: Destination, envelope: dict[str, Any], staged: Sequence[StorageRecord] = (), *,
     io: CheckpointIO | None = None,
 ) -> int:
     """Write a checked envelope durably with its integrity record through ``io`` (see
@@ -188,18 +191,20 @@ def write_envelope(
     }
     if "lineage" in meta:  # read back by a tail read before any replacement or removal
         summary["lineage"] = meta["lineage"]
-    return write_with_record(path, envelope, summary, staged, io=io)
+    return write_with_record(path, envelope, summary, staged, io=io, pack=True)
 
 
-def write_with_record(path: Path, payload: Any, summary: dict[str, Any],
+def write_with_record(path: Destination, payload: Any, summary: dict[str, Any],
                       staged: Sequence[StorageRecord] = (), *,
-                      io: CheckpointIO | None = None) -> int:
+                      io: CheckpointIO | None = None, pack: bool = False) -> int:
     """Write ``payload`` (tensors and plain data) as a torch zip file that
     ``torch.load(weights_only=True)`` opens, with an integrity record holding ``summary``,
     durably through :func:`~.writer.atomic_write`, with ``io`` (``None``: the writer
-    ``NNHANDLER_WRITER`` chooses, see :func:`~.io.checkpoint_io`). Returns the file size."""
+    ``NNHANDLER_WRITER`` chooses, see :func:`~.io.checkpoint_io`). ``pack``: small storages
+    may be packed (:mod:`.packing`; envelopes only, which :func:`read_checkpoint` splits
+    again). Returns the file size."""
     writer = io if io is not None else checkpoint_io()
-    return writer.write(path, payload, summary, staged)
+    return writer.write(path, payload, summary, staged, pack=pack)
 
 
 def read_checkpoint(
@@ -209,46 +214,48 @@ def read_checkpoint(
     """Read and check an envelope; never executes code from the file.
 
     With ``verify`` (the default) the integrity record at the file's end is checked first (a
-    truncated file fails here), then the whole file is checked against its CRC-32 while
-    ``torch.load(weights_only=True)`` reads it; any damage raises
-    :class:`CheckpointCorruptedError` and no data is returned. Before ``torch.load`` opens it,
-    verified or not, the zip's central directory is checked (:mod:`.ziplayout`): compressed
-    records, records beyond the file or overlapping each other are a
-    :class:`CheckpointFormatError` (or, where the CRC fails too, corruption) and nothing is
-    inflated. ``mmap`` maps the tensors' storages instead of reading them (for checking what a
-    file holds without loading it).
+    truncated file fails here), then the whole file is checked against its CRC-32 in the same
+    read that loads it (:mod:`.verified_read`: the CRC of each large record is computed on the
+    tensor storage it was read into); any damage raises :class:`CheckpointCorruptedError`
+    and no data is returned. Before ``torch.load`` opens it, verified or not, the zip's
+    central directory is checked (:mod:`.ziplayout`): compressed records, records beyond the
+    file or overlapping each other are a :class:`CheckpointFormatError` (or, where the CRC
+    fails too, corruption) and nothing is inflated. ``mmap`` maps the tensors' storages
+    instead of reading them (for checking what a file holds without loading it); with
+    ``verify`` the file is checked completely before it is mapped.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    # The CRC check runs in a thread beside torch.load (zlib releases the GIL), so verifying
-    # costs little extra time; the result is used only once the check has passed. Unpickling
-    # first is safe: weights_only never executes code from the file.
-    if verify:
-        read_integrity_record(path)
-    verification = _start_verification(path) if verify else None
-    try:
+    if not verify:
         check_zip_layout(path)  # nothing is inflated or allocated on a hostile layout's word
-        envelope = _load_envelope(path, map_location, mmap)
-    except CheckpointError:
-        if verification is not None:
-            verification.result()  # damage explains the failure: report it as such
-        raise
-    if verification is not None:
-        verification.result()
-    return unpack(path, envelope)
-
-
-def _start_verification(path: Path) -> Future[Any]:
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnhandler-verify")
-    future = executor.submit(verify_file, path)
-    executor.shutdown(wait=False)
-    return future
-
-
-def _load_envelope(path: Path, map_location: Any, mmap: bool = False) -> Any:
+        return unpack(path, split_packs(_load_envelope(path, path, map_location, mmap),
+                                        clone=not mmap))
+    record = read_integrity_record(path)
+    if mmap:  # nothing is read to check on the way: check first
+        verify_file(path)
+        check_zip_layout(path)
+        return unpack(path, split_packs(_load_envelope(path, path, map_location, mmap),
+                                        clone=False))
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        check_zip_layout(path)
+        with CheckingReader(path) as reader:
+            envelope = _load_envelope(reader, path, map_location)
+            size, crc = reader.file_crc32(int(record["covered_size"]))
+    except CheckpointError:
+        verify_file(path)  # damage explains the failure: report it as such
+        raise
+    if size != record["covered_size"] or crc != record["crc32"]:
+        raise corruption(path, crc, int(record["crc32"]))
+    return unpack(path, split_packs(envelope, clone=True))
+
+
+def _load_envelope(source: Path | CheckingReader, path: Path, map_location: Any,
+                   mmap: bool = False) -> Any:
+    try:
+        # torch.load reads any object with read/readinto/seek/tell (typed as IO[bytes])
+        file = cast(BinaryIO, source) if isinstance(source, CheckingReader) else source
+        return torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise CheckpointFormatError(
             f"{str(path)!r} holds objects other than tensors and plain data and was refused "

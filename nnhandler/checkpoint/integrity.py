@@ -61,14 +61,16 @@ except ImportError:  # pragma: no cover - platforms without an isal wheel
             square = _multiply(square, square)
         return power
 
-__all__ = ["TAIL_PREFETCH", "IntegrityRecord", "crc32", "crc32_combine", "file_crc32",
-           "integrity_record", "parse_integrity_record", "read_integrity_record", "verify_file"]
+__all__ = ["TAIL_PREFETCH", "IntegrityRecord", "corruption", "crc32", "crc32_combine",
+           "file_crc32", "integrity_record", "parse_integrity_record", "read_integrity_record",
+           "verify_file"]
 
 MAGIC: Final = b"\nNNHANDLER-INTEGRITY\n"
 TAG: Final = b"NNHI"
 _FOOTER: Final = struct.Struct("<II4s")
 _EOCD_SIZE: Final = 22
-_CHUNK: Final = 16 * 1024 * 1024
+#: a buffer that stays in the cache between the read and the CRC (16 MiB cost ~25% more)
+_CHUNK: Final = 1024 * 1024
 _MAX_RECORD: Final = 65535  # a zip comment's length is a u16
 
 
@@ -189,8 +191,13 @@ def verify_file(path: str | os.PathLike[str]) -> IntegrityRecord:
     record = read_integrity_record(path)
     size, crc = file_crc32(path, int(record["covered_size"]))
     if size != record["covered_size"] or crc != record["crc32"]:
-        raise CheckpointCorruptedError(
-            f"{str(path)!r} is corrupted: CRC-32 of its content is {crc:08x}, the checkpoint "
-            f"recorded {int(record['crc32']):08x}"
-        )
+        raise corruption(path, crc, int(record["crc32"]))
     return record
+
+
+def corruption(path: str | os.PathLike[str], crc: int, recorded: int) -> CheckpointCorruptedError:
+    """The error for a file whose content's CRC-32 ``crc`` is not the ``recorded`` one."""
+    return CheckpointCorruptedError(
+        f"{str(path)!r} is corrupted: CRC-32 of its content is {crc:08x}, the checkpoint "
+        f"recorded {recorded:08x}"
+    )

@@ -39,7 +39,6 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import IO, Any, BinaryIO, Final, cast
 
@@ -48,8 +47,9 @@ from torch import nn
 
 from ..errors import ConfigurationError
 from .integrity import crc32, integrity_record
+from .packing import split_packs
 from .records import StorageRecord, find_mixed_dtypes
-from .writer import atomic_write
+from .writer import Destination, write_destination
 from .zipwriter import WRITE_BUFFER, write_torch_zip
 
 __all__ = [
@@ -95,12 +95,16 @@ class CheckpointIO(ABC):
     pickled_snapshots: bool
 
     @abstractmethod
-    def write(self, path: Path, payload: Any, summary: Mapping[str, Any],
-              staged: Sequence[StorageRecord] = ()) -> int:
+    def write(self, path: Destination, payload: Any, summary: Mapping[str, Any],
+              staged: Sequence[StorageRecord] = (), *, pack: bool = False) -> int:
         """Write ``payload`` (checked tensors and plain data, or the value of a snapshot taken
-        for this writer) to ``path``; ``summary`` goes into the integrity record; ``staged``
+        for this writer) to ``path`` (a file written atomically, or a stream such as an upload:
+        :func:`~.writer.write_destination`); ``summary`` goes into the integrity record; ``staged``
         are the storage records of a snapshot's placeholders (writers with
-        :attr:`pickled_snapshots` only). Returns the file size in bytes."""
+        :attr:`pickled_snapshots` only). ``pack`` (a checkpoint envelope: a dict that
+        :func:`~.packing.split_packs` is applied to on reading) allows packing small storages
+        (:mod:`.packing`); writers that do not pack ignore it. Returns the file size in
+        bytes."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -113,15 +117,16 @@ class FastWriter(CheckpointIO):
     name = "fast"
     pickled_snapshots = True
 
-    def write(self, path: Path, payload: Any, summary: Mapping[str, Any],
-              staged: Sequence[StorageRecord] = ()) -> int:
-        pickled, storages = pickling_module().pickle_with_storages(payload, staged)
+    def write(self, path: Destination, payload: Any, summary: Mapping[str, Any],
+              staged: Sequence[StorageRecord] = (), *, pack: bool = False) -> int:
+        pickled, storages = pickling_module().pickle_with_storages(payload, staged, pack=pack)
 
         def comment(covered_size: int, crc: int) -> bytes:
             return integrity_record(dict(summary), covered_size, crc)
 
-        return atomic_write(path, lambda file: write_torch_zip(file, pickled, storages, comment),
-                            buffering=WRITE_BUFFER)
+        return write_destination(
+            path, lambda file: write_torch_zip(file, pickled, storages, comment),
+            buffering=WRITE_BUFFER)
 
 
 class TorchSaveWriter(CheckpointIO):
@@ -134,9 +139,10 @@ class TorchSaveWriter(CheckpointIO):
     name = "torch"
     pickled_snapshots = False
 
-    def write(self, path: Path, payload: Any, summary: Mapping[str, Any],
-              staged: Sequence[StorageRecord] = ()) -> int:
-        # ``staged`` back the snapshot's tensors already (they view the staging memory)
+    def write(self, path: Destination, payload: Any, summary: Mapping[str, Any],
+              staged: Sequence[StorageRecord] = (), *, pack: bool = False) -> int:
+        # ``staged`` back the snapshot's tensors already (they view the staging memory);
+        # ``pack`` is not for torch.save, which writes every storage as a record of its own
         def write(file: BinaryIO) -> int:
             out = _ChecksummingFile(file)
             try:
@@ -152,7 +158,7 @@ class TorchSaveWriter(CheckpointIO):
             return out.finish(lambda covered_size, crc: integrity_record(
                 dict(summary), covered_size, crc))
 
-        return atomic_write(path, write, buffering=WRITE_BUFFER)
+        return write_destination(path, write, buffering=WRITE_BUFFER)
 
 
 #: bytes held back from the file: the end-of-central-directory record (22 bytes, ending in the
@@ -358,8 +364,8 @@ def _self_check() -> SelfCheck:
 
 def _round_trips() -> str:
     """The first difference between ``torch.save``'s and the fast writer's output, loaded
-    with ``torch.load(weights_only=True)`` (the state pickled directly and from a snapshot);
-    ``""`` when there is none."""
+    with ``torch.load(weights_only=True)`` (the state pickled directly and from a snapshot;
+    small storages packed and split again, :mod:`.packing`); ``""`` when there is none."""
     from .snapshot import StagingBuffers
 
     pickling = pickling_module()  # first: a torch private it binds may be gone
@@ -374,10 +380,10 @@ def _round_trips() -> str:
         for label, value, staged in (("written directly", state, ()),
                                      ("written from a snapshot", snapshot.value,
                                       snapshot.records)):
-            pickled, storages = pickling.pickle_with_storages(value, staged)
+            pickled, storages = pickling.pickle_with_storages(value, staged, pack=True)
             written = io.BytesIO()
             write_torch_zip(written, pickled, storages, lambda size, crc: b"")
-            actual = torch.load(io.BytesIO(written.getvalue()), weights_only=True)
+            actual = split_packs(torch.load(io.BytesIO(written.getvalue()), weights_only=True))
             difference = first_difference(expected, actual)
             if difference:
                 return f"a state {label}: {difference}"

@@ -38,17 +38,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pickle import (
     BINFLOAT,
-    BININT,
-    BININT1,
     BININT2,
-    BINPERSID,
-    BINUNICODE,
     BUILD,
     EMPTY_DICT,
     EMPTY_LIST,
     EMPTY_TUPLE,
     GLOBAL,
-    LONG1,
     MARK,
     NEWFALSE,
     NEWTRUE,
@@ -57,8 +52,6 @@ from pickle import (
     SETITEMS,
     STOP,
     TUPLE,
-    TUPLE1,
-    TUPLE2,
     TUPLE3,
 )
 from typing import Any, Final
@@ -67,7 +60,18 @@ import torch
 from torch._utils import _rebuild_parameter, _rebuild_tensor_v2, _rebuild_tensor_v3
 from torch.serialization import location_tag
 
-from .records import StagedTensor, StorageRecord, mixed_dtypes_error
+from .opcodes import (
+    SMALL_INTS,
+    TUPLE_ENDS,
+    StorageRef,
+    encode_global,
+    encode_int,
+    encode_str,
+    storage_ref,
+    tensor_tail,
+)
+from .packing import PACK_BELOW, PACKED_DTYPES, PACKS_KEY
+from .records import Pack, StagedTensor, StorageRecord, mixed_dtypes_error
 
 __all__ = [
     "PICKLE_PROTOCOL",
@@ -95,28 +99,16 @@ _APPENDS: Final = b"e"
 _BINPUT: Final = b"q"
 _BINGET: Final = b"h"
 _BATCH: Final = 1000  # items per SETITEMS/APPENDS, as the C pickler batches them
-_U32: Final = struct.Struct("<I")
-_I32: Final = struct.Struct("<i")
-_U16: Final = struct.Struct("<H")
 _F64: Final = struct.Struct(">d")
+_U16: Final = struct.Struct("<H")
 #: integers up to this many bits fit LONG1 (255 bytes); longer ones go to the C pickler
 _LONG1_BITS: Final = 8 * 255 - 1
-_SMALL_INTS: Final = tuple(BININT1 + bytes([value]) for value in range(256))
-#: tuples of up to three items close with one opcode, longer ones with MARK ... TUPLE
-_TUPLE_ENDS: Final = (EMPTY_TUPLE, TUPLE1, TUPLE2, TUPLE3)
-
-
-def _global(obj: Any) -> bytes:
-    """The GLOBAL opcode that names ``obj`` (a class or function) as pickle does."""
-    return GLOBAL + f"{obj.__module__}\n{obj.__qualname__}\n".encode()
-
-
 #: the functions and classes the emitter names, by code (also their memo index)
 REBUILD_V2: Final = 0
 REBUILD_V3: Final = 1
 REBUILD_PARAMETER: Final = 2
 ORDERED_DICT: Final = 3
-_GLOBALS: Final = tuple(_global(obj) + _BINPUT + bytes([code]) for code, obj in enumerate(
+_GLOBALS: Final = tuple(encode_global(obj) + _BINPUT + bytes([code]) for code, obj in enumerate(
     (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter, OrderedDict)))
 _GETS: Final = tuple(_BINGET + bytes([code]) for code in range(len(_GLOBALS)))
 _NOTHING_DECLARED: Final = (False,) * len(_GLOBALS)
@@ -139,76 +131,12 @@ def is_fast_tensor(tensor: torch.Tensor) -> bool:
                 or tensor.__dict__)
 
 
-# -- opcode bytes of plain values ---------------------------------------------------------------
-def _int(value: int) -> bytes:
-    if 0 <= value < 256:
-        return _SMALL_INTS[value]
-    if 0 <= value < 65536:
-        return BININT2 + _U16.pack(value)
-    if -0x80000000 <= value < 0x80000000:
-        return BININT + _I32.pack(value)
-    encoded = pickle.encode_long(value)
-    if len(encoded) >= 256:
-        raise OverflowError("an integer this long is pickled by the C pickler")
-    return LONG1 + bytes([len(encoded)]) + encoded
-
-
-def _str(value: str) -> bytes:
-    encoded = value.encode("utf-8", "surrogatepass")
-    return BINUNICODE + _U32.pack(len(encoded)) + encoded
-
-
-def _int_tuple(values: Sequence[int]) -> bytes:
-    items = b"".join(_int(value) for value in values)
-    if len(values) < 4:
-        return items + _TUPLE_ENDS[len(values)]
-    return MARK + items + TUPLE
-
-
-class StorageRef:
-    """A storage's persistent id: as a tuple (``pid``, for the C pickler's ``persistent_id``)
-    and as the opcodes that start a tensor's arguments, push the id and load it (``marked``,
-    for the emitter). Immutable and interned: see :func:`storage_ref`."""
-
-    __slots__ = ("marked", "pid")
-
-    def __init__(self, pid: tuple[str, Any, str, str, int]) -> None:
-        _, storage_type, key, location, numel = pid
-        self.pid = pid
-        named = _STORAGE_GLOBALS.get(storage_type)
-        if named is None:
-            named = _STORAGE_GLOBALS[storage_type] = _PID_HEAD + _global(storage_type)
-        self.marked = b"".join((MARK, named, _str(key), _str(location), _int(numel), TUPLE,
-                                BINPERSID))
-
-
-_PID_HEAD: Final = MARK + _str("storage")
-#: storage class -> the start of a persistent id naming it
-_STORAGE_GLOBALS: dict[Any, bytes] = {}
-#: persistent id -> its reference, shared by every save in the process (a training run saves
-#: the same storages again and again); cleared when it grows large
-_REFS: dict[tuple[str, Any, str, str, int], StorageRef] = {}
-_REFS_LIMIT: Final = 1 << 14
-
-
-def storage_ref(storage_type: Any, key: str, location: str, numel: int) -> StorageRef:
-    """The reference to storage ``key`` (``numel`` elements of ``storage_type`` at
-    ``location``)."""
-    pid = ("storage", storage_type, key, location, numel)
-    ref = _REFS.get(pid)
-    if ref is None:
-        if len(_REFS) >= _REFS_LIMIT:
-            _REFS.clear()
-        ref = _REFS[pid] = StorageRef(pid)
-    return ref
-
-
 def tensor_pieces(ref: StorageRef, dtype: torch.dtype, offset: int | torch.SymInt,
                   shape: Sequence[int],
                   stride: Sequence[int], requires_grad: bool) -> tuple[int | bytes, ...]:
     """The pickled form of a plain tensor over ``ref``'s storage: the code of its rebuild
     function (see :data:`REBUILD_V2`) and the bytes of its arguments and ``REDUCE``."""
-    tail = _tail(offset, shape, stride, requires_grad)
+    tail = tensor_tail(offset, shape, stride, requires_grad)
     if storage_type_of(dtype) is torch.UntypedStorage:
         dtype_global = GLOBAL + f"torch\n{str(dtype).removeprefix('torch.')}\n".encode()
         return (REBUILD_V3, ref.marked + tail[:-2] + dtype_global + TUPLE + REDUCE)
@@ -224,37 +152,28 @@ def parameter_pieces(data: tuple[int | bytes, ...],
             EMPTY_TUPLE + REDUCE + TUPLE3 + REDUCE)
 
 
-#: (offset, shape, stride, requires_grad) -> the bytes after a tensor's persistent id; shared by
-#: every save in the process, and cleared when it grows large (a training run has few layouts)
-_TAILS: dict[tuple[Any, Any, Any, bool], bytes] = {}
-_TAILS_LIMIT: Final = 4096
-
-
-def _tail(offset: int | torch.SymInt, shape: Sequence[int], stride: Sequence[int],
-          requires_grad: bool) -> bytes:
-    key = (offset, shape, stride, requires_grad)
-    tail = _TAILS.get(key)
-    if tail is None:
-        tail = b"".join((_int(int(offset)), _int_tuple(shape), _int_tuple(stride),
-                         NEWTRUE if requires_grad else NEWFALSE, NONE, TUPLE, REDUCE))
-        if len(_TAILS) >= _TAILS_LIMIT:
-            _TAILS.clear()
-        _TAILS[key] = tail
-    return tail
-
-
 class _StorageTable:
     """Live storages by identity, keyed ``"0"``, ``"1"`` … in order of first use (after the
     keys of pre-registered snapshot records)."""
 
-    __slots__ = ("_dtype_by_ptr", "_locations", "records", "refs")
+    __slots__ = ("_dtype_by_ptr", "_locations", "held", "parts", "records", "refs")
 
-    def __init__(self, staged: Sequence[StorageRecord]) -> None:
+    def __init__(self, staged: Sequence[StorageRecord], parts: list[bytes],
+                 pack: bool = False) -> None:
         self.records: list[StorageRecord] = list(staged)
         #: storage ``_cdata`` -> (the dtype it is recorded with, its reference)
         self.refs: dict[int, tuple[torch.dtype, StorageRef]] = {}
         self._dtype_by_ptr: dict[int, torch.dtype] = {}
         self._locations: dict[torch.device, str] = {}
+        #: the emitter's output, where the placeholders of held storages are filled in
+        self.parts = parts
+        #: with packing, the storages that may be packed (see :mod:`.packing`), held until the
+        #: state is done: ``_cdata`` -> (the index in ``parts`` of the placeholder for their
+        #: tensor's reference, the tensor, the storage, its bytes, the dtype). Any other use
+        #: of a held storage, by whatever path it is met (a second view, a parameter, the C
+        #: pickler), registers it in :meth:`ref` and so writes it as a record of its own.
+        self.held: dict[int, tuple[int, torch.Tensor, torch.UntypedStorage, int, torch.dtype]
+                        ] | None = {} if pack else None
 
     def ref(self, storage: torch.UntypedStorage, dtype: torch.dtype, storage_type: Any,
             numel: int) -> StorageRef:
@@ -265,20 +184,35 @@ class _StorageTable:
             if known[0] is not dtype:
                 raise mixed_dtypes_error(known[0], dtype)
             return known[1]
-        ptr = storage.data_ptr()
-        if ptr:  # torch refuses two storage objects over the same memory with different dtypes
+        held = self.held
+        first = held.pop(cdata, None) if held else None
+        if first is not None and first[4] is not dtype:
+            raise mixed_dtypes_error(first[4], dtype)
+        self.claim(storage.data_ptr(), dtype)
+        key = str(len(self.records))
+        ref = storage_ref(storage_type, key, self.location(storage), numel)
+        self.refs[cdata] = (dtype, ref)
+        self.records.append(StorageRecord(key, storage))
+        if first is not None:  # the held tensor was the storage's first use: it views it whole
+            index, tensor = first[0], first[1]
+            self.parts[index] = ref.marked + tensor_tail(0, tensor.shape, tensor.stride(), False)
+        return ref
+
+    def claim(self, ptr: int, dtype: torch.dtype) -> None:
+        """Note that the memory at ``ptr`` is written as ``dtype``: torch refuses two storage
+        objects over the same memory with different dtypes, and so do we."""
+        if ptr:
             seen = self._dtype_by_ptr.setdefault(ptr, dtype)
             if seen is not dtype:
                 raise mixed_dtypes_error(seen, dtype)
-        key = str(len(self.records))
+
+    def location(self, storage: torch.UntypedStorage) -> str:
+        """``storage``'s location tag (``"cpu"``, ``"cuda:0"`` …)."""
         device = storage.device
         location = self._locations.get(device)
         if location is None:
             location = self._locations[device] = location_tag(storage)
-        ref = storage_ref(storage_type, key, location, numel)
-        self.refs[cdata] = (dtype, ref)
-        self.records.append(StorageRecord(key, storage))
-        return ref
+        return location
 
     def tensor_ref(self, tensor: torch.Tensor) -> StorageRef:
         """The reference for the storage of a plain tensor (registered on first use)."""
@@ -293,8 +227,9 @@ class _StorageTable:
         """The persistent id of a storage object from torch's own reductions."""
         if isinstance(obj, torch.storage.TypedStorage):
             storage_type = getattr(torch, obj._pickle_storage_type())  # type: ignore[no-untyped-call]
-            return self.ref(obj._untyped_storage, obj.dtype, storage_type,
-                            obj._size()).pid  # type: ignore[no-untyped-call]
+            untyped = obj._untyped_storage
+            return self.ref(untyped, obj.dtype, storage_type,
+                            untyped.nbytes() // obj.dtype.itemsize).pid
         return self.ref(obj, torch.uint8, torch.UntypedStorage, obj.nbytes()).pid
 
     def reduce_tensor(self, tensor: torch.Tensor) -> Any:
@@ -309,6 +244,14 @@ class _StorageTable:
                                          tensor.stride(), tensor.requires_grad, None, dtype))
         return (_rebuild_tensor_v2, (ref, tensor.storage_offset(), tuple(tensor.shape),
                                      tensor.stride(), tensor.requires_grad, None))
+
+
+#: dtypes whose tensors the emitter writes without asking for conjugate bits or quantization
+#: (neither exists for them) and may pack: real, non-quantized, with a legacy storage class
+_PLAIN_TYPES: Final[dict[torch.dtype, Any]] = {
+    dtype: _STORAGE_TYPES[dtype] for dtype in PACKED_DTYPES}
+_ELEMENT_SIZES: Final = {dtype: torch.empty(0, dtype=dtype).element_size()
+                         for dtype in _PLAIN_TYPES}
 
 
 class _Pickler(pickle.Pickler):
@@ -340,7 +283,7 @@ class _Emitter:
 
     def __init__(self, table: _StorageTable) -> None:
         self.table = table
-        self.parts: list[bytes] = []
+        self.parts = table.parts
         self._declared = list(_NOTHING_DECLARED)
         self._buffer: io.BytesIO | None = None
         self._pickler: _Pickler | None = None
@@ -369,14 +312,14 @@ class _Emitter:
         if pickled is None:
             if len(_STRINGS) >= _STRINGS_LIMIT:
                 _STRINGS.clear()
-            pickled = _STRINGS[value] = _str(value)
+            pickled = _STRINGS[value] = encode_str(value)
         self.parts.append(pickled)
 
     def integer(self, value: int) -> None:
         if 0 <= value < 256:
-            self.parts.append(_SMALL_INTS[value])
+            self.parts.append(SMALL_INTS[value])
         elif value.bit_length() <= _LONG1_BITS:
-            self.parts.append(_int(value))
+            self.parts.append(encode_int(value))
         else:
             self.other(value)
 
@@ -390,34 +333,100 @@ class _Emitter:
         self.parts.append(NONE)
 
     def tensor(self, tensor: torch.Tensor) -> None:
-        # is_fast_tensor(tensor), inlined: this runs for every tensor of every save
-        if (tensor.__dict__ or tensor.layout is not _STRIDED or tensor.is_quantized
-                or tensor.is_nested or not (tensor.is_cpu or tensor.is_cuda) or tensor.is_conj()
-                or tensor.is_neg()):
+        # is_fast_tensor(tensor), inlined: this runs for every tensor of every save; the
+        # conjugate and quantized checks only where the dtype allows them (_unusual)
+        if tensor.__dict__ or tensor.layout is not _STRIDED or tensor.is_nested or tensor.is_neg():
             self.other(tensor)
             return
         dtype = tensor.dtype
-        storage_type = _STORAGE_TYPES.get(dtype)
+        storage_type = _PLAIN_TYPES.get(dtype)
         if storage_type is None:
-            self.pieces(tensor_pieces(self.table.tensor_ref(tensor), dtype,
-                                      tensor.storage_offset(), tensor.shape, tensor.stride(),
-                                      tensor.requires_grad))
+            self._unusual(tensor, dtype)
+            return
+        cpu = tensor.is_cpu
+        if not cpu and not tensor.is_cuda:
+            self.other(tensor)
             return
         storage = tensor.untyped_storage()
-        known = self.table.refs.get(storage._cdata)
+        cdata = storage._cdata
+        table = self.table
+        known = table.refs.get(cdata)
+        parts = self.parts
         if known is not None and known[0] is dtype:
             ref = known[1]
         else:
-            ref = self.table.ref(storage, dtype, storage_type,
-                                 storage.nbytes() // tensor.element_size())
-        parts = self.parts
+            held = table.held
+            # a held storage met again is registered by table.ref below: a record of its own
+            if (known is None and held is not None and cdata not in held and cpu
+                    and not tensor.requires_grad):
+                nbytes = storage.nbytes()
+                if (0 < nbytes < PACK_BELOW and tensor.storage_offset() == 0
+                        and tensor.nbytes == nbytes and tensor.is_contiguous()):
+                    if self._declared[REBUILD_V2]:
+                        parts.append(_GETS[REBUILD_V2])
+                    else:
+                        self.named(REBUILD_V2)
+                    held[cdata] = (len(parts), tensor, storage, nbytes, dtype)
+                    parts.append(b"")  # its reference, once the state is done
+                    return
+            ref = table.ref(storage, dtype, storage_type,
+                            storage.nbytes() // _ELEMENT_SIZES[dtype])
         if self._declared[REBUILD_V2]:
             parts.append(_GETS[REBUILD_V2])
         else:
             self.named(REBUILD_V2)
         parts.append(ref.marked)
-        parts.append(_tail(tensor.storage_offset(), tensor.shape, tensor.stride(),
-                           tensor.requires_grad))
+        parts.append(tensor_tail(tensor.storage_offset(), tensor.shape, tensor.stride(),
+                                 tensor.requires_grad))
+
+    def _unusual(self, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+        """A tensor of a complex, quantized or untyped-storage dtype: never packed."""
+        if tensor.is_quantized or tensor.is_conj() or not (tensor.is_cpu or tensor.is_cuda):
+            self.other(tensor)
+            return
+        self.pieces(tensor_pieces(self.table.tensor_ref(tensor), dtype, tensor.storage_offset(),
+                                  tensor.shape, tensor.stride(), tensor.requires_grad))
+
+    def finish_packs(self) -> None:
+        """Pack the storages still held, one record per dtype (:class:`~.records.Pack`, in
+        the order their tensors were met), fill in their tensors' references, and add the list
+        of tensors over the packs to the top-level dict (just emitted, so still on the stack)
+        under :data:`~.packing.PACKS_KEY`."""
+        held = self.table.held
+        if not held:
+            return
+        table, parts = self.table, self.parts
+        claim = table.claim
+        packs: dict[torch.dtype, tuple[Pack, list[tuple[int, torch.Tensor, int]]]] = {}
+        for index, tensor, storage, nbytes, dtype in held.values():
+            claim(storage.data_ptr(), dtype)
+            found = packs.get(dtype)
+            if found is None:
+                found = packs[dtype] = (Pack(), [])
+            pack = found[0]
+            found[1].append((index, tensor, pack.nbytes))
+            pack.storages.append(storage)
+            pack.nbytes += nbytes
+        held.clear()
+        spanning = []
+        for dtype, (pack, members) in packs.items():
+            size = _ELEMENT_SIZES[dtype]
+            key = str(len(table.records))
+            table.records.append(StorageRecord(key, pack))
+            marked = storage_ref(_PLAIN_TYPES[dtype], key, "cpu", pack.nbytes // size).marked
+            for index, tensor, offset in members:
+                parts[index] = marked + tensor_tail(offset // size, tensor.shape,
+                                                    tensor.stride(), False)
+            spanning.append(marked + tensor_tail(0, (pack.nbytes // size,), (1,), False))
+        parts.append(MARK)
+        self.string(PACKS_KEY)
+        parts.append(EMPTY_LIST)
+        parts.append(MARK)
+        for pickled in spanning:
+            self.named(REBUILD_V2)
+            parts.append(pickled)
+        parts.append(_APPENDS)
+        parts.append(SETITEMS)
 
     def staged(self, value: StagedTensor) -> None:
         self.pieces(value.pieces)
@@ -466,19 +475,23 @@ class _Emitter:
         parts.append(EMPTY_LIST)
         if not value:
             return
-        emit = self.emit
+        emit, append, small, short = self.emit, parts.append, SMALL_INTS, _U16.pack
         for start in range(0, len(value), _BATCH):
-            parts.append(MARK)
+            append(MARK)
             for item in value[start:start + _BATCH]:
-                emit(item)
-            parts.append(_APPENDS)
+                # inlined for lists of small integers (an optimizer's parameter ids)
+                if type(item) is int and 0 <= item < 65536:
+                    append(small[item] if item < 256 else BININT2 + short(item))
+                else:
+                    emit(item)
+            append(_APPENDS)
 
     def tuple_of(self, value: tuple[Any, ...]) -> None:
         if len(value) > 3:
             self.parts.append(MARK)
         for item in value:
             self.emit(item)
-        self.parts.append(_TUPLE_ENDS[len(value)] if len(value) < 4 else TUPLE)
+        self.parts.append(TUPLE_ENDS[len(value)] if len(value) < 4 else TUPLE)
 
     def other(self, value: Any) -> None:
         """Anything else: pickled by the C pickler and spliced in. One pickler serves the whole
@@ -512,16 +525,23 @@ _DISPATCH: Final[dict[type, Callable[[_Emitter, Any], None]]] = {
 
 
 def pickle_with_storages(
-    obj: Any, staged: Sequence[StorageRecord] = ()
+    obj: Any, staged: Sequence[StorageRecord] = (), *, pack: bool = False
 ) -> tuple[bytes, list[StorageRecord]]:
-    """``data.pkl`` of ``obj`` and the storages it references, in key order.
+    """``data.pkl`` of ``obj`` and the storages it references.
 
     ``staged`` are the records of a snapshot's :class:`StagedTensor` placeholders (keys
     ``"0"`` … ``str(len(staged) - 1)``); storages of live tensors get the keys after them.
+    With ``pack``, small storages viewed by one tensor each are written as packs
+    (:mod:`.packing`), listed in ``obj`` under :data:`~.packing.PACKS_KEY`: ``obj`` must then
+    be a dict without that key.
     """
-    table = _StorageTable(staged)
+    if pack and (type(obj) is not dict or PACKS_KEY in obj):
+        raise ValueError(f"packing needs a dict without the key {PACKS_KEY!r} to list the "
+                         f"packs in, not a {type(obj).__qualname__}")
+    table = _StorageTable(staged, [], pack)
     emitter = _Emitter(table)
     emitter.parts.append(b"\x80" + bytes([PICKLE_PROTOCOL]))
     emitter.emit(obj)
+    emitter.finish_packs()
     emitter.parts.append(STOP)
     return b"".join(emitter.parts), table.records

@@ -2,7 +2,9 @@
 ``nnhandler``; the fast writer's :mod:`.pickling` is imported only when it is first used).
 
 :class:`StorageRecord` is one storage a checkpoint file holds; :class:`StagedTensor` is the
-fast writer's stand-in for a snapshot's tensor (its pickled form, see :mod:`.pickling`).
+fast writer's stand-in for a snapshot's tensor (its pickled form, see :mod:`.pickling`);
+:class:`Pack` is the content of a record that holds several small storages end to end (see
+:mod:`.packing`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["LEGACY_STORAGE_DTYPES", "StagedTensor", "StorageRecord", "find_mixed_dtypes",
+__all__ = ["LEGACY_STORAGE_DTYPES", "Pack", "StagedTensor", "StorageRecord", "find_mixed_dtypes",
            "mixed_dtypes_error", "recorded_dtype"]
 
 #: dtypes that ``torch.save`` records with a typed legacy storage class (``FloatStorage`` …);
@@ -33,11 +35,24 @@ def recorded_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in LEGACY_STORAGE_DTYPES else torch.uint8
 
 
+class Pack:
+    """Several whole CPU storages of one dtype written end to end as one record, in order:
+    the tensors over them are rebuilt as views of the record's storage at their offsets."""
+
+    __slots__ = ("nbytes", "storages")
+
+    def __init__(self) -> None:
+        self.storages: list[torch.UntypedStorage] = []
+        #: the bytes of all storages (each storage's offset is the sum of those before it)
+        self.nbytes = 0
+
+
 class StorageRecord(NamedTuple):
-    """One storage to write as ``data/<key>``: a live storage, or a snapshot's host bytes."""
+    """One storage to write as ``data/<key>``: a live storage, a snapshot's host bytes, or a
+    :class:`Pack` of small storages."""
 
     key: str
-    data: torch.UntypedStorage | memoryview
+    data: torch.UntypedStorage | memoryview | Pack
 
 
 class StagedTensor:

@@ -3,12 +3,14 @@
 Imported only for a URL (:func:`~.storage.store_for`); needs ``pip install nnhandler[remote]``
 (fsspec, s3fs; ``gcsfs`` and the like for other stores).
 
-Atomic publication without rename: a checkpoint is written, with its CRC-32 computed as it is
-written, to a local staging file (``NNHANDLER_STAGING_DIR``, default a ``nnhandler-staging``
-folder in the temp directory), then uploaded in one ``put_file``: a single PUT, or for large
-files a multipart upload that the store shows only once it is completed (s3fs aborts it on an
-error). A partial object is never visible under the final name. Reading downloads a complete
-copy to the staging folder, which the usual reader verifies.
+Atomic publication without rename: on S3 (s3fs) a checkpoint is written, with its CRC-32
+computed as it is written, straight into a multipart upload whose parts go up while the rest is
+written (:mod:`.multipart`; one PUT for a checkpoint smaller than a part); the upload is
+completed only once the writer has written the integrity record, and aborted on any error.
+Other stores get a local staging file (``NNHANDLER_STAGING_DIR``, default a
+``nnhandler-staging`` folder in the temp directory), uploaded in one ``put_file`` once
+complete. Either way a partial object is never visible under the final name. Reading
+downloads a complete copy to the staging folder, which the usual reader verifies.
 
 Bounded failure: every operation has a deadline and bounded retries with exponential backoff
 (:class:`RemoteSettings`: ``NNHANDLER_REMOTE_TIMEOUT``, seconds per attempt, default 60;
@@ -31,10 +33,12 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, BinaryIO, Final, TypeVar, cast
 
 from ..errors import ConfigurationError, RemoteStorageError
+from .multipart import MultipartUpload, streams_uploads
 from .storage import REMOTE_EXTRA, URL, Entry, Store
+from .writer import Destination
 
 __all__ = ["RETRIES_ENV", "STAGING_ENV", "TIMEOUT_ENV", "FsspecStore", "RemoteSettings",
            "staging_directory"]
@@ -166,15 +170,17 @@ class FsspecStore(Store):
 
     # -- bounded operations -------------------------------------------------------------------
     def call(self, what: str, target: URL, operation: Callable[[], Result],
-             deadline: float | None = None) -> Result:
-        """``operation()`` under a deadline, retried with backoff on transient errors; a
-        :class:`~nnhandler.RemoteStorageError` naming ``what``, ``target`` and the last
-        error when every attempt failed. A permanent error is raised as it is at once."""
+             deadline: float | None = None, retries: int | None = None) -> Result:
+        """``operation()`` under a deadline, retried with backoff on transient errors
+        (``retries`` times, default the settings'); a :class:`~nnhandler.RemoteStorageError`
+        naming ``what``, ``target`` and the last error when every attempt failed. A permanent
+        error is raised as it is at once."""
         settings = self.settings
         seconds = settings.timeout if deadline is None else deadline
+        attempts = (settings.retries if retries is None else retries) + 1
         started = time.monotonic()
         last: BaseException | None = None
-        for attempt in range(settings.retries + 1):
+        for attempt in range(attempts):
             if attempt:
                 pause = min(settings.backoff * 2 ** (attempt - 1), _MAX_BACKOFF)
                 time.sleep(pause * random.uniform(0.5, 1.0))
@@ -185,11 +191,20 @@ class FsspecStore(Store):
             except Exception as error:  # transient until proven otherwise: retry
                 last = error
         raise RemoteStorageError(
-            f"{what} {str(target)!r} failed after {settings.retries + 1} attempt(s) in "
+            f"{what} {str(target)!r} failed after {attempts} attempt(s) in "
             f"{time.monotonic() - started:.1f} s: {type(last).__name__}: {last}") from last
 
     # -- the Store operations -----------------------------------------------------------------
-    def publish(self, target: URL, write: Callable[[Path], int]) -> int:
+    def publish(self, target: URL, write: Callable[[Destination], int]) -> int:
+        if streams_uploads(self.fs):  # S3: straight into a multipart upload, no staging file
+            upload = MultipartUpload(self, target)
+            try:
+                size = write(cast(BinaryIO, upload))  # the writers use write and tell only
+                upload.complete()
+            except BaseException:
+                upload.abort()
+                raise
+            return size
         staging = _staging_file(target.name)
         try:
             size = write(staging)

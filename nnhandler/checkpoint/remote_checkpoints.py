@@ -32,7 +32,7 @@ from .integrity import TAIL_PREFETCH, IntegrityRecord, parse_integrity_record
 from .remote_sharded import complete_copy, remote_manifest_record
 from .sharded import SHARDED_SUFFIX
 from .storage import URL, Store, store_for
-from .writer import is_temp_file
+from .writer import Destination, is_temp_file
 
 __all__ = ["check_remote_candidate", "find_latest_valid_remote", "list_remote_checkpoints",
            "named_as", "publish_checkpoint", "read_remote_checkpoint", "remote_integrity_record"]
@@ -40,10 +40,11 @@ __all__ = ["check_remote_candidate", "find_latest_valid_remote", "list_remote_ch
 Result = TypeVar("Result")
 
 
-def publish_checkpoint(url: URL, write: Callable[[Path], int],
+def publish_checkpoint(url: URL, write: Callable[[Destination], int],
                        storage_options: Mapping[str, Any] | None = None) -> int:
-    """Write a checkpoint to ``url``: ``write(local_path)`` writes it (with its integrity
-    record), then it is published whole. Returns its size."""
+    """Write a checkpoint to ``url``: ``write(destination)`` writes it (with its integrity
+    record) to a staging file or into a streaming upload, which is published whole. Returns
+    its size."""
     if url.suffix == SHARDED_SUFFIX:
         raise ConfigurationError(
             f"save path {str(url)!r}: {SHARDED_SUFFIX!r} names a sharded checkpoint directory, "

@@ -6,7 +6,8 @@ location plus ``storage_options`` to a :class:`Store`, the few operations the ch
 needs of a storage:
 
 * ``publish(target, write)``: make a complete object visible under ``target`` at once
-  (``write(local_path)`` writes the file with its CRC-32 computed as it is written);
+  (``write(destination)`` writes the file with its CRC-32 computed as it is written, to a
+  local path or into a stream: :data:`~.writer.Destination`);
 * ``fetch(target)``: a complete local copy to read and verify (the reader's input);
 * ``read_tail``, ``size``, ``exists``, ``entries`` (list a folder), ``remove``,
   ``put_bytes`` / ``get_bytes`` (small objects: the retention index).
@@ -32,6 +33,7 @@ from typing import Any, Final
 from urllib.parse import unquote
 
 from ..errors import ConfigurationError
+from .writer import Destination
 
 __all__ = [
     "LOCAL_STORE",
@@ -150,9 +152,9 @@ class Store(ABC):
     local: bool
 
     @abstractmethod
-    def publish(self, target: Any, write: Callable[[Path], int]) -> int:
-        """Make the file that ``write(local_path)`` writes visible as ``target``, complete or
-        not at all; returns its size."""
+    def publish(self, target: Any, write: Callable[[Destination], int]) -> int:
+        """Make the file that ``write(destination)`` writes (to a local path, or into a stream
+        that uploads it) visible as ``target``, complete or not at all; returns its size."""
 
     @abstractmethod
     def fetch(self, target: Any) -> Any:
@@ -191,7 +193,7 @@ class LocalStore(Store):
 
     local = True
 
-    def publish(self, target: Path, write: Callable[[Path], int]) -> int:
+    def publish(self, target: Path, write: Callable[[Destination], int]) -> int:
         return write(target)
 
     @contextmanager

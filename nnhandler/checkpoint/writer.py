@@ -7,16 +7,24 @@ import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, TypeAlias
 
 __all__ = [
     "TEMP_INFIX",
+    "Destination",
     "atomic_write",
     "fsync_directory",
     "is_temp_file",
     "remove_checkpoint_path",
     "temp_path_for",
+    "write_destination",
 ]
+
+#: where a checkpoint file is written: a local path (written by :func:`atomic_write`), or an
+#: open binary stream that publishes what it was given only once the writer has finished, such
+#: as a streaming upload (:class:`~.multipart.MultipartUpload`); writers need only its ``write``
+#: and ``tell``, and write it in one sequential pass
+Destination: TypeAlias = Path | BinaryIO
 
 #: Temp files are hidden and carry this infix, so nothing mistakes them for checkpoints.
 TEMP_INFIX: Final = ".tmp-"
@@ -80,3 +88,15 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], buffering: int
         raise
     fsync_directory(path.parent)
     return size
+
+
+def write_destination(destination: Destination, write: Callable[[BinaryIO], object],
+                      buffering: int = -1) -> int:
+    """Write through ``write(file)`` to ``destination``: a path by :func:`atomic_write`
+    (complete or absent), a stream by writing into it (its owner publishes or discards it).
+    Returns the number of bytes written."""
+    if isinstance(destination, Path):
+        return atomic_write(destination, write, buffering)
+    start = destination.tell()
+    write(destination)
+    return destination.tell() - start

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Final
 import torch
 
 from .integrity import crc32, crc32_combine
-from .records import StorageRecord
+from .records import Pack, StorageRecord
 
 __all__ = ["ALIGNMENT", "ARCHIVE", "DIRECT_FROM", "WRITE_BUFFER", "host_view", "write_torch_zip"]
 
@@ -153,16 +153,53 @@ class _ZipOut:
         boundary (for a record written past the page cache: at the offset congruent to its
         address modulo the block size, so that memory and file blocks line up)."""
         size = memoryview(data).nbytes if type(data) is not bytes else len(data)
-        encoded = _PREFIX + name
-        offset = self.offset
-        crc = crc32(data)
         direct = (size >= DIRECT_FROM and address % ALIGNMENT == 0 and address != 0
                   and self._direct.enabled)
+        crc = crc32(data)
+        data_offset = self._header(name, size, crc, address if direct else None)
+        if direct:
+            self._write_direct(memoryview(data).cast("B"), address, data_offset)
+        else:
+            self._file.write(data)
+        # small data is checksummed again (cheaper than combining); large data is combined
+        self.crc = crc32(data, self.crc) if size < _COMBINE_FROM else crc32_combine(self.crc,
+                                                                                    crc, size)
+        self.offset = data_offset + size
+
+    def add_pack(self, name: bytes, pack: Pack) -> None:
+        """Append the storages of ``pack`` end to end as one stored record ``name``, handed
+        to the kernel from their own memory (``os.writev``) where ``file`` has a descriptor."""
+        types = _ARRAY_TYPES
+        views = []
+        for storage in pack.storages:
+            nbytes = storage.nbytes()
+            kind = types.get(nbytes)
+            if kind is None:
+                if len(types) >= _ARRAY_TYPES_LIMIT:
+                    types.clear()
+                kind = types[nbytes] = ctypes.c_ubyte * nbytes
+            views.append(kind.from_address(storage.data_ptr()))
+        crc = 0
+        for view in views:
+            crc = crc32(view, crc)
+        size = pack.nbytes
+        data_offset = self._header(name, size, crc, None)
+        _write_gathered(self._file, views, size)
+        self.crc = crc32_combine(self.crc, crc, size)
+        self.offset = data_offset + size
+
+    def _header(self, name: bytes, size: int, crc: int, direct_address: int | None) -> int:
+        """Write the local header of record ``name`` (``size`` bytes of CRC-32 ``crc``; its
+        data at the offset congruent to ``direct_address`` modulo the block size when given,
+        else on an ``ALIGNMENT`` boundary), its bytes counted into the file's CRC; returns the
+        offset its data starts at."""
+        encoded = _PREFIX + name
+        offset = self.offset
         zip64 = size >= _ZIP64_LIMIT
         extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
         start = offset + _LOCAL_SIZE + len(encoded) + len(extra)
-        if direct:
-            extra += _padding((address - start) % _BLOCK, _BLOCK)
+        if direct_address is not None:
+            extra += _padding((direct_address - start) % _BLOCK, _BLOCK)
         else:
             extra += _PADDINGS[-start % ALIGNMENT]
         stored = 0xFFFFFFFF if zip64 else size
@@ -170,18 +207,9 @@ class _ZipOut:
                              _UTF8_NAMES, 0, 0, 0, crc, stored, stored, len(encoded),
                              len(extra)) + encoded + extra
         self._central.append((encoded, crc, size, offset))
-        write = self._file.write
-        write(header)
-        data_offset = offset + len(header)
-        if direct:
-            self._write_direct(memoryview(data).cast("B"), address, data_offset)
-        else:
-            write(data)
-        running = crc32(header, self.crc)
-        # small data is checksummed again (cheaper than combining); large data is combined
-        self.crc = crc32(data, running) if size < _COMBINE_FROM else crc32_combine(running, crc,
-                                                                                    size)
-        self.offset = data_offset + size
+        self._file.write(header)
+        self.crc = crc32(header, self.crc)
+        return offset + len(header)
 
     def _write_direct(self, data: memoryview, address: int, data_offset: int) -> None:
         """Write ``data`` (at ``address`` in memory, ``data_offset`` in the file, congruent
@@ -278,7 +306,9 @@ def write_torch_zip(
         cpu = _CPU
         for key, storage in storages:
             name = b"data/" + key.encode()
-            if type(storage) is memoryview:
+            if isinstance(storage, Pack):
+                out.add_pack(name, storage)
+            elif type(storage) is memoryview:
                 out.add(name, storage, _address(storage) if storage.nbytes >= DIRECT_FROM
                         else 0)
             elif storage.device == cpu:
@@ -294,6 +324,50 @@ def write_torch_zip(
         return out.finish(comment_for)
     finally:
         out.close()
+
+
+#: byte array types by size, for views of packed storages (a state has few distinct sizes)
+_ARRAY_TYPES: dict[int, Any] = {}
+_ARRAY_TYPES_LIMIT: Final = 4096
+#: buffers per ``os.writev`` call (``IOV_MAX`` on Linux and the BSDs)
+_IOV_MAX: Final = 1024
+
+
+def _write_gathered(file: BinaryIO, views: Sequence[Any], size: int) -> None:
+    """Write ``views`` (``size`` bytes in all) at ``file``'s position: by ``os.writev`` from
+    their memory where ``file`` has a descriptor (its buffer flushed first, its position moved
+    past them after), else by ``file.write`` one after another (an in-memory file)."""
+    try:
+        fd = file.fileno()
+    except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError
+        for view in views:
+            file.write(view)
+        return
+    file.flush()
+    start = file.tell()
+    written = 0
+    for first in range(0, len(views), _IOV_MAX):
+        batch = views[first:first + _IOV_MAX]
+        expected = sum(len(view) for view in batch)
+        done = os.writev(fd, batch)
+        if done < expected:  # a short write (a signal, a full disk): write the rest in turn
+            _write_rest(fd, batch, done)
+        written += expected
+    assert written == size
+    file.seek(start + size)
+
+
+def _write_rest(fd: int, views: Sequence[Any], done: int) -> None:
+    """Write what ``os.writev`` left of ``views`` after its first ``done`` bytes."""
+    for view in views:
+        data = memoryview(view).cast("B")
+        if done >= len(data):
+            done -= len(data)
+            continue
+        data = data[done:]
+        done = 0
+        while data:
+            data = data[os.write(fd, data):]
 
 
 def _address(view: memoryview) -> int:
