@@ -216,13 +216,14 @@ def read_checkpoint(
     With ``verify`` (the default) the integrity record at the file's end is checked first (a
     truncated file fails here), then the whole file is checked against its CRC-32 in the same
     read that loads it (``nnhandler.checkpoint.verified_read``: the CRC of each large record
-    is computed on the tensor storage it was read into); any damage raises :class:`CheckpointCorruptedError`
-    and no data is returned. Before ``torch.load`` opens it, verified or not, the zip's
-    central directory is checked (:mod:`.ziplayout`): compressed records, records beyond the
-    file or overlapping each other are a :class:`CheckpointFormatError` (or, where the CRC
-    fails too, corruption) and nothing is inflated. ``mmap`` maps the tensors' storages
-    instead of reading them (for checking what a file holds without loading it); with
-    ``verify`` the file is checked completely before it is mapped.
+    is computed on the tensor storage it was read into); any damage raises
+    :class:`CheckpointCorruptedError` and no data is returned. Before ``torch.load`` opens
+    it, verified or not, the zip's central directory is checked (:mod:`.ziplayout`):
+    compressed records, records beyond the file or overlapping each other are a
+    :class:`CheckpointFormatError` (or, where the CRC fails too, corruption) and nothing is
+    inflated. ``mmap`` maps the tensors' storages instead of reading them (for checking what
+    a file holds without loading it); with ``verify`` the file is checked completely before
+    it is mapped.
     """
     path = Path(path)
     if not path.is_file():
