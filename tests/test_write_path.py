@@ -182,8 +182,10 @@ def test_zip64_records_and_directory_are_read_by_torch_and_zipfile(
     assert_same(state, loaded)
     with zipfile.ZipFile(path) as archive:
         assert archive.testzip() is None
-        big = archive.getinfo("archive/data/0")  # the pack of all ten float32 storages
-        assert big.file_size == 4000 + 8 * 8 and big.header_offset > 100
+        big = archive.getinfo("archive/data/0")
+        # the fast writer packs all nine float32 storages into one record; torch.save does not
+        packed = 8 * 8 if FAST_WRITER_IN_USE else 0
+        assert big.file_size == 4000 + packed and big.header_offset > 100
     assert read_checkpoint(path).epoch == 3
     data = path.read_bytes()
     assert b"PK\x06\x06" in data and b"PK\x06\x07" in data
