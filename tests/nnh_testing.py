@@ -143,6 +143,24 @@ def assert_deep_equal(a: Any, b: Any, where: str = "state") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+def tensors_of(value: Any) -> list[torch.Tensor]:
+    """Every tensor in ``value`` (nested dicts, lists, tuples), in traversal order."""
+    found: list[torch.Tensor] = []
+
+    def walk(item: Any) -> None:
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, dict):
+            for child in item.values():
+                walk(child)
+        elif isinstance(item, (list, tuple)):
+            for child in item:
+                walk(child)
+
+    walk(value)
+    return found
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (for a MASTER_PORT of a test's process group)."""
     with socket.socket() as probe:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nnh_testing import fast_writer_only, make_handler, regression_dataset
+from nnh_testing import fast_writer_only, make_handler, regression_dataset, tensors_of
 from torch import nn
 
 from nnhandler import CheckpointFormatError, NNHandler
@@ -57,23 +57,6 @@ def mixed_state() -> dict[str, Any]:
         "ordered": OrderedDict(w=torch.randn(2)),
         "empty": torch.zeros(0),
     }
-
-
-def tensors_of(value: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-
-    def walk(item: Any) -> None:
-        if isinstance(item, torch.Tensor):
-            found.append(item)
-        elif isinstance(item, dict):
-            for child in item.values():
-                walk(child)
-        elif isinstance(item, (list, tuple)):
-            for child in item:
-                walk(child)
-
-    walk(value)
-    return found
 
 
 @fast_writer_only

@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nnh_testing import FAST_WRITER_IN_USE, fast_writer_only
+from nnh_testing import FAST_WRITER_IN_USE, fast_writer_only, tensors_of
 from torch import nn
 
 import nnhandler.checkpoint.zipwriter as zipwriter
@@ -66,19 +66,7 @@ def assert_same(saved: Any, loaded: Any, where: str = "state") -> None:
 
 def storage_groups(value: Any) -> list[list[int]]:
     """Positions of tensors (in traversal order) grouped by the storage they share."""
-    tensors: list[torch.Tensor] = []
-
-    def walk(item: Any) -> None:
-        if isinstance(item, torch.Tensor):
-            tensors.append(item)
-        elif isinstance(item, dict):
-            for child in item.values():
-                walk(child)
-        elif isinstance(item, (list, tuple)):
-            for child in item:
-                walk(child)
-
-    walk(value)
+    tensors = tensors_of(value)
     groups: dict[int, list[int]] = {}
     for index, tensor in enumerate(tensors):
         groups.setdefault(tensor.untyped_storage().data_ptr() or -1 - index, []).append(index)
