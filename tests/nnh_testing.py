@@ -161,6 +161,21 @@ def tensors_of(value: Any) -> list[torch.Tensor]:
     return found
 
 
+class Ballast:
+    """A state provider holding one large tensor."""
+
+    state_key = "ballast"
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tensor": self.tensor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tensor = state["tensor"]
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (for a MASTER_PORT of a test's process group)."""
     with socket.socket() as probe:

@@ -19,7 +19,7 @@ import fsspec
 import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
-from nnh_testing import assert_deep_equal, make_handler
+from nnh_testing import Ballast, assert_deep_equal, make_handler
 from s3_testing import s3_filesystem
 
 from nnhandler import (
@@ -364,7 +364,7 @@ def test_a_large_object_goes_up_whole_by_multipart_upload(s3_bucket: str) -> Non
     """Above s3fs's threshold (2 x 50 MiB) the upload is multipart: still one object,
     visible only once complete, that verifies."""
     handler = make_handler(n=32)
-    handler.register_state_provider(_Ballast(torch.arange(28 * 2**20, dtype=torch.int32)))
+    handler.register_state_provider(Ballast(torch.arange(28 * 2**20, dtype=torch.int32)))
     url = f"s3://{s3_bucket}/big/ep000.pth"
     handler.save(url)
     fs = s3_filesystem()
@@ -374,19 +374,6 @@ def test_a_large_object_goes_up_whole_by_multipart_upload(s3_bucket: str) -> Non
         assert NNHandler.load(url, device="cpu").epoch == 0
 
 
-class _Ballast:
-    """A state provider holding one large tensor."""
-
-    state_key = "ballast"
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"tensor": self.tensor}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tensor = state["tensor"]
 
 
 @pytest.mark.slow
@@ -426,8 +413,8 @@ def test_cli_list_verify_inspect_on_s3(s3_bucket: str) -> None:
         handler.train(until_epoch=epoch, seed=3, progress_bar=False)
         handler.save(f"s3://{s3_bucket}/run/ep{epoch:03d}.pth")
     run = f"s3://{s3_bucket}/run"
-    code, rows, _ = run_cli("list", run, "--json")
-    assert code == 0
+    code, rows, output = run_cli("list", run, "--json")
+    assert code == 0, output
     assert [(row["name"], row["epoch"], row["valid"], row["latest"]) for row in rows] == [
         ("ep002.pth", 2, True, True), ("ep001.pth", 1, True, False)]
     code, results, _ = run_cli("verify", f"{run}/ep001.pth", f"{run}/missing.pth", "--json")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nnh_testing import make_handler
+from nnh_testing import Ballast, make_handler
 from s3_testing import s3_filesystem
 
 from nnhandler import NNHandler, RemoteStorageError
@@ -188,22 +188,11 @@ def test_a_checkpoint_of_several_parts_streams_with_either_writer(
         s3_bucket: str, writer: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(WRITER_ENV, writer)
     handler = make_handler(n=32, hidden=2048)
-    handler.register_state_provider(_Ballast(torch.randn(3 * PART_SIZE // 4)))
+    handler.register_state_provider(Ballast(torch.randn(3 * PART_SIZE // 4)))
     parts = saved_etag(s3_bucket, f"{writer}.pth", handler)
     assert parts.endswith("-4"), parts  # 3 full parts and the rest
     assert incomplete_uploads(s3_bucket) == []
 
 
-class _Ballast:
-    state_key = "ballast"
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"tensor": self.tensor}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tensor = state["tensor"]
 
 
