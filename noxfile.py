@@ -27,7 +27,7 @@ def quick(session: nox.Session) -> None:
 CHECKPOINT_TESTS = (
     "tests/test_writer_seam.py", "tests/test_write_path.py", "tests/test_integrity.py",
     "tests/test_zip_layout.py", "tests/test_async_save.py", "tests/test_crafted_files.py",
-    "tests/test_disk_errors.py", "tests/test_checkpointing_seam.py",
+    "tests/test_disk_errors.py", "tests/test_checkpointing_seam.py", "tests/test_mapped_read.py",
 )
 
 

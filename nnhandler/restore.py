@@ -76,6 +76,10 @@ CORE_KEYS: Final = frozenset({"model", "optimizer", "scheduler", "grad_scaler", 
                               "history", "progress", "rng", "config", "position"})
 #: core keys a checkpoint may lack without a warning (files written before they existed)
 _OPTIONAL_KEYS: Final = frozenset({"position"})
+#: state keys whose tensors restoring copies into live ones and then drops (``ModelState``:
+#: ``module.load_state_dict``), so a verified read leaves them mapped, to be copied once
+#: (``read_checkpoint``'s ``copied``)
+COPIED_ON_LOAD: Final = frozenset({"model"})
 
 Loaded = TypeVar("Loaded")
 
@@ -401,7 +405,8 @@ def plan_load(path: str | os.PathLike[str], device: Any, arguments: dict[str, An
     map_device = resolve_device(device, context)
     checkpoint = read_any_checkpoint(path, map_location=map_device, verify=arguments["verify"],
                                      context=context,
-                                     storage_options=arguments.get("storage_options"))
+                                     storage_options=arguments.get("storage_options"),
+                                     copied=COPIED_ON_LOAD)
     config = check_config(checkpoint.state.get("config"), str(checkpoint.path))
     constructor = handler_arguments(
         config, path, model_class=arguments["model_class"],
@@ -480,7 +485,8 @@ class Restorer:
                                                   "storage_options": storage_options})
         checkpoint = read_any_checkpoint(path, map_location=handler.device, verify=verify,
                                          context=handler.distributed,
-                                         storage_options=storage_options)
+                                         storage_options=storage_options,
+                                         copied=COPIED_ON_LOAD)
         config = check_config(checkpoint.state.get("config"), str(checkpoint.path))
         if "optimizer" in checkpoint.state and config.optimizer is not None:
             replaced = self.optimization.replaced_settings(

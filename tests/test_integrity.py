@@ -80,19 +80,21 @@ def test_sweep_of_single_bit_flips_and_truncations_is_always_detected(
     assert detected == len(bits) + len(cuts) >= 300
 
 
-@given(bit=st.integers(min_value=0), verify=st.booleans())
+@given(bit=st.integers(min_value=0), verify=st.booleans(), mapped=st.booleans())
 def test_any_flip_never_loads_wrong_data_silently(tmp_path: Path, pristine: bytes, bit: int,
-                                                  verify: bool) -> None:
+                                                  verify: bool, mapped: bool) -> None:
     """With verify=True a flip is always detected; with verify=False it may go unnoticed, but
-    reading still raises nothing but CheckpointError."""
+    reading still raises nothing but CheckpointError. ``mapped``: the read that leaves the
+    model's tensors as views of the file (checkpoint/mapped_read.py) instead of the reader."""
     path = tmp_path / "flip.pth"
     path.write_bytes(_flip(pristine, bit % (len(pristine) * 8)))
+    copied = {"model"} if mapped else set()
     if verify:
         with pytest.raises(CheckpointCorruptedError):
-            read_checkpoint(path, verify=True)
+            read_checkpoint(path, verify=True, copied=copied)
     else:
         with contextlib.suppress(CheckpointError):
-            read_checkpoint(path, verify=False)
+            read_checkpoint(path, verify=False, copied=copied)
 
 
 def test_verify_false_skips_the_checksum(tmp_path: Path, pristine: bytes) -> None:

@@ -13,7 +13,7 @@ import os
 import pickle
 import platform
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Final, cast
 
@@ -23,6 +23,7 @@ from ..errors import CheckpointError, CheckpointFormatError
 from .format import FORMAT_NAME, FORMAT_VERSION, Checkpoint, unpack
 from .integrity import corruption, read_integrity_record, verify_file
 from .io import CheckpointIO, checkpoint_io
+from .mapped_read import can_map, detach_from_file, mapped_crc32
 from .packing import split_packs
 from .records import StorageRecord
 from .verified_read import CheckingReader
@@ -209,7 +210,7 @@ def write_with_record(path: Destination, payload: Any, summary: dict[str, Any],
 
 def read_checkpoint(
     path: str | os.PathLike[str], map_location: Any = None, *, verify: bool = True,
-    mmap: bool = False,
+    mmap: bool = False, copied: Collection[str] = (),
 ) -> Checkpoint:
     """Read and check an envelope; never executes code from the file.
 
@@ -224,12 +225,21 @@ def read_checkpoint(
     inflated. ``mmap`` maps the tensors' storages instead of reading them (for checking what
     a file holds without loading it); with ``verify`` the file is checked completely before
     it is mapped.
+
+    ``copied`` names state keys whose tensors the caller copies into live tensors and then
+    drops (``NNHandler.load`` and ``resume_from``: ``"model"``). A verified read then checks
+    the CRC-32 on a mapping of the file and leaves those tensors as views of it, to be copied
+    once, straight into the model; every other tensor is in memory of its own as usual
+    (:mod:`.mapped_read`).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    mapped = bool(copied) and not mmap and can_map(path)
     if not verify:
         check_zip_layout(path)  # nothing is inflated or allocated on a hostile layout's word
+        if mapped:
+            return _read_mapped(path, map_location, copied)
         return unpack(path, split_packs(_load_envelope(path, path, map_location, mmap),
                                         clone=not mmap))
     record = read_integrity_record(path)
@@ -238,6 +248,12 @@ def read_checkpoint(
         check_zip_layout(path)
         return unpack(path, split_packs(_load_envelope(path, path, map_location, mmap),
                                         clone=False))
+    if mapped:
+        size, crc = mapped_crc32(path, int(record["covered_size"]))
+        if size != record["covered_size"] or crc != record["crc32"]:
+            raise corruption(path, crc, int(record["crc32"]))
+        check_zip_layout(path)
+        return _read_mapped(path, map_location, copied)
     try:
         check_zip_layout(path)
         with CheckingReader(path) as reader:
@@ -248,6 +264,15 @@ def read_checkpoint(
         raise
     if size != record["covered_size"] or crc != record["crc32"]:
         raise corruption(path, crc, int(record["crc32"]))
+    return unpack(path, split_packs(envelope, clone=True))
+
+
+def _read_mapped(path: Path, map_location: Any, copied: Collection[str]) -> Checkpoint:
+    """The envelope read with ``mmap=True``, every tensor not under ``copied`` given memory of
+    its own (:func:`~.mapped_read.detach_from_file`), the packs split apart."""
+    envelope = _load_envelope(path, path, map_location, mmap=True)
+    if type(envelope) is dict:
+        detach_from_file(envelope, copied)
     return unpack(path, split_packs(envelope, clone=True))
 
 

@@ -32,7 +32,7 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Final, Literal, TypeVar
@@ -454,10 +454,12 @@ def read_sharded_checkpoint(path: str | os.PathLike[str], map_location: Any = No
 def read_any_checkpoint(path: str | os.PathLike[str], map_location: Any = None, *,
                         verify: bool = True,
                         context: DistributedContext | None = None,
-                        storage_options: Mapping[str, Any] | None = None) -> Checkpoint:
+                        storage_options: Mapping[str, Any] | None = None,
+                        copied: Collection[str] = ()) -> Checkpoint:
     """A sharded checkpoint for a directory, else the single-file envelope; a URL
     (``s3://…``, with ``storage_options`` for fsspec) is read from its store and always
-    verified (:mod:`.remote_checkpoints`)."""
+    verified (:mod:`.remote_checkpoints`). ``copied``: see
+    :func:`~.envelope.read_checkpoint` (local files only)."""
     from .envelope import read_checkpoint
     from .storage import URL, location_of, store_for
 
@@ -475,7 +477,7 @@ def read_any_checkpoint(path: str | os.PathLike[str], map_location: Any = None, 
         store_for(location, storage_options)  # the error naming the misplaced options
     if location.is_dir():
         return read_sharded_checkpoint(location, map_location, verify=verify, context=context)
-    return read_checkpoint(location, map_location, verify=verify)
+    return read_checkpoint(location, map_location, verify=verify, copied=copied)
 
 
 def load_sharded_state(checkpoint: ShardedCheckpoint, components: ShardedComponents,

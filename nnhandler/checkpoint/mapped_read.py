@@ -1,0 +1,127 @@
+"""A verified read that copies the model's bytes once: from the file's mapping into the model.
+
+``NNHandler.load`` and ``resume_from`` hand the model's tensors to ``module.load_state_dict``,
+which copies them into the live parameters and buffers. Read into fresh memory first (what
+``torch.load(path)`` does, and :class:`~.verified_read.CheckingReader`), every byte of the
+model is copied twice and the fresh memory is faulted in page by page; that read, not the
+CRC-32, is most of what a load costs. :func:`read_mapped` instead
+
+1. checks the CRC-32 of the whole covered file on a read-only mapping of it (no copy: ISA-L's
+   CRC runs on the page cache's pages, ~10 GB/s) — a damaged file fails here, before
+   ``torch.load`` sees it;
+2. opens it with ``torch.load(mmap=True)``, so every storage is a view of the file's pages;
+3. clones off the mapping, storage by storage (tensors that shared a storage still share
+   one), every CPU tensor that is not under one of the ``copied`` state keys — the keys whose
+   tensors the caller copies into live tensors and then drops. Those stay mapped until
+   copied; everything else (optimizer moments, callbacks' tensors, states nothing owns, which
+   are kept) lives in memory of its own, as after ``torch.load(path)``.
+
+The bytes copied into the model are the pages whose CRC was checked (the same page cache).
+The window between the check and the copy is the one any verify-then-read has: a file
+rewritten *in place* by another process meanwhile is not noticed (nnhandler never rewrites a
+checkpoint in place: every write goes to a temporary file that is renamed), and a file
+truncated meanwhile by another process stops this one with ``SIGBUS``, as with
+``torch.load(mmap=True)``. Where the file cannot be mapped (:func:`can_map`), it is read with
+the checking reader instead (still verified, in one read).
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections import OrderedDict
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .integrity import crc32
+from .packing import PACKS_KEY
+
+__all__ = ["can_map", "detach_from_file", "mapped_crc32"]
+
+
+def can_map(path: Path) -> bool:
+    """Whether ``path`` can be mapped read-only (some network and FUSE file systems cannot)."""
+    try:
+        with open(path, "rb") as file:
+            mmap.mmap(file.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ).close()
+    except (OSError, ValueError):  # ValueError: an empty file
+        return False
+    return True
+
+
+def mapped_crc32(path: Path, covered_size: int) -> tuple[int, int]:
+    """``(bytes counted, CRC-32)`` of the first ``covered_size`` bytes of ``path``, computed on
+    a read-only shared mapping (populated by the kernel in one go). Raises ``OSError`` where
+    the file cannot be mapped."""
+    with open(path, "rb") as file:
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mapping = mmap.mmap(file.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+    try:
+        view = memoryview(mapping)
+        try:
+            covered = view[:covered_size]
+            return len(covered), crc32(covered)
+        finally:
+            covered.release()
+            view.release()
+    finally:
+        mapping.close()
+
+
+def detach_from_file(envelope: dict[str, Any], copied: Collection[str]) -> None:
+    """Replace, in place, every CPU tensor of ``envelope`` (read with ``mmap=True``) by one over
+    a storage of its own, except the tensors under the state keys in ``copied`` and those
+    over a pack (:func:`~.packing.split_packs` clones them apart, one by one). Tensors that
+    shared a storage share its clone."""
+    packs = envelope.get(PACKS_KEY)
+    skip = {pack.untyped_storage().data_ptr() for pack in packs
+            if type(pack) is torch.Tensor} if type(packs) is list else set()
+    clones: dict[int, torch.UntypedStorage] = {}
+    for key, value in envelope.items():
+        if key == "state" and type(value) is dict:
+            for state_key, state in value.items():
+                if state_key not in copied:
+                    value[state_key] = _detached(state, skip, clones)
+        elif key != PACKS_KEY:
+            envelope[key] = _detached(value, skip, clones)
+
+
+def _detached(value: Any, skip: set[int], clones: dict[int, torch.UntypedStorage]) -> Any:
+    kind = type(value)
+    if kind is torch.Tensor or kind is torch.nn.Parameter:
+        return _own_storage(value, skip, clones)
+    if kind is dict or kind is OrderedDict or kind is list:
+        items = value.items() if kind is not list else enumerate(value)
+        for key, item in items:
+            value[key] = _detached(item, skip, clones)
+        if kind is OrderedDict and vars(value):  # a state dict's ``_metadata``
+            for name, item in vars(value).items():
+                setattr(value, name, _detached(item, skip, clones))
+        return value
+    if kind is tuple:
+        return tuple(_detached(item, skip, clones) for item in value)
+    return value
+
+
+def _own_storage(tensor: torch.Tensor, skip: set[int],
+                 clones: dict[int, torch.UntypedStorage]) -> torch.Tensor:
+    if tensor.device.type != "cpu":  # map_location moved it: it is not the file's any more
+        return tensor
+    if tensor.layout is not torch.strided or tensor.is_quantized:
+        rebuilt = tensor.clone()  # no storage to share: weights_only rebuilds these whole
+    else:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer in skip:
+            return tensor
+        clone = clones.get(pointer)
+        if clone is None:
+            clone = torch.empty(storage.nbytes(), dtype=torch.uint8).untyped_storage()
+            clones[pointer] = clone.copy_(storage)
+        rebuilt = torch.empty((0,), dtype=tensor.dtype).set_(
+            clone, tensor.storage_offset(), tensor.size(), tensor.stride())
+    if type(tensor) is torch.nn.Parameter:
+        return torch.nn.Parameter(rebuilt, requires_grad=tensor.requires_grad)
+    return rebuilt
