@@ -5,6 +5,7 @@ memory of its own for everything that is kept, and damage still found before tor
 from __future__ import annotations
 
 import random
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from nnhandler import CheckpointCorruptedError, NNHandler
 from nnhandler.checkpoint import read_checkpoint
 from nnhandler.checkpoint.envelope import build_meta, write_checkpoint
 from nnhandler.checkpoint.integrity import read_integrity_record
-from nnhandler.checkpoint.mapped_read import can_map, mapped_crc32
+from nnhandler.checkpoint.mapped_read import PARALLEL_FROM, can_map, mapped_crc32, parallel_crc32
 from nnhandler.checkpoint.packing import PACK_BELOW
 
 META = build_meta(epoch=1, step=2, logs={}, world_size=1)
@@ -163,3 +164,9 @@ def test_what_cannot_be_mapped_is_named(tmp_path: Path, written: Path) -> None:
     assert can_map(written) and not can_map(empty)
     with pytest.raises(CheckpointCorruptedError):
         read_checkpoint(empty, copied={"model"})
+
+
+@pytest.mark.parametrize("size", [0, 1, PARALLEL_FROM - 1, PARALLEL_FROM, 2 * PARALLEL_FROM + 3])
+def test_the_crc_cut_across_cores_is_the_crc_of_the_whole(size: int) -> None:
+    data = random.Random(size).randbytes(size)
+    assert parallel_crc32(memoryview(data)) == zlib.crc32(data)
