@@ -230,7 +230,7 @@ def read_checkpoint(
     drops (``NNHandler.load`` and ``resume_from``: ``"model"``). A verified read then checks
     the CRC-32 on a mapping of the file and leaves those tensors as views of it, to be copied
     once, straight into the model; every other tensor is in memory of its own as usual
-    (:mod:`.mapped_read`).
+    (``nnhandler.checkpoint.mapped_read``).
     """
     path = Path(path)
     if not path.is_file():
