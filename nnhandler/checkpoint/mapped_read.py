@@ -4,7 +4,7 @@
 which copies them into the live parameters and buffers. Read into fresh memory first (what
 ``torch.load(path)`` does, and :class:`~.verified_read.CheckingReader`), every byte of the
 model is copied twice and the fresh memory is faulted in page by page; that read, not the
-CRC-32, is most of what a load costs. :func:`read_mapped` instead
+CRC-32, is most of what a load costs. ``read_checkpoint(..., copied=...)`` instead
 
 1. checks the CRC-32 of the whole covered file on a read-only mapping of it (no copy: ISA-L's
    CRC runs on the page cache's pages, ~11 GB/s per core, which is its compute speed, not
