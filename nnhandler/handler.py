@@ -510,18 +510,17 @@ class NNHandler(HistoryViews, ModelCalls):
         State without an owner is kept, written into later checkpoints and reported with a
         warning. ``compile_model`` (default: as recorded) is the constructor's; pass it when
         the recorded options name a function (a custom ``backend``), which a file never
-        supplies. What a checkpoint may make ``load`` do is limited (docs page "Loading",
-        docs/loading.md): it resolves classes only in modules already imported and only to
-        the expected base class, never imports a module or calls a function on the file's
-        word, and everything it reads is validated against a declared schema first
-        (:class:`~nnhandler.CheckpointSchemaError` names the file and the field otherwise).
+        supplies. What a file may make ``load`` do is limited (docs/loading.md): it resolves
+        classes only in modules already imported and only to the expected base class, never
+        imports or calls anything on the file's word, and validates all it reads against a
+        declared schema (:class:`~nnhandler.CheckpointSchemaError` names the bad field).
         Arguments that are functions (a ``LambdaLR``'s ``lr_lambda``, a ``collate_fn``) are
         never taken from the file: a warning names each one and the call that supplies it.
-        ``strict`` demands that model weights match exactly. ``verify`` (default) checks the
-        file's CRC-32 first and raises :class:`~nnhandler.CheckpointCorruptedError` on any
-        damage; ``verify=False`` skips that for speed. Datasets are not saved: pass them as
-        ``train_data=`` / ``val_data=``, or call ``set_train_loader`` / ``set_val_loader``
-        after loading; the loader arguments the file remembered apply either way.
+        ``strict`` demands that model weights match exactly; parameters the file gives are not
+        randomly initialised first. ``verify`` (default) checks the file's CRC-32 and raises
+        :class:`~nnhandler.CheckpointCorruptedError` on any damage; ``verify=False`` skips
+        that. Datasets are not saved: pass ``train_data=`` / ``val_data=`` or call
+        ``set_train_loader`` / ``set_val_loader``; the file's loader arguments apply either way.
 
         ``path`` may be a sharded checkpoint directory (``NAME.dcp``): every rank loads its part,
         and ``verify`` checks every file against the manifest (the ranks share the reading).
@@ -544,8 +543,9 @@ class NNHandler(HistoryViews, ModelCalls):
             "train_data": train_data, "val_data": val_data,
             "storage_options": storage_options})
         arguments = dict(plan.handler_arguments)
-        handler = cls(arguments.pop("model_class"), device=plan.device, logger_mode=logger_mode,
-                      log_file=log_file, use_distributed=plan.context.enabled, **arguments)
+        with plan.constructing():
+            handler = cls(arguments.pop("model_class"), device=plan.device, logger_mode=logger_mode,
+                          log_file=log_file, use_distributed=plan.context.enabled, **arguments)
         handler._adopt_own_autosave(handler._restorer.restore_loaded(plan))
         return handler
 

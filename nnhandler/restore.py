@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -55,6 +56,7 @@ from .optimization import Optimization, warn
 from .plugins import PluginRegistry, discover_plugins, in_process_factories
 from .recorded import require_passed, resolve_fsdp_units, resolve_model_class
 from .run_setup import AmpAndEma
+from .skipped_init import weights_from_checkpoint
 from .state import RestoreResult
 
 if TYPE_CHECKING:
@@ -393,6 +395,14 @@ class LoadPlan:
     #: ``fsdp_units`` (see :func:`handler_arguments`)
     handler_arguments: dict[str, Any]
     data: LoadData = LoadData()
+
+    def constructing(self) -> contextlib.AbstractContextManager[None]:
+        """The context the handler is constructed in: a plain checkpoint's model keys given to
+        :func:`~nnhandler.skipped_init.weights_from_checkpoint` (no random initial values
+        for the parameters it overwrites; a sharded one's model state is not a dict here)."""
+        model = self.checkpoint.state.get("model")
+        names = frozenset(model) if isinstance(model, dict) else None
+        return weights_from_checkpoint(names)
 
 
 def plan_load(path: str | os.PathLike[str], device: Any, arguments: dict[str, Any]) -> LoadPlan:

@@ -27,6 +27,7 @@ from .errors import ConfigurationError
 from .optimization import Optimization
 from .recorded import maybe_reference
 from .sharding import apply_fsdp, has_dtensor_parameters
+from .skipped_init import construct
 
 __all__ = ["ConfigState", "ModelSetup", "config_dict", "seeded"]
 
@@ -63,7 +64,8 @@ class ModelSetup:
 
         With a ``seed``, the model is constructed under it (see :func:`seeded`)."""
         with seeded(seed, device):
-            module = self.model_class(**self.model_kwargs).to(device)
+            module = construct(self.model_class, self.model_kwargs,
+                               lambda: seeded(seed, device)).to(device)
         if self.parallel.parallelism == "fsdp":
             module = apply_fsdp(module, self.parallel.fsdp_units, device, context)
         model: nn.Module = module
