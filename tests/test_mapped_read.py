@@ -17,7 +17,13 @@ from nnhandler import CheckpointCorruptedError, NNHandler
 from nnhandler.checkpoint import read_checkpoint
 from nnhandler.checkpoint.envelope import build_meta, write_checkpoint
 from nnhandler.checkpoint.integrity import read_integrity_record
-from nnhandler.checkpoint.mapped_read import PARALLEL_FROM, can_map, mapped_crc32, parallel_crc32
+from nnhandler.checkpoint.mapped_read import (
+    PARALLEL_FROM,
+    can_map,
+    crc32_through_storages,
+    mapped_crc32,
+    parallel_crc32,
+)
 from nnhandler.checkpoint.packing import PACK_BELOW
 
 META = build_meta(epoch=1, step=2, logs={}, world_size=1)
@@ -170,3 +176,50 @@ def test_what_cannot_be_mapped_is_named(tmp_path: Path, written: Path) -> None:
 def test_the_crc_cut_across_cores_is_the_crc_of_the_whole(size: int) -> None:
     data = random.Random(size).randbytes(size)
     assert parallel_crc32(memoryview(data)) == zlib.crc32(data)
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["small", "cut-across-cores"])
+def test_the_crc_through_torchs_mapping_is_the_records(tmp_path: Path, large: bool) -> None:
+    path = tmp_path / "ck.pth"
+    state = sample_state()
+    if large:  # past PARALLEL_FROM: the pieces are cut and combined across cores
+        state["model"]["big"] = torch.randn(PARALLEL_FROM // 4 + 12_345)
+    write_checkpoint(path, state, META)
+    record = read_integrity_record(path)
+    covered = int(record["covered_size"])
+    envelope = torch.load(path, weights_only=True, mmap=True)
+    assert crc32_through_storages(path, covered, envelope) == (covered, record["crc32"])
+
+
+def test_storages_that_do_not_match_the_records_are_not_used(written: Path) -> None:
+    """A record no tensor uses, or a tensor that is not the file's: the caller maps the file
+    itself (None), rather than count a record twice or leave one out."""
+    covered = int(read_integrity_record(written)["covered_size"])
+    envelope = torch.load(written, weights_only=True, mmap=True)
+    del envelope["state"]["model"]["weight"]
+    assert crc32_through_storages(written, covered, envelope) is None
+    envelope = torch.load(written, weights_only=True, mmap=True)
+    envelope["state"]["extra"] = torch.ones(3)
+    assert crc32_through_storages(written, covered, envelope) is None
+    assert crc32_through_storages(written, covered, {"state": {}}) is None
+
+
+@pytest.mark.parametrize("region", ["record", "pickle"])
+def test_a_flip_in_a_record_or_between_records_is_found_through_the_storages(
+        tmp_path: Path, written: Path, region: str) -> None:
+    data = bytearray(written.read_bytes())
+    at = data.index(b"data.pkl") + 200 if region == "pickle" else len(data) // 2
+    data[at] ^= 0x01
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    record = read_integrity_record(damaged)
+    covered = int(record["covered_size"])
+    try:
+        envelope = torch.load(damaged, weights_only=True, mmap=True)
+    except Exception:  # the flip broke the pickle itself: read_checkpoint reports corruption
+        envelope = None
+    if envelope is not None:
+        counted = crc32_through_storages(damaged, covered, envelope)
+        assert counted is None or counted != (covered, record["crc32"])
+    with pytest.raises(CheckpointCorruptedError, match=r"damaged\.pth"):
+        read_checkpoint(damaged, copied={"model"})

@@ -23,7 +23,7 @@ from ..errors import CheckpointError, CheckpointFormatError
 from .format import FORMAT_NAME, FORMAT_VERSION, Checkpoint, unpack
 from .integrity import corruption, read_integrity_record, verify_file
 from .io import CheckpointIO, checkpoint_io
-from .mapped_read import can_map, detach_from_file, mapped_crc32
+from .mapped_read import can_map, crc32_through_storages, detach_from_file, mapped_crc32
 from .packing import split_packs
 from .records import StorageRecord
 from .verified_read import CheckingReader
@@ -227,9 +227,10 @@ def read_checkpoint(
     it is mapped.
 
     ``copied`` names state keys whose tensors the caller copies into live tensors and then
-    drops (``NNHandler.load`` and ``resume_from``: ``"model"``). A verified read then checks
-    the CRC-32 on a mapping of the file and leaves those tensors as views of it, to be copied
-    once, straight into the model; every other tensor is in memory of its own as usual
+    drops (``NNHandler.load`` and ``resume_from``: ``"model"``). A verified read then opens
+    the file with ``mmap=True``, checks the CRC-32 through that mapping before anything is
+    copied off it and leaves those tensors as views of it, to be copied once, straight into
+    the model; every other tensor is in memory of its own as usual
     (``nnhandler.checkpoint.mapped_read``).
     """
     path = Path(path)
@@ -249,11 +250,7 @@ def read_checkpoint(
         return unpack(path, split_packs(_load_envelope(path, path, map_location, mmap),
                                         clone=False))
     if mapped:
-        size, crc = mapped_crc32(path, int(record["covered_size"]))
-        if size != record["covered_size"] or crc != record["crc32"]:
-            raise corruption(path, crc, int(record["crc32"]))
-        check_zip_layout(path)
-        return _read_mapped(path, map_location, copied)
+        return _read_mapped_verified(path, record, map_location, copied)
     try:
         check_zip_layout(path)
         with CheckingReader(path) as reader:
@@ -271,6 +268,29 @@ def _read_mapped(path: Path, map_location: Any, copied: Collection[str]) -> Chec
     """The envelope read with ``mmap=True``, every tensor not under ``copied`` given memory of
     its own (:func:`~.mapped_read.detach_from_file`), the packs split apart."""
     envelope = _load_envelope(path, path, map_location, mmap=True)
+    if type(envelope) is dict:
+        detach_from_file(envelope, copied)
+    return unpack(path, split_packs(envelope, clone=True))
+
+
+def _read_mapped_verified(path: Path, record: dict[str, Any], map_location: Any,
+                          copied: Collection[str]) -> Checkpoint:
+    """:func:`_read_mapped`, the CRC-32 checked through torch's own mapping of the file
+    (:func:`~.mapped_read.crc32_through_storages`) before any tensor is copied off it; on a
+    mapping of its own where the storages do not match the records, and again there before
+    a mismatch is reported (the file, not the matching, decides)."""
+    covered, expected = int(record["covered_size"]), int(record["crc32"])
+    try:
+        check_zip_layout(path)
+        envelope = _load_envelope(path, path, map_location, mmap=True)
+    except CheckpointError:
+        verify_file(path)  # damage explains the failure: report it as such
+        raise
+    counted = crc32_through_storages(path, covered, envelope)
+    if counted is None or counted != (covered, expected):
+        counted = mapped_crc32(path, covered)
+    if counted != (covered, expected):
+        raise corruption(path, counted[1], expected)
     if type(envelope) is dict:
         detach_from_file(envelope, copied)
     return unpack(path, split_packs(envelope, clone=True))

@@ -6,13 +6,20 @@ which copies them into the live parameters and buffers. Read into fresh memory f
 model is copied twice and the fresh memory is faulted in page by page; that read, not the
 CRC-32, is most of what a load costs. ``read_checkpoint(..., copied=...)`` instead
 
-1. checks the CRC-32 of the whole covered file on a read-only mapping of it (no copy: ISA-L's
-   CRC runs on the page cache's pages, ~11 GB/s per core, which is its compute speed, not
-   memory's: folding it into a copy would save nothing). Above :data:`PARALLEL_FROM` the
-   file is cut into one piece per free core, whose CRCs are combined (ISA-L releases the GIL):
-   nothing else runs yet, so the pieces compete with nothing. A damaged file fails here,
-   before ``torch.load`` sees it;
-2. opens it with ``torch.load(mmap=True)``, so every storage is a view of the file's pages;
+1. checks the zip layout (:mod:`.ziplayout`: nothing compressed, nothing outside the file)
+   and opens the file with ``torch.load(weights_only=True, mmap=True)``, so every storage is
+   a view of one mapping of the file (a file that fails to open is checked in full, so that
+   damage is reported as damage);
+2. checks the CRC-32 of the whole covered file *through that mapping*
+   (:func:`crc32_through_storages`): each data record's bytes where torch mapped them (the
+   pages the CRC faults in are the ones the load then copies from; ISA-L's CRC runs on the
+   page cache's pages at ~11 GB/s per core, which is its compute speed, not memory's), the
+   zip headers and the pickle read from the file. From :data:`PARALLEL_FROM` bytes the work
+   is cut into one piece per free core, whose CRCs are combined (ISA-L releases the GIL).
+   Where the storages do not match the data records one to one (a record no tensor uses, a
+   ``map_location`` that moved them), and before any mismatch is reported, the CRC is
+   computed on a read-only mapping of its own (:func:`mapped_crc32`): the file decides. A
+   damaged file fails here, before any tensor is copied off the mapping;
 3. clones off the mapping, storage by storage (tensors that shared a storage still share
    one), every CPU tensor that is not under one of the ``copied`` state keys — the keys whose
    tensors the caller copies into live tensors and then drops. Those stay mapped until
@@ -30,6 +37,7 @@ the checking reader instead (still verified, in one read).
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import mmap
 import os
@@ -44,7 +52,8 @@ import torch
 from .integrity import crc32, crc32_combine
 from .packing import PACKS_KEY
 
-__all__ = ["PARALLEL_FROM", "can_map", "detach_from_file", "mapped_crc32", "parallel_crc32"]
+__all__ = ["PARALLEL_FROM", "can_map", "crc32_through_storages", "detach_from_file", "mapped_crc32",
+           "parallel_crc32"]
 
 #: bytes from which the CRC is split across cores (below, a thread's start costs more than
 #: it saves); at most :data:`_MOST_PIECES` pieces (memory bandwidth is shared beyond)
@@ -79,6 +88,78 @@ def mapped_crc32(path: Path, covered_size: int) -> tuple[int, int]:
             view.release()
     finally:
         mapping.close()
+
+
+def crc32_through_storages(path: Path, covered_size: int, envelope: Any) -> tuple[int, int] | None:
+    """``(bytes counted, CRC-32)`` of the first ``covered_size`` bytes of ``path``, where
+    ``envelope`` was just read from it with ``torch.load(mmap=True)``: each data record's bytes
+    are read where torch mapped them (the envelope's CPU storages, so the pages the CRC faults
+    in are the ones the load then copies from), every other byte from the file. ``None`` where
+    the storages do not match the file's data records one to one at one mapping base (a
+    ``map_location`` moved them, a record no tensor uses, a size that differs): the caller
+    then checks a mapping of its own (:func:`mapped_crc32`)."""
+    storages = _cpu_storages(envelope, {})
+    if not storages:
+        return None
+    reader = torch._C.PyTorchFileReader(str(path))
+    records = sorted((reader.get_record_offset(name),  # type: ignore[attr-defined]
+                      reader.get_record_size(name))
+                     for name in reader.get_all_records() if name.startswith("data/"))
+    records = [(offset, size) for offset, size in records if size]
+    mapped = sorted((storage.data_ptr(), storage.nbytes()) for storage in storages.values())
+    if len(records) != len(mapped):
+        return None
+    base = mapped[0][0] - records[0][0]
+    if any(pointer - offset != base or size != nbytes or offset + size > covered_size
+           for (offset, size), (pointer, nbytes) in zip(records, mapped, strict=True)):
+        return None
+    pieces: list[memoryview | bytes] = []
+    position = 0
+    with open(path, "rb", buffering=0) as file:
+        for offset, size in records:
+            if offset < position:
+                return None
+            pieces.append(os.pread(file.fileno(), offset - position, position))
+            pieces.append(memoryview((ctypes.c_char * size).from_address(base + offset)))
+            position = offset + size
+        pieces.append(os.pread(file.fileno(), covered_size - position, position))
+    counted = sum(len(piece) for piece in pieces)
+    return counted, _pieces_crc32(pieces, counted)
+
+
+def _cpu_storages(value: Any, found: dict[int, torch.UntypedStorage]
+                  ) -> dict[int, torch.UntypedStorage]:
+    """The distinct non-empty CPU storages of the tensors in ``value``, by address."""
+    kind = type(value)
+    if kind is torch.Tensor or kind is torch.nn.Parameter:
+        if value.device.type == "cpu" and value.layout is torch.strided:
+            storage = value.untyped_storage()
+            if storage.nbytes():
+                found.setdefault(storage.data_ptr(), storage)
+    elif kind is dict or kind is OrderedDict or kind is list or kind is tuple:
+        for item in value.values() if kind is dict or kind is OrderedDict else value:
+            _cpu_storages(item, found)
+    return found
+
+
+def _pieces_crc32(pieces: list[memoryview | bytes], total: int) -> int:
+    """The CRC-32 of the pieces joined, computed in :func:`parallel_crc32`'s pieces per core
+    (each large piece cut to size) and combined in order."""
+    workers = min(_MOST_PIECES, len(os.sched_getaffinity(0)), max(1, total // (PARALLEL_FROM // 2)))
+    if total < PARALLEL_FROM or workers < 2:
+        combined = 0
+        for piece in pieces:
+            combined = crc32(piece, combined)
+        return combined
+    most = -(-total // workers)
+    cut = [view[start:start + most] for piece in pieces if len(piece)
+           for view in [memoryview(piece)] for start in range(0, len(view), most)]
+    with ThreadPoolExecutor(workers, thread_name_prefix="nnhandler-crc") as pool:
+        crcs = list(pool.map(crc32, cut))
+    combined = crcs[0]
+    for view, crc in zip(cut[1:], crcs[1:], strict=True):
+        combined = crc32_combine(combined, crc, len(view))
+    return combined
 
 
 def parallel_crc32(data: memoryview) -> int:
