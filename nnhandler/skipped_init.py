@@ -15,7 +15,9 @@ instead. Then
   lacks fails ``load`` with ``strict=True``);
 - otherwise (``strict=False`` and the file lacks a parameter, or a parameter the module's
   ``state_dict`` leaves out) the model is constructed again the usual way, so a parameter the
-  checkpoint does not give always has the random initial value it would have had.
+  checkpoint does not give always has the random initial value it would have had;
+- a constructor that fails on the zeros (one that factorises a weight it has just
+  initialised, say) is run again the usual way too, whose outcome stands.
 
 Buffers, constant initialisers (``ones_``, ``zeros_``, ``fill_``) and anything the
 constructor computes from other tensors run as always. The random streams do not matter:
@@ -73,15 +75,29 @@ def construct(model_class: type[nn.Module], model_kwargs: Mapping[str, Any],
     names = _LOADED_NAMES.get()
     if names is None:
         return model_class(**model_kwargs)
-    with _ZeroFilledParameters() as mode:
-        module = model_class(**model_kwargs)
+    module = _without_draws(model_class, model_kwargs, names)
+    if module is not None:
+        return module
+    with construct_again():
+        return model_class(**model_kwargs)
+
+
+def _without_draws(model_class: type[nn.Module], model_kwargs: Mapping[str, Any],
+                   names: frozenset[str]) -> nn.Module | None:
+    """The module constructed with zeros for the random draws of its parameters, if every
+    parameter so filled is under one of ``names``; ``None`` otherwise, and where the
+    constructor failed on the zeros (one that factorises a weight it has just drawn, say: the
+    usual construction then decides)."""
+    try:
+        with _ZeroFilledParameters() as mode:
+            module = model_class(**model_kwargs)
+    except Exception:
+        return None
     filled = {id(parameter) for parameter in mode.filled}
     if all(name in names for name, parameter in module.named_parameters(remove_duplicate=False)
            if id(parameter) in filled):
         return module
-    del module
-    with construct_again():
-        return model_class(**model_kwargs)
+    return None
 
 
 class _ZeroFilledParameters(TorchFunctionMode):

@@ -153,6 +153,26 @@ def test_every_random_initialiser_fills_a_parameter_with_zeros_and_leaves_tensor
     assert not torch.equal(usual.weight, torch.full((4, 5), 7.0)), name
 
 
+class Factorised(nn.Module):
+    """Computes with the weight it has just drawn: on zeros the Cholesky fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(3, 3))
+        nn.init.normal_(self.weight)
+        with torch.no_grad():
+            gram = self.weight @ self.weight.T
+        self.register_buffer("factor", torch.linalg.cholesky(gram), persistent=False)
+
+
+def test_a_constructor_that_fails_on_the_zeros_is_run_the_usual_way() -> None:
+    with weights_from_checkpoint(frozenset({"weight"})):
+        module = construct(Factorised, {}, torch.random.fork_rng)
+    assert torch.count_nonzero(module.weight) > 0
+    assert torch.allclose(module.factor @ module.factor.T,
+                          module.weight.detach() @ module.weight.detach().T, atol=1e-4)
+
+
 def test_orthogonal_init_runs_as_usual_under_a_load() -> None:
     class Orthogonal(nn.Module):
         def __init__(self) -> None:
