@@ -1,6 +1,6 @@
 """The verified read that leaves the model's tensors as views of the file
 (nnhandler/checkpoint/mapped_read.py): the same values and sharing as the checking reader,
-memory of its own for everything that is kept, and damage still found before torch.load."""
+memory of its own for everything that is kept, and damage found before anything is applied."""
 
 from __future__ import annotations
 
