@@ -223,3 +223,24 @@ def test_a_flip_in_a_record_or_between_records_is_found_through_the_storages(
         assert counted is None or counted != (covered, record["crc32"])
     with pytest.raises(CheckpointCorruptedError, match=r"damaged\.pth"):
         read_checkpoint(damaged, copied={"model"})
+
+
+def test_storages_moved_off_the_mapping_are_checked_on_a_mapping_of_its_own(
+        tmp_path: Path, written: Path) -> None:
+    """A map_location that gives every storage memory of its own: the CRC cannot be taken
+    through torch's mapping (None), the read checks the file itself, and a flip is still
+    found."""
+    def move(storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage:
+        return storage.clone()
+
+    covered = int(read_integrity_record(written)["covered_size"])
+    envelope = torch.load(written, weights_only=True, mmap=True, map_location=move)
+    assert crc32_through_storages(written, covered, envelope) is None
+    assert_deep_equal(read_checkpoint(written, map_location=move, copied={"model"}).state,
+                      read_checkpoint(written).state)
+    data = bytearray(written.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptedError, match=r"damaged\.pth"):
+        read_checkpoint(damaged, map_location=move, copied={"model"})

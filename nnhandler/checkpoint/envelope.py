@@ -249,10 +249,10 @@ def read_checkpoint(
         check_zip_layout(path)
         return unpack(path, split_packs(_load_envelope(path, path, map_location, mmap),
                                         clone=False))
-    if mapped:
-        return _read_mapped_verified(path, record, map_location, copied)
     try:
         check_zip_layout(path)
+        if mapped:
+            return _read_mapped(path, map_location, copied, record)
         with CheckingReader(path) as reader:
             envelope = _load_envelope(reader, path, map_location)
             size, crc = reader.file_crc32(int(record["covered_size"]))
@@ -264,33 +264,23 @@ def read_checkpoint(
     return unpack(path, split_packs(envelope, clone=True))
 
 
-def _read_mapped(path: Path, map_location: Any, copied: Collection[str]) -> Checkpoint:
+def _read_mapped(path: Path, map_location: Any, copied: Collection[str],
+                 record: dict[str, Any] | None = None) -> Checkpoint:
     """The envelope read with ``mmap=True``, every tensor not under ``copied`` given memory of
-    its own (:func:`~.mapped_read.detach_from_file`), the packs split apart."""
-    envelope = _load_envelope(path, path, map_location, mmap=True)
-    if type(envelope) is dict:
-        detach_from_file(envelope, copied)
-    return unpack(path, split_packs(envelope, clone=True))
-
-
-def _read_mapped_verified(path: Path, record: dict[str, Any], map_location: Any,
-                          copied: Collection[str]) -> Checkpoint:
-    """:func:`_read_mapped`, the CRC-32 checked through torch's own mapping of the file
+    its own (:func:`~.mapped_read.detach_from_file`), the packs split apart. With the
+    integrity ``record``, the CRC-32 is checked first, through torch's own mapping of the file
     (:func:`~.mapped_read.crc32_through_storages`) before any tensor is copied off it; on a
     mapping of its own where the storages do not match the records, and again there before
-    a mismatch is reported (the file, not the matching, decides)."""
-    covered, expected = int(record["covered_size"]), int(record["crc32"])
-    try:
-        check_zip_layout(path)
-        envelope = _load_envelope(path, path, map_location, mmap=True)
-    except CheckpointError:
-        verify_file(path)  # damage explains the failure: report it as such
-        raise
-    counted = crc32_through_storages(path, covered, envelope)
-    if counted is None or counted != (covered, expected):
-        counted = mapped_crc32(path, covered)
-    if counted != (covered, expected):
-        raise corruption(path, counted[1], expected)
+    a mismatch is reported (the file, not the matching, decides). The caller reports a
+    failure to open a damaged file as damage (``verify_file``)."""
+    envelope = _load_envelope(path, path, map_location, mmap=True)
+    if record is not None:
+        covered, expected = int(record["covered_size"]), int(record["crc32"])
+        counted = crc32_through_storages(path, covered, envelope)
+        if counted != (covered, expected):
+            counted = mapped_crc32(path, covered)
+        if counted != (covered, expected):
+            raise corruption(path, counted[1], expected)
     if type(envelope) is dict:
         detach_from_file(envelope, copied)
     return unpack(path, split_packs(envelope, clone=True))

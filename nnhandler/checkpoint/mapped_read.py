@@ -38,7 +38,6 @@ the checking reader instead (still verified, in one read).
 from __future__ import annotations
 
 import ctypes
-import itertools
 import mmap
 import os
 from collections import OrderedDict
@@ -143,8 +142,9 @@ def _cpu_storages(value: Any, found: dict[int, torch.UntypedStorage]
 
 
 def _pieces_crc32(pieces: list[memoryview | bytes], total: int) -> int:
-    """The CRC-32 of the pieces joined, computed in :func:`parallel_crc32`'s pieces per core
-    (each large piece cut to size) and combined in order."""
+    """The CRC-32 of ``pieces`` joined (``total`` bytes): from :data:`PARALLEL_FROM` bytes
+    cut into parts of at most a core's share, computed on one thread per core this process
+    may run on (at most :data:`_MOST_PIECES`; ISA-L releases the GIL), combined in order."""
     workers = min(_MOST_PIECES, len(os.sched_getaffinity(0)), max(1, total // (PARALLEL_FROM // 2)))
     if total < PARALLEL_FROM or workers < 2:
         combined = 0
@@ -154,6 +154,7 @@ def _pieces_crc32(pieces: list[memoryview | bytes], total: int) -> int:
     most = -(-total // workers)
     cut = [view[start:start + most] for piece in pieces if len(piece)
            for view in [memoryview(piece)] for start in range(0, len(view), most)]
+    # one thread per core taking the parts in turn: the records cut above are uneven in size
     with ThreadPoolExecutor(workers, thread_name_prefix="nnhandler-crc") as pool:
         crcs = list(pool.map(crc32, cut))
     combined = crcs[0]
@@ -165,18 +166,7 @@ def _pieces_crc32(pieces: list[memoryview | bytes], total: int) -> int:
 def parallel_crc32(data: memoryview) -> int:
     """``crc32(data)``, computed in one piece per core this process may run on (at most
     :data:`_MOST_PIECES`) when ``data`` is :data:`PARALLEL_FROM` bytes or more."""
-    size = len(data)
-    pieces = min(_MOST_PIECES, len(os.sched_getaffinity(0)), max(1, size // (PARALLEL_FROM // 2)))
-    if size < PARALLEL_FROM or pieces < 2:
-        return crc32(data)
-    bounds = [size * index // pieces for index in range(pieces + 1)]
-    later_pieces = list(itertools.pairwise(bounds[1:]))
-    with ThreadPoolExecutor(pieces - 1, thread_name_prefix="nnhandler-crc") as pool:
-        later = [pool.submit(crc32, data[start:end]) for start, end in later_pieces]
-        combined = crc32(data[:bounds[1]])
-        for (start, end), future in zip(later_pieces, later, strict=True):
-            combined = crc32_combine(combined, future.result(), end - start)
-    return combined
+    return _pieces_crc32([data], len(data))
 
 
 def detach_from_file(envelope: dict[str, Any], copied: Collection[str]) -> None:
