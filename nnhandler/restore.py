@@ -397,9 +397,10 @@ class LoadPlan:
     data: LoadData = LoadData()
 
     def constructing(self) -> contextlib.AbstractContextManager[None]:
-        """The context the handler is constructed in: a plain checkpoint's model keys given to
-        :func:`~nnhandler.skipped_init.weights_from_checkpoint` (no random initial values
-        for the parameters it overwrites; a sharded one's model state is not a dict here)."""
+        """The context the handler is constructed in: the keys of the file's model state given
+        to :func:`~nnhandler.skipped_init.weights_from_checkpoint` (no random initial values
+        for the parameters it overwrites; ``None``, a usual construction, where the model
+        state is not a dict)."""
         model = self.checkpoint.state.get("model")
         names = frozenset(model) if isinstance(model, dict) else None
         return weights_from_checkpoint(names)
